@@ -1,0 +1,170 @@
+"""The one configuration object of prn.
+
+Every default is the paper's (Zhang et al., CVPR 2023, Sections 3-4 and Appendix A) unless its
+comment says otherwise. The CLI and the Python API both build a `PRNConfig`; every run writes it
+to `config.yaml` in its run folder, so a result can be reproduced from that file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# MVTec AD's object/texture split: it decides where target areas may lie (Sec. 3.4).
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+MVTEC_OBJECTS = (
+    "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
+    "toothbrush", "transistor", "zipper",
+)
+
+DATASETS = ("mvtec", "btad", "dagm", "ksdd2", "folder", "demo")
+BACKBONES = ("resnet18", "tf_efficientnet_lite0")
+
+
+@dataclass
+class PRNConfig:
+    # --- data (Sec. 4.1, A.2) ---
+    dataset: str = "mvtec"            # one of DATASETS
+    root: str = ""                    # dataset root (the folder holding the categories)
+    category: str = ""                # sub-dataset, e.g. "bottle", "Class1", "01"; "" for ksdd2/folder
+    category_kind: str = "auto"       # "object", "texture" or "auto" (MVTec's split; others: texture)
+    image_size: int = 256             # images are resized to image_size x image_size
+    seen_anomalies: int = 10          # k in {0, 1, 5, 10}: anomalies moved from test to train
+    split_seed: int = 0               # seed of the few-shot sampling
+    # generic folder layout (dataset="folder")
+    normal_dir: str = "good"          # relative to root: defect-free images for training
+    abnormal_dir: str = "defect"      # relative to root: defective images
+    mask_dir: str = "masks"           # relative to root: masks of the defective images
+    mask_suffix: str = "_mask"        # mask of "x.png" is "<mask_dir>/x<mask_suffix>.png"
+    test_normal_dir: str = ""         # optional: defect-free test images (else a share of normal_dir)
+    test_normal_fraction: float = 0.2 # share of normal_dir held out for testing when test_normal_dir=""
+    max_image_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
+
+    # --- network (Sec. 3.1-3.3) ---
+    backbone: str = "resnet18"        # one of BACKBONES; tf_efficientnet_lite0 works offline
+    backbone_weights: str = "imagenet"  # "imagenet", "random", or a path to a state-dict file
+    prototype_ratio: float = 0.1      # K = ceil(ratio * number of normal training images)
+    kmeans_max_iter: int = 300
+    use_prototypes: bool = True       # MP (Table 4)
+    use_attention: bool = True        # MSA (Table 4)
+    use_fusion: bool = True           # MF (Table 4)
+    attention_layers: int = 3         # N stacked MSA blocks
+    attention_patch_divisors: tuple[int, ...] = (1, 2, 4, 8)  # patch sizes h, h/2, h/4, h/8
+    attention_dim: int = 0            # embedding width of q/k/v per head; 0: 2c/heads (lean)
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16)  # lean U-Net decoder widths
+
+    # --- anomaly generation (Sec. 3.4, A.1) ---
+    extended_anomalies: bool = True   # EA
+    heterologous_anomalies: bool = True  # HEA
+    homologous_anomalies: bool = True    # HOA
+    target_areas: bool = True         # TA
+    texture_dir: str = ""             # DTD-like folder for HEA; "" -> built-in procedural textures
+    beta_min: float = 0.0             # opacity beta ~ U(beta_min, beta_max) (DRAEM's range)
+    beta_max: float = 0.8
+    perlin_threshold: float = 0.5
+    homologous_grid: int = 8          # HOA: 8x8 grid shuffle
+
+    # --- training (Sec. 3.5, 4.1) ---
+    epochs: int = 700
+    batch_size: int = 64              # split 2:1:1 into normal / extended / simulated
+    steps_per_epoch: int = 0          # 0: one pass over the normal images
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    focal_alpha: float = 0.5
+    focal_gamma: float = 4.0
+    focal_weight: float = 5.0         # lambda in Eq. 5
+    grad_clip: float = 1.0            # max grad norm; 0 disables (ours, for stability)
+    seed: int = 0
+    num_workers: int = 0              # DataLoader workers generating anomalies
+    device: str = "auto"              # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
+    checkpoint_every: int = 1         # epochs between checkpoints
+
+    # --- inference (Sec. 3.5) ---
+    top_k: int = 100                  # image score: mean of the top-k pixels of the map
+    eval_batch_size: int = 16
+
+    # --- output ---
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        self.attention_patch_divisors = tuple(int(x) for x in self.attention_patch_divisors)
+        self.decoder_channels = tuple(int(x) for x in self.decoder_channels)
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.backbone not in BACKBONES:
+            problems.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.image_size < 32 or self.image_size % 32:
+            problems.append(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.seen_anomalies < 0:
+            problems.append(f"seen_anomalies must be >= 0, got {self.seen_anomalies}")
+        if not 0 < self.prototype_ratio <= 1:
+            problems.append(f"prototype_ratio must be in (0, 1], got {self.prototype_ratio}")
+        if self.batch_size < 4 or self.batch_size % 4:
+            problems.append(f"batch_size must be a multiple of 4 (2:1:1 structure), got {self.batch_size}")
+        if not 0 <= self.beta_min <= self.beta_max < 1:
+            problems.append(f"need 0 <= beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}")
+        if self.category_kind not in ("auto", "object", "texture"):
+            problems.append(f"category_kind must be auto, object or texture, got {self.category_kind!r}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if problems:
+            raise ValueError("invalid PRN config: " + "; ".join(problems))
+
+    # The batch is 2:1:1 normal / extended / simulated (Sec. 4.1), kept when batch_size changes.
+    @property
+    def batch_composition(self) -> tuple[int, int, int]:
+        quarter = self.batch_size // 4
+        return 2 * quarter, quarter, quarter
+
+    @property
+    def resolved_category_kind(self) -> str:
+        if self.category_kind != "auto":
+            return self.category_kind
+        if self.dataset == "mvtec" and self.category in MVTEC_OBJECTS:
+            return "object"
+        return "texture"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PRNConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "PRNConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PRNConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read config: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: config must be a mapping of keys to values")
+        return cls.from_dict(data)
+
+
+# Budget presets (issue 5): the paper's schedule for a GPU and one that fits this 2-core CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"epochs": 700, "batch_size": 64},
+    "cpu": {"epochs": 8, "batch_size": 16, "steps_per_epoch": 20,
+            "backbone": "tf_efficientnet_lite0", "image_size": 256},
+}

@@ -1,0 +1,50 @@
+"""The common sample record that every dataset layout produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset, whatever its layout.
+
+    label: 0 defect-free, 1 defective. defect_type: "good" for defect-free images, else the
+    defect's name (the sub-folder in MVTec AD, "ko" in BTAD, "defect" elsewhere).
+    mask_path: None for defect-free images (their mask is all zeros).
+    """
+
+    image_path: Path
+    mask_path: Path | None
+    label: int
+    defect_type: str
+
+    def to_dict(self) -> dict:
+        return {
+            "image": str(self.image_path),
+            "mask": None if self.mask_path is None else str(self.mask_path),
+            "label": self.label,
+            "defect_type": self.defect_type,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sample":
+        return cls(Path(d["image"]), None if d.get("mask") is None else Path(d["mask"]),
+                   int(d["label"]), str(d["defect_type"]))
+
+
+@dataclass
+class DatasetIndex:
+    """The samples of one category as the dataset ships them, before the few-shot split.
+
+    train: the original training images (defect-free; DAGM's also hold defective ones).
+    test: the original test images, defect-free and defective.
+    root: the category folder, so outputs can mirror paths relative to it.
+    """
+
+    name: str
+    category: str
+    root: Path
+    train: list[Sample]
+    test: list[Sample]

