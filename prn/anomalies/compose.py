@@ -1,0 +1,256 @@
+"""Putting anomaly generation together: the generator, the training set and the 2:1:1 batches.
+
+- ``AnomalyGenerator`` turns a normal image into an extended (EA) or simulated (HEA / HOA)
+  anomaly, following the switches of PRNConfig (Table 5 of the paper).
+- ``TrainingSet`` is a torch Dataset indexed by ``(kind, i, seed)``: each item builds its own
+  ``numpy.random.default_rng(seed)``, so a sample depends on its key alone, not on which
+  DataLoader worker makes it or when.
+- ``BalancedBatchSampler`` yields batches of such keys, normal / extended / simulated in
+  cfg.batch_composition (2:1:1, Sec. 4.1), every seed derived from (seed, epoch, batch, slot).
+
+    gen = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind)
+    data = TrainingSet(normals, gen, cfg)
+    loader = DataLoader(data, batch_sampler=BalancedBatchSampler(len(normals), cfg, seed=0, epoch=0))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from prn.anomalies.extended import make_extended
+from prn.anomalies.simulated import make_heterologous, make_homologous
+from prn.anomalies.target_areas import foreground_mask, sample_target_area
+from prn.anomalies.textures import TextureSource
+from prn.config import PRNConfig
+
+STRATEGIES = ("extended", "heterologous", "homologous")
+KINDS = ("normal", "extended", "simulated")
+
+
+def _check_image(image: np.ndarray, what: str) -> None:
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"{what} must be a uint8 (H, W, 3) array, got {got}")
+
+
+class AnomalyGenerator:
+    """Makes anomalies from normal images.
+
+    cfg: the switches extended_anomalies, heterologous_anomalies, homologous_anomalies,
+    target_areas, beta_min/beta_max, perlin_threshold, homologous_grid, texture_dir.
+    seen: the seen anomalies, ``(uint8 (S, S, 3), bool (S, S))`` pairs; those with an empty
+    mask are skipped. category_kind: "object" (target areas on the estimated foreground),
+    "texture" (anywhere) or "auto" (cfg.resolved_category_kind). texture_dir: overrides
+    cfg.texture_dir ("" or None: procedural textures).
+
+    EA are available when enabled and at least one seen anomaly has a defect; a request for an
+    unavailable kind is served by the other (``generate``). With nothing available at all the
+    constructor raises ValueError.
+    """
+
+    def __init__(self, cfg: PRNConfig, seen: Sequence[tuple[np.ndarray, np.ndarray]], category_kind: str,
+                 texture_dir: str | None = None):
+        kind = cfg.resolved_category_kind if category_kind == "auto" else category_kind
+        if kind not in ("object", "texture"):
+            raise ValueError(f"category_kind must be 'object' or 'texture', got {category_kind!r}")
+        self.cfg = cfg
+        self.category_kind = kind
+        self.seen = []
+        for j, (image, mask) in enumerate(seen):
+            _check_image(image, f"seen anomaly {j}")
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"seen anomaly {j}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
+            if mask.any():
+                self.seen.append((image, mask))
+
+        enabled = {"extended": cfg.extended_anomalies and bool(self.seen),
+                   "heterologous": cfg.heterologous_anomalies, "homologous": cfg.homologous_anomalies}
+        self.strategies = [s for s in STRATEGIES if enabled[s]]
+        if not self.strategies:
+            why = ("extended anomalies are off" if not cfg.extended_anomalies
+                   else "extended anomalies need seen anomalies with a defect mask, and there are none")
+            raise ValueError(f"no anomaly generation strategy is available: {why}, and both heterologous and "
+                             "homologous anomalies are off. Enable heterologous_anomalies or "
+                             "homologous_anomalies, or extended_anomalies with seen_anomalies > 0")
+        texture_dir = cfg.texture_dir if texture_dir is None else texture_dir
+        self.textures = (TextureSource(texture_dir or None, cfg.image_size, cfg.max_image_pixels)
+                         if cfg.heterologous_anomalies else None)
+
+    @property
+    def can_extend(self) -> bool:
+        return "extended" in self.strategies
+
+    @property
+    def simulated_strategies(self) -> list[str]:
+        return [s for s in self.strategies if s != "extended"]
+
+    @property
+    def uses_foreground(self) -> bool:
+        return self.cfg.target_areas and self.category_kind == "object"
+
+    def foreground(self, normal: np.ndarray) -> np.ndarray | None:
+        """The foreground that target areas are clipped to: bool (H, W), or None (anywhere)."""
+        return foreground_mask(normal) if self.uses_foreground else None
+
+    def target_area(self, normal: np.ndarray, rng: np.random.Generator,
+                    foreground: np.ndarray | None = None) -> np.ndarray:
+        """A random target area for ``normal``: bool (H, W), non-empty; the whole image when TA is off.
+
+        foreground: a precomputed ``self.foreground(normal)`` (computed here when None).
+        """
+        hw = normal.shape[:2]
+        if not self.cfg.target_areas:
+            return np.ones(hw, bool)
+        if self.uses_foreground and foreground is None:
+            foreground = self.foreground(normal)
+        return sample_target_area(hw, rng, foreground if self.uses_foreground else None)
+
+    def make(self, strategy: str, normal: np.ndarray, rng: np.random.Generator,
+             foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One anomaly of ``strategy`` (extended, heterologous or homologous) on a uint8 (H, W, 3)
+        normal image. Returns (image uint8 (H, W, 3), mask bool (H, W), target area bool (H, W))."""
+        if strategy not in self.strategies:
+            raise ValueError(f"strategy {strategy!r} is not available; available: {self.strategies}")
+        _check_image(normal, "normal image")
+        cfg = self.cfg
+        target = self.target_area(normal, rng, foreground)
+        beta = float(rng.uniform(cfg.beta_min, cfg.beta_max))
+        if strategy == "extended":
+            seen_image, seen_mask = self.seen[int(rng.integers(len(self.seen)))]
+            if seen_image.shape != normal.shape:
+                raise ValueError(f"seen anomaly of shape {seen_image.shape} cannot extend onto a normal "
+                                 f"image of shape {normal.shape}; resize both to image_size")
+            image, mask = make_extended(normal, seen_image, seen_mask, target, beta, rng)
+        elif strategy == "heterologous":
+            texture = self.textures.sample(rng, size=normal.shape[0])
+            image, mask = make_heterologous(normal, texture, target, beta, cfg.perlin_threshold, rng)
+        else:
+            image, mask = make_homologous(normal, target, beta, cfg.perlin_threshold, cfg.homologous_grid, rng)
+        return image, mask, target
+
+    def extended(self, normal: np.ndarray, rng: np.random.Generator,
+                 foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """An extended anomaly: (uint8 (H, W, 3), bool (H, W)). ValueError when EA are unavailable."""
+        if not self.can_extend:
+            raise ValueError("extended anomalies are not available: they are switched off or there are "
+                             "no seen anomalies with a defect mask")
+        return self.make("extended", normal, rng, foreground)[:2]
+
+    def simulated(self, normal: np.ndarray, rng: np.random.Generator,
+                  foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A simulated anomaly, HEA or HOA at random among those enabled: (uint8, bool)."""
+        kinds = self.simulated_strategies
+        if not kinds:
+            raise ValueError("simulated anomalies are not available: heterologous and homologous "
+                             "anomalies are both switched off")
+        return self.make(kinds[int(rng.integers(len(kinds)))], normal, rng, foreground)[:2]
+
+    def generate(self, kind: str, normal: np.ndarray, rng: np.random.Generator,
+                 foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """Fills a batch slot of ``kind`` ("extended" or "simulated"); a slot whose kind is
+        unavailable gets the other kind. Returns (image, mask, the kind actually made)."""
+        if kind not in ("extended", "simulated"):
+            raise ValueError(f"kind must be 'extended' or 'simulated', got {kind!r}")
+        if kind == "extended" and not self.can_extend:
+            kind = "simulated"
+        elif kind == "simulated" and not self.simulated_strategies:
+            kind = "extended"
+        make = self.extended if kind == "extended" else self.simulated
+        image, mask = make(normal, rng, foreground)
+        return image, mask, kind
+
+
+class TrainingSet(Dataset):
+    """Normal images and anomalies made on the fly, indexed by ``(kind, i, seed)``.
+
+    kind: "normal", "extended" or "simulated"; i: index of the normal image; seed: int >= 0.
+    Returns {"image": float32 (3, S, S) in [0, 1], "mask": float32 (1, S, S) in {0, 1},
+    "kind": the kind made (an unavailable anomaly kind is replaced by the other)}.
+    Normal items are the images unchanged, with an all-zero mask.
+    """
+
+    def __init__(self, normals: Sequence[np.ndarray], generator: AnomalyGenerator, cfg: PRNConfig):
+        if len(normals) == 0:
+            raise ValueError("TrainingSet needs at least one normal image")
+        for j, image in enumerate(normals):
+            _check_image(image, f"normal image {j}")
+            if image.shape != normals[0].shape:
+                raise ValueError(f"normal image {j} has shape {image.shape}, normal image 0 has {normals[0].shape}")
+        self.normals = list(normals)
+        self.generator = generator
+        self.cfg = cfg
+        self._foregrounds: dict[int, np.ndarray | None] = {}  # per process: each worker fills its own
+
+    def __len__(self) -> int:
+        return len(self.normals)
+
+    def foreground(self, i: int) -> np.ndarray | None:
+        if i not in self._foregrounds:
+            self._foregrounds[i] = self.generator.foreground(self.normals[i])
+        return self._foregrounds[i]
+
+    def __getitem__(self, key: tuple[str, int, int]) -> dict:
+        kind, i, seed = key
+        normal = self.normals[i]
+        if kind == "normal":
+            image, mask = normal, np.zeros(normal.shape[:2], bool)
+        elif kind in ("extended", "simulated"):
+            rng = np.random.default_rng(seed)
+            image, mask, kind = self.generator.generate(kind, normal, rng, self.foreground(i))
+        else:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
+                "mask": torch.from_numpy(mask)[None].float(),
+                "kind": kind}
+
+
+def item_seed(seed: int, epoch: int, batch: int, slot: int) -> int:
+    """The seed of one batch slot, a function of (seed, epoch, batch, slot) alone."""
+    return int(np.random.SeedSequence(seed, spawn_key=(epoch, batch, slot)).generate_state(1, np.uint64)[0])
+
+
+class BalancedBatchSampler(Sampler):
+    """Yields ``steps`` batches, each a list of ``(kind, i, seed)`` keys: cfg.batch_composition
+    normal, extended and simulated slots in that order (2:1:1).
+
+    Normal slots walk through a seeded permutation of the normal images (a fresh permutation
+    when one is used up); anomaly slots draw their base normal image at random. Everything
+    depends on (seed, epoch) only. steps: default cfg.steps_per_epoch when > 0, else one pass
+    over the normal images, ceil(n_normal / normal slots per batch).
+    """
+
+    def __init__(self, n_normal: int, cfg: PRNConfig, seed: int, epoch: int, steps: int | None = None):
+        if n_normal < 1:
+            raise ValueError(f"need at least one normal image, got n_normal={n_normal}")
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+        self.n_normal = int(n_normal)
+        self.composition = cfg.batch_composition
+        self.seed, self.epoch = int(seed), int(epoch)
+        if steps is None:
+            steps = cfg.steps_per_epoch if cfg.steps_per_epoch > 0 else math.ceil(n_normal / self.composition[0])
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
+        n_norm, n_ext, n_sim = self.composition
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        needed = self.steps * n_norm
+        order = np.concatenate([rng.permutation(self.n_normal)
+                                for _ in range(math.ceil(needed / self.n_normal))])
+        kinds = ["normal"] * n_norm + ["extended"] * n_ext + ["simulated"] * n_sim
+        for b in range(self.steps):
+            bases = rng.integers(self.n_normal, size=n_ext + n_sim)
+            indices = np.concatenate([order[b * n_norm:(b + 1) * n_norm], bases])
+            yield [(kind, int(i), item_seed(self.seed, self.epoch, b, slot))
+                   for slot, (kind, i) in enumerate(zip(kinds, indices))]

@@ -1,0 +1,127 @@
+"""The supervised few-shot protocol of the paper (Appendix A.2, after DRA).
+
+k "seen" anomalies are drawn from the TEST anomalies, moved into training and removed from the
+test set. They are spread across defect types: the types are visited round-robin in a seeded
+random order, and each visit takes a random not-yet-taken image of that type (a type with no
+images left is skipped). So with k >= number of types every type is represented, and per-type
+counts differ by at most one until a type runs out.
+
+DAGM (``dagm=True`` or an index named "dagm"): its original training set holds anomalies too;
+they are first moved into the test set, then the k seen anomalies are drawn as above. Other
+datasets whose training folders hold anomalies (KSDD2) keep the MVTec setting: those training
+anomalies are neither trained on nor tested, and are kept in ``Split.excluded``.
+
+    >>> split = few_shot_split(load_index(cfg), k=10, seed=0)
+    >>> split.summary()["train_anomalous"]
+    10
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prn.data.sample import DatasetIndex, Sample
+from prn.errors import DataError
+
+
+@dataclass
+class Split:
+    """Training and test samples of one few-shot run.
+
+    train_normal: defect-free training images. train_anomalous: the k seen anomalies (with masks).
+    test: every remaining test image. excluded: training anomalies the protocol does not use.
+    """
+
+    train_normal: list[Sample]
+    train_anomalous: list[Sample]
+    test: list[Sample]
+    dataset: str
+    category: str
+    k: int
+    seed: int
+    root: str = ""
+    excluded: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Counts: train_normal, train_anomalous, test_normal, test_anomalous, excluded, and
+        seen_defect_types {type: count}, with dataset/category/k/seed."""
+        return {
+            "dataset": self.dataset, "category": self.category, "k": self.k, "seed": self.seed,
+            "train_normal": len(self.train_normal),
+            "train_anomalous": len(self.train_anomalous),
+            "test_normal": sum(s.label == 0 for s in self.test),
+            "test_anomalous": sum(s.label == 1 for s in self.test),
+            "excluded": len(self.excluded),
+            "seen_defect_types": dict(sorted(Counter(s.defect_type
+                                                     for s in self.train_anomalous).items())),
+        }
+
+    def to_dict(self) -> dict:
+        out = {"dataset": self.dataset, "category": self.category, "k": self.k,
+               "seed": self.seed, "root": self.root}
+        for name in ("train_normal", "train_anomalous", "test", "excluded"):
+            out[name] = [s.to_dict() for s in getattr(self, name)]
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the split as JSON (absolute paths as strings)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Split:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            lists = {name: [Sample.from_dict(s) for s in d.get(name, [])]
+                     for name in ("train_normal", "train_anomalous", "test", "excluded")}
+            return cls(**lists, dataset=str(d["dataset"]), category=str(d["category"]),
+                       k=int(d["k"]), seed=int(d["seed"]), root=str(d.get("root", "")))
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read split file ({exc})") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{path}: not a valid split file ({type(exc).__name__}: {exc})") from exc
+
+
+def _round_robin(anomalies: list[Sample], k: int, rng: np.random.Generator) -> list[int]:
+    """Indices into anomalies of k picks spread over defect types (see the module docstring)."""
+    types = sorted({s.defect_type for s in anomalies})
+    pools = []
+    for t in types:
+        members = [i for i, s in enumerate(anomalies) if s.defect_type == t]
+        pools.append([members[j] for j in rng.permutation(len(members))])
+    order = rng.permutation(len(types))
+    picked: list[int] = []
+    while len(picked) < k:
+        for t in order:
+            if pools[t] and len(picked) < k:
+                picked.append(pools[t].pop())
+    return picked
+
+
+def few_shot_split(index: DatasetIndex, k: int, seed: int, dagm: bool = False) -> Split:
+    """Move k test anomalies, spread across defect types, into training (seeded)."""
+    train, test = list(index.train), list(index.test)
+    excluded = [s for s in train if s.label == 1]
+    if dagm or index.name == "dagm":
+        test, excluded = test + excluded, []
+    anomalies = [s for s in test if s.label == 1]
+    if k < 0:
+        raise DataError(f"{index.root}: the number of seen anomalies must be >= 0, got {k}")
+    if k > len(anomalies):
+        raise DataError(f"{index.root}: asked for {k} seen anomalies but only {len(anomalies)} "
+                        "anomalous test images exist")
+    picked = set(_round_robin(anomalies, k, np.random.default_rng(seed)))
+    seen = [s for i, s in enumerate(anomalies) if i in picked]
+    seen_set = set(seen)
+    return Split(
+        train_normal=[s for s in train if s.label == 0],
+        train_anomalous=seen,
+        test=[s for s in test if s not in seen_set],
+        dataset=index.name, category=index.category, k=k, seed=seed,
+        root=str(index.root), excluded=excluded,
+    )

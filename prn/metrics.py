@@ -1,0 +1,222 @@
+"""Detection and localisation metrics: arrays in, floats out (Sec. 4.1 of the paper).
+
+- image AUROC (``I``) on image labels and image scores;
+- pixel AUROC (``P``) and pixel AP (``A``) on every pixel of every test image;
+- PRO (``O``), the area under the per-region-overlap curve up to FPR 0.3 (Bergmann et al., MVTec AD);
+- F1-max on image labels and scores, with the threshold that reaches it.
+
+Masks and maps are sequences of 2-D arrays (or one ``(N, H, W)`` array); each map must have its
+mask's shape, but images may differ in size. A metric that is undefined for the data (a single
+class, no defect region) is ``nan``, never an exception.
+
+    >>> masks = np.zeros((2, 4, 4), bool); masks[1, 1:3, 1:3] = True
+    >>> compute_all([0, 1], [0.1, 0.8], masks, masks * 0.9 + 0.05)["pro"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+# MVTec AD's evaluation script labels regions with a full 3x3 structure: 8-connectivity.
+REGION_STRUCTURE = np.ones((3, 3), dtype=bool)
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max", "f1_threshold")
+
+
+def _image_arrays(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).reshape(-1)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels and scores differ in length: {labels.size} vs {scores.size}")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"scores hold {int((~np.isfinite(scores)).sum())} non-finite values")
+    return labels.astype(bool), scores
+
+
+def image_auroc(labels, scores) -> float:
+    """Area under the ROC curve of image scores. labels: (N,) in {0, 1}; scores: (N,) float."""
+    y, s = _image_arrays(labels, scores)
+    if y.all() or not y.any():
+        return math.nan
+    return float(roc_auc_score(y, s))
+
+
+def f1_max(labels, scores) -> tuple[float, float]:
+    """Best F1 over all thresholds; returns (f1, threshold), anomalous meaning ``score >= threshold``."""
+    y, s = _image_arrays(labels, scores)
+    if not y.any():
+        return math.nan, math.nan
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    # The last (precision 1, recall 0) point has no threshold; its F1 is 0 anyway.
+    precision, recall = precision[:-1], recall[:-1]
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+@dataclass
+class PixelCounts:
+    """Counts over all pixels at each distinct score ``t`` of a defect pixel, highest ``t`` first.
+
+    Between two such scores only defect-free pixels change sides, which moves FPR but neither TPR
+    nor PRO, so these points (with the ``> t`` ones just before each) trace the exact ROC, PR and
+    PRO curves. All arrays are (T,) float64; ``*_ge``: pixels with score >= t; ``*_gt``: > t.
+    """
+
+    neg_gt: np.ndarray     # defect-free pixels scoring above t
+    neg_ge: np.ndarray
+    pos_gt: np.ndarray     # defect pixels scoring above t
+    pos_ge: np.ndarray
+    overlap_gt: np.ndarray  # sum over regions of (share of the region scoring above t)
+    overlap_ge: np.ndarray
+    num_neg: int
+    num_pos: int
+    num_regions: int
+
+
+def pixel_counts(masks, maps) -> PixelCounts:
+    """Tally masks (N x bool (H, W)) against maps (N x float (H, W)) for the pixel metrics."""
+    masks, maps = list(masks), list(maps)
+    if len(masks) != len(maps):
+        raise ValueError(f"got {len(masks)} masks but {len(maps)} maps")
+    neg, pos, weight, num_regions = [], [], [], 0
+    for i, (mask, amap) in enumerate(zip(masks, maps)):
+        mask, amap = np.asarray(mask) > 0, np.asarray(amap)
+        if mask.ndim != 2 or mask.shape != amap.shape:
+            raise ValueError(f"image {i}: mask {mask.shape} and map {amap.shape} must be equal and 2-D")
+        if not np.isfinite(amap).all():
+            raise ValueError(f"image {i}: anomaly map holds non-finite values")
+        regions, n = ndimage.label(mask, structure=REGION_STRUCTURE)
+        sizes = np.bincount(regions[mask], minlength=n + 1)
+        neg.append(amap[~mask])
+        pos.append(amap[mask])
+        weight.append(1.0 / sizes[regions[mask]])  # each pixel's share of its region
+        num_regions += n
+    neg = np.sort(np.concatenate(neg)) if neg else np.zeros(0)
+    pos = np.concatenate(pos) if pos else np.zeros(0)
+    weight = np.concatenate(weight) if weight else np.zeros(0)
+
+    # Written by hand because scikit-learn's curves sort every pixel with its label (slow and
+    # memory-hungry at 10^7-10^8 pixels); here only the few defect pixels are argsorted and the
+    # defect-free ones need a plain sort, and the results are exact (tests compare to sklearn).
+    order = np.argsort(pos, kind="stable")[::-1]
+    pos, weight = pos[order], weight[order]
+    last_of_tie = np.append(pos[1:] != pos[:-1], True) if pos.size else np.zeros(0, bool)
+    t = pos[last_of_tie]
+    pos_ge = np.flatnonzero(last_of_tie) + 1.0
+    overlap_ge = np.cumsum(weight)[last_of_tie]
+    return PixelCounts(
+        neg_gt=(neg.size - np.searchsorted(neg, t, side="right")).astype(np.float64),
+        neg_ge=(neg.size - np.searchsorted(neg, t, side="left")).astype(np.float64),
+        pos_gt=np.concatenate(([0.0], pos_ge))[:-1],
+        pos_ge=pos_ge,
+        overlap_gt=np.concatenate(([0.0], overlap_ge))[:-1],
+        overlap_ge=overlap_ge,
+        num_neg=int(neg.size), num_pos=int(pos.size), num_regions=num_regions,
+    )
+
+
+def _curve(counts: PixelCounts, gt: np.ndarray, ge: np.ndarray, total: float):
+    """(fpr, y) through every threshold, from (0, 0) to (1, 1); y = counts / total."""
+    x = np.stack([counts.neg_gt, counts.neg_ge], axis=1).ravel() / counts.num_neg
+    y = np.stack([gt, ge], axis=1).ravel() / total
+    # Rounding in the cumulative sums must not push the curve past 1.
+    return (np.concatenate(([0.0], np.minimum(x, 1.0), [1.0])),
+            np.concatenate(([0.0], np.minimum(y, 1.0), [1.0])))
+
+
+def _pixel_auroc(c: PixelCounts) -> float:
+    if c.num_pos == 0 or c.num_neg == 0:
+        return math.nan
+    fpr, tpr = _curve(c, c.pos_gt, c.pos_ge, c.num_pos)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def _pixel_ap(c: PixelCounts) -> float:
+    if c.num_pos == 0:
+        return math.nan
+    # scikit-learn's definition: sum over thresholds of (recall gained) x (precision there).
+    precision = c.pos_ge / (c.pos_ge + c.neg_ge)
+    return float(np.sum((c.pos_ge - c.pos_gt) / c.num_pos * precision))
+
+
+def _pro(c: PixelCounts, fpr_limit: float) -> float:
+    if c.num_regions == 0 or c.num_neg == 0:
+        return math.nan
+    fpr, pro = _curve(c, c.overlap_gt, c.overlap_ge, c.num_regions)
+    return float(area_to_limit(fpr, pro, fpr_limit) / fpr_limit)
+
+
+def pixel_auroc(masks, maps) -> float:
+    """Area under the ROC curve over all pixels. masks: N x bool (H, W); maps: N x float (H, W)."""
+    return _pixel_auroc(pixel_counts(masks, maps))
+
+
+def pixel_ap(masks, maps) -> float:
+    """Average precision over all pixels, as ``sklearn.metrics.average_precision_score``."""
+    return _pixel_ap(pixel_counts(masks, maps))
+
+
+def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve: (fpr, pro), float64 (T,), from (0, 0) to (1, 1), fpr non-decreasing.
+
+    At threshold t (anomalous: ``map >= t``) fpr is the share of defect-free pixels, over all
+    images, at or above t; pro is the mean, over every connected defect region of every image
+    (8-connected, as MVTec's script), of the share of that region's pixels at or above t.
+    """
+    c = pixel_counts(masks, maps)
+    if c.num_regions == 0 or c.num_neg == 0:
+        return np.array([0.0, 1.0]), np.array([math.nan, math.nan])
+    return _curve(c, c.overlap_gt, c.overlap_ge, c.num_regions)
+
+
+def area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area under y(x) for x in [0, limit], interpolating y at the limit.
+
+    x: (T,) non-decreasing from 0 with x[-1] >= limit; y: (T,).
+    """
+    inside = x <= limit
+    xs, ys = x[inside], y[inside]
+    area = float(np.trapezoid(ys, xs))
+    if xs[-1] < limit:
+        after = int(np.argmax(~inside))  # first point past the limit
+        x0, y0, x1, y1 = xs[-1], ys[-1], x[after], y[after]
+        y_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+        area += (limit - x0) * (y0 + y_limit) / 2
+    return area
+
+
+def pro_score(masks, maps, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve for FPR in [0, fpr_limit] (1.0 is perfect).
+
+    masks: N x bool (H, W) (or (N, H, W)); maps: N x float (H, W). Exact: one curve point per
+    distinct score, like MVTec's script, rather than a fixed number of thresholds. nan when no
+    image has a defect region or no pixel is defect-free.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    return _pro(pixel_counts(masks, maps), fpr_limit)
+
+
+def compute_all(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -> dict[str, float]:
+    """All metrics of the paper's tables as floats (``nan`` where undefined).
+
+    labels: (N,) int in {0, 1}; scores: (N,) float image scores; masks: N x bool (H, W);
+    maps: N x float (H, W) at the masks' size. Without masks/maps the pixel metrics are nan.
+    Keys: image_auroc, pixel_auroc, pro, pixel_ap, f1_max, f1_threshold.
+    """
+    f1, threshold = f1_max(labels, scores)
+    out = {"image_auroc": image_auroc(labels, scores), "pixel_auroc": math.nan, "pro": math.nan,
+           "pixel_ap": math.nan, "f1_max": f1, "f1_threshold": threshold}
+    if masks is not None and maps is not None:
+        counts = pixel_counts(masks, maps)
+        out.update(pixel_auroc=_pixel_auroc(counts), pro=_pro(counts, fpr_limit),
+                   pixel_ap=_pixel_ap(counts))
+    return out

@@ -1,0 +1,233 @@
+"""AnomalyGenerator switches, TrainingSet items, 2:1:1 batches, DataLoader workers, picture grids."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet
+from prn.anomalies.show import show_anomalies
+from prn.anomalies.target_areas import foreground_mask
+from prn.anomalies.textures import procedural_texture
+from prn.config import PRNConfig
+
+S = 64
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def config(**changes):
+    return PRNConfig(**{"image_size": S, "batch_size": 8, **changes})
+
+
+def object_image(seed=0):
+    """A textured disk on a dark backdrop, like an MVTec object."""
+    yy, xx = np.mgrid[0:S, 0:S]
+    disk = np.hypot(yy - 30, xx - 34) < 20
+    img = np.full((S, S, 3), 15, np.uint8)
+    img[disk] = 90 + procedural_texture(S, rng(seed))[disk] // 2
+    return img
+
+
+def seen_anomalies(n=2):
+    out = []
+    for k in range(n):
+        image = object_image(50 + k)
+        mask = np.zeros((S, S), bool)
+        mask[25:33, 28:40] = True
+        image[mask] = (240, 240, 30)
+        out.append((image, mask))
+    return out
+
+
+NORMALS = [object_image(s) for s in range(6)]
+
+
+def check_sample(normal, image, mask, target=None):
+    assert image.shape == normal.shape and image.dtype == np.uint8
+    assert mask.dtype == bool and mask.any()
+    assert np.array_equal(mask, (image != normal).any(axis=-1))
+    if target is not None:
+        assert not (mask & ~target).any()
+
+
+@pytest.mark.parametrize("kind", ["object", "texture"])
+def test_every_strategy_keeps_the_invariants_for_several_seeds(kind):
+    gen = AnomalyGenerator(config(), seen_anomalies(), kind)
+    assert gen.strategies == ["extended", "heterologous", "homologous"]
+    for strategy in gen.strategies:
+        for s in range(4):
+            normal = NORMALS[s]
+            image, mask, target = gen.make(strategy, normal, rng(s))
+            check_sample(normal, image, mask, target)
+            again = gen.make(strategy, normal, rng(s))
+            assert np.array_equal(again[0], image) and np.array_equal(again[1], mask)
+
+
+def test_object_anomalies_stay_on_the_estimated_foreground():
+    gen = AnomalyGenerator(config(), seen_anomalies(), "object")
+    for s in range(6):
+        normal = NORMALS[s]
+        fg = foreground_mask(normal)
+        assert fg.mean() < 0.5
+        for method in (gen.extended, gen.simulated):
+            _, mask = method(normal, rng(s))
+            assert not (mask & ~fg).any()
+
+
+def test_target_areas_off_means_the_whole_image():
+    gen = AnomalyGenerator(config(target_areas=False), seen_anomalies(), "object")
+    for s in range(3):
+        _, _, target = gen.make("homologous", NORMALS[s], rng(s))
+        assert target.all()
+    # With TA off, object anomalies may leave the foreground.
+    outside = 0
+    for s in range(12):
+        _, mask = gen.simulated(NORMALS[s % 6], rng(s))
+        outside += (mask & ~foreground_mask(NORMALS[s % 6])).sum()
+    assert outside > 0
+
+
+def test_without_seen_anomalies_extended_slots_become_simulated():
+    for cfg, seen in [(config(), []), (config(extended_anomalies=False), seen_anomalies())]:
+        gen = AnomalyGenerator(cfg, seen, "texture")
+        assert not gen.can_extend
+        with pytest.raises(ValueError, match="extended anomalies are not available"):
+            gen.extended(NORMALS[0], rng())
+        image, mask, kind = gen.generate("extended", NORMALS[0], rng())
+        assert kind == "simulated"
+        check_sample(NORMALS[0], image, mask)
+
+
+def test_seen_anomalies_with_empty_masks_are_ignored():
+    image, _ = seen_anomalies(1)[0]
+    gen = AnomalyGenerator(config(), [(image, np.zeros((S, S), bool))], "texture")
+    assert not gen.can_extend
+
+
+def test_with_both_simulated_kinds_off_simulated_slots_become_extended():
+    gen = AnomalyGenerator(config(heterologous_anomalies=False, homologous_anomalies=False),
+                           seen_anomalies(), "texture")
+    assert gen.strategies == ["extended"]
+    image, mask, kind = gen.generate("simulated", NORMALS[1], rng(1))
+    assert kind == "extended"
+    check_sample(NORMALS[1], image, mask)
+
+
+def test_only_homologous_is_used_when_it_is_the_only_simulated_kind():
+    gen = AnomalyGenerator(config(heterologous_anomalies=False), seen_anomalies(), "texture")
+    assert gen.simulated_strategies == ["homologous"] and gen.textures is None
+
+
+@pytest.mark.parametrize("cfg, seen", [
+    (config(extended_anomalies=False, heterologous_anomalies=False, homologous_anomalies=False), seen_anomalies()),
+    (config(heterologous_anomalies=False, homologous_anomalies=False), []),
+])
+def test_no_available_strategy_is_a_clear_error(cfg, seen):
+    with pytest.raises(ValueError, match="no anomaly generation strategy is available"):
+        AnomalyGenerator(cfg, seen, "texture")
+
+
+def test_unknown_category_kind_is_refused():
+    with pytest.raises(ValueError, match="category_kind"):
+        AnomalyGenerator(config(), [], "metal")
+
+
+# ---------------------------------------------------------------- TrainingSet
+
+def training_set(**changes):
+    cfg = config(**changes)
+    return TrainingSet(NORMALS, AnomalyGenerator(cfg, seen_anomalies(), "object"), cfg), cfg
+
+
+def test_normal_items_are_the_images_with_an_empty_mask():
+    data, _ = training_set()
+    item = data[("normal", 2, 123)]
+    assert item["kind"] == "normal"
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, S, S)
+    expected = torch.from_numpy(NORMALS[2]).permute(2, 0, 1).float() / 255
+    assert torch.equal(item["image"], expected)
+    assert item["mask"].shape == (1, S, S) and item["mask"].sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["extended", "simulated"])
+def test_anomalous_items_are_seeded_tensors_in_range(kind):
+    data, _ = training_set()
+    item = data[(kind, 1, 77)]
+    assert item["kind"] == kind
+    image, mask = item["image"], item["mask"]
+    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert torch.isfinite(image).all()
+    assert mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, 1.0}
+    changed = (image * 255).round().to(torch.uint8) != torch.from_numpy(NORMALS[1]).permute(2, 0, 1)
+    assert torch.equal(changed.any(0), mask[0].bool())
+    again = data[(kind, 1, 77)]
+    assert torch.equal(again["image"], image) and torch.equal(again["mask"], mask)
+    assert not torch.equal(data[(kind, 1, 78)]["image"], image)
+
+
+# ---------------------------------------------------------------- BalancedBatchSampler
+
+def test_batches_are_two_to_one_to_one_and_cover_the_normals():
+    cfg = config(batch_size=8)
+    sampler = BalancedBatchSampler(16, cfg, seed=3, epoch=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == math.ceil(16 / 4)
+    for batch in batches:
+        assert [k for k, _, _ in batch] == ["normal"] * 4 + ["extended"] * 2 + ["simulated"] * 2
+        assert all(0 <= i < 16 for _, i, _ in batch)
+    normal_indices = [i for b in batches for k, i, _ in b if k == "normal"]
+    assert sorted(normal_indices) == list(range(16))
+    seeds = [s for b in batches for _, _, s in b]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_sampler_is_a_function_of_seed_and_epoch():
+    cfg = config(batch_size=8)
+    a = list(BalancedBatchSampler(10, cfg, seed=1, epoch=2))
+    assert a == list(BalancedBatchSampler(10, cfg, seed=1, epoch=2))
+    assert a != list(BalancedBatchSampler(10, cfg, seed=1, epoch=3))
+    assert a != list(BalancedBatchSampler(10, cfg, seed=2, epoch=2))
+
+
+def test_sampler_steps_follow_config_or_argument():
+    assert len(list(BalancedBatchSampler(10, config(batch_size=8, steps_per_epoch=7), 0, 0))) == 7
+    assert len(BalancedBatchSampler(10, config(batch_size=8), 0, 0, steps=2)) == 2
+    # Fewer normal images than normal slots: they repeat within a batch.
+    batch = next(iter(BalancedBatchSampler(3, config(batch_size=16), 0, 0)))
+    normals = [i for k, i, _ in batch if k == "normal"]
+    assert len(normals) == 8 and set(normals) == {0, 1, 2}
+
+
+def test_dataloader_with_two_workers_gives_the_same_batch_as_without():
+    data, cfg = training_set()
+    sampler = BalancedBatchSampler(len(NORMALS), cfg, seed=0, epoch=1, steps=1)
+    batches = []
+    for workers in (0, 2):
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=workers)
+        batches.append(next(iter(loader)))
+    a, b = batches
+    assert a["image"].shape == (8, 3, S, S) and a["mask"].shape == (8, 1, S, S)
+    assert a["kind"] == b["kind"] == ["normal"] * 4 + ["extended"] * 2 + ["simulated"] * 2
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert (a["mask"][4:].flatten(1).sum(1) > 0).all() and a["mask"][:4].sum() == 0
+
+
+# ---------------------------------------------------------------- show_anomalies
+
+def test_show_anomalies_writes_one_grid_per_enabled_strategy(tmp_path):
+    gen = AnomalyGenerator(config(), seen_anomalies(), "object")
+    paths = show_anomalies(NORMALS, gen, tmp_path / "out", n=3, seed=0)
+    assert [p.name for p in paths] == ["anomalies_extended.png", "anomalies_heterologous.png",
+                                       "anomalies_homologous.png"]
+    for p in paths:
+        with Image.open(p) as im:
+            w, h = im.size
+        assert w > 4 * S and 3 * S < h < 4 * S
+    gen = AnomalyGenerator(config(extended_anomalies=False), seen_anomalies(), "texture")
+    assert len(show_anomalies(NORMALS, gen, tmp_path / "two", n=2)) == 2

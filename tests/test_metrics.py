@@ -1,0 +1,202 @@
+import itertools
+import math
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from prn import metrics
+
+
+def concordant_pair_auroc(labels, scores):
+    """P(score of a positive > score of a negative), ties counted half: the AUROC by hand."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    pos, neg = scores[labels], scores[~labels]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def random_masks_and_maps(rng, n=6, size=20, quantise=True):
+    """Blobby masks (some images defect-free) and noisy maps correlated with them."""
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n // 2, n):
+        masks[i] = ndimage.binary_dilation(rng.random((size, size)) < 0.02, iterations=1)
+        masks[i, 2:4, 2:5] = True  # at least one region per defective image
+    maps = 0.6 * ndimage.uniform_filter(masks.astype(float), size=(1, 3, 3)) + 0.5 * rng.random(masks.shape)
+    if quantise:
+        maps = np.round(maps, 1)  # many ties, which a PRO curve must group
+    return masks, maps
+
+
+def brute_force_pro(masks, maps, limit=0.3):
+    """PRO computed literally: every distinct score as a threshold, regions by 8-connectivity."""
+    labelled = [ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks]
+    num_normal = sum((~m).sum() for m in masks)
+    curve = [(0.0, 0.0), (1.0, 1.0)]
+    for t in np.unique(np.concatenate([a.ravel() for a in maps])):
+        false_positives, overlaps = 0, []
+        for mask, amap, regions in zip(masks, maps, labelled):
+            predicted = amap >= t
+            false_positives += (predicted & ~mask).sum()
+            for r in range(1, regions.max() + 1):
+                region = regions == r
+                overlaps.append((predicted & region).sum() / region.sum())
+        curve.append((false_positives / num_normal, np.mean(overlaps)))
+    curve.sort()
+    # The trapezoid rule up to the limit, with the curve's value there interpolated.
+    area = 0.0
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            x1 = limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+def test_image_auroc_matches_concordant_pair_count():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 40)
+    scores = np.round(rng.random(40) + 0.3 * labels, 1)  # with ties
+    assert metrics.image_auroc(labels, scores) == pytest.approx(concordant_pair_auroc(labels, scores))
+
+
+def test_pixel_auroc_matches_concordant_pair_count():
+    rng = np.random.default_rng(2)
+    masks, maps = random_masks_and_maps(rng, n=4, size=12)
+    expected = concordant_pair_auroc(masks.ravel(), maps.ravel())
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_metrics_match_scikit_learn_on_tied_and_untied_maps():
+    rng = np.random.default_rng(3)
+    for quantise in (True, False):
+        masks, maps = random_masks_and_maps(rng, n=8, size=24, quantise=quantise)
+        y, s = masks.ravel(), maps.ravel()
+        assert metrics.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert metrics.pixel_ap(masks, maps) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_pixel_ap_matches_mean_precision_at_each_defect_pixel():
+    rng = np.random.default_rng(4)
+    masks, maps = random_masks_and_maps(rng, n=4, size=16, quantise=False)  # no ties
+    y, s = masks.ravel(), maps.ravel()
+    ranked = y[np.argsort(-s)]
+    precision_at_hits = np.cumsum(ranked)[ranked] / (np.flatnonzero(ranked) + 1)
+    assert metrics.pixel_ap(masks, maps) == pytest.approx(precision_at_hits.mean(), abs=1e-12)
+
+
+def test_pixel_ap_by_hand_on_five_pixels():
+    # Ranked: 0.9 (defect), 0.8 (ok), 0.7 (defect), 0.2 (ok), 0.1 (defect):
+    # AP = (1/1 + 2/3 + 3/5) / 3.
+    mask = np.array([[1, 0, 1, 0, 1]], bool)
+    amap = np.array([[0.9, 0.8, 0.7, 0.2, 0.1]])
+    assert metrics.pixel_ap([mask], [amap]) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+
+
+def test_f1_max_matches_brute_force_threshold_sweep():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 50)
+    scores = np.round(rng.random(50) + 0.4 * labels, 2)
+    best = 0.0
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp = np.sum(pred & (labels == 1))
+        f1 = 2 * tp / (pred.sum() + labels.sum())
+        best = max(best, f1)
+    f1, threshold = metrics.f1_max(labels, scores)
+    assert f1 == pytest.approx(best)
+    pred = scores >= threshold
+    reached = 2 * np.sum(pred & (labels == 1)) / (pred.sum() + labels.sum())
+    assert reached == pytest.approx(best)
+
+
+def test_pro_matches_brute_force_on_random_masks():
+    rng = np.random.default_rng(6)
+    for quantise in (True, False):
+        masks, maps = random_masks_and_maps(rng, n=6, size=20, quantise=quantise)
+        expected = brute_force_pro(masks, maps)
+        assert 0.05 < expected < 0.999
+        assert metrics.pro_score(masks, maps) == pytest.approx(expected, abs=1e-3)
+
+
+def test_pro_accepts_images_of_different_sizes():
+    rng = np.random.default_rng(7)
+    a_masks, a_maps = random_masks_and_maps(rng, n=2, size=16)
+    b_masks, b_maps = random_masks_and_maps(rng, n=2, size=24)
+    masks, maps = [*a_masks, *b_masks], [*a_maps, *b_maps]
+    assert metrics.pro_score(masks, maps) == pytest.approx(brute_force_pro(masks, maps), abs=1e-3)
+
+
+def test_pro_joins_diagonal_neighbours_into_one_region():
+    # An L of three defect pixels plus one diagonal neighbour: one 8-connected region of 4
+    # pixels. Only the diagonal pixel scores high, so at FPR 0 the overlap is 1/4 (two
+    # 4-connected regions would give (0 + 1) / 2). Curve: (0, 0), (0, .25), (1, 1); the value
+    # at FPR .3 is .25 + .3 * .75 = .475, area = .3 * (.25 + .475) / 2, normalised: .3625.
+    mask = np.zeros((6, 6), bool)
+    mask[1, 1] = mask[2, 1] = mask[2, 2] = True
+    mask[3, 3] = True
+    amap = np.zeros((6, 6))
+    amap[3, 3] = 1.0
+    assert metrics.pro_score([mask], [amap]) == pytest.approx(0.3625)
+
+
+def test_pro_of_a_constant_map_is_the_diagonal_area():
+    # All pixels tie: the curve jumps straight from (0, 0) to (1, 1); area to .3 is .3 * .3 / 2.
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    assert metrics.pro_score([mask], [np.full((8, 8), 0.5)]) == pytest.approx(0.15)
+
+
+def test_pro_of_a_perfect_map_is_one():
+    rng = np.random.default_rng(8)
+    masks, _ = random_masks_and_maps(rng)
+    assert metrics.pro_score(masks, masks.astype(float)) == pytest.approx(1.0)
+
+
+def test_compute_all_returns_nan_for_undefined_metrics_instead_of_raising():
+    masks = np.zeros((3, 8, 8), bool)
+    maps = np.random.default_rng(9).random((3, 8, 8))
+    out = metrics.compute_all([0, 0, 0], [0.1, 0.2, 0.3], masks, maps)
+    assert set(out) == set(metrics.METRIC_KEYS)
+    assert all(isinstance(v, float) for v in out.values())
+    assert all(math.isnan(out[k]) for k in ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "f1_max"))
+    only_defects = np.ones((2, 4, 4), bool)
+    out = metrics.compute_all([1, 1], [0.4, 0.9], only_defects, np.random.default_rng(0).random((2, 4, 4)))
+    assert math.isnan(out["image_auroc"]) and math.isnan(out["pixel_auroc"]) and math.isnan(out["pro"])
+    assert out["pixel_ap"] == pytest.approx(1.0) and out["f1_max"] == pytest.approx(1.0)
+
+
+def test_compute_all_agrees_with_the_single_metrics():
+    rng = np.random.default_rng(10)
+    masks, maps = random_masks_and_maps(rng, n=8, size=16)
+    labels = masks.reshape(8, -1).any(axis=1).astype(int)
+    scores = maps.reshape(8, -1).max(axis=1) + rng.random(8) * 0.1
+    out = metrics.compute_all(labels, scores, list(masks), list(maps))
+    assert out["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    assert out["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()))
+    assert out["pro"] == pytest.approx(brute_force_pro(masks, maps), abs=1e-3)
+    assert (out["f1_max"], out["f1_threshold"]) == pytest.approx(metrics.f1_max(labels, scores))
+
+
+def test_mismatched_mask_and_map_shapes_are_refused():
+    with pytest.raises(ValueError, match="image 1"):
+        metrics.pixel_auroc([np.zeros((4, 4)), np.zeros((4, 4))], [np.zeros((4, 4)), np.zeros((4, 5))])
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.pro_score([np.ones((2, 2))], [np.full((2, 2), np.nan)])
+
+
+def test_pro_on_two_hundred_maps_of_256_pixels_takes_seconds_not_minutes():
+    rng = np.random.default_rng(11)
+    masks = np.zeros((200, 256, 256), bool)
+    masks[::2, 100:140, 60:90] = True
+    maps = rng.random(masks.shape, dtype=np.float32) * 0.6 + masks * 0.3
+    start = time.perf_counter()
+    value = metrics.pro_score(masks, maps)
+    elapsed = time.perf_counter() - start
+    assert 0.5 < value < 1.0
+    assert elapsed < 8.0  # ~1 s on one free core; generous for a shared machine
