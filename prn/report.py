@@ -56,10 +56,15 @@ def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def table_rows(results: dict[str, dict]) -> list[list[str]]:
-    """Header, one row per category, then the mean row; cells are formatted strings."""
-    rows = [["Category"] + [c[0] for c in COLUMNS]]
-    for name, metrics in [*results.items(), (MEAN_ROW, mean_metrics(results))]:
+def table_rows(results: dict[str, dict], with_mean: bool = True,
+               first_column: str = "Category") -> list[list[str]]:
+    """Header, one row per category, then the mean row; cells are formatted strings.
+
+    with_mean=False for tables whose rows are not categories (ablation variants).
+    """
+    rows = [[first_column] + [c[0] for c in COLUMNS]]
+    entries = list(results.items()) + ([(MEAN_ROW, mean_metrics(results))] if with_mean else [])
+    for name, metrics in entries:
         row = [name]
         for _, key, scale, decimals in COLUMNS:
             value = _number(metrics.get(key))
@@ -68,33 +73,34 @@ def table_rows(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
-def markdown_table(results: dict[str, dict]) -> str:
-    rows = table_rows(results)
+def markdown_table(results: dict[str, dict], **table_options) -> str:
+    rows = table_rows(results, **table_options)
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(lines)
 
 
-def write_csv(path: str | Path, results: dict[str, dict]) -> Path:
+def write_csv(path: str | Path, results: dict[str, dict], **table_options) -> Path:
     """The same table as ``markdown_table`` (same scaling and rounding) as CSV."""
     path = Path(path)
     with path.open("w", newline="") as f:
-        csv.writer(f).writerows(table_rows(results))
+        csv.writer(f).writerows(table_rows(results, **table_options))
     return path
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.generic, float)):
         value = value.item() if isinstance(value, np.generic) else value
         return None if isinstance(value, float) and not math.isfinite(value) else value
     return value
 
 
-def write_results(run_dir: str | Path, results: dict[str, dict], title: str) -> dict[str, Path]:
+def write_results(run_dir: str | Path, results: dict[str, dict], title: str,
+                  **table_options) -> dict[str, Path]:
     """Write results.json (raw values, nan as null), results.md and results.csv into run_dir.
 
     results: {category: {"image_auroc": float, ..., "seconds_per_image": float}}.
@@ -104,11 +110,11 @@ def write_results(run_dir: str | Path, results: dict[str, dict], title: str) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"title": title, "categories": results, "mean": mean_metrics(results)}
     paths = {"json": run_dir / "results.json", "md": run_dir / "results.md", "csv": run_dir / "results.csv"}
-    paths["json"].write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(payload), indent=2) + "\n")
     legend = ("I: image AUROC, P: pixel AUROC, O: PRO (FPR <= 0.3), A: pixel AP, F1: image F1-max "
               "(all x100); T: seconds per image. The mean row skips undefined values (-).")
-    paths["md"].write_text(f"# {title}\n\n{markdown_table(results)}\n\n{legend}\n")
-    write_csv(paths["csv"], results)
+    paths["md"].write_text(f"# {title}\n\n{markdown_table(results, **table_options)}\n\n{legend}\n")
+    write_csv(paths["csv"], results, **table_options)
     return paths
 
 

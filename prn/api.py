@@ -1,0 +1,252 @@
+"""The Python API of prn; the CLI (``prn <verb>``) is a thin layer over these functions.
+
+    >>> from prn import api
+    >>> from prn.config import PRNConfig
+    >>> cfg = PRNConfig(dataset="mvtec", root="/data/mvtec", category="bottle")
+    >>> run = api.fit(cfg)                      # runs/mvtec/bottle/<time>/
+    >>> metrics = api.test(run)                 # results.json, results.md, predictions/
+    >>> api.predict(run, "new_images/", "out/") # scores.csv, maps/*.npy
+
+Every run folder holds ``config.yaml``, ``split.json`` (the exact file lists), ``environment.json``
+(versions), ``checkpoints/last.pt``, and after testing ``results.json``/``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prn import __version__
+from prn.checkpoint import load_checkpoint
+from prn.config import PRNConfig
+from prn.data.datasets import load_sample, original_hw
+from prn.data.io import read_image
+from prn.data.layouts import load_index
+from prn.data.sample import Sample
+from prn.data.split import Split, few_shot_split
+from prn.errors import DataError, PRNError
+from prn.infer import Predictions, predict_samples, resize_map
+from prn.metrics import compute_all
+from prn.report import write_predictions, write_results
+from prn.train import build_model, resolve_device, train
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def new_run_dir(cfg: PRNConfig, name: str | None = None) -> Path:
+    category = cfg.category or cfg.dataset
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / cfg.dataset / category / (name or stamp)
+    run_dir, i = base, 1
+    while run_dir.exists():
+        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def environment() -> dict:
+    import timm
+    import torchvision
+    return {
+        "prn": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "numpy": np.__version__, "cuda": torch.version.cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def make_split(cfg: PRNConfig) -> Split:
+    index = load_index(cfg)
+    return few_shot_split(index, cfg.seen_anomalies, cfg.split_seed, dagm=cfg.dataset == "dagm")
+
+
+# ----------------------------------------------------------------------------- fit
+
+def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
+        split: Split | None = None) -> Path:
+    """Split the data (A.2), fit prototypes and train PRN; returns the run folder."""
+    split = split or make_split(cfg)
+    if not split.train_normal:
+        raise DataError(f"{cfg.root}: no defect-free training images found")
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    split.save(run_dir / "split.json")
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    t0 = time.perf_counter()
+    train(cfg, split, run_dir, progress=progress)
+    _note(run_dir, "fit_seconds", time.perf_counter() - t0)
+    return run_dir
+
+
+def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = True) -> Path:
+    """Continue an interrupted run from its last checkpoint, with its own config and split."""
+    run_dir = Path(run_dir)
+    cfg = PRNConfig.load(run_dir / "config.yaml")
+    if epochs is not None:
+        cfg = cfg.replace(epochs=epochs)
+        cfg.save(run_dir / "config.yaml")
+    split = Split.load(run_dir / "split.json")
+    train(cfg, split, run_dir, resume=True, progress=progress)
+    return run_dir
+
+
+def _note(run_dir: Path, key: str, value) -> None:
+    path = run_dir / "timings.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(checkpoint: str | Path, *, device: str | None = None):
+    """(model in eval mode on its device, PRNConfig) from a run folder or a .pt file."""
+    payload = load_checkpoint(checkpoint)
+    cfg = PRNConfig.from_dict(payload["config"])
+    if device is not None:
+        cfg = cfg.replace(device=device)
+    kind = payload.get("model")
+    if kind == "prn":
+        model = build_model(cfg, pretrained=False)
+    elif kind == "patchcore":
+        from prn.baselines.run import build_patchcore
+        model = build_patchcore(cfg, pretrained=False)
+    else:
+        raise PRNError(f"{checkpoint}: unknown model kind {kind!r}")
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise PRNError(f"{checkpoint}: weights do not fit a {cfg.backbone} {kind} model: "
+                       f"{str(exc).splitlines()[0]}") from exc
+    model.eval().to(resolve_device(cfg.device))
+    return model, cfg
+
+
+def _run_dir_of(checkpoint: str | Path) -> Path:
+    p = Path(checkpoint)
+    return p if p.is_dir() else p.parent.parent
+
+
+# ----------------------------------------------------------------------------- test
+
+def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = False) -> tuple[dict, Predictions]:
+    preds = predict_samples(model, samples, cfg.image_size, batch_size=cfg.eval_batch_size,
+                            device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
+                            progress=progress)
+    metrics = compute_all(preds.labels, preds.scores, preds.masks, preds.maps)
+    metrics["seconds_per_image"] = preds.seconds_per_image
+    metrics["n_test"] = len(samples)
+    metrics["n_test_anomalous"] = int(preds.labels.sum())
+    return metrics, preds
+
+
+def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool = False,
+         overlays: int = 8, progress: bool = True, device: str | None = None) -> dict:
+    """Evaluate a run on its own held-out test split; writes results and predictions."""
+    run_dir = _run_dir_of(run)
+    model, cfg = load_model(run, device=device)
+    split_path = run_dir / "split.json"
+    if not split_path.is_file():
+        raise DataError(f"{split_path}: the run has no split.json, so its test set is unknown")
+    split = Split.load(split_path)
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, preds = evaluate(model, cfg, split.test, progress=progress)
+    name = cfg.category or cfg.dataset
+    write_results(out, {name: metrics}, title=f"PRN on {cfg.dataset} {name}".strip())
+    _write_prediction_files(out / "predictions", preds, split_root(cfg), save_maps,
+                            threshold=metrics.get("f1_threshold"))
+    if overlays:
+        _write_overlays(out / "images", preds, cfg, overlays)
+    return metrics
+
+
+def split_root(cfg: PRNConfig) -> Path:
+    root = Path(cfg.root)
+    return root / cfg.category if cfg.category and (root / cfg.category).is_dir() else root
+
+
+def _write_prediction_files(out: Path, preds: Predictions, root: Path, save_maps: bool,
+                            threshold: float | None = None) -> None:
+    records = []
+    for i, s in enumerate(preds.samples):
+        amap = resize_map(preds.maps[i], original_hw(s)) if save_maps else None
+        records.append((s.image_path, float(preds.scores[i]), amap, int(preds.labels[i])))
+    write_predictions(out, records, root, threshold=threshold)
+
+
+def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, n: int) -> None:
+    from prn.viz import save_overlay
+    out.mkdir(parents=True, exist_ok=True)
+    # The highest-scoring anomalous and normal images, so a reader sees hits and false alarms.
+    order = np.argsort(-preds.scores)
+    picks = [i for i in order if preds.labels[i] == 1][: (n + 1) // 2]
+    picks += [i for i in order if preds.labels[i] == 0][: n // 2]
+    for i in picks:
+        s = preds.samples[i]
+        image, _ = load_sample(s, cfg.image_size, cfg.max_image_pixels)
+        tag = "defect" if preds.labels[i] else "good"
+        save_overlay(out / f"{tag}_{s.defect_type}_{s.image_path.stem}.png", image, preds.maps[i],
+                     preds.masks[i] if preds.labels[i] else np.zeros_like(preds.masks[i]),
+                     threshold=0.5, title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
+
+
+# ----------------------------------------------------------------------------- predict
+
+def list_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
+    return files
+
+
+def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
+            threshold: float | None = None, overlays: bool = False, progress: bool = True,
+            device: str | None = None) -> Path:
+    """Score new images: ``out_dir/scores.csv`` and ``out_dir/maps/<mirrored path>.npy``.
+
+    The threshold for the ``prediction`` column is ``threshold`` when given, else the F1-max
+    threshold that ``prn test`` stored in the run's results.json, else none (scores only).
+    """
+    model, cfg = load_model(run, device=device)
+    inputs = Path(inputs)
+    files = list_images(inputs)
+    for f in files:  # fail on the first bad file before spending time on the model
+        read_image(f, cfg.max_image_pixels)
+    if threshold is None:
+        results = _run_dir_of(run) / "results.json"
+        if results.is_file():
+            data = json.loads(results.read_text())
+            rows = data.get("categories", data)
+            first = next(iter(rows.values()), {}) if isinstance(rows, dict) else {}
+            threshold = first.get("f1_threshold") if isinstance(first, dict) else None
+    samples = [Sample(f, None, 0, "unknown") for f in files]
+    preds = predict_samples(model, samples, cfg.image_size, batch_size=cfg.eval_batch_size,
+                            device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
+                            progress=progress)
+    out = Path(out_dir)
+    records = [(s.image_path, float(preds.scores[i]), resize_map(preds.maps[i], original_hw(s)), None)
+               for i, s in enumerate(samples)]
+    write_predictions(out, records, inputs if inputs.is_dir() else inputs.parent, threshold=threshold)
+    if overlays:
+        from prn.viz import save_overlay
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(samples):
+            image, _ = load_sample(s, cfg.image_size, cfg.max_image_pixels)
+            save_overlay(out / "images" / f"{i:05d}_{s.image_path.stem}.png", image, preds.maps[i], None,
+                         threshold=0.5, title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
+    return out

@@ -1,0 +1,49 @@
+"""Fitting PatchCore in prn's harness: same config, split, run folder and checkpoint format as PRN."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from prn.baselines.patchcore import PatchCore
+from prn.checkpoint import save_checkpoint
+from prn.config import PRNConfig
+from prn.data.split import Split
+from prn.model.backbone import create_encoder
+
+
+def build_patchcore(cfg: PRNConfig, *, pretrained: bool = True) -> PatchCore:
+    encoder = create_encoder(cfg.backbone, cfg.backbone_weights if pretrained else "random")
+    return PatchCore(encoder, cfg.image_size, coreset_ratio=cfg.patchcore_coreset_ratio,
+                     num_neighbors=cfg.patchcore_num_neighbors, seed=cfg.seed,
+                     max_bank=cfg.patchcore_max_bank or None)
+
+
+def fit_patchcore(cfg: PRNConfig, *, run_dir: str | Path, progress: bool = True,
+                  split: Split | None = None) -> Path:
+    """PatchCore is unsupervised: it uses the split's normal images only. The seen anomalies are
+    still removed from the test set, so PatchCore and PRN are tested on the same images."""
+    from prn.api import environment, make_split
+    from prn.train import batches_of, load_training_arrays, resolve_device
+
+    split = split or make_split(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    split.save(run_dir / "split.json")
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    normals, _ = load_training_arrays(cfg, dataclasses.replace(split, train_anomalous=[]))
+    device = resolve_device(cfg.device)
+    model = build_patchcore(cfg).to(device)
+    t0 = time.perf_counter()
+    model.fit(b.to(device) for b in batches_of(normals, cfg.eval_batch_size))
+    seconds = time.perf_counter() - t0
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", model="patchcore", config=cfg.to_dict(),
+                    state_dict=model.state_dict(), epoch=0,
+                    history=[{"event": "memory_bank", "seconds": seconds}],
+                    extra={"n_normal": len(normals), "bank_size": int(model.memory_bank.shape[0])})
+    if progress:
+        print(f"PatchCore: memory bank of {model.memory_bank.shape[0]} patches in {seconds:.1f} s")
+    return run_dir

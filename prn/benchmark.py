@@ -1,0 +1,109 @@
+"""``prn benchmark``: fit and test every category with the protocol of A.2, write paper-style tables.
+
+Two uses:
+- a dataset table (Tables 1, 2, 8-10): one row per category and a mean row, for ``--model prn`` or
+  ``--model patchcore`` on the same splits, metrics and output format;
+- an ablation table (Tables 4-7): ``--ablation table4`` etc. runs each variant of that table over
+  the categories and writes one row per variant (the mean over categories).
+
+No checkpoint is ever chosen on test data: each fit runs its full schedule and the last weights
+are tested once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prn.config import PRNConfig
+from prn.data.layouts import list_categories
+from prn.report import json_safe, markdown_table, mean_metrics, write_results
+
+# The ablations of the paper, each a list of (row name, config changes).
+ABLATIONS: dict[str, list[tuple[str, dict]]] = {
+    # Table 4: modules on the skip connections of the U-Net.
+    "table4": [
+        ("U-Net", dict(use_prototypes=False, use_attention=False, use_fusion=False)),
+        ("U-Net+MP+MF", dict(use_prototypes=True, use_attention=False, use_fusion=True)),
+        ("U-Net+MSA+MF", dict(use_prototypes=False, use_attention=True, use_fusion=True)),
+        ("U-Net+MP+MSA", dict(use_prototypes=True, use_attention=True, use_fusion=False)),
+        ("PRN (MP+MSA+MF)", dict(use_prototypes=True, use_attention=True, use_fusion=True)),
+    ],
+    # Table 5: anomaly generation strategies.
+    "table5": [
+        ("EA+TA", dict(extended_anomalies=True, heterologous_anomalies=False, homologous_anomalies=False, target_areas=True)),
+        ("EA+HEA+TA", dict(extended_anomalies=True, heterologous_anomalies=True, homologous_anomalies=False, target_areas=True)),
+        ("EA+HOA+TA", dict(extended_anomalies=True, heterologous_anomalies=False, homologous_anomalies=True, target_areas=True)),
+        ("HEA+HOA+TA", dict(extended_anomalies=False, heterologous_anomalies=True, homologous_anomalies=True, target_areas=True)),
+        ("EA+HEA+HOA", dict(extended_anomalies=True, heterologous_anomalies=True, homologous_anomalies=True, target_areas=False)),
+        ("EA+HEA+HOA+TA", dict(extended_anomalies=True, heterologous_anomalies=True, homologous_anomalies=True, target_areas=True)),
+    ],
+    # Table 6: ratio of prototypes to normal training images (1.0: every image is a prototype).
+    "table6": [(f"PRN {int(r * 100)}%", dict(prototype_ratio=r)) for r in (0.05, 0.1, 0.2, 1.0)],
+    # Table 7: number of seen anomalies.
+    "table7": [(f"{k} seen", dict(seen_anomalies=k)) for k in (1, 5, 10)],
+}
+
+
+def categories_of(cfg: PRNConfig, categories: list[str] | None) -> list[str]:
+    if categories:
+        return list(categories)
+    if cfg.dataset in ("ksdd2", "folder"):
+        return [cfg.category]
+    found = list_categories(cfg.dataset, cfg.root)
+    return found or [cfg.category]
+
+
+def fit_and_test(cfg: PRNConfig, model: str, run_dir: Path, progress: bool) -> dict:
+    from prn import api
+    t0 = time.perf_counter()
+    if model == "prn":
+        api.fit(cfg, run_dir=run_dir, progress=progress)
+    elif model == "patchcore":
+        from prn.baselines.run import fit_patchcore
+        fit_patchcore(cfg, run_dir=run_dir, progress=progress)
+    else:
+        raise ValueError(f"unknown model {model!r}; choose prn or patchcore")
+    fit_seconds = time.perf_counter() - t0
+    metrics = api.test(run_dir, overlays=0, progress=progress)
+    metrics["fit_seconds"] = fit_seconds
+    return metrics
+
+
+def run_benchmark(cfg: PRNConfig, *, model: str = "prn", categories: list[str] | None = None,
+                  out_dir: str | Path | None = None, ablation: str | None = None,
+                  progress: bool = True) -> str:
+    """Fit and test each category (and each ablation variant); return the markdown table."""
+    cats = categories_of(cfg, categories)
+    tag = ablation or model
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "benchmark" / cfg.dataset / tag
+    out.mkdir(parents=True, exist_ok=True)
+    if ablation and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+    variants = ABLATIONS[ablation] if ablation else [(model, {})]
+    per_variant: dict[str, dict[str, dict]] = {}
+    for name, changes in variants:
+        rows: dict[str, dict] = {}
+        for cat in cats:
+            c = cfg.replace(category=cat, **changes)
+            run_dir = out / "runs" / _slug(name) / (cat or cfg.dataset)
+            rows[cat or cfg.dataset] = fit_and_test(c, model, run_dir, progress)
+        per_variant[name] = rows
+    if ablation:
+        # One row per variant: its mean over the categories (the paper's Tables 4-7).
+        table = {name: mean_metrics(rows) for name, rows in per_variant.items()}
+        title = f"{ablation} on {cfg.dataset} ({', '.join(c or cfg.dataset for c in cats)}), model {model}"
+        options = dict(with_mean=False, first_column="Variant")
+    else:
+        table = per_variant[model]
+        title = f"{model} on {cfg.dataset}"
+        options = {}
+    write_results(out, table, title=title, **options)
+    (out / "per_category.json").write_text(json.dumps(json_safe(per_variant), indent=2))
+    cfg.save(out / "config.yaml")
+    return markdown_table(table, **options)
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
