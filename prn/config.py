@@ -54,8 +54,9 @@ class PRNConfig:
     use_fusion: bool = True           # MF (Table 4)
     attention_layers: int = 3         # N stacked MSA blocks
     attention_patch_divisors: tuple[int, ...] = (1, 2, 4, 8)  # patch sizes h, h/2, h/4, h/8
-    attention_dim: int = 0            # embedding width of q/k/v per head; 0: 2c/heads (lean)
-    decoder_channels: tuple[int, ...] = (128, 64, 32, 16)  # lean U-Net decoder widths
+    attention_dim: int = 8            # embedding width of q/k/v per head; 0: 2c/heads (ours: 8, see docs/model.md)
+    attention_scale: str = "sqrt"     # softmax scale: "sqrt" 1/sqrt(c^s) (ours); "paper" 1/c^s (Eq. 3)
+    decoder_channels: tuple[int, ...] = (128, 64, 16, 8)  # U-Net decoder widths at 1/8..1/1 (ours: lean)
 
     # --- anomaly generation (Sec. 3.4, A.1) ---
     extended_anomalies: bool = True   # EA
@@ -86,6 +87,11 @@ class PRNConfig:
     # --- inference (Sec. 3.5) ---
     top_k: int = 100                  # image score: mean of the top-k pixels of the map
     eval_batch_size: int = 16
+
+    # --- PatchCore baseline (prn/baselines; Roth et al. 2022) ---
+    patchcore_coreset_ratio: float = 0.1
+    patchcore_num_neighbors: int = 9
+    patchcore_max_bank: int = 100_000  # random pre-subsample before the coreset (CPU budget); 0: all
 
     # --- output ---
     output_dir: str = "runs"

@@ -9,9 +9,9 @@ from prn.config import PRNConfig
 # The demo's schedule: sized to finish in a few minutes on a 2-core CPU with the offline backbone.
 DEMO_SETTINGS = dict(
     dataset="demo", category="demo", category_kind="texture", backbone="tf_efficientnet_lite0",
-    image_size=256, seen_anomalies=5, epochs=6, batch_size=16, steps_per_epoch=15, eval_batch_size=8,
+    image_size=128, seen_anomalies=5, epochs=10, batch_size=16, steps_per_epoch=20, eval_batch_size=16,
 )
-QUICK_SETTINGS = dict(image_size=128, epochs=2, steps_per_epoch=4)
+QUICK_SETTINGS = dict(image_size=64, epochs=2, steps_per_epoch=4)
 
 
 def demo_config(out: Path, quick: bool = False) -> PRNConfig:

@@ -31,7 +31,7 @@ from prn.model.network import PRN
 
 # Settings that change the network's shape or meaning: a resumed run must match them.
 ARCHITECTURE_KEYS = ("backbone", "image_size", "use_prototypes", "use_attention", "use_fusion",
-                     "attention_layers", "attention_patch_divisors", "attention_dim",
+                     "attention_layers", "attention_patch_divisors", "attention_dim", "attention_scale",
                      "decoder_channels")
 
 

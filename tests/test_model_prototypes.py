@@ -1,0 +1,121 @@
+"""Prototypes and residuals (Sec. 3.1) against brute force and hand-made clusters."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from prn.model.prototypes import Prototypes, kmeans_prototypes, nearest_prototype, num_prototypes
+
+
+def brute_force_nearest(feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    out = []
+    for f in feats.double():
+        dists = [torch.sqrt(((f - p.double()) ** 2).sum()).item() for p in protos]
+        out.append(int(np.argmin(dists)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("n, ratio, k", [(30, 0.1, 3), (31, 0.1, 4), (5, 0.1, 1), (300, 0.05, 15),
+                                         (10, 0.25, 3), (7, 1.0, 7), (3, 0.7, 3)])
+def test_num_prototypes_is_ceil_of_ratio_times_count(n, ratio, k):
+    assert num_prototypes(n, ratio) == k
+
+
+def test_kmeans_centres_are_the_means_of_well_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([-20.0, 0.0, 20.0])
+    labels = torch.arange(12) % 3
+    feats = offsets[labels].view(12, 1, 1, 1) + 0.1 * torch.randn(12, 4, 2, 2, generator=g)
+    centres = kmeans_prototypes(feats, 3, max_iter=50, seed=0)
+    assert centres.shape == (3, 4, 2, 2)
+    expected = torch.stack([feats[labels == i].mean(0) for i in range(3)])
+    order = centres.mean(dim=(1, 2, 3)).argsort()  # k-means numbers its clusters arbitrarily
+    torch.testing.assert_close(centres[order], expected, atol=1e-5, rtol=0)
+
+
+def test_kmeans_returns_k_maps_of_the_input_shape():
+    feats = torch.rand(20, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert kmeans_prototypes(feats, 5, max_iter=20, seed=3).shape == (5, 3, 4, 4)
+
+
+def test_kmeans_with_k_equal_to_count_keeps_every_map():
+    feats = torch.rand(6, 2, 3, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(kmeans_prototypes(feats, num_prototypes(6, 1.0)), feats, atol=0, rtol=0)
+
+
+def test_nearest_prototype_matches_brute_force():
+    g = torch.Generator().manual_seed(3)
+    feats, protos = torch.randn(9, 3, 4, 4, generator=g), torch.randn(7, 3, 4, 4, generator=g)
+    assert torch.equal(nearest_prototype(feats, protos), brute_force_nearest(feats, protos))
+
+
+def test_nearest_prototype_matches_brute_force_when_maps_are_nearly_equal():
+    # Large common offset, tiny differences: ||a||^2 - 2ab + ||b||^2 in float32 cannot tell them apart.
+    g = torch.Generator().manual_seed(4)
+    base = 300.0 + torch.randn(1, 8, 16, 16, generator=g)
+    protos = base + 1e-3 * torch.randn(6, 8, 16, 16, generator=g)
+    feats = base + 1e-3 * torch.randn(10, 8, 16, 16, generator=g)
+    expected = brute_force_nearest(feats, protos)
+    assert len(set(expected.tolist())) > 1
+    assert torch.equal(nearest_prototype(feats, protos), expected)
+
+
+def test_residual_is_absolute_difference_to_the_nearest_prototype_at_each_scale():
+    g = torch.Generator().manual_seed(5)
+    shapes = [(4, 8, 8), (6, 4, 4), (8, 2, 2)]
+    protos = [torch.randn(5, *s, generator=g) for s in shapes]
+    feats = [torch.randn(3, *s, generator=g) for s in shapes]
+    module = Prototypes()
+    module.set(protos)
+    res = module.residuals(feats)
+    for f, p, d, idx in zip(feats, protos, res, module.last_indices):
+        nearest = brute_force_nearest(f, p)
+        assert torch.equal(idx, nearest)
+        for b in range(3):
+            torch.testing.assert_close(d[b], (f[b] - p[nearest[b]]).abs(), atol=0, rtol=0)
+
+
+def test_scales_choose_their_nearest_prototype_independently():
+    # Feature 0 sits on prototype 0 at scale 1 but on prototype 1 at scale 2.
+    p1 = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    p2 = torch.stack([torch.zeros(1, 1, 1), torch.ones(1, 1, 1)])
+    module = Prototypes(num_scales=2)
+    module.set([p1, p2])
+    module.residuals([torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 1, 1)])
+    assert [i.tolist() for i in module.last_indices] == [[0], [1]]
+
+
+def test_state_dict_with_another_k_loads_into_a_fresh_module():
+    g = torch.Generator().manual_seed(6)
+    shapes = [(4, 8, 8), (6, 4, 4), (8, 2, 2)]
+    fitted = Prototypes()
+    fitted.set([torch.randn(k, *s, generator=g) for k, s in zip((7, 7, 7), shapes)])
+    other = Prototypes()
+    other.set([torch.randn(2, *s, generator=g) for s in shapes])
+    fresh = Prototypes()
+    for target in (other, fresh):
+        target.load_state_dict(fitted.state_dict())
+        feats = [torch.randn(2, *s, generator=g) for s in shapes]
+        for a, b in zip(fitted.residuals(feats), target.residuals(feats)):
+            assert torch.equal(a, b)
+        assert target.p1.shape == (7, 4, 8, 8)
+
+
+def test_residuals_before_fitting_raise():
+    with pytest.raises(RuntimeError, match="fit_prototypes"):
+        Prototypes().residuals([torch.zeros(1, 1, 2, 2)] * 3)
+
+
+def test_residuals_of_maps_of_another_size_raise():
+    module = Prototypes()
+    module.set([torch.zeros(1, 1, s, s) for s in (8, 4, 2)])
+    with pytest.raises(ValueError, match="image size"):
+        module.residuals([torch.zeros(1, 1, s, s) for s in (16, 8, 4)])
+
+
+@pytest.mark.parametrize("k, seed", itertools.product([2, 4], [0, 1]))
+def test_kmeans_is_reproducible_for_a_seed(k, seed):
+    feats = torch.rand(12, 2, 3, 3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(kmeans_prototypes(feats, k, seed=seed), kmeans_prototypes(feats, k, seed=seed))
