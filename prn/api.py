@@ -42,8 +42,19 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 # ----------------------------------------------------------------------------- run folders
 
+def category_name(cfg: PRNConfig) -> str:
+    """The category's display name: cfg.category, else the root's folder name when the root is
+    itself a category folder (like ../shared/data/kolektorsdd), else the dataset's name."""
+    if cfg.category:
+        return cfg.category
+    root = Path(cfg.root)
+    if cfg.root and any((root / sub).is_dir() for sub in ("train", "Train")):
+        return root.resolve().name
+    return cfg.dataset
+
+
 def new_run_dir(cfg: PRNConfig, name: str | None = None) -> Path:
-    category = cfg.category or cfg.dataset
+    category = category_name(cfg)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.output_dir) / cfg.dataset / category / (name or stamp)
     run_dir, i = base, 1
@@ -162,8 +173,8 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics, preds = evaluate(model, cfg, split.test, progress=progress)
-    name = cfg.category or cfg.dataset
-    write_results(out, {name: metrics}, title=f"PRN on {cfg.dataset} {name}".strip())
+    name = category_name(cfg)
+    write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.dataset} {name}")
     _write_prediction_files(out / "predictions", preds, split_root(cfg), save_maps,
                             threshold=metrics.get("f1_threshold"))
     if overlays:

@@ -55,6 +55,11 @@ def categories_of(cfg: PRNConfig, categories: list[str] | None) -> list[str]:
     return found or [cfg.category]
 
 
+def category_name(cfg: PRNConfig) -> str:
+    from prn.api import category_name as name
+    return name(cfg)
+
+
 def fit_and_test(cfg: PRNConfig, model: str, run_dir: Path, progress: bool) -> dict:
     from prn import api
     t0 = time.perf_counter()
@@ -87,13 +92,14 @@ def run_benchmark(cfg: PRNConfig, *, model: str = "prn", categories: list[str] |
         rows: dict[str, dict] = {}
         for cat in cats:
             c = cfg.replace(category=cat, **changes)
-            run_dir = out / "runs" / _slug(name) / (cat or cfg.dataset)
-            rows[cat or cfg.dataset] = fit_and_test(c, model, run_dir, progress)
+            label = category_name(c)
+            run_dir = out / "runs" / _slug(name) / label
+            rows[label] = fit_and_test(c, model, run_dir, progress)
         per_variant[name] = rows
     if ablation:
         # One row per variant: its mean over the categories (the paper's Tables 4-7).
         table = {name: mean_metrics(rows) for name, rows in per_variant.items()}
-        title = f"{ablation} on {cfg.dataset} ({', '.join(c or cfg.dataset for c in cats)}), model {model}"
+        title = f"{ablation} on {cfg.dataset} ({', '.join(category_name(cfg.replace(category=c)) for c in cats)}), model {model}"
         options = dict(with_mean=False, first_column="Variant")
     else:
         table = per_variant[model]

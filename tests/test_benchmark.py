@@ -22,7 +22,7 @@ def tiny(root, out, **kw):
                 backbone="tf_efficientnet_lite0", backbone_weights="random", epochs=1, batch_size=4,
                 steps_per_epoch=1, eval_batch_size=8, attention_dim=4, decoder_channels=(8, 8, 8, 8),
                 prototype_ratio=0.25, kmeans_max_iter=5, output_dir=str(out), top_k=10, device="cpu",
-                patchcore_max_bank=2000)
+                patchcore_max_bank=2000, num_workers=0)
     base.update(kw)
     return PRNConfig(**base)
 

@@ -1,6 +1,5 @@
 """prn.data.demo: the synthetic MVTec-layout category."""
 
-import time
 
 import numpy as np
 import pytest
@@ -69,10 +68,8 @@ def test_defects_stand_out_locally_but_not_in_global_brightness(tmp_path):
     assert roc_auc_score(labels, brightness) < 0.8
 
 
-def test_demo_with_default_arguments_takes_under_five_seconds(tmp_path):
-    start = time.perf_counter()
+def test_demo_with_default_arguments_writes_forty_training_images(tmp_path):
     make_demo_dataset(tmp_path)
-    assert time.perf_counter() - start < 5.0
     assert len(list((tmp_path / "demo" / "train" / "good").glob("*.png"))) == 40
 
 

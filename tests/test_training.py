@@ -10,32 +10,15 @@ from prn import api
 from prn.checkpoint import load_checkpoint
 from prn.cli import main
 from prn.config import PRNConfig
-from prn.data.demo import make_demo_dataset
 from prn.errors import TrainingError
 from prn.train import train
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_demo_dataset(root, seed=0, n_train=12, n_test_good=4, n_test_defect=6, size=64)
-    return root
-
-
-def tiny_config(root, out, **kw):
-    base = dict(dataset="demo", root=str(root), category="demo", image_size=64, seen_anomalies=2,
-                backbone="tf_efficientnet_lite0", backbone_weights="random", epochs=3, batch_size=8,
-                steps_per_epoch=2, eval_batch_size=8, attention_dim=8, decoder_channels=(16, 16, 8, 8),
-                prototype_ratio=0.25, kmeans_max_iter=20, output_dir=str(out), top_k=10, device="cpu")
-    base.update(kw)
-    return PRNConfig(**base)
 
 
 def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(demo_root, tmp_path):
+def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path)
     split = api.make_split(cfg)
     full = state(train(cfg, split, tmp_path / "full", progress=False))
@@ -52,7 +35,7 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(demo_r
     assert any(not torch.equal(after_one["state_dict"][k], v) for k, v in full.items())
 
 
-def test_same_seed_data_and_config_give_the_same_metrics(demo_root, tmp_path):
+def test_same_seed_data_and_config_give_the_same_metrics(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, epochs=2)
     results = []
     for name in ("a", "b"):
@@ -63,7 +46,7 @@ def test_same_seed_data_and_config_give_the_same_metrics(demo_root, tmp_path):
         assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-6, key
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(demo_root, tiny_config, tmp_path, monkeypatch):
     import prn.train as train_module
     cfg = tiny_config(demo_root, tmp_path, epochs=3)
     split = api.make_split(cfg)
@@ -80,7 +63,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dem
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_run_folder_records_config_split_versions_and_results(demo_root, tmp_path):
+def test_run_folder_records_config_split_versions_and_results(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, epochs=1)
     run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
     metrics = api.test(run, progress=False, overlays=2)
@@ -94,7 +77,7 @@ def test_run_folder_records_config_split_versions_and_results(demo_root, tmp_pat
     assert len(list((run / "images").glob("*.png"))) == 2
 
 
-def test_cli_fit_test_and_predict_write_scores_and_maps_at_original_size(demo_root, tmp_path):
+def test_cli_fit_test_and_predict_write_scores_and_maps_at_original_size(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, epochs=1)
     cfg.save(tmp_path / "cfg.yaml")
     run = tmp_path / "run"

@@ -31,14 +31,15 @@ class BackboneWeightsError(RuntimeError):
 class Encoder(nn.Module):
     """A frozen feature extractor: ``forward(x[B,3,H,W] in [0,1]) -> [F1, F2, F3]``."""
 
-    def __init__(self, body: nn.Module, channels: list[int], reductions: list[int], name: str):
+    def __init__(self, body: nn.Module, channels: list[int], reductions: list[int], name: str,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.body = body
         self.name = name
         self.channels = list(channels)
         self.reductions = list(reductions)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.body.eval()
@@ -136,7 +137,11 @@ def _efficientnet_lite0(weights: str) -> Encoder:
         body_state = body.state_dict()
         body.load_state_dict({k: mapped[k] for k in body_state})
     info = body.feature_info
-    return Encoder(body, info.channels(), info.reduction(), "tf_efficientnet_lite0")
+    # The TF-trained Lite weights expect inputs scaled to [-1, 1] (timm's pretrained_cfg for this
+    # architecture), not ImageNet's mean/std: with them the sample photos classify correctly.
+    cfg = body.pretrained_cfg
+    return Encoder(body, info.channels(), info.reduction(), "tf_efficientnet_lite0",
+                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
 
 
 def create_encoder(name: str, weights: str = "imagenet") -> Encoder:

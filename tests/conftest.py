@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny synthetic dataset and a config small enough for CPU tests."""
+
+import pytest
+
+from prn.config import PRNConfig
+from prn.data.demo import make_demo_dataset
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_demo_dataset(root, seed=0, n_train=12, n_test_good=4, n_test_defect=6, size=64)
+    return root
+
+
+def make_tiny_config(root, out, **kw):
+    base = dict(dataset="demo", root=str(root), category="demo", image_size=64, seen_anomalies=2,
+                backbone="tf_efficientnet_lite0", backbone_weights="random", epochs=3, batch_size=8,
+                steps_per_epoch=2, eval_batch_size=8, attention_dim=8, decoder_channels=(16, 16, 8, 8),
+                prototype_ratio=0.25, kmeans_max_iter=20, output_dir=str(out), top_k=10, device="cpu",
+                num_workers=0)
+    base.update(kw)
+    return PRNConfig(**base)
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(root, out, **changes) -> PRNConfig for a seconds-long run."""
+    return make_tiny_config

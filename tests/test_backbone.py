@@ -1,0 +1,49 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prn.model.backbone import create_encoder
+
+
+@pytest.mark.parametrize("name, channels", [("resnet18", [64, 128, 256]),
+                                            ("tf_efficientnet_lite0", [24, 40, 112])])
+def test_encoders_tap_three_scales_at_quarter_eighth_sixteenth(name, channels):
+    enc = create_encoder(name, "random")
+    feats = enc(torch.rand(2, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == channels == enc.channels
+    assert [f.shape[-1] for f in feats] == [16, 8, 4]
+    assert all(not p.requires_grad for p in enc.parameters())
+
+
+def test_encoder_stays_in_eval_mode_when_the_model_trains():
+    enc = create_encoder("resnet18", "random")
+    enc.train()
+    assert not enc.body.training
+
+
+def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
+    """The shipped weights, paired by position and fed [-1, 1] inputs, know ImageNet classes."""
+    import timm
+    from sklearn.datasets import load_sample_image
+    from timm.data import ImageNetInfo
+
+    enc = create_encoder("tf_efficientnet_lite0", "imagenet")
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    # the classifier head is not part of the encoder: load it from the same package file
+    from prn.model.backbone import efficientnet_lite0_weights_path
+    src = torch.load(efficientnet_lite0_weights_path(), weights_only=True)
+    full.load_state_dict({k: v for (k, _), v in zip(full.state_dict().items(), src.values())})
+    full.eval()
+    # the encoder's taps equal the classifier's own intermediate features: same weights
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(enc(x)[0], full.blocks[:2](full.bn1(full.conv_stem((x - enc.mean) / enc.std))), atol=1e-5)
+
+    info = ImageNetInfo()
+    found = {}
+    for photo, expected in (("flower.jpg", "daisy"), ("china.jpg", "bell cote")):
+        img = torch.from_numpy(load_sample_image(photo).copy()).permute(2, 0, 1).float()[None] / 255
+        img = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
+        with torch.no_grad():
+            top = full((img - enc.mean) / enc.std).topk(3).indices[0]
+        found[photo] = [info.index_to_description(int(i)) for i in top]
+        assert any(expected in name for name in found[photo]), found
