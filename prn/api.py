@@ -27,7 +27,7 @@ from prn import __version__
 from prn.checkpoint import load_checkpoint
 from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
-from prn.data.io import read_image
+from prn.data.io import IMAGE_EXTENSIONS, is_image_file, read_image
 from prn.data.layouts import load_index
 from prn.data.sample import Sample
 from prn.data.split import Split, few_shot_split
@@ -36,9 +36,6 @@ from prn.infer import Predictions, predict_samples, resize_map
 from prn.metrics import compute_all
 from prn.report import write_predictions, write_results
 from prn.train import build_model, resolve_device, train
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
 
 # ----------------------------------------------------------------------------- run folders
 
@@ -219,9 +216,9 @@ def list_images(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in path.rglob("*") if is_image_file(p) and p.is_file())
     if not files:
-        raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return files
 
 

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from prn.api import category_name
 from prn.config import PRNConfig
 from prn.data.layouts import list_categories
 from prn.report import json_safe, markdown_table, mean_metrics, write_results
@@ -53,11 +54,6 @@ def categories_of(cfg: PRNConfig, categories: list[str] | None) -> list[str]:
         return [cfg.category]
     found = list_categories(cfg.dataset, cfg.root)
     return found or [cfg.category]
-
-
-def category_name(cfg: PRNConfig) -> str:
-    from prn.api import category_name as name
-    return name(cfg)
 
 
 def fit_and_test(cfg: PRNConfig, model: str, run_dir: Path, progress: bool) -> dict:

@@ -8,7 +8,7 @@ to `config.yaml` in its run folder, so a result can be reproduced from that file
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 

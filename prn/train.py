@@ -9,7 +9,6 @@ was never stopped.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet
-from prn.checkpoint import load_checkpoint, save_checkpoint
+from prn.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from prn.config import PRNConfig
 from prn.data.datasets import load_sample
 from prn.data.split import Split
@@ -86,7 +85,6 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     normals, seen = load_training_arrays(cfg, split)
     if resume:
         payload = load_checkpoint(ckpt_path, expect_model="prn")
-        from prn.checkpoint import check_compatible
         check_compatible(ckpt_path, payload, cfg.to_dict(), ARCHITECTURE_KEYS)
         model = build_model(cfg, pretrained=False)
         model.load_state_dict(payload["state_dict"])
@@ -153,14 +151,3 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             break
     model.eval()
     return model
-
-
-def epochs_done(run_dir: Path) -> int:
-    path = Path(run_dir) / "checkpoints" / "last.pt"
-    return load_checkpoint(path)["epoch"] if path.is_file() else 0
-
-
-def steps_per_epoch(cfg: PRNConfig, n_normal: int) -> int:
-    if cfg.steps_per_epoch > 0:
-        return cfg.steps_per_epoch
-    return max(1, math.ceil(n_normal / cfg.batch_composition[0]))
