@@ -175,7 +175,7 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     _write_prediction_files(out / "predictions", preds, split_root(cfg), save_maps,
                             threshold=metrics.get("f1_threshold"))
     if overlays:
-        _write_overlays(out / "images", preds, cfg, overlays)
+        _write_overlays(out / "images", preds, cfg, _pick_overlays(preds, overlays), with_truth=True)
     return metrics
 
 
@@ -193,19 +193,26 @@ def _write_prediction_files(out: Path, preds: Predictions, root: Path, save_maps
     write_predictions(out, records, root, threshold=threshold)
 
 
-def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, n: int) -> None:
-    from prn.viz import save_overlay
-    out.mkdir(parents=True, exist_ok=True)
-    # The highest-scoring anomalous and normal images, so a reader sees hits and false alarms.
+def _pick_overlays(preds: Predictions, n: int) -> list[tuple[int, str]]:
+    """The highest-scoring anomalous and normal images, so a reader sees hits and false alarms."""
     order = np.argsort(-preds.scores)
     picks = [i for i in order if preds.labels[i] == 1][: (n + 1) // 2]
     picks += [i for i in order if preds.labels[i] == 0][: n // 2]
-    for i in picks:
+    return [(i, f"{'defect' if preds.labels[i] else 'good'}_{preds.samples[i].defect_type}_"
+                f"{preds.samples[i].image_path.stem}") for i in picks]
+
+
+def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, picks: list[tuple[int, str]],
+                    with_truth: bool) -> None:
+    from prn.viz import save_overlay
+    out.mkdir(parents=True, exist_ok=True)
+    # PRN's maps are probabilities; PatchCore's are raw distances, shown scaled to the set's max.
+    scale = max(1.0, float(preds.maps.max()))
+    for i, name in picks:
         s = preds.samples[i]
         image, _ = load_sample(s, cfg.image_size, cfg.max_image_pixels)
-        tag = "defect" if preds.labels[i] else "good"
-        save_overlay(out / f"{tag}_{s.defect_type}_{s.image_path.stem}.png", image, preds.maps[i],
-                     preds.masks[i] if preds.labels[i] else np.zeros_like(preds.masks[i]),
+        save_overlay(out / f"{name}.png", image, preds.maps[i] / scale,
+                     preds.masks[i] if with_truth else None,
                      threshold=0.5, title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
 
 
@@ -251,10 +258,6 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
                for i, s in enumerate(samples)]
     write_predictions(out, records, inputs if inputs.is_dir() else inputs.parent, threshold=threshold)
     if overlays:
-        from prn.viz import save_overlay
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(samples):
-            image, _ = load_sample(s, cfg.image_size, cfg.max_image_pixels)
-            save_overlay(out / "images" / f"{i:05d}_{s.image_path.stem}.png", image, preds.maps[i], None,
-                         threshold=0.5, title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
+        picks = [(i, f"{i:05d}_{s.image_path.stem}") for i, s in enumerate(samples)]
+        _write_overlays(out / "images", preds, cfg, picks, with_truth=False)
     return out

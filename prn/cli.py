@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -181,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (PRNError, ValueError, FileNotFoundError) as exc:
+    except (PRNError, ValueError, OSError) as exc:
+        # Input and environment problems are reported as one line; PRN_DEBUG=1 shows the traceback.
+        if os.environ.get("PRN_DEBUG"):
+            raise
         print(f"prn {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -83,6 +83,19 @@ def test_resnet18_offline_without_cached_weights_says_what_to_do(monkeypatch, tm
     assert "--backbone-weights" in message and "tf_efficientnet_lite0" in message
 
 
+def test_cli_fit_offline_with_resnet18_prints_the_advice_not_a_traceback(monkeypatch, demo_root, tmp_path, capsys):
+    from torchvision.models import ResNet18_Weights
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(type(ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    code = main(["fit", "--dataset", "demo", "--root", str(demo_root), "--backbone", "resnet18", "--seen-anomalies", "2",
+                 "--output-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--backbone-weights" in err and "Traceback" not in err
+
+
 def test_a_category_without_normal_images_is_refused_before_training(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path)
     split = api.make_split(cfg)

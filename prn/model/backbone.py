@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prn.errors import PRNError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(PRNError, RuntimeError):
     """The ImageNet weights of a backbone could not be found or loaded."""
 
 
