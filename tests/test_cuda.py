@@ -1,0 +1,30 @@
+"""CUDA path: runs only where a GPU is present (skipped on CI and CPU machines)."""
+
+import pytest
+import torch
+
+from prn import api
+from prn.model.network import PRN
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_prn_gives_the_same_maps_on_cuda_as_on_the_cpu(tiny_config, demo_root, tmp_path):
+    cfg = tiny_config(demo_root, tmp_path)
+    torch.manual_seed(0)
+    model = PRN.from_config(cfg).eval()
+    model.fit_prototypes([torch.rand(4, 3, 64, 64)])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        cpu = model(x)["anomaly_map"]
+        gpu = model.to("cuda")(x.cuda())["anomaly_map"].cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-3)
+
+
+def test_fit_test_and_predict_run_on_cuda(tiny_config, demo_root, tmp_path):
+    cfg = tiny_config(demo_root, tmp_path, device="cuda", epochs=1)
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    metrics = api.test(run, progress=False, overlays=1)
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["seconds_per_image"] > 0
+    out = api.predict(run, demo_root / "demo" / "test" / "good", tmp_path / "pred", progress=False)
+    assert (out / "scores.csv").is_file()
