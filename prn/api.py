@@ -27,7 +27,7 @@ from prn import __version__
 from prn.checkpoint import load_checkpoint
 from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
-from prn.data.io import IMAGE_EXTENSIONS, is_image_file, read_image
+from prn.data.io import read_image, require_images
 from prn.data.layouts import load_index
 from prn.data.sample import Sample
 from prn.data.split import Split, few_shot_split
@@ -79,9 +79,8 @@ def make_split(cfg: PRNConfig) -> Split:
 
 # ----------------------------------------------------------------------------- fit
 
-def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
-        split: Split | None = None) -> Path:
-    """Split the data (A.2), fit prototypes and train PRN; returns the run folder."""
+def start_run(cfg: PRNConfig, run_dir: str | Path | None, split: Split | None) -> tuple[Path, Split]:
+    """Split the data (unless given), make the run folder and write config, split and versions."""
     split = split or make_split(cfg)
     if not split.train_normal:
         raise DataError(f"{cfg.root}: no defect-free training images found")
@@ -90,6 +89,13 @@ def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = T
     cfg.save(run_dir / "config.yaml")
     split.save(run_dir / "split.json")
     (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return run_dir, split
+
+
+def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
+        split: Split | None = None) -> Path:
+    """Split the data (A.2), fit prototypes and train PRN; returns the run folder."""
+    run_dir, split = start_run(cfg, run_dir, split)
     t0 = time.perf_counter()
     train(cfg, split, run_dir, progress=progress)
     _note(run_dir, "fit_seconds", time.perf_counter() - t0)
@@ -219,14 +225,7 @@ def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, picks: list[t
 # ----------------------------------------------------------------------------- predict
 
 def list_images(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if is_image_file(p) and p.is_file())
-    if not files:
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return files
+    return [path] if path.is_file() else require_images(path, what="input folder")
 
 
 def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
@@ -244,11 +243,8 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
         read_image(f, cfg.max_image_pixels)
     if threshold is None:
         results = _run_dir_of(run) / "results.json"
-        if results.is_file():
-            data = json.loads(results.read_text())
-            rows = data.get("categories", data)
-            first = next(iter(rows.values()), {}) if isinstance(rows, dict) else {}
-            threshold = first.get("f1_threshold") if isinstance(first, dict) else None
+        if results.is_file():  # a run's results.json holds one category, so its mean row is it
+            threshold = json.loads(results.read_text()).get("mean", {}).get("f1_threshold")
     samples = [Sample(f, None, 0, "unknown") for f in files]
     preds = predict_samples(model, samples, cfg.image_size, batch_size=cfg.eval_batch_size,
                             device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,

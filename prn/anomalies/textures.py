@@ -19,19 +19,12 @@ import numpy as np
 from PIL import Image
 
 from prn.anomalies.perlin import perlin_noise
-from prn.data.io import IMAGE_EXTENSIONS, is_image_file, read_image
-from prn.errors import DataError
+from prn.data.io import read_image, require_images
 
 
 def list_images(folder: str | Path) -> list[Path]:
     """All image files under ``folder`` (any depth), sorted so a seed picks the same file everywhere."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: texture folder does not exist or is not a folder")
-    files = sorted(p for p in folder.rglob("*") if is_image_file(p) and p.is_file())
-    if not files:
-        raise DataError(f"{folder}: texture folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
+    return require_images(Path(folder), what="texture folder")
 
 
 def random_square_resize(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

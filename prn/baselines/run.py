@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -25,15 +24,10 @@ def fit_patchcore(cfg: PRNConfig, *, run_dir: str | Path, progress: bool = True,
                   split: Split | None = None) -> Path:
     """PatchCore is unsupervised: it uses the split's normal images only. The seen anomalies are
     still removed from the test set, so PatchCore and PRN are tested on the same images."""
-    from prn.api import environment, make_split
+    from prn.api import start_run
     from prn.train import batches_of, load_training_arrays, resolve_device
 
-    split = split or make_split(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    split.save(run_dir / "split.json")
-    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    run_dir, split = start_run(cfg, run_dir, split)
     normals, _ = load_training_arrays(cfg, dataclasses.replace(split, train_anomalous=[]))
     device = resolve_device(cfg.device)
     model = build_patchcore(cfg).to(device)

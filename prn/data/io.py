@@ -36,6 +36,27 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def find_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files in ``folder`` (at any depth, or directly in it), sorted so a seed picks the
+    same file everywhere; [] when the folder is absent or holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if is_image_file(p) and p.is_file())
+
+
+def require_images(folder: Path, what: str = "folder", recursive: bool = True) -> list[Path]:
+    """Like find_images, but a missing folder or one without images raises DataError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} not found (or not a folder)")
+    files = find_images(folder, recursive)
+    if not files:
+        raise DataError(f"{folder}: {what} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 def _open(path: Path, max_pixels: int | None) -> Image.Image:
     """Open lazily (header only) after checking the file exists, is not empty and is not too big."""
     if not path.is_file():

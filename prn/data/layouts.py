@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from prn.config import PRNConfig
-from prn.data.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_hw, is_image_file, read_mask
+from prn.data.io import DEFAULT_MAX_PIXELS, find_images, image_hw, read_mask, require_images
 from prn.data.sample import DatasetIndex, Sample
 from prn.errors import DataError
 
@@ -34,23 +34,6 @@ _TRAIN_DIR = {"mvtec": "train", "demo": "train", "btad": "train", "dagm": "Train
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def _image_files(folder: Path) -> list[Path]:
-    """Sorted image files directly in folder; [] when it is absent."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-
-
-def _images(folder: Path) -> list[Path]:
-    """Like _image_files, but a missing folder or one without images raises DataError."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found")
-    files = _image_files(folder)
-    if not files:
-        raise DataError(f"{folder}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
 
 def _by_stem(files: list[Path]) -> dict[str, Path]:
     out: dict[str, Path] = {}
@@ -87,7 +70,7 @@ def _check_size(image: Path, mask: Path) -> None:
 def _pair_masks(images: list[Path], mask_dir: Path, suffix: str, defect_type: str) -> list[Sample]:
     """Defective samples: image x.ext gets mask_dir/x<suffix>.<any image ext>; both must exist."""
     _by_stem(images)
-    masks = _by_stem(_image_files(mask_dir))
+    masks = _by_stem(find_images(mask_dir, recursive=False))
     samples = []
     for img in images:
         mask = masks.pop(img.stem + suffix, None)
@@ -106,7 +89,7 @@ def _pair_masks(images: list[Path], mask_dir: Path, suffix: str, defect_type: st
 
 
 def _normals(folder: Path) -> list[Sample]:
-    return [Sample(p, None, 0, "good") for p in _images(folder)]
+    return [Sample(p, None, 0, "good") for p in require_images(folder, recursive=False)]
 
 
 def _is_category(folder: Path, dataset: str) -> bool:
@@ -161,14 +144,14 @@ def _mvtec(cat: Path) -> tuple[list[Sample], list[Sample]]:
         if d.name == "good":
             test += _normals(d)
         else:
-            test += _pair_masks(_images(d), gt_dir / d.name, "_mask", d.name)
+            test += _pair_masks(require_images(d, recursive=False), gt_dir / d.name, "_mask", d.name)
     tested = {d.name for d in defect_dirs}
     if gt_dir.is_dir():
         for g in _subdirs(gt_dir):
             # Masks of a defect type with no test images: a misnamed or missing test folder.
-            if g.name != "good" and g.name not in tested and _image_files(g):
-                raise DataError(f"{_image_files(g)[0]}: mask has no matching image "
-                                f"(no folder {test_dir / g.name})")
+            orphans = find_images(g, recursive=False) if g.name not in ("good", *tested) else []
+            if orphans:
+                raise DataError(f"{orphans[0]}: mask has no matching image (no folder {test_dir / g.name})")
     return train, test
 
 
@@ -183,7 +166,8 @@ def _btad(cat: Path) -> tuple[list[Sample], list[Sample]]:
     test = _normals(test_dir / "ok") if (test_dir / "ok").is_dir() else []
     if (test_dir / "ko").is_dir():
         # BTAD masks keep the image's stem, as .png even for .bmp images (category 03).
-        test += _pair_masks(_images(test_dir / "ko"), cat / "ground_truth" / "ko", "", "ko")
+        defective = require_images(test_dir / "ko", recursive=False)
+        test += _pair_masks(defective, cat / "ground_truth" / "ko", "", "ko")
     if not test:
         raise DataError(f"{test_dir}: no test/ok or test/ko images")
     return train, test
@@ -218,10 +202,10 @@ def _read_dagm_labels(labels: Path) -> dict[str, tuple[int, str | None]]:
 
 
 def _dagm_split(folder: Path) -> list[Sample]:
-    images = _images(folder)
+    images = require_images(folder, recursive=False)
     label_dir = _child(folder, "Label")
     labels_txt = _child(label_dir, "Labels.txt")
-    masks = _image_files(label_dir)
+    masks = find_images(label_dir, recursive=False)
     by_name, by_stem = {m.name: m for m in masks}, _by_stem(masks)
     if labels_txt.is_file():
         table = _read_dagm_labels(labels_txt)
@@ -260,7 +244,7 @@ def _dagm(cat: Path) -> tuple[list[Sample], list[Sample]]:
 
 
 def _ksdd2_split(folder: Path, max_pixels: int) -> list[Sample]:
-    files = _images(folder)
+    files = require_images(folder, recursive=False)
     gts = _by_stem([p for p in files if p.stem.endswith("_GT")])
     images = [p for p in files if not p.stem.endswith("_GT")]
     if not images:
@@ -287,8 +271,8 @@ def _ksdd2(root: Path, max_pixels: int) -> tuple[list[Sample], list[Sample]]:
 def _folder(cfg: PRNConfig, root: Path) -> tuple[list[Sample], list[Sample]]:
     normal_dir = root / cfg.normal_dir
     normals = _normals(normal_dir)
-    defects = _pair_masks(_images(root / cfg.abnormal_dir), root / cfg.mask_dir, cfg.mask_suffix,
-                          "defect")
+    defects = _pair_masks(require_images(root / cfg.abnormal_dir, recursive=False), root / cfg.mask_dir,
+                          cfg.mask_suffix, "defect")
     if cfg.test_normal_dir:
         return normals, _normals(root / cfg.test_normal_dir) + defects
     if not 0 <= cfg.test_normal_fraction < 1:
