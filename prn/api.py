@@ -14,91 +14,45 @@ Every run folder holds ``config.yaml``, ``split.json`` (the exact file lists), `
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from prn import __version__
 from prn.checkpoint import load_checkpoint
 from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
 from prn.data.io import read_image, require_images
-from prn.data.layouts import load_index
 from prn.data.sample import Sample
-from prn.data.split import Split, few_shot_split
+from prn.data.split import Split
 from prn.errors import DataError, PRNError
 from prn.infer import Predictions, predict_samples, resize_map
 from prn.metrics import compute_all
 from prn.report import write_predictions, write_results
+from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
 from prn.train import build_model, resolve_device, train
-
-# ----------------------------------------------------------------------------- run folders
-
-def category_name(cfg: PRNConfig) -> str:
-    """The category's display name: cfg.category, else the root's folder name when the root is
-    itself a category folder (like ../shared/data/kolektorsdd), else the dataset's name."""
-    if cfg.category:
-        return cfg.category
-    root = Path(cfg.root)
-    if cfg.root and any((root / sub).is_dir() for sub in ("train", "Train")):
-        return root.resolve().name
-    return cfg.dataset
-
-
-def new_run_dir(cfg: PRNConfig, name: str | None = None) -> Path:
-    category = category_name(cfg)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output_dir) / cfg.dataset / category / (name or stamp)
-    run_dir, i = base, 1
-    while run_dir.exists():
-        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def environment() -> dict:
-    import timm
-    import torchvision
-    return {
-        "prn": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-        "numpy": np.__version__, "cuda": torch.version.cuda,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def make_split(cfg: PRNConfig) -> Split:
-    index = load_index(cfg)
-    return few_shot_split(index, cfg.seen_anomalies, cfg.split_seed, dagm=cfg.dataset == "dagm")
-
 
 # ----------------------------------------------------------------------------- fit
 
-def start_run(cfg: PRNConfig, run_dir: str | Path | None, split: Split | None) -> tuple[Path, Split]:
-    """Split the data (unless given), make the run folder and write config, split and versions."""
-    split = split or make_split(cfg)
-    if not split.train_normal:
-        raise DataError(f"{cfg.root}: no defect-free training images found")
-    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    split.save(run_dir / "split.json")
-    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
-    return run_dir, split
-
-
 def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
-        split: Split | None = None) -> Path:
-    """Split the data (A.2), fit prototypes and train PRN; returns the run folder."""
-    run_dir, split = start_run(cfg, run_dir, split)
+        split: Split | None = None, model: str = "prn") -> Path:
+    """Split the data (A.2), fit prototypes and train PRN; returns the run folder.
+
+    model: "prn", or one that trains nothing: "prototypes" (PRN's residual map alone) or
+    "patchcore" (the baseline)."""
+    if model != "prn":
+        from prn.baselines.run import fit_patchcore, fit_prototype_map
+        fitters = {"patchcore": fit_patchcore, "prototypes": fit_prototype_map}
+        if model not in fitters:
+            raise PRNError(f"unknown model {model!r}; choose prn, patchcore or prototypes")
+        t0 = time.perf_counter()
+        run_dir = fitters[model](cfg, run_dir=run_dir, progress=progress, split=split)
+        note(run_dir, "fit_seconds", time.perf_counter() - t0)
+        return run_dir
+    run_dir, split, cfg = start_run(cfg, run_dir, split)
     t0 = time.perf_counter()
     train(cfg, split, run_dir, progress=progress)
-    _note(run_dir, "fit_seconds", time.perf_counter() - t0)
+    note(run_dir, "fit_seconds", time.perf_counter() - t0)
     return run_dir
 
 
@@ -112,13 +66,6 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = T
     split = Split.load(run_dir / "split.json")
     train(cfg, split, run_dir, resume=True, progress=progress)
     return run_dir
-
-
-def _note(run_dir: Path, key: str, value) -> None:
-    path = run_dir / "timings.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = value
-    path.write_text(json.dumps(data, indent=2))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -135,6 +82,9 @@ def load_model(checkpoint: str | Path, *, device: str | None = None):
     elif kind == "patchcore":
         from prn.baselines.run import build_patchcore
         model = build_patchcore(cfg, pretrained=False)
+    elif kind == "prototypes":
+        from prn.baselines.run import build_prototype_map
+        model = build_prototype_map(cfg, pretrained=False)
     else:
         raise PRNError(f"{checkpoint}: unknown model kind {kind!r}")
     try:
@@ -154,7 +104,7 @@ def _run_dir_of(checkpoint: str | Path) -> Path:
 # ----------------------------------------------------------------------------- test
 
 def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = False) -> tuple[dict, Predictions]:
-    preds = predict_samples(model, samples, cfg.image_size, batch_size=cfg.eval_batch_size,
+    preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
                             device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
                             progress=progress)
     metrics = compute_all(preds.labels, preds.scores, preds.masks, preds.maps)
@@ -212,11 +162,12 @@ def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, picks: list[t
                     with_truth: bool) -> None:
     from prn.viz import save_overlay
     out.mkdir(parents=True, exist_ok=True)
-    # PRN's maps are probabilities; PatchCore's are raw distances, shown scaled to the set's max.
+    # PRN's maps are probabilities; PatchCore's and the residual maps are raw distances, shown
+    # scaled to the set's max.
     scale = max(1.0, float(preds.maps.max()))
     for i, name in picks:
         s = preds.samples[i]
-        image, _ = load_sample(s, cfg.image_size, cfg.max_image_pixels)
+        image, _ = load_sample(s, cfg.input_hw, cfg.max_image_pixels)
         save_overlay(out / f"{name}.png", image, preds.maps[i] / scale,
                      preds.masks[i] if with_truth else None,
                      threshold=0.5, title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
@@ -246,7 +197,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
         if results.is_file():  # a run's results.json holds one category, so its mean row is it
             threshold = json.loads(results.read_text()).get("mean", {}).get("f1_threshold")
     samples = [Sample(f, None, 0, "unknown") for f in files]
-    preds = predict_samples(model, samples, cfg.image_size, batch_size=cfg.eval_batch_size,
+    preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
                             device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
                             progress=progress)
     out = Path(out_dir)

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from prn.api import category_name
+from prn.runs import category_name
 from prn.config import PRNConfig
 from prn.data.layouts import list_categories
 from prn.report import json_safe, markdown_table, mean_metrics, write_results
@@ -47,6 +47,9 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 }
 
 
+MODELS = ("prn", "patchcore", "prototypes")
+
+
 def categories_of(cfg: PRNConfig, categories: list[str] | None) -> list[str]:
     if categories:
         return list(categories)
@@ -59,13 +62,9 @@ def categories_of(cfg: PRNConfig, categories: list[str] | None) -> list[str]:
 def fit_and_test(cfg: PRNConfig, model: str, run_dir: Path, progress: bool) -> dict:
     from prn import api
     t0 = time.perf_counter()
-    if model == "prn":
-        api.fit(cfg, run_dir=run_dir, progress=progress)
-    elif model == "patchcore":
-        from prn.baselines.run import fit_patchcore
-        fit_patchcore(cfg, run_dir=run_dir, progress=progress)
-    else:
-        raise ValueError(f"unknown model {model!r}; choose prn or patchcore")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose {', '.join(MODELS)}")
+    api.fit(cfg, run_dir=run_dir, progress=progress, model=model)
     fit_seconds = time.perf_counter() - t0
     metrics = api.test(run_dir, overlays=0, progress=progress)
     metrics["fit_seconds"] = fit_seconds

@@ -64,7 +64,9 @@ def load_checkpoint(path: str | Path, *, expect_model: str | None = None) -> dic
     """Read a checkpoint safely. Anything but tensors and plain data is refused, never executed."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        # model.pt: the weights a finished fit kept; last.pt: the latest epoch (resumption)
+        chosen = path / "checkpoints" / "model.pt"
+        path = chosen if chosen.is_file() else path / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -74,7 +74,7 @@ def cmd_fit(args) -> None:
         cfg = config_from_args(args)
         if not cfg.root:
             raise PRNError("--root is required (the dataset folder)")
-        run = api.fit(cfg, run_dir=args.run_dir, progress=not args.quiet)
+        run = api.fit(cfg, run_dir=args.run_dir, progress=not args.quiet, model=args.model)
     print(f"run folder: {run}")
     if args.test:
         _print_metrics(api.test(run, progress=not args.quiet))
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--run-dir", type=Path, help="run folder (default runs/<dataset>/<category>/<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--model", choices=("prn", "patchcore", "prototypes"), default="prn",
+                   help="prn (trained); prototypes: PRN's residual map alone, trains nothing; patchcore")
     p.add_argument("--test", action="store_true", help="test on the held-out split afterwards")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fit)
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="fit and test every category; paper-style tables")
     add_config_args(p)
-    p.add_argument("--model", choices=("prn", "patchcore"), default="prn")
+    p.add_argument("--model", choices=("prn", "patchcore", "prototypes"), default="prn",
+                   help="prn; patchcore (baseline); prototypes (PRN's residual |F - P*| alone, trains nothing)")
     p.add_argument("--categories", nargs="*", help="default: all categories of the dataset")
     p.add_argument("--ablation", choices=("table4", "table5", "table6", "table7"),
                    help="run every variant of one of the paper's ablation tables")

@@ -32,7 +32,9 @@ class PRNConfig:
     root: str = ""                    # dataset root (the folder holding the categories)
     category: str = ""                # sub-dataset, e.g. "bottle", "Class1", "01"; "" for ksdd2/folder
     category_kind: str = "auto"       # "object", "texture" or "auto" (MVTec's split; others: texture)
-    image_size: int = 256             # images are resized to image_size x image_size
+    image_size: int = 256             # images are resized to image_size x image_size (see image_hw)
+    image_hw: tuple[int, int] = (0, 0)  # ours: explicit input height, width (multiples of 32); (0, 0): square
+    keep_aspect: bool = False         # ours: fit sets image_hw from the training images' aspect, long side image_size
     seen_anomalies: int = 10          # k in {0, 1, 5, 10}: anomalies moved from test to train
     split_seed: int = 0               # seed of the few-shot sampling
     # generic folder layout (dataset="folder")
@@ -43,6 +45,11 @@ class PRNConfig:
     test_normal_dir: str = ""         # optional: defect-free test images (else a share of normal_dir)
     test_normal_fraction: float = 0.2 # share of normal_dir held out for testing when test_normal_dir=""
     max_image_pixels: int = 50_000_000  # larger images are refused (decompression-bomb guard)
+    # held-out fold of the training data (ours): never trained on, never used for prototypes;
+    # it validates every epoch on real defects and calibrates thresholds. Listed in split.json.
+    val_anomalies: int = -1           # seen anomalies held out; -1: floor(0.3 k) (3 of 10, 1 of 5, 0 of 1)
+    val_normal_fraction: float = 0.1  # share of the normal training images held out ...
+    val_normal_min: int = 8           # ... but at least this many (when there are twice as many)
 
     # --- network (Sec. 3.1-3.3) ---
     backbone: str = "resnet18"        # one of BACKBONES; tf_efficientnet_lite0 works offline
@@ -63,18 +70,33 @@ class PRNConfig:
     heterologous_anomalies: bool = True  # HEA
     homologous_anomalies: bool = True    # HOA
     target_areas: bool = True         # TA
+    target_size: tuple[float, float] = (0.25, 0.75)  # target area extent, share of the shorter side
     texture_dir: str = ""             # DTD-like folder for HEA; "" -> built-in procedural textures
     beta_min: float = 0.0             # opacity beta ~ U(beta_min, beta_max) (DRAEM's range)
     beta_max: float = 0.8
     perlin_threshold: float = 0.5
     homologous_grid: int = 8          # HOA: 8x8 grid shuffle
+    aug1_ops: int = 2                 # colour operations drawn per anomaly (Fig. 5: two) ...
+    aug1_prob: float = 1.0            # ... each applied with this probability (ours: < 1 keeps some as they look)
+    aug2_max_angle: float = 90.0      # EA rotation range, degrees (the paper gives none)
+    ea_clip_to_target: bool = True    # EA mask clipped to the target area; False keeps the defect whole
+    gray_textures: str = "auto"       # HEA textures in gray: "auto" (when the normal images are), "yes", "no"
+    perlin_min_scale: int = 0         # Perlin lattice cells per side 2^min .. 2^(max-1) (DRAEM: 0, 6); low = large blobs
+    perlin_max_scale: int = 6
 
     # --- training (Sec. 3.5, 4.1) ---
     epochs: int = 700
     batch_size: int = 64              # split 2:1:1 into normal / extended / simulated
+    seen_fraction: float = 0.0        # ours: share of each batch that is the real seen anomalies, mildly
+                                      # augmented; taken from the extended and simulated slots
     steps_per_epoch: int = 0          # 0: one pass over the normal images
     lr: float = 1e-4
     weight_decay: float = 1e-2
+    optimizer: str = "adam"           # "adam" (the paper's, decay coupled to the gradient) or "adamw"
+                                      # (ours: decoupled decay, none on norm and bias parameters)
+    lr_schedule: str = "constant"     # "constant" (the paper's) or "cosine" (ours), counted in steps
+    warmup_fraction: float = 0.0      # share of all steps spent warming the learning rate up linearly
+    output_bias_prior: float = 0.0    # ours: start the output layer at logit(p) (0: PyTorch's default)
     focal_alpha: float = 0.5
     focal_gamma: float = 4.0
     focal_weight: float = 5.0         # lambda in Eq. 5
@@ -83,9 +105,13 @@ class PRNConfig:
     num_workers: int = 2              # DataLoader workers generating anomalies (0: in the main process)
     device: str = "auto"              # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
     checkpoint_every: int = 1         # epochs between checkpoints
+    select_epoch: str = "last"        # "last", or "best": the epoch with the best validation score
+                                      # (pixel AP + image AUROC on the held-out fold, never test data)
 
     # --- inference (Sec. 3.5) ---
     top_k: int = 100                  # image score: mean of the top-k pixels of the map
+    map_sigma: float = 0.0            # ours: Gaussian smoothing of the map (px at the input size) before
+                                      # the image score and the pixel metrics; 0: none (the paper's)
     eval_batch_size: int = 16
 
     # --- PatchCore baseline (prn/baselines; Roth et al. 2022) ---
@@ -99,6 +125,8 @@ class PRNConfig:
     def __post_init__(self) -> None:
         self.attention_patch_divisors = tuple(int(x) for x in self.attention_patch_divisors)
         self.decoder_channels = tuple(int(x) for x in self.decoder_channels)
+        self.image_hw = tuple(int(x) for x in self.image_hw)
+        self.target_size = tuple(float(x) for x in self.target_size)
         self.validate()
 
     def validate(self) -> None:
@@ -121,6 +149,33 @@ class PRNConfig:
             problems.append(f"category_kind must be auto, object or texture, got {self.category_kind!r}")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if len(self.image_hw) != 2 or (any(self.image_hw) and (
+                min(self.image_hw) < 32 or any(v % 32 for v in self.image_hw))):
+            problems.append(f"image_hw must be (0, 0) or two multiples of 32 >= 32, got {self.image_hw}")
+        if self.optimizer not in ("adam", "adamw"):
+            problems.append(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.output_bias_prior < 1:
+            problems.append(f"output_bias_prior must be in [0, 1), got {self.output_bias_prior}")
+        if not 0 <= self.seen_fraction <= 0.5:
+            problems.append(f"seen_fraction must be in [0, 0.5], got {self.seen_fraction}")
+        if self.select_epoch not in ("last", "best"):
+            problems.append(f"select_epoch must be last or best, got {self.select_epoch!r}")
+        if self.map_sigma < 0:
+            problems.append(f"map_sigma must be >= 0, got {self.map_sigma}")
+        if not 0 <= self.val_normal_fraction < 1 or self.val_normal_min < 0:
+            problems.append("val_normal_fraction must be in [0, 1) and val_normal_min >= 0")
+        if not 0 <= self.aug1_prob <= 1 or not 0 <= self.aug1_ops <= 7:
+            problems.append("aug1_prob must be in [0, 1] and aug1_ops in 0..7")
+        if self.gray_textures not in ("auto", "yes", "no"):
+            problems.append(f"gray_textures must be auto, yes or no, got {self.gray_textures!r}")
+        if not 0 <= self.perlin_min_scale < self.perlin_max_scale <= 8:
+            problems.append("need 0 <= perlin_min_scale < perlin_max_scale <= 8")
+        if not (len(self.target_size) == 2 and 0 < self.target_size[0] <= self.target_size[1] <= 1):
+            problems.append(f"target_size must be (min, max) with 0 < min <= max <= 1, got {self.target_size}")
         if problems:
             raise ValueError("invalid PRN config: " + "; ".join(problems))
 
@@ -129,6 +184,24 @@ class PRNConfig:
     def batch_composition(self) -> tuple[int, int, int]:
         quarter = self.batch_size // 4
         return 2 * quarter, quarter, quarter
+
+    @property
+    def batch_slots(self) -> tuple[int, int, int, int]:
+        """(normal, extended, simulated, seen) slots per batch: the 2:1:1 composition with
+        round(seen_fraction * batch_size) slots taken from the anomalies for the real seen ones,
+        from the extended slots first (they are made from the seen anomalies too)."""
+        normal, ext, sim = self.batch_composition
+        seen = min(ext + sim, round(self.seen_fraction * self.batch_size))
+        from_ext = min(ext, (seen + 1) // 2)
+        return normal, ext - from_ext, sim - (seen - from_ext), seen
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the network's input."""
+        return tuple(self.image_hw) if any(self.image_hw) else (self.image_size, self.image_size)
+
+    def val_anomaly_count(self) -> int:
+        return self.val_anomalies if self.val_anomalies >= 0 else int(0.3 * self.seen_anomalies)
 
     @property
     def resolved_category_kind(self) -> str:
@@ -140,7 +213,7 @@ class PRNConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PRNConfig":

@@ -21,9 +21,9 @@ from prn.data.sample import Sample
 
 @dataclass
 class Predictions:
-    """Per-image outputs at the model's input size S.
+    """Per-image outputs at the model's input size H x W.
 
-    scores: float64 (N,); maps: float32 (N,S,S); masks: bool (N,S,S); labels: int (N,);
+    scores: float64 (N,); maps: float32 (N,H,W); masks: bool (N,H,W); labels: int (N,);
     seconds_per_image: model time (forward pass, synchronised on CUDA) divided by N.
     """
 
@@ -41,18 +41,18 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def predict_samples(model: torch.nn.Module, samples: list[Sample], image_size: int, *,
+def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | tuple[int, int], *,
                     batch_size: int = 16, device: torch.device | str = "cpu",
                     max_pixels: int = 50_000_000, num_workers: int = 0,
                     progress: bool = False) -> Predictions:
     device = torch.device(device)
     model.eval().to(device)
-    loader = DataLoader(ImageDataset(samples, image_size, max_pixels), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers)
+    dataset = ImageDataset(samples, size, max_pixels)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     n = len(samples)
     scores = np.zeros(n, dtype=np.float64)
-    maps = np.zeros((n, image_size, image_size), dtype=np.float32)
-    masks = np.zeros((n, image_size, image_size), dtype=bool)
+    maps = np.zeros((n, *dataset.size), dtype=np.float32)
+    masks = np.zeros((n, *dataset.size), dtype=bool)
     labels = np.zeros(n, dtype=np.int64)
     model_seconds = 0.0
     for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):
@@ -71,6 +71,6 @@ def predict_samples(model: torch.nn.Module, samples: list[Sample], image_size: i
 
 
 def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """float32 (S,S) -> float32 (H,W), bilinear, for maps at each image's original size."""
+    """float32 (h,w) -> float32 (H,W), bilinear, for maps at each image's original size."""
     t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
     return F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False)[0, 0].numpy()

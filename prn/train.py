@@ -1,5 +1,11 @@
 """The training loop of PRN (Sec. 3.5, 4.1), written to be read top to bottom.
 
+Optimiser: the paper's Adam (coupled weight decay) at a constant rate, or AdamW with no decay
+on norm and bias parameters and a warm-up then cosine schedule counted in steps (``cfg.optimizer``,
+``cfg.lr_schedule``). After every epoch the model is scored on the held-out validation fold of
+the training data (``split.val_*``; never test data) into ``metrics.csv``; ``cfg.select_epoch =
+"best"`` keeps the epoch that scored best there. The kept weights go to ``checkpoints/model.pt``.
+
 Reproducibility and resumption rest on one rule: every random choice of epoch ``e`` is derived
 from ``(cfg.seed, e)`` alone (batch order, which anomalies are generated, their parameters), and
 the model, optimiser and history are checkpointed at the end of each epoch. A run stopped at any
@@ -9,6 +15,8 @@ was never stopped.
 
 from __future__ import annotations
 
+import csv
+import math
 import random
 import time
 from pathlib import Path
@@ -25,11 +33,12 @@ from prn.config import PRNConfig
 from prn.data.datasets import load_sample
 from prn.data.split import Split
 from prn.errors import TrainingError
+from prn.metrics import image_auroc, pixel_ap, pixel_auroc
 from prn.model.loss import prn_loss
 from prn.model.network import PRN
 
 # Settings that change the network's shape or meaning: a resumed run must match them.
-ARCHITECTURE_KEYS = ("backbone", "image_size", "use_prototypes", "use_attention", "use_fusion",
+ARCHITECTURE_KEYS = ("backbone", "image_size", "image_hw", "use_prototypes", "use_attention", "use_fusion",
                      "attention_layers", "attention_patch_divisors", "attention_dim", "attention_scale",
                      "decoder_channels")
 
@@ -57,10 +66,78 @@ def batches_of(images: list[np.ndarray], batch_size: int):
 
 
 def load_training_arrays(cfg: PRNConfig, split: Split):
-    size, limit = cfg.image_size, cfg.max_image_pixels
+    size, limit = cfg.input_hw, cfg.max_image_pixels
     normals = [load_sample(s, size, limit)[0] for s in split.train_normal]
     seen = [load_sample(s, size, limit) for s in split.train_anomalous]
     return normals, seen
+
+
+def param_groups(model: PRN, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on convolution and linear weights only. Decaying norm scales and
+    biases only pulls them towards zero, which no prior asks for."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("encoder.") or not p.requires_grad:
+            continue
+        (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: PRN, cfg: PRNConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    return torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, total: int, cfg: PRNConfig) -> float:
+    """The learning rate of global step ``step`` (0-based) of ``total``: linear warm-up over
+    cfg.warmup_fraction of the steps, then constant or cosine down to 1 % of cfg.lr."""
+    warmup = int(cfg.warmup_fraction * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, labels: np.ndarray,
+             device: torch.device, batch_size: int) -> dict:
+    """Image AUROC, pixel AUROC and pixel AP on the validation fold (nan where a class is missing)."""
+    was_training = model.training
+    model.eval()
+    maps, scores = [], []
+    for i in range(0, len(images), batch_size):
+        out = model(images[i:i + batch_size].to(device))
+        maps.append(out["anomaly_map"][:, 0].float().cpu().numpy())
+        scores.append(out["pred_score"].double().cpu().numpy())
+    model.train(was_training)
+    maps_np, scores_np = np.concatenate(maps), np.concatenate(scores)
+    has_defects = bool(masks.any()) and bool((~masks).any())
+    return {"val_image_auroc": image_auroc(labels, scores_np),
+            "val_pixel_auroc": pixel_auroc(masks, maps_np) if has_defects else math.nan,
+            "val_pixel_ap": pixel_ap(masks, maps_np) if has_defects else math.nan}
+
+
+def val_score(record: dict) -> float:
+    """What "best" means for epoch selection: pixel AP + image AUROC on the validation fold
+    (the terms that are defined; -inf when none is)."""
+    terms = [record.get(k, math.nan) for k in ("val_pixel_ap", "val_image_auroc")]
+    terms = [t for t in terms if not math.isnan(t)]
+    return sum(terms) if terms else -math.inf
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """One row per epoch in the run folder's metrics.csv (header from the first row)."""
+    keys = ["epoch", "steps", "seconds", "lr", "loss", "smooth_l1", "focal",
+            "val_image_auroc", "val_pixel_auroc", "val_pixel_ap"]
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: record.get(k, "") for k in keys})
 
 
 def build_model(cfg: PRNConfig, *, pretrained: bool = True) -> PRN:
@@ -95,19 +172,27 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         model.fit_prototypes(batches_of(normals, cfg.eval_batch_size))
         history = [{"event": "prototypes", "seconds": time.perf_counter() - t0}]
         start_epoch = 0
+        (run_dir / "metrics.csv").unlink(missing_ok=True)
     model.to(device)
 
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     if resume and payload.get("optimizer"):
         optimizer.load_state_dict(payload["optimizer"])
 
-    generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None)
+    gray = all(bool((n[..., 0] == n[..., 1]).all() and (n[..., 1] == n[..., 2]).all()) for n in normals[:8])
+    generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None,
+                                 gray=gray)
     dataset = TrainingSet(normals, generator, cfg)
+    steps_per_epoch = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.seed, epoch=0))
+    total_steps = steps_per_epoch * cfg.epochs
 
-    def checkpoint(epoch: int) -> None:
-        save_checkpoint(ckpt_path, model="prn", config=cfg.to_dict(), state_dict=model.state_dict(),
-                        optimizer=optimizer.state_dict(), epoch=epoch, history=history,
-                        extra={"n_normal": len(normals), "n_seen": len(seen)})
+    val = load_validation(cfg, split)
+    best_path = run_dir / "checkpoints" / "best.pt"
+
+    def checkpoint(epoch: int, path: Path = ckpt_path) -> None:
+        save_checkpoint(path, model="prn", config=cfg.to_dict(), state_dict=model.state_dict(),
+                        optimizer=optimizer.state_dict() if path == ckpt_path else None, epoch=epoch,
+                        history=history, extra={"n_normal": len(normals), "n_seen": len(seen)})
 
     if not resume:
         checkpoint(0)  # prototypes are the costly part of epoch 0: keep them even if stopped now
@@ -120,6 +205,9 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         steps, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
+            lr = lr_at(epoch * steps_per_epoch + steps, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             logits = model(images)
@@ -139,15 +227,53 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             for k, v in parts.items():
                 sums[k] += float(v)
             bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
-        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps}
+        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
         record.update({k: v / max(steps, 1) for k, v in sums.items()})
+        if val is not None:
+            record.update(validate(model, *val, device, cfg.eval_batch_size))
         history.append(record)
+        append_metrics(run_dir / "metrics.csv", record)
         if progress:
+            shown = "  ".join(f"{k[4:]} {record[k]:.3f}" for k in ("val_image_auroc", "val_pixel_ap")
+                              if k in record and not math.isnan(record[k]))
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
-                       f"({record['seconds']:.1f} s)")
+                       f"({record['seconds']:.1f} s)  {shown}")
+        if val is not None and val_score(record) > max(
+                (val_score(r) for r in history[:-1] if "epoch" in r), default=-math.inf):
+            checkpoint(epoch + 1, best_path)
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             checkpoint(epoch + 1)
         if stop_after_epoch is not None and stop_after_epoch(epoch + 1):
-            break
+            model.eval()
+            return model
+    if cfg.select_epoch == "best" and best_path.is_file():
+        model.load_state_dict(load_checkpoint(best_path, expect_model="prn")["state_dict"])
+    write_model(run_dir, cfg, model, history)
     model.eval()
     return model
+
+
+def load_validation(cfg: PRNConfig, split: Split):
+    """The validation fold as (images float32 (N, 3, H, W), masks bool (N, H, W), labels (N,)), or
+    None when the split holds none."""
+    samples = split.val_normal + split.val_anomalous
+    if not samples:
+        return None
+    pairs = [load_sample(s, cfg.input_hw, cfg.max_image_pixels) for s in samples]
+    images = torch.cat(list(batches_of([p[0] for p in pairs], len(pairs))))
+    masks = np.stack([p[1] for p in pairs])
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    return images, masks, labels
+
+
+def write_model(run_dir: Path, cfg: PRNConfig, model: PRN, history: list) -> Path:
+    """``checkpoints/model.pt``: the weights that test, predict and export use (the last epoch,
+    or the best on validation with cfg.select_epoch = "best"), without optimiser state."""
+    epochs = [r for r in history if "epoch" in r]
+    chosen = len(epochs)
+    if cfg.select_epoch == "best" and epochs:
+        chosen = max(epochs, key=val_score)["epoch"] if any(
+            val_score(r) > -math.inf for r in epochs) else len(epochs)
+    return save_checkpoint(Path(run_dir) / "checkpoints" / "model.pt", model="prn", config=cfg.to_dict(),
+                           state_dict=model.state_dict(), epoch=chosen, history=history,
+                           extra={"selected_epoch": chosen, "select_epoch": cfg.select_epoch})

@@ -145,7 +145,7 @@ def test_trainable_parameters_are_all_parameters_outside_the_encoder():
 def test_forward_refuses_images_that_are_not_rgb_batches():
     model = build()
     model.fit_prototypes([images(2)])
-    with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model.eval()(torch.rand(2, 1, SIZE, SIZE))
 
 

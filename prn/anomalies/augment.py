@@ -37,11 +37,14 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
 
 
-def sample_aug1(rng: np.random.Generator) -> list[tuple[str, float]]:
-    """Two distinct Aug1 operations with their strengths, e.g. [("posterize", 3), ("gamma", 1.4)]."""
-    names = rng.choice(len(AUG1_OPS), size=2, replace=False)
+def sample_aug1(rng: np.random.Generator, n_ops: int = 2, prob: float = 1.0) -> list[tuple[str, float]]:
+    """Up to ``n_ops`` distinct Aug1 operations with their strengths, e.g. [("posterize", 3),
+    ("gamma", 1.4)]; each drawn operation is kept with probability ``prob`` (1: always n_ops,
+    the paper's two; below 1 some defects keep the look they had)."""
+    names = rng.choice(len(AUG1_OPS), size=n_ops, replace=False)
+    keep = rng.random(n_ops) < prob
     ops = []
-    for i in names:
+    for i in names[keep]:
         name = AUG1_OPS[int(i)]
         if name == "solarize":
             strength = float(rng.integers(32, 224))         # threshold on 0..255
@@ -83,9 +86,9 @@ def apply_aug1(image: np.ndarray, ops: list[tuple[str, float]]) -> np.ndarray:
     return _to_numpy(t)
 
 
-def aug1(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Aug1: two random distinct colour operations. uint8 (H, W, 3) -> uint8 (H, W, 3)."""
-    return apply_aug1(image, sample_aug1(rng))
+def aug1(image: np.ndarray, rng: np.random.Generator, n_ops: int = 2, prob: float = 1.0) -> np.ndarray:
+    """Aug1: random distinct colour operations (``sample_aug1``). uint8 (H, W, 3) -> uint8 (H, W, 3)."""
+    return apply_aug1(image, sample_aug1(rng, n_ops, prob))
 
 
 @dataclass(frozen=True)
@@ -100,21 +103,21 @@ class Affine:
 
 
 def sample_aug2(rng: np.random.Generator, hw: tuple[int, int],
-                center: tuple[float, float] | None = None) -> Affine:
-    """A random Aug2 map for an (H, W) image. ``center`` (x, y) is the pivot of the rotation and
-    shear (default: the image centre); the shift moves it to a uniformly random point of the image,
-    so a defect can land anywhere."""
+                center: tuple[float, float] | None = None, max_angle: float = MAX_ANGLE) -> Affine:
+    """A random Aug2 map for an (H, W) image. ``center`` (x, y) is the pivot of the rotation
+    (within +-max_angle degrees) and shear (default: the image centre); the shift moves it to a
+    uniformly random point of the image, so a defect can land anywhere."""
     h, w = hw
     cx, cy = center if center is not None else ((w - 1) / 2, (h - 1) / 2)
     dest_x, dest_y = rng.uniform(0, w - 1), rng.uniform(0, h - 1)
-    return Affine(angle=float(rng.uniform(-MAX_ANGLE, MAX_ANGLE)),
+    return Affine(angle=float(rng.uniform(-max_angle, max_angle)),
                   shear=(float(rng.uniform(-MAX_SHEAR, MAX_SHEAR)), float(rng.uniform(-MAX_SHEAR, MAX_SHEAR))),
                   translate=(float(dest_x - cx), float(dest_y - cy)),
                   center=(float(cx), float(cy)))
 
 
-def _affine_kwargs(params: Affine) -> dict:
-    return {"angle": params.angle, "translate": list(params.translate), "scale": 1.0,
+def _affine_kwargs(params: Affine, scale: float = 1.0) -> dict:
+    return {"angle": params.angle, "translate": list(params.translate), "scale": scale,
             "shear": list(params.shear),
             # torchvision puts pixel i's centre at coordinate i + 0.5
             "center": [params.center[0] + 0.5, params.center[1] + 0.5]}
@@ -142,3 +145,38 @@ def aug2(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
          center: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Aug2: a random rotate/shear/shift, the same for the image and its mask."""
     return apply_aug2(image, mask, sample_aug2(rng, mask.shape, center))
+
+
+# Mild augmentation of a seen anomaly shown as itself (ours): the defect keeps its look; only
+# what a camera on a line varies (pose, position, exposure) changes a little.
+MILD_ANGLE = 10.0      # degrees
+MILD_SCALE = (0.9, 1.1)
+MILD_SHIFT = 0.05      # share of the side
+MILD_BRIGHTNESS = 0.1  # +- share
+
+
+def mild_augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, a small rotation, scale and shift (the same for image and mask) and a small
+    brightness change: uint8 (H, W, 3), bool (H, W) -> same. When the move would push the whole
+    defect out of the picture, only the flips and brightness are applied."""
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.5:
+        image, mask = image[::-1], mask[::-1]
+    h, w = mask.shape
+    params = Affine(angle=float(rng.uniform(-MILD_ANGLE, MILD_ANGLE)), shear=(0.0, 0.0),
+                    translate=(float(rng.uniform(-MILD_SHIFT, MILD_SHIFT) * w),
+                               float(rng.uniform(-MILD_SHIFT, MILD_SHIFT) * h)),
+                    center=((w - 1) / 2, (h - 1) / 2))
+    scale = float(rng.uniform(*MILD_SCALE))
+    kwargs = _affine_kwargs(params, scale)
+    # Border pixels uncovered by the move take the image's mean colour, not black.
+    fill = [float(v) for v in np.asarray(image).reshape(-1, 3).mean(axis=0)]
+    moved = _to_numpy(F.affine(_to_tensor(image), interpolation=InterpolationMode.BILINEAR, fill=fill, **kwargs))
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None]
+    moved_mask = F.affine(m, interpolation=InterpolationMode.NEAREST, fill=0, **kwargs)[0].numpy().astype(bool)
+    if moved_mask.any():
+        image, mask = moved, moved_mask
+    factor = 1.0 + float(rng.uniform(-MILD_BRIGHTNESS, MILD_BRIGHTNESS))
+    image = np.clip(np.asarray(image, np.float32) * factor + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)

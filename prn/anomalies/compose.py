@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from prn.anomalies.augment import mild_augment
 from prn.anomalies.extended import make_extended
 from prn.anomalies.simulated import make_heterologous, make_homologous
 from prn.anomalies.target_areas import foreground_mask, sample_target_area
@@ -29,7 +30,20 @@ from prn.anomalies.textures import TextureSource
 from prn.config import PRNConfig
 
 STRATEGIES = ("extended", "heterologous", "homologous")
-KINDS = ("normal", "extended", "simulated")
+KINDS = ("normal", "extended", "simulated", "seen")
+
+
+def _is_gray(image: np.ndarray) -> bool:
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
+def texture_for(texture: np.ndarray, hw: tuple[int, int], gray: bool) -> np.ndarray:
+    """A square texture cropped to (H, W) (its side is max(H, W)), in gray when ``gray``."""
+    out = texture[:hw[0], :hw[1]]
+    if gray:
+        luma = out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        out = np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.ascontiguousarray(out)
 
 
 def _check_image(image: np.ndarray, what: str) -> None:
@@ -54,7 +68,7 @@ class AnomalyGenerator:
     """
 
     def __init__(self, cfg: PRNConfig, seen: Sequence[tuple[np.ndarray, np.ndarray]], category_kind: str,
-                 texture_dir: str | None = None):
+                 texture_dir: str | None = None, gray: bool | None = None):
         kind = cfg.resolved_category_kind if category_kind == "auto" else category_kind
         if kind not in ("object", "texture"):
             raise ValueError(f"category_kind must be 'object' or 'texture', got {category_kind!r}")
@@ -79,8 +93,14 @@ class AnomalyGenerator:
                              "homologous anomalies are off. Enable heterologous_anomalies or "
                              "homologous_anomalies, or extended_anomalies with seen_anomalies > 0")
         texture_dir = cfg.texture_dir if texture_dir is None else texture_dir
-        self.textures = (TextureSource(texture_dir or None, cfg.image_size, cfg.max_image_pixels)
+        self.textures = (TextureSource(texture_dir or None, max(cfg.input_hw), cfg.max_image_pixels)
                          if cfg.heterologous_anomalies else None)
+        # Textures in colour on gray parts would be anomalies no gray camera can show.
+        # gray: whether the normal images are gray (the caller knows them); else judged from the seen ones.
+        wanted = {"yes": True, "no": False}.get(cfg.gray_textures)
+        if wanted is None:
+            wanted = gray if gray is not None else bool(self.seen) and all(_is_gray(im) for im, _ in self.seen[:3])
+        self.gray_textures = wanted
 
     @property
     def can_extend(self) -> bool:
@@ -109,7 +129,8 @@ class AnomalyGenerator:
             return np.ones(hw, bool)
         if self.uses_foreground and foreground is None:
             foreground = self.foreground(normal)
-        return sample_target_area(hw, rng, foreground if self.uses_foreground else None)
+        return sample_target_area(hw, rng, foreground if self.uses_foreground else None,
+                                  size_range=self.cfg.target_size)
 
     def make(self, strategy: str, normal: np.ndarray, rng: np.random.Generator,
              foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,12 +147,19 @@ class AnomalyGenerator:
             if seen_image.shape != normal.shape:
                 raise ValueError(f"seen anomaly of shape {seen_image.shape} cannot extend onto a normal "
                                  f"image of shape {normal.shape}; resize both to image_size")
-            image, mask = make_extended(normal, seen_image, seen_mask, target, beta, rng)
-        elif strategy == "heterologous":
-            texture = self.textures.sample(rng, size=normal.shape[0])
-            image, mask = make_heterologous(normal, texture, target, beta, cfg.perlin_threshold, rng)
+            image, mask = make_extended(normal, seen_image, seen_mask, target, beta, rng,
+                                        aug1_ops=cfg.aug1_ops, aug1_prob=cfg.aug1_prob,
+                                        max_angle=cfg.aug2_max_angle, clip_to_target=cfg.ea_clip_to_target)
         else:
-            image, mask = make_homologous(normal, target, beta, cfg.perlin_threshold, cfg.homologous_grid, rng)
+            opts = dict(aug1_ops=cfg.aug1_ops, aug1_prob=cfg.aug1_prob,
+                        scales=(cfg.perlin_min_scale, cfg.perlin_max_scale))
+            if strategy == "heterologous":
+                texture = texture_for(self.textures.sample(rng, size=max(normal.shape[:2])),
+                                      normal.shape[:2], self.gray_textures)
+                image, mask = make_heterologous(normal, texture, target, beta, cfg.perlin_threshold, rng, **opts)
+            else:
+                image, mask = make_homologous(normal, target, beta, cfg.perlin_threshold, cfg.homologous_grid,
+                                              rng, **opts)
         return image, mask, target
 
     def extended(self, normal: np.ndarray, rng: np.random.Generator,
@@ -151,12 +179,24 @@ class AnomalyGenerator:
                              "anomalies are both switched off")
         return self.make(kinds[int(rng.integers(len(kinds)))], normal, rng, foreground)[:2]
 
+    def seen_as_itself(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A random seen anomaly as it looks, mildly augmented (``mild_augment``): (uint8, bool)."""
+        if not self.seen:
+            raise ValueError("there are no seen anomalies with a defect mask")
+        image, mask = self.seen[int(rng.integers(len(self.seen)))]
+        return mild_augment(image, mask, rng)
+
     def generate(self, kind: str, normal: np.ndarray, rng: np.random.Generator,
                  foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-        """Fills a batch slot of ``kind`` ("extended" or "simulated"); a slot whose kind is
-        unavailable gets the other kind. Returns (image, mask, the kind actually made)."""
-        if kind not in ("extended", "simulated"):
-            raise ValueError(f"kind must be 'extended' or 'simulated', got {kind!r}")
+        """Fills a batch slot of ``kind`` ("extended", "simulated" or "seen"); a slot whose kind is
+        unavailable gets another (seen -> extended -> simulated). Returns (image, mask, the kind made)."""
+        if kind not in ("extended", "simulated", "seen"):
+            raise ValueError(f"kind must be 'extended', 'simulated' or 'seen', got {kind!r}")
+        if kind == "seen":
+            if self.seen:
+                image, mask = self.seen_as_itself(rng)
+                return image, mask, "seen"
+            kind = "simulated"
         if kind == "extended" and not self.can_extend:
             kind = "simulated"
         elif kind == "simulated" and not self.simulated_strategies:
@@ -200,7 +240,7 @@ class TrainingSet(Dataset):
         normal = self.normals[i]
         if kind == "normal":
             image, mask = normal, np.zeros(normal.shape[:2], bool)
-        elif kind in ("extended", "simulated"):
+        elif kind in ("extended", "simulated", "seen"):
             rng = np.random.default_rng(seed)
             image, mask, kind = self.generator.generate(kind, normal, rng, self.foreground(i))
         else:
@@ -216,8 +256,8 @@ def item_seed(seed: int, epoch: int, batch: int, slot: int) -> int:
 
 
 class BalancedBatchSampler(Sampler):
-    """Yields ``steps`` batches, each a list of ``(kind, i, seed)`` keys: cfg.batch_composition
-    normal, extended and simulated slots in that order (2:1:1).
+    """Yields ``steps`` batches, each a list of ``(kind, i, seed)`` keys: cfg.batch_slots
+    normal, extended, simulated and seen slots in that order (2:1:1 without seen slots).
 
     Normal slots walk through a seeded permutation of the normal images (a fresh permutation
     when one is used up); anomaly slots draw their base normal image at random. Everything
@@ -231,7 +271,7 @@ class BalancedBatchSampler(Sampler):
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
         self.n_normal = int(n_normal)
-        self.composition = cfg.batch_composition
+        self.composition = cfg.batch_slots
         self.seed, self.epoch = int(seed), int(epoch)
         if steps is None:
             steps = cfg.steps_per_epoch if cfg.steps_per_epoch > 0 else math.ceil(n_normal / self.composition[0])
@@ -243,14 +283,14 @@ class BalancedBatchSampler(Sampler):
         return self.steps
 
     def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
-        n_norm, n_ext, n_sim = self.composition
+        n_norm, n_ext, n_sim, n_seen = self.composition
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
         needed = self.steps * n_norm
         order = np.concatenate([rng.permutation(self.n_normal)
                                 for _ in range(math.ceil(needed / self.n_normal))])
-        kinds = ["normal"] * n_norm + ["extended"] * n_ext + ["simulated"] * n_sim
+        kinds = ["normal"] * n_norm + ["extended"] * n_ext + ["simulated"] * n_sim + ["seen"] * n_seen
         for b in range(self.steps):
-            bases = rng.integers(self.n_normal, size=n_ext + n_sim)
+            bases = rng.integers(self.n_normal, size=n_ext + n_sim + n_seen)
             indices = np.concatenate([order[b * n_norm:(b + 1) * n_norm], bases])
             yield [(kind, int(i), item_seed(self.seed, self.epoch, b, slot))
                    for slot, (kind, i) in enumerate(zip(kinds, indices))]

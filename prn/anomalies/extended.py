@@ -58,7 +58,7 @@ def _shift(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, max_angle: float = 90.0) -> tuple[np.ndarray, np.ndarray]:
     """Aug2 until the moved defect overlaps the target area; then the fallback: shift the defect
     pixel nearest the defect's centroid onto a random target pixel (always overlaps).
 
@@ -71,7 +71,7 @@ def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
     wanted = min(math.ceil(MIN_AREA * mask.size), int(mask.sum()), int(target.sum()))
     best, best_area = None, 0
     for _ in range(AUG2_TRIES):
-        params = sample_aug2(rng, mask.shape, center=(cx, cy))
+        params = sample_aug2(rng, mask.shape, center=(cx, cy), max_angle=max_angle)
         moved_mask = warp_mask(mask, params)
         area = int((moved_mask & target).sum())
         if area > best_area:
@@ -89,13 +89,16 @@ def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
 
 
 def make_extended(normal: np.ndarray, seen_image: np.ndarray, seen_mask: np.ndarray, target: np.ndarray,
-                  beta: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                  beta: float, rng: np.random.Generator, *, aug1_ops: int = 2, aug1_prob: float = 1.0,
+                  max_angle: float = 90.0, clip_to_target: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One extended anomaly (Eq. 4).
 
     normal, seen_image: uint8 (H, W, 3); seen_mask: bool (H, W) with at least one pixel;
-    target: bool (H, W) with at least one pixel; beta: opacity in [0, 1).
+    target: bool (H, W) with at least one pixel; beta: opacity in [0, 1). aug1_ops/aug1_prob:
+    Aug1's settings; max_angle: Aug2's rotation range. clip_to_target False keeps the moved
+    defect whole (the target area only decides where it lands), so a crack stays a crack.
     Returns (uint8 (H, W, 3), bool (H, W)): the image and the mask of exactly its changed pixels,
-    non-empty and inside ``target``.
+    non-empty, and inside ``target`` when clip_to_target.
     """
     if not seen_mask.any():
         raise ValueError("the seen anomaly's mask is empty: it has no defect region to extend")
@@ -103,10 +106,10 @@ def make_extended(normal: np.ndarray, seen_image: np.ndarray, seen_mask: np.ndar
         raise ValueError("the target area is empty")
     for _ in range(BLEND_TRIES):
         # Aug1 sees the whole seen image, so equalize/autocontrast use its full histogram.
-        recoloured = aug1(seen_image, rng)
-        moved, moved_mask = place_on_target(recoloured, seen_mask, target, rng)
-        m = moved_mask & target
+        recoloured = aug1(seen_image, rng, aug1_ops, aug1_prob)
+        moved, moved_mask = place_on_target(recoloured, seen_mask, target, rng, max_angle)
+        m = moved_mask & target if clip_to_target else moved_mask
         image, changed = blend(normal, moved, m, beta)
         if changed.any():
             return image, changed
-    return inverted_patch(normal, moved_mask & target)
+    return inverted_patch(normal, moved_mask & target if (moved_mask & target).any() else moved_mask)

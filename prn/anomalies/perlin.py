@@ -73,11 +73,13 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return perlin_from_angles(shape, angles)
 
 
-def random_perlin_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def random_perlin_noise(shape: tuple[int, int], rng: np.random.Generator,
+                        scales: tuple[int, int] = (MIN_SCALE_EXP, MAX_SCALE_EXP)) -> np.ndarray:
     """DRAEM's noise: 2^0..2^5 lattice cells per image side on each axis (at most one per 8
     pixels), rotated by a random angle in [-90, 90] degrees. float32 (H, W) in [-1, 1]."""
     h, w = shape
-    ry, rx = (2 ** int(e) for e in rng.integers(MIN_SCALE_EXP, MAX_SCALE_EXP, size=2))
+    # scales: exponents [lo, hi) of the lattice cells per side; a low hi makes large blobs only.
+    ry, rx = (2 ** int(e) for e in rng.integers(scales[0], max(scales[0] + 1, scales[1]), size=2))
     # DRAEM's finest lattice has 8-pixel cells at 256 px; keep that floor on smaller images,
     # where finer cells would only make speckle.
     ry, rx = max(1, min(ry, h // MIN_CELL)), max(1, min(rx, w // MIN_CELL))
@@ -92,9 +94,10 @@ def random_perlin_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.
     return perlin_at(y, x, angles)
 
 
-def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
+def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5,
+                scales: tuple[int, int] = (MIN_SCALE_EXP, MAX_SCALE_EXP)) -> np.ndarray:
     """Thresholded random Perlin noise (blobs of varied size, shape and number): bool (H, W).
 
     May be empty for high thresholds; callers retry.
     """
-    return random_perlin_noise(shape, rng) > threshold
+    return random_perlin_noise(shape, rng, scales) > threshold

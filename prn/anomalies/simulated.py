@@ -21,7 +21,8 @@ from prn.anomalies.perlin import perlin_mask, random_perlin_noise
 PERLIN_TRIES = 10  # Perlin redraws when the thresholded noise misses the target area
 
 
-def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: float) -> np.ndarray:
+def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: float,
+                     scales: tuple[int, int] = (0, 6)) -> np.ndarray:
     """Perlin mask & target, redrawn until non-empty: bool (H, W), inside ``target``.
 
     Slivers are poor training signal, so draws continue until one reaches MIN_AREA of the image
@@ -34,7 +35,7 @@ def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: fl
     wanted = min(math.ceil(MIN_AREA * target.size), int(target.sum()))
     best = None
     for _ in range(PERLIN_TRIES):
-        m = perlin_mask(target.shape, rng, threshold) & target
+        m = perlin_mask(target.shape, rng, threshold, scales) & target
         area = int(m.sum())
         if area >= wanted:
             return m
@@ -42,7 +43,7 @@ def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: fl
             best = m
     if best is not None:
         return best
-    noise = random_perlin_noise(target.shape, rng)
+    noise = random_perlin_noise(target.shape, rng, scales)
     return target & (noise >= np.median(noise[target]))
 
 
@@ -65,7 +66,8 @@ def shuffle_grid(image: np.ndarray, grid: int, rng: np.random.Generator) -> np.n
 
 
 def make_simulated(normal: np.ndarray, source: np.ndarray, target: np.ndarray, beta: float,
-                   threshold: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                   threshold: float, rng: np.random.Generator,
+                   scales: tuple[int, int] = (0, 6)) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 6 with a given anomaly source A (already augmented).
 
     normal, source: uint8 (H, W, 3); target: bool (H, W), non-empty; beta in [0, 1).
@@ -73,7 +75,7 @@ def make_simulated(normal: np.ndarray, source: np.ndarray, target: np.ndarray, b
     inside ``target``.
     """
     for _ in range(BLEND_TRIES):
-        m = perlin_in_target(target, rng, threshold)
+        m = perlin_in_target(target, rng, threshold, scales)
         image, changed = blend(normal, source, m, beta)
         if changed.any():
             return image, changed
@@ -81,12 +83,15 @@ def make_simulated(normal: np.ndarray, source: np.ndarray, target: np.ndarray, b
 
 
 def make_heterologous(normal: np.ndarray, texture: np.ndarray, target: np.ndarray, beta: float,
-                      threshold: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                      threshold: float, rng: np.random.Generator, *, aug1_ops: int = 2, aug1_prob: float = 1.0,
+                      scales: tuple[int, int] = (0, 6)) -> tuple[np.ndarray, np.ndarray]:
     """HEA: A = Aug1(texture). texture: uint8 of the normal's shape."""
-    return make_simulated(normal, aug1(texture, rng), target, beta, threshold, rng)
+    return make_simulated(normal, aug1(texture, rng, aug1_ops, aug1_prob), target, beta, threshold, rng, scales)
 
 
 def make_homologous(normal: np.ndarray, target: np.ndarray, beta: float, threshold: float, grid: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, *, aug1_ops: int = 2, aug1_prob: float = 1.0,
+                    scales: tuple[int, int] = (0, 6)) -> tuple[np.ndarray, np.ndarray]:
     """HOA: A = Aug1(normal) with its grid x grid cells shuffled."""
-    return make_simulated(normal, shuffle_grid(aug1(normal, rng), grid, rng), target, beta, threshold, rng)
+    source = shuffle_grid(aug1(normal, rng, aug1_ops, aug1_prob), grid, rng)
+    return make_simulated(normal, source, target, beta, threshold, rng, scales)

@@ -70,11 +70,12 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
 
 
 def draw_shape(hw: tuple[int, int], rng: np.random.Generator, center: tuple[float, float],
-               shape: str | None = None) -> np.ndarray:
-    """A random ``shape`` (circle, rectangle or polygon) around ``center`` (x, y): bool (H, W)."""
+               shape: str | None = None, size_range: tuple[float, float] = SIZE_RANGE) -> np.ndarray:
+    """A random ``shape`` (circle, rectangle or polygon) around ``center`` (x, y), of extent
+    ``size_range`` (shares of the shorter side): bool (H, W)."""
     h, w = hw
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
-    extent = rng.uniform(*SIZE_RANGE) * min(h, w)
+    extent = rng.uniform(*size_range) * min(h, w)
     cx, cy = center
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
@@ -98,7 +99,8 @@ def draw_shape(hw: tuple[int, int], rng: np.random.Generator, center: tuple[floa
 
 
 def sample_target_area(hw: tuple[int, int], rng: np.random.Generator,
-                       foreground: np.ndarray | None = None, shape: str | None = None) -> np.ndarray:
+                       foreground: np.ndarray | None = None, shape: str | None = None,
+                       size_range: tuple[float, float] = SIZE_RANGE) -> np.ndarray:
     """A random target area of an (H, W) image: bool (H, W), non-empty.
 
     foreground: bool (H, W) or None. When given, the area is centred on a random foreground pixel
@@ -117,12 +119,12 @@ def sample_target_area(hw: tuple[int, int], rng: np.random.Generator,
         return float(xs[k]), float(ys[k])
 
     for _ in range(MAX_TRIES):
-        area = draw_shape(hw, rng, pick_center(), shape)
+        area = draw_shape(hw, rng, pick_center(), shape, size_range)
         if foreground is not None:
             area &= foreground
         if area.any():
             return area
     cx, cy = pick_center()
     yy, xx = np.mgrid[0:h, 0:w]
-    area = np.hypot(yy - cy, xx - cx) <= max(2.0, SIZE_RANGE[0] * min(h, w) / 2)
+    area = np.hypot(yy - cy, xx - cx) <= max(2.0, size_range[0] * min(h, w) / 2)
     return area & foreground if foreground is not None else area

@@ -108,7 +108,7 @@ class PatchCore(nn.Module):
     None keeps all. The learned state is the buffer ``memory_bank`` float (M, D).
     """
 
-    def __init__(self, encoder: nn.Module, image_size: int, layers: tuple[int, ...] = (1, 2),
+    def __init__(self, encoder: nn.Module, image_size: int | tuple[int, int], layers: tuple[int, ...] = (1, 2),
                  neighbourhood: int = 3, coreset_ratio: float = 0.1, num_neighbors: int = 9,
                  seed: int = 0, embed_dim: int = 0, max_bank: int | None = 100_000,
                  projection_dim: int = 128, sigma: float = 4.0):
@@ -148,7 +148,8 @@ class PatchCore(nn.Module):
         return torch.cat(taps, dim=1).permute(0, 2, 3, 1)
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
-        expected = (3, self.image_size, self.image_size)
+        hw = (self.image_size,) * 2 if isinstance(self.image_size, int) else tuple(self.image_size)
+        expected = (3, *hw)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"PatchCore expects images of shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(images.shape)}")

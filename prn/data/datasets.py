@@ -1,9 +1,10 @@
 """Samples -> resized arrays and a torch Dataset of model-ready tensors.
 
-Images are resized to S x S with PIL's bilinear filter (PIL antialiases when it shrinks), masks
-with nearest neighbour so they stay binary; non-square images are stretched, as in the paper.
+Images are resized to H x W (``size``: an int S for S x S, as in the paper, or (H, W)) with PIL's
+bilinear filter (PIL antialiases when it shrinks), masks with nearest neighbour so they stay
+binary. A non-square image resized to a square is stretched, as in the paper.
 
-    >>> ds = ImageDataset(split.test, image_size=256)
+    >>> ds = ImageDataset(split.test, size=256)
     >>> item = ds[0]   # {"image": float32 (3, 256, 256) in [0, 1], "mask": float32 (1, 256, 256), ...}
 """
 
@@ -24,28 +25,36 @@ def original_hw(sample: Sample) -> tuple[int, int]:
     return image_hw(sample.image_path)
 
 
-def load_sample(sample: Sample, image_size: int,
+def as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An int S -> (S, S); (H, W) -> (H, W)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def load_sample(sample: Sample, size: int | tuple[int, int],
                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
-    """Read and resize one sample: (uint8 (S, S, 3), bool (S, S)); the mask is all False when the
-    sample has none. The mask must have the image's size (else DataError)."""
+    """Read and resize one sample to ``size`` (S or (H, W)): (uint8 (H, W, 3), bool (H, W)); the
+    mask is all False when the sample has none. The mask must have the image's size (else DataError)."""
     image = read_image(sample.image_path, max_pixels)
-    size = (image_size, image_size)
-    resized = np.array(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    h, w = as_hw(size)
+    resized = np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
     if sample.mask_path is None:
-        return resized, np.zeros(size, dtype=bool)
+        return resized, np.zeros((h, w), dtype=bool)
     mask = read_mask(sample.mask_path, image.shape[:2], max_pixels, image_path=sample.image_path)
-    small = Image.fromarray(mask).resize(size, Image.Resampling.NEAREST)
+    small = Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST)
     return resized, np.array(small, dtype=bool)
 
 
 class ImageDataset(Dataset):
-    """Samples as model inputs: {"image": float32 (3, S, S) in [0, 1], "mask": float32 (1, S, S)
-    in {0, 1}, "label": int, "index": int (position in samples)}."""
+    """Samples as model inputs: {"image": float32 (3, H, W) in [0, 1], "mask": float32 (1, H, W)
+    in {0, 1}, "label": int, "index": int (position in samples)}. size: S or (H, W)."""
 
-    def __init__(self, samples: list[Sample], image_size: int,
+    def __init__(self, samples: list[Sample], size: int | tuple[int, int],
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.samples = list(samples)
-        self.image_size = image_size
+        self.size = as_hw(size)
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -53,7 +62,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        image, mask = load_sample(sample, self.image_size, self.max_pixels)
+        image, mask = load_sample(sample, self.size, self.max_pixels)
         tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
         return {
             "image": tensor.as_subclass(torch.Tensor),  # a plain tensor, not a tv_tensors.Image

@@ -29,12 +29,18 @@ from prn.data.sample import DatasetIndex, Sample
 from prn.errors import DataError
 
 
+LISTS = ("train_normal", "train_anomalous", "val_normal", "val_anomalous", "test", "excluded")
+
+
 @dataclass
 class Split:
     """Training and test samples of one few-shot run.
 
     train_normal: defect-free training images. train_anomalous: the k seen anomalies (with masks).
     test: every remaining test image. excluded: training anomalies the protocol does not use.
+    val_normal, val_anomalous: the held-out fold of the training data (``hold_out_validation``):
+    taken out of train_normal and train_anomalous, never trained on; it validates each epoch
+    and calibrates thresholds. Test images are never in it.
     """
 
     train_normal: list[Sample]
@@ -46,6 +52,12 @@ class Split:
     seed: int
     root: str = ""
     excluded: list[Sample] = field(default_factory=list)
+    val_normal: list[Sample] = field(default_factory=list)
+    val_anomalous: list[Sample] = field(default_factory=list)
+
+    @property
+    def val(self) -> list[Sample]:
+        return self.val_normal + self.val_anomalous
 
     def summary(self) -> dict:
         """Counts: train_normal, train_anomalous, test_normal, test_anomalous, excluded, and
@@ -57,6 +69,8 @@ class Split:
             "test_normal": sum(s.label == 0 for s in self.test),
             "test_anomalous": sum(s.label == 1 for s in self.test),
             "excluded": len(self.excluded),
+            "val_normal": len(self.val_normal),
+            "val_anomalous": len(self.val_anomalous),
             "seen_defect_types": dict(sorted(Counter(s.defect_type
                                                      for s in self.train_anomalous).items())),
         }
@@ -64,7 +78,7 @@ class Split:
     def to_dict(self) -> dict:
         out = {"dataset": self.dataset, "category": self.category, "k": self.k,
                "seed": self.seed, "root": self.root}
-        for name in ("train_normal", "train_anomalous", "test", "excluded"):
+        for name in LISTS:
             out[name] = [s.to_dict() for s in getattr(self, name)]
         return out
 
@@ -78,7 +92,7 @@ class Split:
         try:
             d = json.loads(path.read_text())
             lists = {name: [Sample.from_dict(s) for s in d.get(name, [])]
-                     for name in ("train_normal", "train_anomalous", "test", "excluded")}
+                     for name in LISTS}
             return cls(**lists, dataset=str(d["dataset"]), category=str(d["category"]),
                        k=int(d["k"]), seed=int(d["seed"]), root=str(d.get("root", "")))
         except OSError as exc:
@@ -124,4 +138,35 @@ def few_shot_split(index: DatasetIndex, k: int, seed: int, dagm: bool = False) -
         test=[s for s in test if s not in seen_set],
         dataset=index.name, category=index.category, k=k, seed=seed,
         root=str(index.root), excluded=excluded,
+    )
+
+
+def hold_out_validation(split: Split, n_anomalies: int, normal_fraction: float, normal_min: int,
+                        seed: int) -> Split:
+    """Move a seeded share of the training data into the validation fold.
+
+    n_anomalies seen anomalies (spread across defect types like the seen ones) and
+    max(normal_min, round(normal_fraction * N)) normal images, the latter only when at least
+    twice as many normal images remain for training (a tiny set keeps all for training; a
+    fraction of 0 holds none out). The test set is untouched.
+    """
+    if n_anomalies < 0:
+        raise DataError(f"{split.root}: the number of validation anomalies must be >= 0, got {n_anomalies}")
+    if n_anomalies and n_anomalies >= len(split.train_anomalous):
+        raise DataError(f"{split.root}: {n_anomalies} of the {len(split.train_anomalous)} seen anomalies "
+                        "would be held out for validation, leaving none to train on; lower val_anomalies")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1]))
+    picked = set(_round_robin(split.train_anomalous, n_anomalies, rng)) if n_anomalies else set()
+    n = len(split.train_normal)
+    n_val = max(normal_min, round(normal_fraction * n)) if normal_fraction > 0 else 0
+    if n_val and n - n_val < max(n_val, 1):
+        n_val = 0
+    val_idx = set(rng.permutation(n)[:n_val].tolist())
+    return Split(
+        train_normal=[s for i, s in enumerate(split.train_normal) if i not in val_idx],
+        train_anomalous=[s for i, s in enumerate(split.train_anomalous) if i not in picked],
+        test=list(split.test), dataset=split.dataset, category=split.category, k=split.k,
+        seed=split.seed, root=split.root, excluded=list(split.excluded),
+        val_normal=[s for i, s in enumerate(split.train_normal) if i in val_idx],
+        val_anomalous=[s for i, s in enumerate(split.train_anomalous) if i in picked],
     )

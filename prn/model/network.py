@@ -18,7 +18,8 @@ the plain U-Net baseline whose skips are the encoder features.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,23 @@ from prn.model.attention import MultiSizeSelfAttention
 from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
 from prn.model.fusion import MultiScaleFusion
-from prn.model.prototypes import Prototypes, kmeans_prototypes, num_prototypes
+from prn.model.prototypes import Prototypes, fit_prototypes, residual_map
+
+
+def smooth_map(anomaly_map: Tensor, sigma: float) -> Tensor:
+    """Gaussian smoothing of (B, 1, H, W) maps with ``sigma`` px (kernel 2 * round(4 sigma) + 1, as
+    PatchCore's); sigma 0 returns the maps unchanged."""
+    if sigma <= 0:
+        return anomaly_map
+    from torchvision.transforms.v2.functional import gaussian_blur
+    k = 2 * int(4 * sigma + 0.5) + 1
+    return gaussian_blur(anomaly_map, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def top_k_score(anomaly_map: Tensor, top_k: int) -> Tensor:
+    """Image score (Sec. 3.5): the mean of the ``top_k`` largest pixels of each map. (B, 1, H, W) -> (B,)."""
+    k = min(top_k, anomaly_map[0].numel())
+    return anomaly_map.flatten(1).topk(k, dim=1).values.mean(dim=1)
 
 
 class PRN(nn.Module):
@@ -52,6 +69,11 @@ class PRN(nn.Module):
             if cfg.use_fusion:
                 self.fuse_attention = MultiScaleFusion(self.skip_channels)
         self.decoder = Decoder(self.skip_channels, cfg.decoder_channels, encoder.reductions[0])
+        if cfg.output_bias_prior > 0:
+            # Start every pixel at probability p, not 0.5 (RetinaNet's prior): the first steps
+            # then learn defects instead of pushing the background down.
+            p = cfg.output_bias_prior
+            nn.init.constant_(self.decoder.head.bias, math.log(p / (1 - p)))
         # channels_last made the whole forward about 1.3x faster on CPU (benchmarks/speed.py,
         # docs/model.md): bilinear up-sampling and 1x1 convolutions avoid layout reorders.
         self.to(memory_format=torch.channels_last)
@@ -74,17 +96,8 @@ class PRN(nn.Module):
         """
         if self.prototypes is None:
             return
-        device = self.encoder.mean.device
-        per_scale: list[list[Tensor]] = [[] for _ in self.encoder.channels]
-        for batch in batches:
-            images = batch["image"] if isinstance(batch, Mapping) else batch
-            for store, f in zip(per_scale, self.encoder(images.to(device))):
-                store.append(f.float().cpu())
-        if not per_scale[0]:
-            raise ValueError("fit_prototypes needs at least one batch of normal images")
-        feats = [torch.cat(store) for store in per_scale]
-        k = num_prototypes(len(feats[0]), self.cfg.prototype_ratio)
-        self.prototypes.set([kmeans_prototypes(f, k, self.cfg.kmeans_max_iter, self.cfg.seed) for f in feats])
+        fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
+                       self.cfg.kmeans_max_iter, self.cfg.seed)
 
     def skips(self, x: Tensor) -> list[Tensor]:
         """x: float32 (B, 3, S, S) in [0, 1] -> skip maps (B, skip_channels[j], S/r_j, S/r_j)."""
@@ -102,18 +115,47 @@ class PRN(nn.Module):
         return maps
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
-        """Training: logits (B, 1, S, S). Eval: {"anomaly_map": sigmoid map (B, 1, S, S) in [0, 1],
-        "pred_score": mean of the top ``cfg.top_k`` map pixels, (B,)}."""
+        """Training: logits (B, 1, H, W). Eval: {"anomaly_map": sigmoid map (B, 1, H, W) in [0, 1],
+        smoothed by ``cfg.map_sigma``, "pred_score": mean of its top ``cfg.top_k`` pixels, (B,)}."""
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"PRN expects images of shape (B, 3, S, S), got {tuple(x.shape)}")
+            raise ValueError(f"PRN expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
         logits = self.decoder(self.skips(x), x.shape[-2:])
         if self.training:
             return logits
-        anomaly_map = torch.sigmoid(logits)
-        k = min(self.cfg.top_k, anomaly_map[0].numel())
-        score = anomaly_map.flatten(1).topk(k, dim=1).values.mean(dim=1)
-        return {"anomaly_map": anomaly_map, "pred_score": score}
+        anomaly_map = smooth_map(torch.sigmoid(logits), self.cfg.map_sigma)
+        return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
+
+
+class PrototypeResidualMap(nn.Module):
+    """PRN's prototypes with no learned head: the map is the residual |F - P*| alone
+    (``residual_map``), smoothed by ``cfg.map_sigma``, scored by its top ``cfg.top_k`` pixels.
+    It shows what the trained head adds, and is a mode that trains nothing.
+
+    eval forward(x (B, 3, H, W) in [0, 1]) -> {"anomaly_map": (B, 1, H, W) >= 0, "pred_score": (B,)}.
+    """
+
+    def __init__(self, encoder: Encoder, cfg: PRNConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.prototypes = Prototypes(len(encoder.channels))
+
+    @classmethod
+    def from_config(cls, cfg: PRNConfig) -> "PrototypeResidualMap":
+        return cls(create_encoder(cfg.backbone, cfg.backbone_weights), cfg)
+
+    @torch.no_grad()
+    def fit_prototypes(self, batches: Iterable[Tensor]) -> None:
+        fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
+                       self.cfg.kmeans_max_iter, self.cfg.seed)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        res = self.prototypes.residuals(self.encoder(x))
+        anomaly_map = smooth_map(residual_map(res, x.shape[-2:]), self.cfg.map_sigma)
+        return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
 
 
 def from_config(cfg: PRNConfig) -> PRN:

@@ -12,6 +12,7 @@ distance ``|F - P*|`` to its nearest prototype ``P*``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -124,3 +125,36 @@ class Prototypes(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
+
+
+@torch.no_grad()
+def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable[Tensor | Mapping],
+                   ratio: float, max_iter: int = 300, seed: int = 0) -> None:
+    """Cluster the ``encoder`` features of normal images into ``prototypes`` (Sec. 3.1).
+
+    batches: float32 (B, 3, H, W) in [0, 1] (or dicts holding one under "image").
+    K = ceil(ratio * number of images), per scale.
+    """
+    device = next(iter(encoder.buffers()), torch.empty(0)).device
+    per_scale: list[list[Tensor]] = [[] for _ in prototypes.names]
+    for batch in batches:
+        images = batch["image"] if isinstance(batch, Mapping) else batch
+        for store, f in zip(per_scale, encoder(images.to(device))):
+            store.append(f.float().cpu())
+    if not per_scale[0]:
+        raise ValueError("fitting prototypes needs at least one batch of normal images")
+    feats = [torch.cat(store) for store in per_scale]
+    k = num_prototypes(len(feats[0]), ratio)
+    prototypes.set([kmeans_prototypes(f, k, max_iter, seed) for f in feats])
+
+
+def residual_map(residuals: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """The untrained anomaly map of the residuals alone: per scale the channel mean of
+    |F - P*|, up-sampled (bilinear) to ``size`` and summed over scales. list of (B, c_j, h_j, w_j)
+    -> float (B, 1, H, W)."""
+    out = None
+    for r in residuals:
+        m = torch.nn.functional.interpolate(r.float().mean(dim=1, keepdim=True), size=tuple(size),
+                                            mode="bilinear", align_corners=False)
+        out = m if out is None else out + m
+    return out

@@ -1,0 +1,100 @@
+"""Run folders: where a run's files go and what every run writes first.
+
+Shared by PRN's fit and the models that train nothing (prn.baselines), so neither imports the
+other's API. A run folder holds ``config.yaml`` (the config as run, input size resolved),
+``split.json`` (the exact file lists, held-out fold included), ``environment.json`` (versions)
+and ``timings.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prn import __version__
+from prn.config import PRNConfig
+from prn.data.datasets import original_hw
+from prn.data.layouts import load_index
+from prn.data.split import Split, few_shot_split, hold_out_validation
+from prn.errors import DataError
+
+def category_name(cfg: PRNConfig) -> str:
+    """The category's display name: cfg.category, else the root's folder name when the root is
+    itself a category folder (like ../shared/data/kolektorsdd), else the dataset's name."""
+    if cfg.category:
+        return cfg.category
+    root = Path(cfg.root)
+    if cfg.root and any((root / sub).is_dir() for sub in ("train", "Train")):
+        return root.resolve().name
+    return cfg.dataset
+
+
+def new_run_dir(cfg: PRNConfig, name: str | None = None) -> Path:
+    category = category_name(cfg)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / cfg.dataset / category / (name or stamp)
+    run_dir, i = base, 1
+    while run_dir.exists():
+        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def environment() -> dict:
+    import timm
+    import torchvision
+    return {
+        "prn": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "numpy": np.__version__, "cuda": torch.version.cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def make_split(cfg: PRNConfig) -> Split:
+    """The few-shot split of A.2, then the held-out validation/calibration fold of the training data."""
+    index = load_index(cfg)
+    split = few_shot_split(index, cfg.seen_anomalies, cfg.split_seed, dagm=cfg.dataset == "dagm")
+    return hold_out_validation(split, cfg.val_anomaly_count(), cfg.val_normal_fraction,
+                               cfg.val_normal_min, cfg.split_seed)
+
+
+def resolve_input_size(cfg: PRNConfig, split: Split) -> PRNConfig:
+    """With cfg.keep_aspect, fix image_hw from the first training image: the long side
+    image_size, the short side scaled alike and rounded to a multiple of 32 (at least 32)."""
+    if not cfg.keep_aspect or any(cfg.image_hw):
+        return cfg
+    h, w = original_hw(split.train_normal[0])
+    long = max(h, w)
+    short = max(32, int(round(min(h, w) * cfg.image_size / long / 32)) * 32)
+    hw = (cfg.image_size, short) if h >= w else (short, cfg.image_size)
+    return cfg.replace(image_hw=hw)
+
+
+def start_run(cfg: PRNConfig, run_dir: str | Path | None,
+              split: Split | None) -> tuple[Path, Split, PRNConfig]:
+    """Split the data (unless given), fix the input size, make the run folder and write config,
+    split and versions. Returns the run folder, the split and the config as written."""
+    split = split or make_split(cfg)
+    if not split.train_normal:
+        raise DataError(f"{cfg.root}: no defect-free training images found")
+    cfg = resolve_input_size(cfg, split)
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    split.save(run_dir / "split.json")
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return run_dir, split, cfg
+
+
+def note(run_dir: Path, key: str, value) -> None:
+    path = run_dir / "timings.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2))
