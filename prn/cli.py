@@ -21,7 +21,8 @@ COMMON_FLAGS = {
     "category": dict(help="category (sub-dataset), e.g. bottle, Class1, 01"),
     "backbone": dict(choices=BACKBONES, help="encoder (tf_efficientnet_lite0 works offline)"),
     "backbone_weights": dict(help="'imagenet', 'random' or a state-dict file"),
-    "image_size": dict(type=int, help="images are resized to this square size"),
+    "image_size": dict(type=int, help="images are resized to this square size (the long side with "
+                                       "--set keep_aspect=true)"),
     "seen_anomalies": dict(type=int, help="k seen anomalies moved from test to train (0, 1, 5, 10)"),
     "epochs": dict(type=int),
     "batch_size": dict(type=int, help="split 2:1:1 into normal / extended / simulated"),

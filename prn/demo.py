@@ -36,15 +36,17 @@ def show_anomalies_for_config(cfg: PRNConfig, out: Path, *, n: int = 6, seed: in
     """Picture grids of what the model trains on, for the config's data (or the demo data)."""
     from prn.anomalies.compose import AnomalyGenerator
     from prn.anomalies.show import show_anomalies
-    from prn.api import make_split
     from prn.data.demo import make_demo_dataset
-    from prn.train import load_training_arrays
+    from prn.runs import make_split, resolve_input_size
+    from prn.train import is_gray, load_training_arrays
 
     if not cfg.root:
         make_demo_dataset(out / "data", seed=0)
         cfg = cfg.replace(**{k: v for k, v in DEMO_SETTINGS.items() if k in ("dataset", "category")},
                           root=str(out / "data"), seen_anomalies=min(cfg.seen_anomalies, 5))
     split = make_split(cfg)
+    cfg = resolve_input_size(cfg, split)
     normals, seen = load_training_arrays(cfg, split)
-    generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None)
+    generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None,
+                                 gray=is_gray(normals))
     return show_anomalies(normals, generator, out, n=n, seed=seed)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet
 from prn.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from prn.config import PRNConfig
+from prn.config import MAP_SIGMAS, PRNConfig
 from prn.data.datasets import load_sample
 from prn.data.split import Split
 from prn.errors import TrainingError
@@ -70,6 +70,11 @@ def load_training_arrays(cfg: PRNConfig, split: Split):
     normals = [load_sample(s, size, limit)[0] for s in split.train_normal]
     seen = [load_sample(s, size, limit) for s in split.train_anomalous]
     return normals, seen
+
+
+def is_gray(images: list[np.ndarray]) -> bool:
+    """Whether the (first eight) uint8 (H, W, 3) images are gray: all three channels equal."""
+    return all(bool((n[..., 0] == n[..., 1]).all() and (n[..., 1] == n[..., 2]).all()) for n in images[:8])
 
 
 def param_groups(model: PRN, weight_decay: float) -> list[dict]:
@@ -179,9 +184,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     if resume and payload.get("optimizer"):
         optimizer.load_state_dict(payload["optimizer"])
 
-    gray = all(bool((n[..., 0] == n[..., 1]).all() and (n[..., 1] == n[..., 2]).all()) for n in normals[:8])
     generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None,
-                                 gray=gray)
+                                 gray=is_gray(normals))
     dataset = TrainingSet(normals, generator, cfg)
     steps_per_epoch = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.seed, epoch=0))
     total_steps = steps_per_epoch * cfg.epochs
@@ -248,7 +252,12 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             return model
     if cfg.select_epoch == "best" and best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, expect_model="prn")["state_dict"])
-    write_model(run_dir, cfg, model, history)
+    sigma_scores = {}
+    if cfg.select_map_sigma and val is not None:
+        cfg, sigma_scores = choose_map_sigma(model, cfg, val, device)
+        if progress:
+            tqdm.write(f"map_sigma {cfg.map_sigma:g} chosen on the validation fold")
+    write_model(run_dir, cfg, model, history, sigma_scores)
     model.eval()
     return model
 
@@ -266,7 +275,20 @@ def load_validation(cfg: PRNConfig, split: Split):
     return images, masks, labels
 
 
-def write_model(run_dir: Path, cfg: PRNConfig, model: PRN, history: list) -> Path:
+def choose_map_sigma(model: PRN, cfg: PRNConfig, val, device: torch.device) -> tuple[PRNConfig, dict]:
+    """The map smoothing of MAP_SIGMAS that scores best (``val_score``) on the validation fold;
+    a tie keeps the smaller sigma. Returns (cfg with it, {sigma: score}); sets it on the model."""
+    scores = {}
+    for sigma in MAP_SIGMAS:
+        model.cfg = cfg.replace(map_sigma=sigma)
+        scores[sigma] = val_score(validate(model, *val, device, cfg.eval_batch_size))
+    best = max(MAP_SIGMAS, key=lambda s: (scores[s], -s))
+    cfg = cfg.replace(map_sigma=best)
+    model.cfg = cfg
+    return cfg, scores
+
+
+def write_model(run_dir: Path, cfg: PRNConfig, model: PRN, history: list, sigma_scores: dict | None = None) -> Path:
     """``checkpoints/model.pt``: the weights that test, predict and export use (the last epoch,
     or the best on validation with cfg.select_epoch = "best"), without optimiser state."""
     epochs = [r for r in history if "epoch" in r]
@@ -276,4 +298,6 @@ def write_model(run_dir: Path, cfg: PRNConfig, model: PRN, history: list) -> Pat
             val_score(r) > -math.inf for r in epochs) else len(epochs)
     return save_checkpoint(Path(run_dir) / "checkpoints" / "model.pt", model="prn", config=cfg.to_dict(),
                            state_dict=model.state_dict(), epoch=chosen, history=history,
-                           extra={"selected_epoch": chosen, "select_epoch": cfg.select_epoch})
+                           extra={"selected_epoch": chosen, "select_epoch": cfg.select_epoch,
+                                  "map_sigma": cfg.map_sigma,
+                                  "map_sigma_scores": {str(k): v for k, v in (sigma_scores or {}).items()}})

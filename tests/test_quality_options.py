@@ -15,7 +15,7 @@ from prn.anomalies.augment import mild_augment, sample_aug1
 from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, texture_for
 from prn.anomalies.extended import make_extended
 from prn.checkpoint import load_checkpoint
-from prn.config import PRESETS, PRNConfig
+from prn.config import MAP_SIGMAS, PRESETS, PRNConfig
 from prn.data.sample import Sample
 from prn.data.split import Split, hold_out_validation
 from prn.errors import DataError
@@ -271,7 +271,8 @@ def test_prototype_only_model_fits_without_training_and_tests(demo_root, tiny_co
 def test_fit_writes_validation_metrics_per_epoch_and_keeps_the_best_epoch(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, seen_anomalies=3, val_anomalies=1, val_normal_fraction=0.2,
                       val_normal_min=2, select_epoch="best", optimizer="adamw", lr_schedule="cosine",
-                      warmup_fraction=0.2, output_bias_prior=0.01, seen_fraction=0.25, map_sigma=1.0)
+                      warmup_fraction=0.2, output_bias_prior=0.01, seen_fraction=0.25, map_sigma=1.0,
+                      select_map_sigma=True)
     run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
     split = Split.load(run / "split.json")
     assert len(split.val_anomalous) == 1 and len(split.val_normal) == 2 and len(split.train_anomalous) == 2
@@ -282,6 +283,9 @@ def test_fit_writes_validation_metrics_per_epoch_and_keeps_the_best_epoch(demo_r
     kept = load_checkpoint(run / "checkpoints" / "model.pt")
     assert kept["extra"]["selected_epoch"] == 1 + int(np.argmax(scores))
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
+    sigmas = {float(k): v for k, v in kept["extra"]["map_sigma_scores"].items()}
+    assert sorted(sigmas) == list(MAP_SIGMAS)
+    assert kept["config"]["map_sigma"] == max(sigmas, key=lambda k: (sigmas[k], -k))
     assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
 
 

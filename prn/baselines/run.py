@@ -53,7 +53,8 @@ def fit_prototype_map(cfg: PRNConfig, *, run_dir: str | Path, progress: bool = T
                       split: Split | None = None) -> Path:
     """The zero-training mode: k-means prototypes of the normal training images, and the map
     |F - P*| alone (``PrototypeResidualMap``). Saved as model kind "prototypes"."""
-    from prn.train import batches_of, load_training_arrays, resolve_device
+    from prn.train import (batches_of, choose_map_sigma, load_training_arrays, load_validation,
+                           resolve_device)
 
     run_dir, split, cfg = start_run(cfg, run_dir, split)
     normals, _ = load_training_arrays(cfg, dataclasses.replace(split, train_anomalous=[]))
@@ -62,10 +63,15 @@ def fit_prototype_map(cfg: PRNConfig, *, run_dir: str | Path, progress: bool = T
     t0 = time.perf_counter()
     model.fit_prototypes(batches_of(normals, cfg.eval_batch_size))
     seconds = time.perf_counter() - t0
+    sigma_scores = {}
+    val = load_validation(cfg, split) if cfg.select_map_sigma else None
+    if val is not None:
+        cfg, sigma_scores = choose_map_sigma(model, cfg, val, device)
     save_checkpoint(run_dir / "checkpoints" / "last.pt", model="prototypes", config=cfg.to_dict(),
                     state_dict=model.state_dict(), epoch=0,
                     history=[{"event": "prototypes", "seconds": seconds}],
-                    extra={"n_normal": len(normals)})
+                    extra={"n_normal": len(normals), "map_sigma": cfg.map_sigma,
+                           "map_sigma_scores": {str(k): v for k, v in sigma_scores.items()}})
     if progress:
         print(f"prototypes of {len(normals)} normal images in {seconds:.1f} s")
     return run_dir
