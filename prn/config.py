@@ -66,6 +66,8 @@ class PRNConfig:
     attention_dim: int = 8            # embedding width of q/k/v per head; 0: 2c/heads (ours: 8, see docs/model.md)
     attention_scale: str = "sqrt"     # softmax scale: "sqrt" 1/sqrt(c^s) (ours); "paper" 1/c^s (Eq. 3)
     decoder_channels: tuple[int, ...] = (128, 64, 16, 8)  # U-Net decoder widths at 1/8..1/1 (ours: lean)
+    residual_prior: bool = False      # ours: add the standardised residual map |F - P*| to the logits, with
+                                      # a learned weight, so training corrects the prototype map
 
     # --- anomaly generation (Sec. 3.4, A.1) ---
     extended_anomalies: bool = True   # EA

@@ -40,7 +40,7 @@ from prn.model.network import PRN
 # Settings that change the network's shape or meaning: a resumed run must match them.
 ARCHITECTURE_KEYS = ("backbone", "image_size", "image_hw", "use_prototypes", "use_attention", "use_fusion",
                      "attention_layers", "attention_patch_divisors", "attention_dim", "attention_scale",
-                     "decoder_channels")
+                     "decoder_channels", "residual_prior")
 
 
 def resolve_device(name: str) -> torch.device:

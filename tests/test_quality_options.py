@@ -311,3 +311,20 @@ def test_a_non_square_run_writes_maps_at_each_images_original_size(demo_root, ti
     out = api.predict(run, inputs, tmp_path / "out", progress=False)
     amap = np.load(out / "maps" / "wide.png.npy")
     assert amap.shape == (50, 130)
+
+
+def test_residual_prior_adds_the_standardised_residual_map_to_the_logits():
+    model, cfg = _tiny_prn(residual_prior=True)
+    x = torch.rand(6, 3, 64, 64)
+    model.fit_prototypes([x])
+    mean, sd = model.residual_stats
+    assert sd > 0
+    y = torch.rand(2, 3, 64, 64)
+    model.train()
+    with torch.no_grad():
+        with_prior = model(y)
+        model.residual_prior.fill_(0.0)
+        without = model(y)
+        maps, raw = model.skips_and_residuals(y)
+    expected = (residual_map(raw, (64, 64)) - mean) / sd
+    assert torch.allclose(with_prior - without, expected, atol=1e-4)

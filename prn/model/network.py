@@ -69,6 +69,13 @@ class PRN(nn.Module):
             if cfg.use_fusion:
                 self.fuse_attention = MultiScaleFusion(self.skip_channels)
         self.decoder = Decoder(self.skip_channels, cfg.decoder_channels, encoder.reductions[0])
+        self.residual_prior = None
+        if cfg.residual_prior and cfg.use_prototypes:
+            # ours: logits = head + w (R - mu) / sd, with R the untrained residual map and mu, sd
+            # its mean and spread over the normal training images: training starts from
+            # the prototype map and learns a correction, instead of having to rediscover it.
+            self.register_buffer("residual_stats", torch.tensor([0.0, 1.0]))
+            self.residual_prior = nn.Parameter(torch.tensor(1.0))
         if cfg.output_bias_prior > 0:
             # Start every pixel at probability p, not 0.5 (RetinaNet's prior): the first steps
             # then learn defects instead of pushing the background down.
@@ -96,23 +103,40 @@ class PRN(nn.Module):
         """
         if self.prototypes is None:
             return
-        fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
-                       self.cfg.kmeans_max_iter, self.cfg.seed)
+        feats = fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
+                               self.cfg.kmeans_max_iter, self.cfg.seed)
+        if self.residual_prior is not None:
+            sums = torch.zeros(2, dtype=torch.float64)
+            n = 0
+            for i in range(0, len(feats[0]), 16):
+                chunk = [f[i:i + 16].to(self.residual_stats.device) for f in feats]
+                r0 = self.encoder.reductions[0]
+                size = (chunk[0].shape[-2] * r0, chunk[0].shape[-1] * r0)
+                r = residual_map(self.prototypes.residuals(chunk), size).double()
+                sums += torch.stack([r.sum(), r.square().sum()]).cpu()
+                n += r.numel()
+            mean = sums[0] / n
+            sd = (sums[1] / n - mean ** 2).clamp_min(1e-12).sqrt()
+            self.residual_stats.copy_(torch.stack([mean, sd]).float())
 
     def skips(self, x: Tensor) -> list[Tensor]:
-        """x: float32 (B, 3, S, S) in [0, 1] -> skip maps (B, skip_channels[j], S/r_j, S/r_j)."""
+        """x: float32 (B, 3, H, W) in [0, 1] -> skip maps (B, skip_channels[j], H/r_j, W/r_j)."""
+        return self.skips_and_residuals(x)[0]
+
+    def skips_and_residuals(self, x: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The skip maps and the raw residuals |F_j - P*_j| (None without MP)."""
         feats = self.encoder(x)
         maps = self.fuse_features(feats) if self.fuse_features is not None else feats
+        raw = None
         if self.prototypes is not None:
-            res = self.prototypes.residuals(feats)
-            if self.fuse_residuals is not None:
-                res = self.fuse_residuals(res)
+            raw = self.prototypes.residuals(feats)
+            res = self.fuse_residuals(raw) if self.fuse_residuals is not None else raw
             maps = [torch.cat([m, r], dim=1) for m, r in zip(maps, res)]
         if self.attention is not None:
             maps = self.attention(maps)
             if self.fuse_attention is not None:
                 maps = self.fuse_attention(maps)
-        return maps
+        return maps, raw
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         """Training: logits (B, 1, H, W). Eval: {"anomaly_map": sigmoid map (B, 1, H, W) in [0, 1],
@@ -120,7 +144,12 @@ class PRN(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"PRN expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.decoder(self.skips(x), x.shape[-2:])
+        maps, raw = self.skips_and_residuals(x)
+        logits = self.decoder(maps, x.shape[-2:])
+        if self.residual_prior is not None:
+            mean, sd = self.residual_stats
+            prior = (residual_map(raw, x.shape[-2:]) - mean) / sd
+            logits = logits + self.residual_prior * prior.to(logits.dtype)
         if self.training:
             return logits
         anomaly_map = smooth_map(torch.sigmoid(logits), self.cfg.map_sigma)

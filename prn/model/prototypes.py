@@ -129,11 +129,12 @@ class Prototypes(nn.Module):
 
 @torch.no_grad()
 def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable[Tensor | Mapping],
-                   ratio: float, max_iter: int = 300, seed: int = 0) -> None:
+                   ratio: float, max_iter: int = 300, seed: int = 0) -> list[Tensor]:
     """Cluster the ``encoder`` features of normal images into ``prototypes`` (Sec. 3.1).
 
     batches: float32 (B, 3, H, W) in [0, 1] (or dicts holding one under "image").
-    K = ceil(ratio * number of images), per scale.
+    K = ceil(ratio * number of images), per scale. Returns the features, float32 (N, c_j, h_j, w_j)
+    per scale on the CPU.
     """
     device = next(iter(encoder.buffers()), torch.empty(0)).device
     per_scale: list[list[Tensor]] = [[] for _ in prototypes.names]
@@ -146,6 +147,7 @@ def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable
     feats = [torch.cat(store) for store in per_scale]
     k = num_prototypes(len(feats[0]), ratio)
     prototypes.set([kmeans_prototypes(f, k, max_iter, seed) for f in feats])
+    return feats
 
 
 def residual_map(residuals: list[Tensor], size: tuple[int, int]) -> Tensor:
