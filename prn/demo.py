@@ -34,11 +34,11 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
 
 def show_anomalies_for_config(cfg: PRNConfig, out: Path, *, n: int = 6, seed: int = 0) -> list[Path]:
     """Picture grids of what the model trains on, for the config's data (or the demo data)."""
-    from prn.anomalies.compose import AnomalyGenerator
+    from prn.anomalies.compose import AnomalyGenerator, is_gray
     from prn.anomalies.show import show_anomalies
     from prn.data.demo import make_demo_dataset
     from prn.runs import make_split, resolve_input_size
-    from prn.train import is_gray, load_training_arrays
+    from prn.train import load_training_arrays
 
     if not cfg.root:
         make_demo_dataset(out / "data", seed=0)
@@ -48,5 +48,5 @@ def show_anomalies_for_config(cfg: PRNConfig, out: Path, *, n: int = 6, seed: in
     cfg = resolve_input_size(cfg, split)
     normals, seen = load_training_arrays(cfg, split)
     generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None,
-                                 gray=is_gray(normals))
+                                 gray=all(is_gray(n) for n in normals[:8]))
     return show_anomalies(normals, generator, out, n=n, seed=seed)

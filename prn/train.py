@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet
+from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, is_gray
 from prn.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from prn.config import MAP_SIGMAS, PRNConfig
 from prn.data.datasets import load_sample
@@ -70,11 +70,6 @@ def load_training_arrays(cfg: PRNConfig, split: Split):
     normals = [load_sample(s, size, limit)[0] for s in split.train_normal]
     seen = [load_sample(s, size, limit) for s in split.train_anomalous]
     return normals, seen
-
-
-def is_gray(images: list[np.ndarray]) -> bool:
-    """Whether the (first eight) uint8 (H, W, 3) images are gray: all three channels equal."""
-    return all(bool((n[..., 0] == n[..., 1]).all() and (n[..., 1] == n[..., 2]).all()) for n in images[:8])
 
 
 def param_groups(model: PRN, weight_decay: float) -> list[dict]:
@@ -185,7 +180,7 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         optimizer.load_state_dict(payload["optimizer"])
 
     generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None,
-                                 gray=is_gray(normals))
+                                 gray=all(is_gray(n) for n in normals[:8]))
     dataset = TrainingSet(normals, generator, cfg)
     steps_per_epoch = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.seed, epoch=0))
     total_steps = steps_per_epoch * cfg.epochs

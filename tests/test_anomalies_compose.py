@@ -11,27 +11,13 @@ from torch.utils.data import DataLoader
 from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet
 from prn.anomalies.show import show_anomalies
 from prn.anomalies.target_areas import foreground_mask
-from prn.anomalies.textures import procedural_texture
 from prn.config import PRNConfig
 
-S = 64
-
-
-def rng(seed=0):
-    return np.random.default_rng(seed)
+from anomaly_images import S, rng, object_image
 
 
 def config(**changes):
     return PRNConfig(**{"image_size": S, "batch_size": 8, **changes})
-
-
-def object_image(seed=0):
-    """A textured disk on a dark backdrop, like an MVTec object."""
-    yy, xx = np.mgrid[0:S, 0:S]
-    disk = np.hypot(yy - 30, xx - 34) < 20
-    img = np.full((S, S, 3), 15, np.uint8)
-    img[disk] = 90 + procedural_texture(S, rng(seed))[disk] // 2
-    return img
 
 
 def seen_anomalies(n=2):

@@ -14,15 +14,7 @@ from prn.anomalies.simulated import (
 from prn.anomalies.target_areas import sample_target_area
 from prn.anomalies.textures import procedural_texture
 
-S = 64
-
-
-def rng(seed=0):
-    return np.random.default_rng(seed)
-
-
-def normal_image(seed=0):
-    return procedural_texture(S, rng(100 + seed))
+from anomaly_images import S, rng, normal_image
 
 
 def seen_anomaly(seed=0):

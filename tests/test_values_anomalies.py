@@ -26,16 +26,9 @@ from prn.anomalies.simulated import (
 from prn.anomalies.textures import procedural_texture
 from prn.config import PRNConfig
 
-S = 64
+from anomaly_images import S, normal_image, object_image, rng
+
 WHOLE = np.ones((S, S), bool)
-
-
-def rng(seed=0):
-    return np.random.default_rng(seed)
-
-
-def normal_image(seed=0):
-    return procedural_texture(S, rng(100 + seed))
 
 
 def changed_pixels(a, b):
@@ -452,14 +445,6 @@ def test_extended_anomaly_refuses_empty_regions_with_a_message(which, message):
 
 
 # ---------------------------------------------------------------- show-anomalies grids
-
-def object_image(seed=0):
-    yy, xx = np.mgrid[0:S, 0:S]
-    disk = np.hypot(yy - 30, xx - 34) < 20
-    img = np.full((S, S, 3), 15, np.uint8)
-    img[disk] = 90 + procedural_texture(S, rng(seed))[disk] // 2
-    return img
-
 
 def seen_anomalies():
     image = object_image(50)

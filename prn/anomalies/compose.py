@@ -33,7 +33,8 @@ STRATEGIES = ("extended", "heterologous", "homologous")
 KINDS = ("normal", "extended", "simulated", "seen")
 
 
-def _is_gray(image: np.ndarray) -> bool:
+def is_gray(image: np.ndarray) -> bool:
+    """Whether a uint8 (H, W, 3) image is gray: its three channels are equal."""
     return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
 
 
@@ -99,7 +100,7 @@ class AnomalyGenerator:
         # gray: whether the normal images are gray (the caller knows them); else judged from the seen ones.
         wanted = {"yes": True, "no": False}.get(cfg.gray_textures)
         if wanted is None:
-            wanted = gray if gray is not None else bool(self.seen) and all(_is_gray(im) for im, _ in self.seen[:3])
+            wanted = gray if gray is not None else bool(self.seen) and all(is_gray(im) for im, _ in self.seen[:3])
         self.gray_textures = wanted
 
     @property
