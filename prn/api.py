@@ -13,24 +13,25 @@ Every run folder holds ``config.yaml``, ``split.json`` (the exact file lists), `
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from prn.checkpoint import load_checkpoint
+from prn.deploy.calibrate import calibrate_run, rates_at
+from prn.deploy.loading import load_model as load_model_full
 from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
-from prn.data.io import read_image, require_images
 from prn.data.sample import Sample
 from prn.data.split import Split
-from prn.errors import DataError, PRNError
+from prn import distributed
+from prn.errors import DataError, PRNError, UsageError
 from prn.infer import Predictions, predict_samples, resize_map
 from prn.metrics import compute_all
+from prn.precision import check_precision
 from prn.report import write_predictions, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
-from prn.train import build_model, resolve_device, train
+from prn.train import resolve_device, train
 
 # ----------------------------------------------------------------------------- fit
 
@@ -39,8 +40,18 @@ def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = T
     """Split the data (A.2), fit prototypes and train PRN; returns the run folder.
 
     model: "prn", or one that trains nothing: "prototypes" (PRN's residual map alone) or
-    "patchcore" (the baseline)."""
+    "patchcore" (the baseline).
+
+    Under torchrun (prn.distributed) every rank calls this alike: rank 0 makes the run folder
+    and the others receive it; rank 0 alone writes files, and every rank returns once it has."""
+    world, device = distributed.setup(resolve_device(cfg.device))
+    if model == "prn":  # before any folder is made
+        check_precision(cfg.precision, device)
+        distributed.check_batch(cfg.batch_size, world)
     if model != "prn":
+        if world.distributed:
+            raise UsageError(f"--model {model} trains nothing, so it runs in one process: "
+                             f"start it with prn, not torchrun")
         from prn.baselines.run import fit_patchcore, fit_prototype_map
         fitters = {"patchcore": fit_patchcore, "prototypes": fit_prototype_map}
         if model not in fitters:
@@ -48,52 +59,54 @@ def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = T
         t0 = time.perf_counter()
         run_dir = fitters[model](cfg, run_dir=run_dir, progress=progress, split=split)
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
-        return run_dir
-    run_dir, split, cfg = start_run(cfg, run_dir, split)
-    t0 = time.perf_counter()
-    train(cfg, split, run_dir, progress=progress)
-    note(run_dir, "fit_seconds", time.perf_counter() - t0)
+    else:
+        if world.is_main:
+            run_dir, split, cfg = start_run(cfg, run_dir, split)
+        run_dir, split, cfg = distributed.share_run(run_dir, split, cfg)
+        t0 = time.perf_counter()
+        train(cfg, split, run_dir, progress=progress)
+        if world.is_main:
+            note(run_dir, "fit_seconds", time.perf_counter() - t0)
+    if world.is_main:
+        _calibrate(run_dir, progress)
+    distributed.barrier()  # the other ranks end when rank 0 has written everything
     return run_dir
+
+
+def _calibrate(run_dir: Path, progress: bool) -> None:
+    """Thresholds on the held-out fold, stored with the model (prn.deploy.calibrate)."""
+    cal = calibrate_run(run_dir)
+    if progress:
+        print(f"threshold {cal['image_threshold']:.4g} at {100 * cal['target_fpr']:g} % false rejects "
+              f"({cal['n_normal']} held-out good parts, {cal['method']})" if cal else
+              "no held-out normal images: the model is not calibrated (prn calibrate RUN after adding data)")
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = True) -> Path:
     """Continue an interrupted run from its last checkpoint, with its own config and split."""
     run_dir = Path(run_dir)
     cfg = PRNConfig.load(run_dir / "config.yaml")
+    split = Split.load(run_dir / "split.json")
+    world, _ = distributed.setup(resolve_device(cfg.device))  # every rank reads the run folder
     if epochs is not None:
         cfg = cfg.replace(epochs=epochs)
-        cfg.save(run_dir / "config.yaml")
-    split = Split.load(run_dir / "split.json")
+        distributed.barrier()  # every rank has read config.yaml before rank 0 rewrites it
+        if world.is_main:
+            cfg.save(run_dir / "config.yaml")
     train(cfg, split, run_dir, resume=True, progress=progress)
+    if world.is_main:
+        _calibrate(run_dir, progress)
+    distributed.barrier()
     return run_dir
 
 
 # ----------------------------------------------------------------------------- loading
 
 def load_model(checkpoint: str | Path, *, device: str | None = None):
-    """(model in eval mode on its device, PRNConfig) from a run folder or a .pt file."""
-    payload = load_checkpoint(checkpoint)
-    cfg = PRNConfig.from_dict(payload["config"])
-    if device is not None:
-        cfg = cfg.replace(device=device)
-    kind = payload.get("model")
-    if kind == "prn":
-        model = build_model(cfg, pretrained=False)
-    elif kind == "patchcore":
-        from prn.baselines.run import build_patchcore
-        model = build_patchcore(cfg, pretrained=False)
-    elif kind == "prototypes":
-        from prn.baselines.run import build_prototype_map
-        model = build_prototype_map(cfg, pretrained=False)
-    else:
-        raise PRNError(f"{checkpoint}: unknown model kind {kind!r}")
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise PRNError(f"{checkpoint}: weights do not fit a {cfg.backbone} {kind} model: "
-                       f"{str(exc).splitlines()[0]}") from exc
-    model.eval().to(resolve_device(cfg.device))
-    return model, cfg
+    """(model in eval mode on its device, PRNConfig) from a run folder or a .pt file
+    (``prn.deploy.loading.load_model`` gives the calibration too)."""
+    loaded = load_model_full(checkpoint, device=device)
+    return loaded.model, loaded.cfg
 
 
 def _run_dir_of(checkpoint: str | Path) -> Path:
@@ -106,7 +119,7 @@ def _run_dir_of(checkpoint: str | Path) -> Path:
 def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = False) -> tuple[dict, Predictions]:
     preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
                             device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
-                            progress=progress)
+                            progress=progress, precision=cfg.precision)
     metrics = compute_all(preds.labels, preds.scores, preds.masks, preds.maps)
     metrics["seconds_per_image"] = preds.seconds_per_image
     metrics["n_test"] = len(samples)
@@ -118,7 +131,8 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
          overlays: int = 8, progress: bool = True, device: str | None = None) -> dict:
     """Evaluate a run on its own held-out test split; writes results and predictions."""
     run_dir = _run_dir_of(run)
-    model, cfg = load_model(run, device=device)
+    loaded = load_model_full(run, device=device)
+    model, cfg = loaded.model, loaded.cfg
     split_path = run_dir / "split.json"
     if not split_path.is_file():
         raise DataError(f"{split_path}: the run has no split.json, so its test set is unknown")
@@ -126,10 +140,12 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics, preds = evaluate(model, cfg, split.test, progress=progress)
+    if loaded.calibration:  # what the line would do at the stored threshold
+        metrics.update(rates_at(preds.labels, preds.scores, loaded.calibration["image_threshold"]))
     name = category_name(cfg)
     write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.dataset} {name}")
     _write_prediction_files(out / "predictions", preds, split_root(cfg), save_maps,
-                            threshold=metrics.get("f1_threshold"))
+                            threshold=metrics.get("threshold", metrics.get("f1_threshold")))
     if overlays:
         _write_overlays(out / "images", preds, cfg, _pick_overlays(preds, overlays), with_truth=True)
     return metrics
@@ -175,36 +191,26 @@ def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, picks: list[t
 
 # ----------------------------------------------------------------------------- predict
 
-def list_images(path: Path) -> list[Path]:
-    return [path] if path.is_file() else require_images(path, what="input folder")
-
-
 def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
-            threshold: float | None = None, overlays: bool = False, progress: bool = True,
-            device: str | None = None) -> Path:
-    """Score new images: ``out_dir/scores.csv`` and ``out_dir/maps/<mirrored path>.npy``.
+            threshold: float | None = None, maps: str = "npy", masks: bool = False,
+            overlays: int = 0, strict: bool = False, num_workers: int = 0, progress: bool = True,
+            device: str | None = None):
+    """Score new images into ``out_dir``: ``scores.csv`` (path, score, normalized_score,
+    prediction, error) and ``maps/<mirrored path>.npy``; see ``prn.deploy.predict.predict_folder``.
 
-    The threshold for the ``prediction`` column is ``threshold`` when given, else the F1-max
-    threshold that ``prn test`` stored in the run's results.json, else none (scores only).
+    Decisions use the threshold calibrated at fit and stored in the checkpoint (``threshold``
+    overrides it), so a bare checkpoint file decides as its run folder does. Returns a
+    PredictSummary (csv path, counts of images, defective ones and unreadable files).
     """
-    model, cfg = load_model(run, device=device)
-    inputs = Path(inputs)
-    files = list_images(inputs)
-    for f in files:  # fail on the first bad file before spending time on the model
-        read_image(f, cfg.max_image_pixels)
-    if threshold is None:
-        results = _run_dir_of(run) / "results.json"
-        if results.is_file():  # a run's results.json holds one category, so its mean row is it
-            threshold = json.loads(results.read_text()).get("mean", {}).get("f1_threshold")
-    samples = [Sample(f, None, 0, "unknown") for f in files]
-    preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
-                            device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
-                            progress=progress)
-    out = Path(out_dir)
-    records = [(s.image_path, float(preds.scores[i]), resize_map(preds.maps[i], original_hw(s)), None)
-               for i, s in enumerate(samples)]
-    write_predictions(out, records, inputs if inputs.is_dir() else inputs.parent, threshold=threshold)
-    if overlays:
-        picks = [(i, f"{i:05d}_{s.image_path.stem}") for i, s in enumerate(samples)]
-        _write_overlays(out / "images", preds, cfg, picks, with_truth=False)
-    return out
+    from prn.deploy.predict import Predictor, predict_folder
+    predictor = Predictor(run, device=device, threshold=threshold)
+    return predict_folder(predictor, inputs, out_dir, maps=maps, masks=masks, overlays=overlays,
+                          strict=strict, num_workers=num_workers, progress=progress)
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> Path:
+    """The model as one ONNX or TorchScript file that runs without prn; see ``prn.deploy.export``."""
+    from prn.deploy.export import export as export_model
+    return export_model(run, fmt, out)

@@ -4,7 +4,8 @@ A checkpoint is a dict of plain types and tensors:
 
     {"format": "prn-checkpoint", "format_version": 1, "prn_version": "0.1.0", "model": "prn",
      "config": {...PRNConfig.to_dict()...}, "state_dict": {...}, "optimizer": {...} | None,
-     "epoch": int, "history": [{...floats...}], "extra": {...}}
+     "epoch": int, "history": [{...floats...}], "extra": {...},
+     "calibration": {...thresholds, prn.deploy.calibrate...} | None}
 
 The encoder's frozen weights are inside ``state_dict`` too, so a checkpoint predicts offline even
 when it was trained with ResNet-18 weights that this machine could not download.
@@ -29,7 +30,8 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | Path, *, model: str, config: dict, state_dict: dict,
                     optimizer: dict | None = None, epoch: int = 0,
-                    history: list | None = None, extra: dict | None = None) -> Path:
+                    history: list | None = None, extra: dict | None = None,
+                    calibration: dict | None = None) -> Path:
     """Write a checkpoint so that a crash at any point leaves the previous file intact.
 
     The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
@@ -42,6 +44,7 @@ def save_checkpoint(path: str | Path, *, model: str, config: dict, state_dict: d
         "model": model, "config": config,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "optimizer": optimizer, "epoch": int(epoch), "history": history or [], "extra": extra or {},
+        "calibration": calibration,
     }
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -60,13 +63,19 @@ def save_checkpoint(path: str | Path, *, model: str, config: dict, state_dict: d
     return path
 
 
-def load_checkpoint(path: str | Path, *, expect_model: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint safely. Anything but tensors and plain data is refused, never executed."""
+def checkpoint_file(path: str | Path) -> Path:
+    """The file a run folder or checkpoint path stands for: a run's ``checkpoints/model.pt`` (the
+    weights a finished fit kept), else its ``checkpoints/last.pt`` (the latest epoch); a file as is."""
     path = Path(path)
     if path.is_dir():
-        # model.pt: the weights a finished fit kept; last.pt: the latest epoch (resumption)
         chosen = path / "checkpoints" / "model.pt"
-        path = chosen if chosen.is_file() else path / "checkpoints" / "last.pt"
+        return chosen if chosen.is_file() else path / "checkpoints" / "last.pt"
+    return path
+
+
+def load_checkpoint(path: str | Path, *, expect_model: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint safely. Anything but tensors and plain data is refused, never executed."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -89,6 +98,16 @@ def load_checkpoint(path: str | Path, *, expect_model: str | None = None) -> dic
         raise CheckpointError(
             f"{path}: holds a {payload.get('model')!r} model, expected {expect_model!r}")
     return payload
+
+
+def set_calibration(path: str | Path, calibration: dict | None) -> Path:
+    """Store ``calibration`` in the checkpoint that ``path`` stands for (rewritten atomically)."""
+    path = checkpoint_file(path)
+    payload = load_checkpoint(path)
+    keys = ("optimizer", "epoch", "history", "extra")
+    return save_checkpoint(path, model=payload["model"], config=payload["config"],
+                           state_dict=payload["state_dict"], calibration=calibration,
+                           **{k: payload.get(k) for k in keys})
 
 
 def check_compatible(path: str | Path, payload: dict, config: dict, keys: tuple[str, ...]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from prn.config import BACKBONES, DATASETS, PRESETS, PRNConfig
-from prn.errors import PRNError
+from prn.config import BACKBONES, DATASETS, PRESETS, PRNConfig, fields_from_yaml, parse_field
+from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
 
 # Flags every config-building verb takes, mapped to PRNConfig fields.
 COMMON_FLAGS = {
@@ -24,58 +25,124 @@ COMMON_FLAGS = {
     "image_size": dict(type=int, help="images are resized to this square size (the long side with "
                                        "--set keep_aspect=true)"),
     "seen_anomalies": dict(type=int, help="k seen anomalies moved from test to train (0, 1, 5, 10)"),
-    "epochs": dict(type=int),
+    "epochs": dict(type=int, help="training epochs (the one flag --resume takes: a longer schedule)"),
     "batch_size": dict(type=int, help="split 2:1:1 into normal / extended / simulated"),
     "steps_per_epoch": dict(type=int, help="0: one pass over the normal images"),
     "seed": dict(type=int),
     "device": dict(help="auto, cpu, cuda, cuda:N"),
+    "precision": dict(choices=("32", "bf16", "16"),
+                      help="32 (default); bf16: autocast, CUDA or CPU; 16: autocast and loss scaling, CUDA"),
     "output_dir": dict(help="where run folders are made (default runs/)"),
     "texture_dir": dict(help="DTD-like folder of textures for heterologous anomalies"),
+    "target_fpr": dict(type=float, help="calibration: share of held-out good parts rejected (default 0.01)"),
 }
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
+PRECEDENCE = ("Sources of the settings, later ones winning: the defaults (the paper's), then "
+              "--config FILE, then --preset (a note on stderr lists the file's values it replaces), "
+              "then the flags below, then each --set in order.")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="budget preset: paper (GPU) or cpu")
+    p = p.add_argument_group("settings (prn.config.PRNConfig)", PRECEDENCE)
+    p.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run); a preset "
+                                               "and flags given with it override its values")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="budget preset: paper (GPU) or cpu; overrides --config, flags override it")
     for name, kw in COMMON_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config field, e.g. --set use_attention=false (repeatable)")
+                   help="any other config field, parsed to the field's type (lr=1e-4 a number, "
+                        "category=01 text, image_hw=384,160 a pair, use_attention=false); a value that "
+                        "does not convert is refused before any work; repeatable, applied last")
 
 
-def config_from_args(args: argparse.Namespace) -> PRNConfig:
+def _load_config_file(path: Path) -> dict:
+    """The keys a --config file sets, typed as the fields are (an input file: DataError)."""
+    if not path.is_file():
+        raise DataError(f"{path}: config file not found")
+    try:
+        data = fields_from_yaml(path.read_text())
+        PRNConfig.from_dict(data)  # unknown keys and out-of-range values, named with the file
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}") from None
+    return data
+
+
+def config_from_args(args: argparse.Namespace, *, notes=None) -> PRNConfig:
+    """The config the command line asks for, checked before any work (see PRECEDENCE for the
+    order of the sources). A value that does not fit its field is a UsageError naming the flag,
+    the value and the type; notes (stderr) hear which --config values a --preset replaces."""
+    notes = notes or sys.stderr
     data = PRNConfig().to_dict()
     if args.config:
-        data.update(PRNConfig.load(args.config).to_dict())
+        from_file = _load_config_file(args.config)
+        data.update(from_file)
     if args.preset:
-        data.update(PRESETS[args.preset])
+        preset = PRESETS[args.preset]
+        if args.config:
+            replaced = [f"{k} {from_file[k]!r} -> {v!r}" for k, v in preset.items()
+                        if k in from_file and from_file[k] != v]
+            if replaced:
+                print(f"note: --preset {args.preset} replaces these values of {args.config}: "
+                      f"{', '.join(replaced)}", file=notes)
+        data.update(preset)
     for name in COMMON_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             data[name] = value
     known = {f.name for f in fields(PRNConfig)}
     for item in args.set:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or key not in known:
-            raise PRNError(f"--set {item!r}: expected KEY=VALUE with KEY one of the config fields "
-                           f"({', '.join(sorted(known))})")
-        data[key] = _parse_value(value)
-    return PRNConfig.from_dict(data)
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of the config fields{hint}: "
+                             f"{', '.join(sorted(known))}")
+        try:
+            data[key] = parse_field(key, text)
+        except ValueError as exc:
+            raise UsageError(f"--set {item}: {exc}") from None
+    try:
+        return PRNConfig.from_dict(data)
+    except ValueError as exc:  # the right type but out of range, e.g. image_size 100
+        raise UsageError(str(exc)) from None
+
+
+def _flags_resume_would_ignore(args: argparse.Namespace) -> list[str]:
+    given = [flag for flag, on in (("--config", args.config), ("--preset", args.preset),
+                                   ("--run-dir", args.run_dir), ("--overwrite", args.overwrite),
+                                   ("--model", args.model)) if on]
+    given += ["--" + name.replace("_", "-") for name in COMMON_FLAGS
+              if name != "epochs" and getattr(args, name, None) is not None]
+    return given + [f"--set {item}" for item in args.set]
 
 
 def cmd_fit(args) -> None:
-    from prn import api
+    from prn import api, distributed
+    from prn.runs import check_run_dir
     if args.resume:
+        ignored = _flags_resume_would_ignore(args)
+        if ignored:
+            raise UsageError(f"--resume {args.resume} continues the run with its own config.yaml and "
+                             f"split.json, so {', '.join(ignored)} would be ignored; only --epochs "
+                             f"(a longer schedule), --test and --quiet go with --resume")
+        if not (args.resume / "config.yaml").is_file():
+            raise CheckpointError(f"{args.resume}: not a run folder (no config.yaml) to resume")
         run = api.resume(args.resume, epochs=args.epochs, progress=not args.quiet)
     else:
         cfg = config_from_args(args)
         if not cfg.root:
-            raise PRNError("--root is required (the dataset folder)")
-        run = api.fit(cfg, run_dir=args.run_dir, progress=not args.quiet, model=args.model)
+            raise UsageError("--root is required (the dataset folder)")
+        if args.overwrite and not args.run_dir:
+            raise UsageError("--overwrite goes with --run-dir (new run folders are always new)")
+        # Under torchrun rank 0 alone checks (and with --overwrite empties) the folder it writes.
+        run_dir = (check_run_dir(args.run_dir, overwrite=args.overwrite)
+                   if args.run_dir and distributed.is_main() else args.run_dir)
+        run = api.fit(cfg, run_dir=run_dir, progress=not args.quiet, model=args.model or "prn")
+    if not distributed.is_main():
+        return  # rank 0 reports and tests
     print(f"run folder: {run}")
     if args.test:
         _print_metrics(api.test(run, progress=not args.quiet))
@@ -83,16 +150,47 @@ def cmd_fit(args) -> None:
 
 def cmd_test(args) -> None:
     from prn import api
-    metrics = api.test(args.run, out_dir=args.out, save_maps=args.save_maps, overlays=args.overlays,
+    # -1 (all): more than any test set holds, since api.test takes a count
+    overlays = args.overlays if args.overlays >= 0 else sys.maxsize
+    metrics = api.test(args.run, out_dir=args.out, save_maps=args.save_maps, overlays=overlays,
                        progress=not args.quiet, device=args.device)
     _print_metrics(metrics)
 
 
-def cmd_predict(args) -> None:
+def cmd_predict(args) -> int | None:
     from prn import api
-    out = api.predict(args.run, args.input, args.out, threshold=args.threshold, overlays=args.overlays,
-                      progress=not args.quiet, device=args.device)
-    print(f"scores: {out / 'scores.csv'}\nmaps:   {out / 'maps'}")
+    summary = api.predict(args.run, args.input, args.out, threshold=args.threshold, maps=args.maps,
+                          masks=args.masks, overlays=args.overlays, strict=args.strict,
+                          num_workers=args.workers, progress=not args.quiet, device=args.device)
+    print(f"{summary.n_images} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f}/s): "
+          f"{summary.n_defective} judged defective, {summary.n_errors} unreadable\n"
+          f"scores: {summary.csv}")
+    if summary.n_errors:
+        print(f"prn predict: warning: {summary.n_errors} unreadable file(s), listed with their error "
+              f"in {summary.csv}", file=sys.stderr)
+    if args.fail_on_defect and summary.n_defective:
+        return ExitStatus.DEFECT  # the exit status a line script acts on (README: exit statuses)
+
+
+def cmd_calibrate(args) -> None:
+    from prn.deploy.calibrate import calibrate_run
+    cal = calibrate_run(args.run, target_fpr=args.target_fpr, pixel_target_fpr=args.pixel_target_fpr,
+                        device=args.device, progress=not args.quiet)
+    if cal is None:
+        raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
+                       f"so there is nothing to calibrate on")
+    _print_metrics(cal)
+
+
+def cmd_export(args) -> None:
+    from prn import api
+    from prn.deploy.export import read_metadata
+    path = api.export(args.run, args.format, args.out)
+    meta = read_metadata(path)
+    decision = (f"threshold {float(meta['image_threshold']):.6g} (calibrated)"
+                if meta["calibrated"] == "true" else "no calibration in the checkpoint: map and score only")
+    print(f"{args.format}: {path}\n{meta['model_kind']} on {meta['backbone']}, input uint8 RGB "
+          f"(batch, 3, H, W), resized to {meta['input_height']} x {meta['input_width']}; {decision}")
 
 
 def cmd_demo(args) -> None:
@@ -110,29 +208,73 @@ def cmd_show_anomalies(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from prn.benchmark import run_benchmark
+    from prn import distributed
+    from prn.benchmark import JobsFailed, run_benchmark
     cfg = config_from_args(args)
-    table = run_benchmark(cfg, model=args.model, categories=args.categories, out_dir=args.out,
-                          ablation=args.ablation, progress=not args.quiet)
-    print(table)
+    try:
+        table = run_benchmark(cfg, model=args.model, categories=args.categories, out_dir=args.out,
+                              ablation=args.ablation, progress=not args.quiet, jobs=args.jobs)
+    except JobsFailed as exc:
+        print(exc.table)  # the categories that finished, then the error names the others
+        raise
+    if distributed.is_main():
+        print(table)
+
+
+def cmd_serve(args) -> None:
+    from prn.serve import serve
+    serve(args.run, host=args.host, port=args.port, token=args.token, device=args.device,
+          threshold=args.threshold, max_request_bytes=round(args.max_request_mb * 2**20),
+          max_pixels=args.max_pixels, max_images=args.max_images)
 
 
 def _print_metrics(metrics: dict) -> None:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
 
 
+EXIT_STATUSES = """exit statuses:
+  0    done
+  1    any other error
+  2    usage: unknown flag, a value of the wrong type, flags that conflict or would be ignored
+  3    prn predict --fail-on-defect: at least one image was judged defective
+  4    input data: a dataset, image, mask, input or config file missing, unreadable or wrong
+  5    model files: a checkpoint or backbone weights missing, unsafe or incompatible
+  6    training stopped (non-finite loss) or the asked-for device is absent
+  130  interrupted (Ctrl-C); a fit's last checkpoint is intact, continue with --resume
+errors print one line; PRN_DEBUG=1 shows the traceback"""
+
+
+def overlay_count(text: str) -> int:
+    """--overlays N: pictures to write, 0 none, -1 all (the same meaning in test and predict)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -2
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, or -1 for all, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="prn", description="Prototypical Residual Network: supervised anomaly detection and localization")
+        prog="prn", description="Prototypical Residual Network: supervised anomaly detection and localization",
+        epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"prn {__import__('prn').__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("fit", help="split the data, fit prototypes, train PRN")
     add_config_args(p)
-    p.add_argument("--run-dir", type=Path, help="run folder (default runs/<dataset>/<category>/<time>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
-    p.add_argument("--model", choices=("prn", "patchcore", "prototypes"), default="prn",
-                   help="prn (trained); prototypes: PRN's residual map alone, trains nothing; patchcore")
+    p.add_argument("--run-dir", type=Path,
+                   help="run folder, new or empty (default <output_dir>/<dataset>/<category>/<time>, "
+                        "with a 'latest' link beside it); a folder holding a run is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --run-dir: replace the run already in that folder (its files are deleted)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run with its own config and split; only --epochs "
+                        "(a longer schedule), --test and --quiet may go with it, other flags are refused")
+    p.add_argument("--model", choices=("prn", "patchcore", "prototypes"),
+                   help="prn (trained, the default); prototypes: PRN's residual map alone, trains "
+                        "nothing; patchcore")
     p.add_argument("--test", action="store_true", help="test on the held-out split afterwards")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fit)
@@ -141,23 +283,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
     p.add_argument("--out", type=Path, help="output folder (default: the run folder)")
     p.add_argument("--save-maps", action="store_true", help="also write every anomaly map as .npy")
-    p.add_argument("--overlays", type=int, default=8, help="heat-map pictures to write (0: none)")
+    p.add_argument("--overlays", type=overlay_count, default=8, metavar="N",
+                   help="heat-map pictures of N test images, the highest-scoring defective and good "
+                        "ones (0: none, -1: all; default 8)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("predict", help="score new images: scores.csv and maps/*.npy")
-    p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
+    p = sub.add_parser("predict", help="score new images: scores.csv, maps, masks, pictures",
+                       description="Score an image or a folder of images (streamed, flat memory). "
+                                   "scores.csv: path, score, normalized_score (0.5 = threshold), "
+                                   "prediction (1 = defective), error (unreadable files).")
+    p.add_argument("run", type=Path, help="run folder or checkpoint .pt (a bare copy decides the same)")
     p.add_argument("input", type=Path, help="an image or a folder of images")
     p.add_argument("--out", type=Path, default=Path("predictions"))
-    p.add_argument("--threshold", type=float, help="decision threshold (default: the run's F1-max one)")
-    p.add_argument("--overlays", action="store_true", help="also write heat-map pictures")
+    p.add_argument("--threshold", type=float,
+                   help="image decision threshold (default: the one calibrated at fit, in the checkpoint)")
+    p.add_argument("--maps", choices=("npy", "png", "none"), default="npy",
+                   help="anomaly maps at each image's size: float32 .npy, 8-bit .png (128 = pixel "
+                        "threshold), or none (default npy)")
+    p.add_argument("--masks", action="store_true", help="binary defect masks as PNG (pixel threshold)")
+    p.add_argument("--overlays", type=overlay_count, default=0, metavar="N",
+                   help="heat-map pictures of the first N images (0: none, -1: all; default 0)")
+    p.add_argument("--fail-on-defect", action="store_true",
+                   help="exit with status 3 when any image is judged defective")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable file (default: report it in scores.csv, go on)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0: in process)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("calibrate", help="set a run's thresholds again on its held-out good images",
+                       description="Thresholds from the run's held-out fold (split.json val_normal), "
+                                   "never test data; stored in the checkpoint and calibration.json. "
+                                   "fit does this itself; use it to change the target rate.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--target-fpr", type=float, help="share of good parts rejected (default: the config's, 0.01)")
+    p.add_argument("--pixel-target-fpr", type=float, help="share of good pixels marked (default 0.001)")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("export", help="the model as one ONNX or TorchScript file that runs without prn",
+                       description="The whole inference path in one graph with a dynamic batch: uint8 "
+                                   "RGB images of any size in; resize, encoder, prototypes, head, map, "
+                                   "image score out, plus the normalised score and the decision when "
+                                   "the checkpoint is calibrated. Input size, model kind, thresholds "
+                                   "in the file's metadata. See docs/deploy.md.")
+    p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
+    p.add_argument("--out", type=Path, help="file to write (default RUN/export/model.onnx or "
+                                            "model.torchscript.pt; beside a .pt given as RUN)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="offline demo: synthetic data, short fit, test, report, pictures")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="folder of the demo: <out>/data (the dataset), <out>/<time> (each run), "
+                        "<out>/latest (the newest run); default runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster schedule (for smoke tests)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -177,26 +360,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=("table4", "table5", "table6", "table7"),
                    help="run every variant of one of the paper's ablation tables")
     p.add_argument("--out", type=Path, help="table folder (default <output_dir>/benchmark/...)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="fit J categories side by side, one process each, on the CUDA devices in turn "
+                        "(or the CPU); a failed one is reported and the others finish (default 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("serve", help="an HTTP inspection service with a web page (needs prn[serve])",
+                       description="Load a model once and serve it: the page at /, POST /predict "
+                                   "(multipart field 'files'; ?overlay=1, ?mask=1), GET /model, "
+                                   "GET /health, API docs at /docs. Decisions use the checkpoint's "
+                                   "calibrated thresholds, as prn predict does.")
+    p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: this machine only; any other "
+                        "needs --token)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="every request must carry it (Authorization: Bearer TOKEN; "
+                                   "browsers: open /?token=TOKEN once); default $PRN_SERVE_TOKEN")
+    p.add_argument("--threshold", type=float,
+                   help="image decision threshold (default: the calibrated one in the checkpoint)")
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default 32)")
+    p.add_argument("--max-pixels", type=int,
+                   help="largest image, width x height (default: the model's max_image_pixels)")
+    p.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; returns its exit status (EXIT_STATUSES). argparse itself exits with 2 on a
+    malformed command line."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except (PRNError, ValueError, OSError) as exc:
         # Input and environment problems are reported as one line; PRN_DEBUG=1 shows the traceback.
         if os.environ.get("PRN_DEBUG"):
             raise
-        print(f"prn {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        from prn.distributed import rank_label, report_failure
+        print(f"prn {args.verb}{rank_label()}: error: {exc}", file=sys.stderr)
+        report_failure(exc)  # under torchrun: the message its summary quotes
+        if isinstance(exc, PRNError):
+            return int(exc.exit_status)
+        return int(ExitStatus.DATA if isinstance(exc, OSError) else ExitStatus.ERROR)
     except KeyboardInterrupt:
         print(f"prn {args.verb}: interrupted; the last checkpoint is intact "
               f"(continue with `prn fit --resume RUN_DIR`)", file=sys.stderr)
-        return 130
-    return 0
+        return int(ExitStatus.INTERRUPTED)
+    return int(status or ExitStatus.OK)
 
 
 if __name__ == "__main__":

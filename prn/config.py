@@ -8,6 +8,10 @@ to `config.yaml` in its run folder, so a result can be reproduced from that file
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -106,8 +110,10 @@ class PRNConfig:
     focal_weight: float = 5.0         # lambda in Eq. 5
     grad_clip: float = 1.0            # max grad norm; 0 disables (ours, for stability)
     seed: int = 0
-    num_workers: int = 2              # DataLoader workers generating anomalies (0: in the main process)
+    num_workers: int = -1             # DataLoader workers generating anomalies (0: in the main process;
+                                      # -1: sized from the device, prn.train.loader_workers)
     device: str = "auto"              # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
+    precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA)
     checkpoint_every: int = 1         # epochs between checkpoints
     select_epoch: str = "last"        # "last", or "best": the epoch with the best validation score
                                       # (pixel AP + image AUROC on the held-out fold, never test data)
@@ -119,6 +125,9 @@ class PRNConfig:
     select_map_sigma: bool = False    # ours: after training, set map_sigma to the one of MAP_SIGMAS that
                                       # scores best on the validation fold (kept as is without a fold)
     eval_batch_size: int = 16
+    # --- decisions (ours; prn.deploy.calibrate): set on the held-out normal fold, never on test data ---
+    target_fpr: float = 0.01          # image threshold: this share of good parts is rejected
+    pixel_target_fpr: float = 0.001   # pixel threshold (masks, contours): this share of good pixels is marked
 
     # --- PatchCore baseline (prn/baselines; Roth et al. 2022) ---
     patchcore_coreset_ratio: float = 0.1
@@ -133,6 +142,8 @@ class PRNConfig:
         self.decoder_channels = tuple(int(x) for x in self.decoder_channels)
         self.image_hw = tuple(int(x) for x in self.image_hw)
         self.target_size = tuple(float(x) for x in self.target_size)
+        if isinstance(self.precision, int) and not isinstance(self.precision, bool):
+            self.precision = str(self.precision)  # YAML reads `precision: 32` as a number
         self.validate()
 
     def validate(self) -> None:
@@ -170,6 +181,10 @@ class PRNConfig:
             problems.append(f"seen_fraction must be in [0, 0.5], got {self.seen_fraction}")
         if self.select_epoch not in ("last", "best"):
             problems.append(f"select_epoch must be last or best, got {self.select_epoch!r}")
+        if self.precision not in ("32", "bf16", "16"):
+            problems.append(f"precision must be 32, bf16 or 16, got {self.precision!r}")
+        if self.num_workers < -1:
+            problems.append(f"num_workers must be >= 0, or -1 (sized from the device), got {self.num_workers}")
         if self.map_sigma < 0:
             problems.append(f"map_sigma must be >= 0, got {self.map_sigma}")
         if not 0 <= self.val_normal_fraction < 1 or self.val_normal_min < 0:
@@ -182,6 +197,9 @@ class PRNConfig:
             problems.append("need 0 <= perlin_min_scale < perlin_max_scale <= 8")
         if not (len(self.target_size) == 2 and 0 < self.target_size[0] <= self.target_size[1] <= 1):
             problems.append(f"target_size must be (min, max) with 0 < min <= max <= 1, got {self.target_size}")
+        if not 0 < self.target_fpr < 1 or not 0 < self.pixel_target_fpr < 1:
+            problems.append(f"target_fpr and pixel_target_fpr must be in (0, 1), got "
+                            f"{self.target_fpr}, {self.pixel_target_fpr}")
         if problems:
             raise ValueError("invalid PRN config: " + "; ".join(problems))
 
@@ -249,7 +267,7 @@ class PRNConfig:
 
 # Budget presets: the paper's schedule for a GPU and one that fits a 2-core CPU in 15 minutes.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"epochs": 700, "batch_size": 64, "num_workers": 8},
+    "paper": {"epochs": 700, "batch_size": 64},
     # 200 steps of 16 images instead of the paper's ~6,000 of 64. Each setting below is one row
     # of the ablation in BENCHMARKS.md (issue 9), which says what it bought:
     # - AdamW (decay 1e-4, none on norms and biases), warm-up then cosine, output prior 0.01:
@@ -268,3 +286,106 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-v1": {"epochs": 8, "batch_size": 16, "steps_per_epoch": 20, "lr": 1e-3,
                "backbone": "tf_efficientnet_lite0", "image_size": 256},
 }
+
+
+# ----------------------------------------------------------------------------- values from text
+# `--set KEY=VALUE` gives text; each field's declared type says what the text must be, so
+# "1e-4" is a float for lr and "01" stays a string for category (YAML would make it 1).
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_TYPE_WORDS = {int: "an integer", float: "a finite number", str: "text",
+               bool: "true or false (also yes/no, on/off, 1/0)"}
+
+
+def parse_field(key: str, text: str) -> Any:
+    """The value of config field ``key`` from command-line text, converted to the field's type.
+
+        >>> parse_field("lr", "1e-4"), parse_field("category", "01"), parse_field("image_hw", "384,160")
+        (0.0001, '01', (384, 160))
+
+    Raises KeyError for an unknown field, ValueError naming the field, the text and the type
+    expected when the text does not convert."""
+    hints = typing.get_type_hints(PRNConfig)
+    if key not in hints:
+        raise KeyError(key)
+    tp = hints[key]
+    try:
+        return _convert(text, tp)
+    except ValueError:
+        raise ValueError(f"{key} takes {_describe(tp)}, got {text!r}") from None
+
+
+def fields_from_yaml(text: str) -> dict[str, Any]:
+    """The fields a YAML config sets, each parsed from its text as parse_field does.
+
+    The file is read with YAML's BaseLoader, which keeps every value as written: YAML 1.1 would
+    read ``category: 01`` as the number 1 and ``lr: 1e-4`` as the text '1e-4'; here they are
+    "01" and 0.0001, as with --set. Unknown keys are kept for from_dict to report all at once.
+    Raises ValueError (yaml.YAMLError for malformed YAML)."""
+    data = yaml.load(text, Loader=yaml.BaseLoader)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("a config file must be a mapping of config keys to values")
+    hints = typing.get_type_hints(PRNConfig)
+    out = {}
+    for key, value in data.items():
+        if key not in hints:
+            out[key] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[key] = parse_field(key, ",".join(value))
+        elif isinstance(value, str):
+            out[key] = parse_field(key, value)
+        else:
+            raise ValueError(f"{key} takes {_describe(hints[key])}, got {value!r}")
+    return out
+
+
+def _convert(text: str, tp: Any) -> Any:
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        items = [t for t in re.split(r"[,\s]+", text.strip().strip("[]()")) if t]
+        if args[-1] is Ellipsis:
+            return tuple(_convert(t, args[0]) for t in items)
+        if len(items) != len(args):
+            raise ValueError(text)
+        return tuple(_convert(t, a) for t, a in zip(items, args))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = typing.get_args(tp)
+        if type(None) in members and text.strip().lower() in ("none", "null", ""):
+            return None
+        for member in (m for m in members if m is not type(None)):
+            try:
+                return _convert(text, member)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    word = text.strip()
+    if tp is bool:
+        if word.lower() in _TRUE + _FALSE:
+            return word.lower() in _TRUE
+        raise ValueError(text)
+    if tp is int:
+        return int(word)  # "1.5", "1e3" and "" are refused rather than rounded
+    if tp is float:
+        value = float(word)
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    return yaml.safe_load(text)  # a field of another kind (none today)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        kind = {int: "integers", float: "numbers"}.get(args[0], "values")
+        example = "1" if args[0] is int else "0.5"
+        if args[-1] is Ellipsis:
+            return f"a list of {kind}, e.g. [{example}, {example}] or {example},{example}"
+        n = len(args)
+        return f"{n} {kind}, e.g. [{', '.join([example] * n)}] or {','.join([example] * n)}"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("none" if m is type(None) else _describe(m) for m in typing.get_args(tp))
+    return _TYPE_WORDS.get(tp, str(tp))

@@ -20,14 +20,19 @@ def demo_config(out: Path, quick: bool = False) -> PRNConfig:
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bool = True) -> Path:
-    """Build the synthetic dataset, fit PRN, test it, write the report and overlay pictures."""
+    """Build the synthetic dataset, fit PRN, test it, write the report and overlay pictures.
+
+    Layout: ``<out>/data/`` (the dataset, written once and reused), ``<out>/<time>/`` (the
+    run) and ``<out>/latest`` pointing at the newest run; the demo's one dataset and category are
+    not repeated in the path."""
     from prn import api
     from prn.data.demo import make_demo_dataset
+    from prn.runs import new_run_dir
 
     out = Path(out)
     make_demo_dataset(out / "data", seed=0)
     cfg = demo_config(out, quick)
-    run = api.fit(cfg, run_dir=api.new_run_dir(cfg), progress=progress)
+    run = api.fit(cfg, run_dir=new_run_dir(cfg, parent=out), progress=progress)
     api.test(run, progress=progress, overlays=8)
     return run
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from prn.data.datasets import ImageDataset
 from prn.data.sample import Sample
+from prn.precision import inference_autocast
 
 
 @dataclass
@@ -44,11 +45,14 @@ def _sync(device: torch.device) -> None:
 def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | tuple[int, int], *,
                     batch_size: int = 16, device: torch.device | str = "cpu",
                     max_pixels: int = 50_000_000, num_workers: int = 0,
-                    progress: bool = False) -> Predictions:
+                    progress: bool = False, precision: str = "32") -> Predictions:
+    """precision: the run's cfg.precision; the forward pass runs under its autocast
+    (prn.precision.inference_autocast), maps and scores come out float32 whatever it is."""
     device = torch.device(device)
     model.eval().to(device)
     dataset = ImageDataset(samples, size, max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     n = len(samples)
     scores = np.zeros(n, dtype=np.float64)
     maps = np.zeros((n, *dataset.size), dtype=np.float32)
@@ -60,7 +64,8 @@ def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | t
         images = batch["image"].to(device)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(images)
+        with inference_autocast(device, precision):
+            out = model(images)
         _sync(device)
         model_seconds += time.perf_counter() - t0
         maps[idx] = out["anomaly_map"][:, 0].float().cpu().numpy()

@@ -113,9 +113,30 @@ def write_results(run_dir: str | Path, results: dict[str, dict], title: str,
     paths["json"].write_text(json.dumps(json_safe(payload), indent=2) + "\n")
     legend = ("I: image AUROC, P: pixel AUROC, O: PRO (FPR <= 0.3), A: pixel AP, F1: image F1-max "
               "(all x100); T: seconds per image. The mean row skips undefined values (-).")
-    paths["md"].write_text(f"# {title}\n\n{markdown_table(results, **table_options)}\n\n{legend}\n")
+    paths["md"].write_text(f"# {title}\n\n{markdown_table(results, **table_options)}\n\n{legend}\n"
+                           + decisions_table(results))
     write_csv(paths["csv"], results, **table_options)
     return paths
+
+
+def decisions_table(results: dict[str, dict]) -> str:
+    """Markdown of what the line would do at each category's calibrated threshold (the keys of
+    ``prn.deploy.calibrate.rates_at``); empty when no category has one."""
+    rows = [(name, m) for name, m in results.items() if m.get("threshold") is not None]
+    if not rows:
+        return ""
+
+    def pct(value, count):
+        value = _number(value)
+        return "-" if math.isnan(value) else f"{100 * value:.1f} % ({count})"
+
+    lines = ["", "## Decisions at the calibrated threshold", "",
+             "Set on held-out good training parts, not on this test set.", "",
+             "| Category | threshold | false rejects (good parts) | misses (defective parts) |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {_number(m['threshold']):.4g} | {pct(m.get('false_reject_rate'), m.get('false_rejects'))} "
+              f"| {pct(m.get('miss_rate'), m.get('misses'))} |" for name, m in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _relative_to_root(image_path: Path, root: Path) -> Path | None:
@@ -130,6 +151,31 @@ def _relative_to_root(image_path: Path, root: Path) -> Path | None:
 
 def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
+
+
+def shown_path(image_path: Path, root: Path) -> str:
+    """How an image is named in scores.csv: relative to root, absolute outside it."""
+    rel = _relative_to_root(image_path, root)
+    return str(Path(os.path.abspath(image_path))) if rel is None else rel.as_posix()
+
+
+def mirrored_path(image_path: Path, root: Path, folder: Path, suffix: str, used: set | None = None) -> Path:
+    """Where an output file for ``image_path`` goes under ``folder`` (its parent folder made):
+    ``root/good/000.png`` -> ``folder/good/000.png<suffix>``; outside root ->
+    ``folder/_external/<file name><suffix>``. A path already in ``used`` (two images, one
+    target) or one that would leave ``folder`` raises DataError; the path is added to ``used``."""
+    image_path = Path(image_path)
+    rel = _relative_to_root(image_path, root)
+    target = folder / "_external" / f"{image_path.name}{suffix}" if rel is None else folder / f"{rel}{suffix}"
+    if used is not None and target in used:
+        raise DataError(f"{image_path}: another image already wrote its output to {target} "
+                        "(same path, or same file name outside the root folder)")
+    if not _inside(target.parent, folder):
+        raise DataError(f"{image_path}: output path {target} would leave {folder}")
+    if used is not None:
+        used.add(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def write_predictions(out_dir: str | Path, records: Iterable[tuple], root: str | Path,
@@ -155,23 +201,13 @@ def write_predictions(out_dir: str | Path, records: Iterable[tuple], root: str |
             raise ValueError(f"a prediction record is (path, score, map[, label]), got {len(record)} items")
         image_path, score, amap = Path(record[0]), float(record[1]), record[2]
         label = record[3] if len(record) == 4 else None
-        rel = _relative_to_root(image_path, root)
-        shown = str(Path(os.path.abspath(image_path))) if rel is None else rel.as_posix()
-        rows.append((shown, score, label))
+        rows.append((shown_path(image_path, root), score, label))
         if amap is None:
             continue
         amap = np.asarray(amap)
         if amap.ndim != 2:
             raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {amap.shape}")
-        target = maps_dir / "_external" / f"{image_path.name}.npy" if rel is None else maps_dir / f"{rel}.npy"
-        if target in used:
-            raise DataError(f"{image_path}: another image already wrote its map to {target} "
-                            "(same path, or same file name outside the root folder)")
-        if not _inside(target.parent, maps_dir):
-            raise DataError(f"{image_path}: map path {target} would leave {maps_dir}")
-        used.add(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        np.save(target, amap.astype(np.float32, copy=False))
+        np.save(mirrored_path(image_path, root, maps_dir, ".npy", used), amap.astype(np.float32, copy=False))
 
     with_labels = any(label is not None for _, _, label in rows)
     header = ["path", "score"] + (["label"] if with_labels else [])

@@ -9,7 +9,9 @@ and ``timings.json``.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +24,7 @@ from prn.config import PRNConfig
 from prn.data.datasets import original_hw
 from prn.data.layouts import load_index
 from prn.data.split import Split, few_shot_split, hold_out_validation
-from prn.errors import DataError
+from prn.errors import DataError, UsageError
 
 def category_name(cfg: PRNConfig) -> str:
     """The category's display name: cfg.category, else the root's folder name when the root is
@@ -35,14 +37,66 @@ def category_name(cfg: PRNConfig) -> str:
     return cfg.dataset
 
 
-def new_run_dir(cfg: PRNConfig, name: str | None = None) -> Path:
-    category = category_name(cfg)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output_dir) / cfg.dataset / category / (name or stamp)
+def new_run_dir(cfg: PRNConfig, name: str | None = None, parent: str | Path | None = None) -> Path:
+    """Make a new, empty run folder ``<parent>/<time>`` (``-1``, ``-2``... when taken) and point
+    ``<parent>/latest`` at it. parent defaults to ``<output_dir>/<dataset>/<category>``."""
+    parent = Path(parent) if parent is not None else Path(cfg.output_dir) / cfg.dataset / category_name(cfg)
+    base = parent / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir, i = base, 1
-    while run_dir.exists():
-        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    run_dir.mkdir(parents=True)
+    while True:
+        try:
+            run_dir.mkdir(parents=True)  # exist_ok=False: two runs started in the same second differ
+            break
+        except FileExistsError:
+            if not run_dir.exists():
+                raise  # a file stands where a parent folder should be
+            run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    point_latest(run_dir)
+    return run_dir
+
+
+LATEST = "latest"
+
+
+def point_latest(run_dir: Path) -> Path:
+    """Point ``latest`` beside ``run_dir`` at it: a relative symlink, replaced atomically so a
+    reader never sees it missing; where links cannot be made (some Windows and network file
+    systems), a text file ``LATEST`` holding the folder's name. Returns the link or file."""
+    parent, link = run_dir.parent, run_dir.parent / LATEST
+    tmp = parent / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        marker = parent / LATEST.upper()
+        marker.write_text(run_dir.name + "\n")
+        return marker
+    (parent / LATEST.upper()).unlink(missing_ok=True)  # a stale fallback would contradict the link
+    return link
+
+
+def check_run_dir(run_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """A folder a new run may be written to: absent or empty. One holding an earlier run
+    (its config.yaml) is emptied only with overwrite; any other non-empty folder is refused, so a
+    mistyped path never deletes files prn did not write."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir}: exists and is not a folder")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return run_dir
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"--run-dir {run_dir}: the folder holds files and is not a prn run; "
+                         f"give a new or empty folder")
+    if not overwrite:
+        raise UsageError(f"--run-dir {run_dir}: holds an earlier run; give a new folder, continue it "
+                         f"with --resume {run_dir}, or replace it with --overwrite")
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     return run_dir
 
 

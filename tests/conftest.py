@@ -27,3 +27,15 @@ def make_tiny_config(root, out, **kw):
 def tiny_config():
     """tiny_config(root, out, **changes) -> PRNConfig for a seconds-long run."""
     return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(demo_root, tmp_path_factory):
+    """A tiny PRN run trained one step, calibrated on 4 held-out good images and tested
+    (results.json), shared by the tests that serve or deploy a model."""
+    from prn import api
+    out = tmp_path_factory.mktemp("calibrated_run")
+    cfg = make_tiny_config(demo_root, out, epochs=1, steps_per_epoch=1, val_normal_min=4)
+    run = api.fit(cfg, run_dir=out / "run", progress=False)
+    api.test(run, progress=False, overlays=0)
+    return run

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from prn.cli import build_parser, config_from_args, main
+from prn.errors import ExitStatus
 
 
 def test_prn_help_lists_the_verbs():
@@ -25,13 +26,13 @@ def test_flags_presets_and_set_build_one_config(tmp_path):
 
 def test_unknown_set_key_is_an_error_message_not_a_traceback(tmp_path, capsys):
     code = main(["fit", "--root", str(tmp_path), "--set", "epochz=3"])
-    assert code == 2
+    assert code == ExitStatus.USAGE
     assert "epochz" in capsys.readouterr().err
 
 
 def test_missing_dataset_folder_is_reported_cleanly(tmp_path, capsys):
     code = main(["fit", "--dataset", "mvtec", "--root", str(tmp_path / "absent"), "--category", "bottle"])
-    assert code == 2
+    assert code == ExitStatus.DATA
     err = capsys.readouterr().err
     assert "absent" in err and "Traceback" not in err
 
@@ -39,5 +40,5 @@ def test_missing_dataset_folder_is_reported_cleanly(tmp_path, capsys):
 @pytest.mark.parametrize("verb", ["test", "predict"])
 def test_a_missing_run_folder_is_reported_cleanly(tmp_path, capsys, verb):
     argv = [verb, str(tmp_path / "no_run")] + ([str(tmp_path)] if verb == "predict" else [])
-    assert main(argv) == 2
+    assert main(argv) == ExitStatus.MODEL
     assert "not found" in capsys.readouterr().err

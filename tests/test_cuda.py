@@ -28,3 +28,31 @@ def test_fit_test_and_predict_run_on_cuda(tiny_config, demo_root, tmp_path):
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["seconds_per_image"] > 0
     out = api.predict(run, demo_root / "demo" / "test" / "good", tmp_path / "pred", progress=False)
     assert (out / "scores.csv").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_mixed_precision_fit_and_test_run_on_cuda(tiny_config, demo_root, tmp_path, precision):
+    from prn.checkpoint import load_checkpoint
+    cfg = tiny_config(demo_root, tmp_path, device="cuda", epochs=2, precision=precision)
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in payload["history"] if "loss" in r)
+    assert ("grad_scaler" in payload["extra"]) == (precision == "16")  # loss scaling is resumable
+    metrics = api.test(run, progress=False, overlays=0)
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_mixed_precision_maps_on_cuda_stay_close_to_float32(tiny_config, demo_root, tmp_path, precision):
+    from prn.precision import inference_autocast
+    cfg = tiny_config(demo_root, tmp_path, map_sigma=2.0)
+    torch.manual_seed(0)
+    model = PRN.from_config(cfg).eval().cuda()
+    model.fit_prototypes([torch.rand(4, 3, 64, 64)])
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        full = model(x)
+        with inference_autocast(torch.device("cuda"), precision):
+            half = model(x)
+    assert half["anomaly_map"].dtype == half["pred_score"].dtype == torch.float32
+    assert (half["anomaly_map"] - full["anomaly_map"]).abs().max() < 0.05

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from prn.data.datasets import ImageDataset, load_sample, original_hw
-from prn.data.io import image_hw, read_image, read_mask
+from prn.data.io import image_hw, read_image, read_image_bytes, read_mask
 from prn.data.sample import Sample
 from prn.errors import DataError
 
@@ -290,3 +290,33 @@ def test_image_dataset_yields_model_ready_tensors(tmp_path):
 def test_original_hw_is_height_then_width(tmp_path):
     sample = Sample(_save(np.zeros((20, 30, 3), np.uint8), tmp_path / "i.png"), None, 0, "good")
     assert original_hw(sample) == (20, 30)
+
+
+# --- read_image_bytes: uploads, decoded from memory --------------------------------------------
+
+def test_read_image_bytes_decodes_every_mode_as_read_image_does(tmp_path):
+    g = np.random.default_rng(5)
+    arrays = {"rgb.png": _rng_image(), "gray.png": _rng_image()[..., 0],
+              "rgba.png": g.integers(0, 256, (9, 11, 4), dtype=np.uint8),
+              "deep.png": g.integers(0, 65536, (7, 5), dtype=np.uint16), "photo.jpg": _rng_image()}
+    for name, array in arrays.items():
+        path = _save(array, tmp_path / name)
+        np.testing.assert_array_equal(read_image_bytes(path.read_bytes(), name), read_image(path))
+
+
+@pytest.mark.parametrize("data, problem", [
+    (b"", "empty file"),
+    (b"plain text", "not an image"),
+])
+def test_read_image_bytes_names_the_upload_and_the_problem(data, problem):
+    with pytest.raises(DataError, match=f"^upload 3 \\('a.png'\\): {problem}"):
+        read_image_bytes(data, "upload 3 ('a.png')")
+
+
+def test_read_image_bytes_refuses_truncated_and_too_large_images(tmp_path):
+    whole = _save(_rng_image(64, 64), tmp_path / "w.png").read_bytes()
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_image_bytes(whole[:len(whole) // 2], "cut.png")
+    header_only = _png_header_only(tmp_path / "big.png", 3000, 3000).read_bytes()
+    with pytest.raises(DataError, match="^big.png: image is 3000x3000 = 9000000 pixels"):
+        read_image_bytes(header_only, "big.png", max_pixels=1_000_000)

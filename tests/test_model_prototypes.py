@@ -62,6 +62,37 @@ def test_nearest_prototype_matches_brute_force_when_maps_are_nearly_equal():
     assert torch.equal(nearest_prototype(feats, protos), expected)
 
 
+def float32_expansion_about_the_origin(feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    a, b = feats.flatten(1), protos.flatten(1)
+    return (b.square().sum(1)[None] - 2 * a @ b.T).argmin(1)
+
+
+@pytest.mark.parametrize("offset", [300.0, 3000.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_prototype_in_float32_keeps_the_float64_argmin_of_close_maps(offset, seed):
+    # float32 throughout (export-clean), yet the argmin of float64 brute force on maps that a
+    # float32 expansion about the origin gets wrong.
+    g = torch.Generator().manual_seed(seed)
+    spread = 1e-3 * offset / 300.0
+    base = offset + torch.randn(1, 8, 16, 16, generator=g)
+    protos = base + spread * torch.randn(6, 8, 16, 16, generator=g)
+    feats = base + spread * torch.randn(10, 8, 16, 16, generator=g)
+    expected = brute_force_nearest(feats, protos)
+    assert len(set(expected.tolist())) > 1
+    assert not torch.equal(float32_expansion_about_the_origin(feats, protos), expected)
+    assert torch.equal(nearest_prototype(feats, protos), expected)
+
+
+def test_nearest_prototype_keeps_the_float64_argmin_of_maps_far_from_every_prototype():
+    g = torch.Generator().manual_seed(8)
+    base = 300.0 + torch.randn(1, 8, 16, 16, generator=g)
+    protos = base + 1e-3 * torch.randn(6, 8, 16, 16, generator=g)
+    feats = base + 5.0 * torch.randn(10, 8, 16, 16, generator=g)
+    expected = brute_force_nearest(feats, protos)
+    assert len(set(expected.tolist())) > 2
+    assert torch.equal(nearest_prototype(feats, protos), expected)
+
+
 def test_residual_is_absolute_difference_to_the_nearest_prototype_at_each_scale():
     g = torch.Generator().manual_seed(5)
     shapes = [(4, 8, 8), (6, 4, 4), (8, 2, 2)]
@@ -69,8 +100,8 @@ def test_residual_is_absolute_difference_to_the_nearest_prototype_at_each_scale(
     feats = [torch.randn(3, *s, generator=g) for s in shapes]
     module = Prototypes()
     module.set(protos)
-    res = module.residuals(feats)
-    for f, p, d, idx in zip(feats, protos, res, module.last_indices):
+    res, indices = module.residuals_and_indices(feats)
+    for f, p, d, idx in zip(feats, protos, res, indices):
         nearest = brute_force_nearest(f, p)
         assert torch.equal(idx, nearest)
         for b in range(3):
@@ -83,8 +114,8 @@ def test_scales_choose_their_nearest_prototype_independently():
     p2 = torch.stack([torch.zeros(1, 1, 1), torch.ones(1, 1, 1)])
     module = Prototypes(num_scales=2)
     module.set([p1, p2])
-    module.residuals([torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 1, 1)])
-    assert [i.tolist() for i in module.last_indices] == [[0], [1]]
+    _, indices = module.residuals_and_indices([torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 1, 1)])
+    assert [i.tolist() for i in indices] == [[0], [1]]
 
 
 def test_state_dict_with_another_k_loads_into_a_fresh_module():

@@ -8,6 +8,7 @@ from prn.baselines.patchcore import (
     PatchCore,
     greedy_coreset,
     image_scores,
+    nearest_neighbors,
     random_projection,
 )
 from prn.model.backbone import create_encoder
@@ -69,6 +70,14 @@ def test_random_projection_roughly_preserves_distances_and_is_seeded():
     ratio = torch.pdist(a) / torch.pdist(x)
     # Johnson-Lindenstrauss at 128 dims: distortions of a few tens of percent at most.
     assert 0.95 < ratio.median() < 1.05 and 0.6 < ratio.min() and ratio.max() < 1.4
+
+
+def test_a_patch_that_is_in_the_bank_is_at_distance_zero():
+    # cdist's matrix-product form alone gives about 0.01 here (cancellation in |q|^2 - 2qm + |m|^2).
+    bank = 2.0 * torch.randn(200, 384, generator=torch.Generator().manual_seed(0))
+    dist, idx = nearest_neighbors(bank[[3, 50, 199]], bank, k=1)
+    assert idx[:, 0].tolist() == [3, 50, 199]
+    assert dist.abs().max().item() == 0.0
 
 
 def test_image_score_follows_the_papers_reweighting_formula():

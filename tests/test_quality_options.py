@@ -308,7 +308,7 @@ def test_a_non_square_run_writes_maps_at_each_images_original_size(demo_root, ti
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(np.full((50, 130, 3), 120, np.uint8)).save(inputs / "wide.png")
-    out = api.predict(run, inputs, tmp_path / "out", progress=False)
+    out = api.predict(run, inputs, tmp_path / "out", progress=False).out_dir
     amap = np.load(out / "maps" / "wide.png.npy")
     assert amap.shape == (50, 130)
 

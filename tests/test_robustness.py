@@ -12,7 +12,7 @@ import torch
 from prn import api
 from prn.checkpoint import load_checkpoint
 from prn.cli import main
-from prn.errors import CheckpointError, DataError
+from prn.errors import CheckpointError, DataError, ExitStatus
 from prn.model.backbone import BackboneWeightsError, create_encoder
 
 
@@ -57,7 +57,7 @@ def test_resuming_with_a_changed_architecture_fails_clearly(demo_root, tiny_conf
 def test_a_checkpoint_that_is_not_a_run_is_refused_by_test_and_predict(tmp_path, capsys):
     bogus = tmp_path / "model.pt"
     torch.save({"weights": torch.zeros(3)}, bogus)
-    assert main(["predict", str(bogus), str(tmp_path)]) == 2
+    assert main(["predict", str(bogus), str(tmp_path)]) == ExitStatus.MODEL
     assert "not a prn checkpoint" in capsys.readouterr().err
 
 
@@ -93,7 +93,7 @@ def test_cli_fit_offline_with_resnet18_prints_the_advice_not_a_traceback(monkeyp
     code = main(["fit", "--dataset", "demo", "--root", str(demo_root), "--backbone", "resnet18", "--seen-anomalies", "2",
                  "--output-dir", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "--backbone-weights" in err and "Traceback" not in err
+    assert code == ExitStatus.MODEL and "--backbone-weights" in err and "Traceback" not in err
 
 
 def test_a_category_without_normal_images_is_refused_before_training(demo_root, tiny_config, tmp_path):
@@ -107,15 +107,22 @@ def test_a_category_without_normal_images_is_refused_before_training(demo_root, 
 def test_more_seen_anomalies_than_exist_is_an_error_naming_the_count(demo_root, tiny_config, tmp_path, capsys):
     cfg = tiny_config(demo_root, tmp_path, seen_anomalies=50)
     cfg.save(tmp_path / "cfg.yaml")
-    assert main(["fit", "--config", str(tmp_path / "cfg.yaml"), "--quiet"]) == 2
+    assert main(["fit", "--config", str(tmp_path / "cfg.yaml"), "--quiet"]) == ExitStatus.DATA
     assert "6" in capsys.readouterr().err
 
 
-def test_predict_on_a_corrupt_image_names_the_file(demo_root, tiny_config, tmp_path, capsys):
+def test_predict_reports_a_corrupt_image_in_the_csv_and_strict_stops_on_it(demo_root, tiny_config,
+                                                                            tmp_path, capsys):
+    import csv
     cfg = tiny_config(demo_root, tmp_path, epochs=1)
     run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
     folder = tmp_path / "incoming"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert [r["path"] for r in rows] == ["broken.png"] and "broken.png" in rows[0]["error"]
+    assert rows[0]["score"] == "" and "1 unreadable" in capsys.readouterr().err
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "out2"), "--quiet",
+                 "--strict"]) == 4  # ExitStatus.DATA
     assert "broken.png" in capsys.readouterr().err

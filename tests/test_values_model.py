@@ -77,8 +77,8 @@ def test_residuals_record_the_nearest_index_of_each_scale():
     module = Prototypes(num_scales=2)
     module.set([torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)]),
                 torch.stack([torch.zeros(1, 1, 1), torch.ones(1, 1, 1)])])
-    module.residuals([torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 1, 1)])
-    assert [i.tolist() for i in module.last_indices] == [[1], [0]]
+    _, indices = module.residuals_and_indices([torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 1, 1)])
+    assert [i.tolist() for i in indices] == [[1], [0]]
 
 
 def test_skip_without_fusion_or_attention_is_features_then_their_residuals():
@@ -209,11 +209,23 @@ def test_an_unfitted_modules_state_dict_loads_and_stays_unfitted():
     assert not fresh.fitted
 
 
-def test_a_fresh_prototypes_module_is_unfitted_and_has_no_indices():
+def test_a_fresh_prototypes_module_is_unfitted_until_set():
     module = Prototypes()
-    assert not module.fitted and module.last_indices == []
+    assert not module.fitted
     module.set(three_scales())
     assert module.fitted
+
+
+def test_residuals_leave_the_module_unchanged():
+    # No state assigned in forward: exported graphs (ONNX, TorchScript) then run the same code.
+    module = Prototypes()
+    module.set(three_scales())
+    before = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+    buffers = {k: v.clone() for k, v in module.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    module.residuals([torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))])
+    assert {k: v for k, v in vars(module).items() if not k.startswith("_")} == before
+    assert all(torch.equal(v, buffers[k]) for k, v in module.state_dict().items())
 
 
 @pytest.mark.parametrize("bad, message", [

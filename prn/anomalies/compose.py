@@ -264,16 +264,28 @@ class BalancedBatchSampler(Sampler):
     when one is used up); anomaly slots draw their base normal image at random. Everything
     depends on (seed, epoch) only. steps: default cfg.steps_per_epoch when > 0, else one pass
     over the normal images, ceil(n_normal / normal slots per batch).
+
+    With ``world_size`` N > 1 (distributed training, prn.distributed) this is rank ``rank``'s
+    share of the global batch of cfg.batch_size: slots rank, rank + N, ... of the batch above.
+    The ranks' shares together are the one-process batch, so its composition, and every item,
+    does not depend on the number of processes. cfg.batch_size must be a multiple of N.
     """
 
-    def __init__(self, n_normal: int, cfg: PRNConfig, seed: int, epoch: int, steps: int | None = None):
+    def __init__(self, n_normal: int, cfg: PRNConfig, seed: int, epoch: int, steps: int | None = None,
+                 rank: int = 0, world_size: int = 1):
         if n_normal < 1:
             raise ValueError(f"need at least one normal image, got n_normal={n_normal}")
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if sum(cfg.batch_slots) % world_size:
+            raise ValueError(f"batch_size {sum(cfg.batch_slots)} does not split evenly over {world_size} "
+                             f"processes; use a multiple of {world_size} (and of 4)")
         self.n_normal = int(n_normal)
         self.composition = cfg.batch_slots
         self.seed, self.epoch = int(seed), int(epoch)
+        self.rank, self.world_size = int(rank), int(world_size)
         if steps is None:
             steps = cfg.steps_per_epoch if cfg.steps_per_epoch > 0 else math.ceil(n_normal / self.composition[0])
         if steps < 1:
@@ -293,5 +305,6 @@ class BalancedBatchSampler(Sampler):
         for b in range(self.steps):
             bases = rng.integers(self.n_normal, size=n_ext + n_sim + n_seen)
             indices = np.concatenate([order[b * n_norm:(b + 1) * n_norm], bases])
-            yield [(kind, int(i), item_seed(self.seed, self.epoch, b, slot))
-                   for slot, (kind, i) in enumerate(zip(kinds, indices))]
+            batch = [(kind, int(i), item_seed(self.seed, self.epoch, b, slot))
+                     for slot, (kind, i) in enumerate(zip(kinds, indices))]
+            yield batch[self.rank::self.world_size]

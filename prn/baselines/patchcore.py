@@ -67,10 +67,18 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> 
     step = max(1, _BLOCK // max(1, bank.shape[0]))
     dists, idxs = [], []
     for chunk in queries.split(step):
-        d, i = torch.cdist(chunk, bank).topk(k, dim=1, largest=False)
-        dists.append(d)
+        _, i = torch.cdist(chunk, bank).topk(k, dim=1, largest=False)
+        # cdist's matrix-product form loses small distances to cancellation (a patch that is
+        # in the bank gets sqrt(eps |q|^2), 0.01 for typical features, not 0); the chosen
+        # neighbours' distances are recomputed directly, which an exported graph reproduces.
+        dists.append(exact_distances(chunk, bank, i))
         idxs.append(i)
     return torch.cat(dists), torch.cat(idxs)
+
+
+def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """||q - bank[j]|| for the bank rows ``indices`` (..., k) of each query ``queries`` (..., D) -> (..., k)."""
+    return torch.linalg.vector_norm(queries.unsqueeze(-2) - bank[indices], dim=-1)
 
 
 def image_scores(patches: torch.Tensor, bank: torch.Tensor, num_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:

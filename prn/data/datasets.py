@@ -33,13 +33,26 @@ def as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """uint8 (h, w, 3) -> uint8 (H, W, 3), PIL bilinear (antialiased when it shrinks)."""
+    h, w = as_hw(size)
+    if image.shape[:2] == (h, w):
+        return image
+    return np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], a plain tensor."""
+    return TF.to_dtype(TF.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
+
+
 def load_sample(sample: Sample, size: int | tuple[int, int],
                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Read and resize one sample to ``size`` (S or (H, W)): (uint8 (H, W, 3), bool (H, W)); the
     mask is all False when the sample has none. The mask must have the image's size (else DataError)."""
     image = read_image(sample.image_path, max_pixels)
     h, w = as_hw(size)
-    resized = np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    resized = resize_image(image, (h, w))
     if sample.mask_path is None:
         return resized, np.zeros((h, w), dtype=bool)
     mask = read_mask(sample.mask_path, image.shape[:2], max_pixels, image_path=sample.image_path)
@@ -63,9 +76,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         image, mask = load_sample(sample, self.size, self.max_pixels)
-        tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
         return {
-            "image": tensor.as_subclass(torch.Tensor),  # a plain tensor, not a tv_tensors.Image
+            "image": to_tensor(image),
             "mask": torch.from_numpy(mask).to(torch.float32)[None],
             "label": int(sample.label),
             "index": i,

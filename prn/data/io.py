@@ -18,6 +18,7 @@ Conversions done by `read_image` (result: uint8 (H, W, 3) RGB):
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -57,17 +58,22 @@ def require_images(folder: Path, what: str = "folder", recursive: bool = True) -
     return files
 
 
-def _open(path: Path, max_pixels: int | None) -> Image.Image:
-    """Open lazily (header only) after checking the file exists, is not empty and is not too big."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    if path.stat().st_size == 0:
+def _open(path: Path | str, max_pixels: int | None, data: bytes | None = None) -> Image.Image:
+    """Open lazily (header only) after checking the file exists, is not empty and is not too big.
+
+    With ``data``, the image is those bytes (an upload) and ``path`` only names it in messages."""
+    if data is None:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)")
+    elif len(data) == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # PIL only warns between its two bomb limits; we want a hard stop there too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path if data is None else io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: image too large, refused as a possible decompression bomb "
                         f"({exc})") from exc
@@ -83,8 +89,8 @@ def _open(path: Path, max_pixels: int | None) -> Image.Image:
     return img
 
 
-def _decode(path: Path, max_pixels: int | None) -> Image.Image:
-    img = _open(path, max_pixels)
+def _decode(path: Path | str, max_pixels: int | None, data: bytes | None = None) -> Image.Image:
+    img = _open(path, max_pixels, data)
     try:
         img.load()
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, zlib errors...
@@ -153,6 +159,14 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     path = Path(path)
     with _decode(path, max_pixels) as img:
         return _to_rgb(path, img)
+
+
+def read_image_bytes(data: bytes, name: str = "upload",
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """``read_image`` for an image held in memory (an upload): the same checks and conversions,
+    decoded from ``data`` without touching the disk; ``name`` only labels error messages."""
+    with _decode(name, max_pixels, bytes(data)) as img:
+        return _to_rgb(name, img)
 
 
 def _mask_values(path: Path, img: Image.Image) -> tuple[np.ndarray, int]:

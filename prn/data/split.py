@@ -87,14 +87,18 @@ class Split:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
+    def from_dict(cls, d: dict) -> Split:
+        """The inverse of ``to_dict`` (KeyError, TypeError or ValueError on a malformed dict)."""
+        lists = {name: [Sample.from_dict(s) for s in d.get(name, [])]
+                 for name in LISTS}
+        return cls(**lists, dataset=str(d["dataset"]), category=str(d["category"]),
+                   k=int(d["k"]), seed=int(d["seed"]), root=str(d.get("root", "")))
+
+    @classmethod
     def load(cls, path: str | Path) -> Split:
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
-            lists = {name: [Sample.from_dict(s) for s in d.get(name, [])]
-                     for name in LISTS}
-            return cls(**lists, dataset=str(d["dataset"]), category=str(d["category"]),
-                       k=int(d["k"]), seed=int(d["seed"]), root=str(d.get("root", "")))
+            return cls.from_dict(json.loads(path.read_text()))
         except OSError as exc:
             raise DataError(f"{path}: cannot read split file ({exc})") from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

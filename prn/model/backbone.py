@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prn.errors import PRNError
+from prn.errors import ExitStatus, PRNError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +28,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class BackboneWeightsError(PRNError, RuntimeError):
     """The ImageNet weights of a backbone could not be found or loaded."""
+
+    exit_status = ExitStatus.MODEL  # a model file, like a checkpoint
 
 
 class Encoder(nn.Module):

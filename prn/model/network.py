@@ -30,6 +30,7 @@ from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
 from prn.model.fusion import MultiScaleFusion
 from prn.model.prototypes import Prototypes, fit_prototypes, residual_map
+from prn.precision import full_precision
 
 
 def smooth_map(anomaly_map: Tensor, sigma: float) -> Tensor:
@@ -129,7 +130,9 @@ class PRN(nn.Module):
         maps = self.fuse_features(feats) if self.fuse_features is not None else feats
         raw = None
         if self.prototypes is not None:
-            raw = self.prototypes.residuals(feats)
+            # float32 under autocast too: in bfloat16 the distances pick wrong nearest prototypes
+            with full_precision(x):
+                raw = self.prototypes.residuals([f.float() for f in feats])
             res = self.fuse_residuals(raw) if self.fuse_residuals is not None else raw
             maps = [torch.cat([m, r], dim=1) for m, r in zip(maps, res)]
         if self.attention is not None:
@@ -152,8 +155,9 @@ class PRN(nn.Module):
             logits = logits + self.residual_prior * prior.to(logits.dtype)
         if self.training:
             return logits
-        anomaly_map = smooth_map(torch.sigmoid(logits), self.cfg.map_sigma)
-        return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
+        with full_precision(x):  # a bfloat16 map would round image scores into ties
+            anomaly_map = smooth_map(torch.sigmoid(logits.float()), self.cfg.map_sigma)
+            return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
 
 
 class PrototypeResidualMap(nn.Module):
@@ -182,8 +186,10 @@ class PrototypeResidualMap(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        res = self.prototypes.residuals(self.encoder(x))
-        anomaly_map = smooth_map(residual_map(res, x.shape[-2:]), self.cfg.map_sigma)
+        feats = self.encoder(x)
+        with full_precision(x):
+            res = self.prototypes.residuals([f.float() for f in feats])
+            anomaly_map = smooth_map(residual_map(res, x.shape[-2:]), self.cfg.map_sigma)
         return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
 
 

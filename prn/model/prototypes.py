@@ -57,11 +57,17 @@ def nearest_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
     features: (B, c, h, w); prototypes: (K, c, h, w). Returns int64 (B,).
     """
     # Flattened pixel-major (h, w, c): a free view of channels_last maps. L2 ignores the order.
-    a = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1).double()
-    b = prototypes.permute(0, 2, 3, 1).reshape(prototypes.shape[0], -1).double()
-    # ||a - b||^2 = ||a||^2 - 2ab + ||b||^2, in float64: in float32 the cancellation loses the
-    # argmin when maps are close. ||a||^2 is the same for every prototype, so it is left out.
-    d2 = torch.linalg.vector_norm(b, dim=1).square()[None, :] - 2.0 * (a @ b.T)
+    a = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1)
+    b = prototypes.permute(0, 2, 3, 1).reshape(prototypes.shape[0], -1)
+    # ||a - b||^2 = ||a||^2 - 2ab + ||b||^2 (one matrix product), with ||a||^2 left out as it is
+    # the same for every prototype. Taken about the origin, float32 cancellation loses the argmin
+    # when maps share a large offset and differ little; about the prototypes' mean the offset is
+    # gone (the subtractions are exact for values within a factor 2 of the mean), so the rounding
+    # scales with the maps' spread, not their magnitude. Float32 throughout, so the same code
+    # runs in exported graphs (ONNX, TorchScript) as in eager mode.
+    centre = b.mean(dim=0, keepdim=True)
+    a, b = a - centre, b - centre
+    d2 = b.square().sum(dim=1)[None, :] - 2.0 * (a @ b.T)
     return d2.argmin(dim=1)
 
 
@@ -70,7 +76,8 @@ class Prototypes(nn.Module):
     in channels_last layout like the network's feature maps.
 
     A state dict with any K loads into a fresh instance: the buffers take the stored shapes.
-    ``last_indices`` keeps the nearest-prototype indices of the latest ``residuals`` call.
+    Forward passes keep no state (``residuals_and_indices`` returns the indices), so the module
+    exports to ONNX and TorchScript as it runs.
     """
 
     def __init__(self, num_scales: int = 3):
@@ -78,7 +85,6 @@ class Prototypes(nn.Module):
         self.names = SCALE_NAMES[:num_scales]
         for name in self.names:
             self.register_buffer(name, torch.empty(0))
-        self.last_indices: list[Tensor] = []
 
     @property
     def fitted(self) -> bool:
@@ -108,6 +114,10 @@ class Prototypes(nn.Module):
 
     def residuals(self, feats: list[Tensor]) -> list[Tensor]:
         """feats: per scale (B, c_j, h_j, w_j). Returns per scale D_j = |F_j - P*_j|, same shape."""
+        return self.residuals_and_indices(feats)[0]
+
+    def residuals_and_indices(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The residuals D_j and, per scale, the nearest prototype's index, int64 (B,)."""
         if not self.fitted:
             raise RuntimeError("prototypes are not fitted: call PRN.fit_prototypes(normal_batches) first")
         out, indices = [], []
@@ -120,8 +130,7 @@ class Prototypes(nn.Module):
             idx = nearest_prototype(f, protos)
             out.append(torch.sub(f, protos[idx]).abs_())
             indices.append(idx)
-        self.last_indices = indices
-        return out
+        return out, indices
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)

@@ -1,0 +1,31 @@
+"""Score a folder of images with a model from `prn export --format onnx`, without prn.
+
+Needs only onnxruntime, numpy and Pillow. Writes one CSV row per image to stdout:
+    python score_folder.py model.onnx images/ > scores.csv
+"""
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+model, folder = sys.argv[1], Path(sys.argv[2])
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+height, width = int(meta["input_height"]), int(meta["input_width"])
+threshold = float(meta["image_threshold"]) if "image_threshold" in meta else None
+names = [o.name for o in session.get_outputs()]
+out = csv.writer(sys.stdout)
+out.writerow(["path", "score", "normalized_score", "prediction"])
+for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}):
+    # Pillow's bilinear resize, as prn's own: the graph's resize is then the identity and the
+    # scores are prn's. (The graph takes any size too, within a grey level of Pillow's resize.)
+    image = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    batch = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]  # (1, 3, H, W) uint8 RGB
+    result = dict(zip(names, session.run(None, {"images": batch})))
+    score = float(result["score"][0])
+    normalized = f"{float(result['normalized_score'][0]):.6f}" if "normalized_score" in result else ""
+    prediction = "" if threshold is None else int(score >= threshold)  # 1: defective
+    out.writerow([path.relative_to(folder), f"{score:.9g}", normalized, prediction])

@@ -1,0 +1,11 @@
+"""``python -m prn``: the command line, as torchrun starts it.
+
+    torchrun --nproc_per_node 2 -m prn fit --dataset mvtec --root /data/mvtec --category bottle
+"""
+
+import sys
+
+from prn.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Decision thresholds that travel with the model, set on held-out normal training images.
+
+No test image is used: ``fit`` holds out a fold of the training data (``split.json``:
+``val_normal``, ``val_anomalous``; see ``prn.data.split.hold_out_validation``) that is never
+trained on and never used for prototypes. Its scores set
+
+- the image threshold, at a target false-reject rate ``target_fpr`` on good parts (a part is
+  judged defective when ``score >= image_threshold``);
+- the pixel threshold, at ``pixel_target_fpr`` of the good parts' pixels (for masks and contours);
+- anomalib's score normalisation: ``clip((s - threshold) / (max - min) + 0.5, 0, 1)``, so 0.5 is
+  the threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances).
+
+The result is stored in the checkpoint (``payload["calibration"]``) and in the run folder's
+``calibration.json``.
+
+    >>> cal = calibrate(normal_scores, normal_maps, target_fpr=0.01)
+    >>> normalize(0.7, cal), decide(0.7, cal)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import norm
+
+from prn.errors import DataError, PRNError, UsageError
+
+SOURCE = "held-out normal training images (split.json val_normal)"
+
+
+def image_threshold(normal_scores: np.ndarray, target_fpr: float) -> tuple[float, str]:
+    """The image threshold for a false-reject rate ``target_fpr`` on good parts, and how it was set.
+
+    With enough good parts (n * target_fpr >= 1) it is their empirical (1 - target_fpr) quantile.
+    With fewer, an empirical quantile cannot resolve the rate (a threshold at the largest of n
+    scores rejects about 1 / (n + 1) of new good parts, 11 % for n = 8), so the tail is taken from
+    a normal distribution fitted to the scores: mean + z(1 - target_fpr) * sd, and never below
+    the largest held-out score.
+    """
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
+    if s.size == 0:
+        raise PRNError("calibration needs at least one held-out normal image")
+    if s.size * target_fpr >= 1:
+        return float(np.quantile(s, 1.0 - target_fpr, method="higher")), "empirical quantile"
+    sd = float(s.std(ddof=1)) if s.size > 1 else 0.0
+    tail = float(s.mean() + norm.ppf(1.0 - target_fpr) * sd)
+    # nextafter: the largest held-out score itself must pass (the rule is score >= threshold)
+    return max(tail, float(np.nextafter(s[-1], np.inf))), "normal tail fit (too few images for a quantile)"
+
+
+def pixel_threshold(normal_maps: np.ndarray, pixel_target_fpr: float) -> float:
+    """The (1 - pixel_target_fpr) quantile of the good parts' map pixels."""
+    pixels = np.asarray(normal_maps, dtype=np.float32).ravel()
+    if pixels.size == 0:
+        raise PRNError("calibration needs at least one held-out normal map")
+    return float(np.quantile(pixels, 1.0 - pixel_target_fpr))
+
+
+def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=None, *,
+              target_fpr: float = 0.01, pixel_target_fpr: float = 0.001) -> dict:
+    """Thresholds and normalisation from the held-out fold's outputs.
+
+    normal_scores (N,), normal_maps (N, H, W): the good parts; anomalous_* (M,) / (M, H, W):
+    held-out defects, optional, only widen the normalisation range and give the miss rate.
+    Returns the plain dict stored in checkpoints (see the module docstring).
+    """
+    for name, rate in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr)):
+        if not 0.0 < rate < 1.0:
+            raise UsageError(f"{name} must be in (0, 1), got {rate}")
+    normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()
+    anomalous_scores = np.asarray([] if anomalous_scores is None else anomalous_scores,
+                                  dtype=np.float64).ravel()
+    threshold, method = image_threshold(normal_scores, target_fpr)
+    pix = pixel_threshold(normal_maps, pixel_target_fpr)
+    all_scores = np.concatenate([normal_scores, anomalous_scores])
+    maps = [np.asarray(normal_maps, dtype=np.float32)]
+    if anomalous_maps is not None and len(anomalous_maps):
+        maps.append(np.asarray(anomalous_maps, dtype=np.float32))
+    pixel_min = min(float(m.min()) for m in maps)
+    pixel_max = max(float(m.max()) for m in maps)
+    return {
+        "image_threshold": threshold,
+        "pixel_threshold": pix,
+        "target_fpr": float(target_fpr),
+        "pixel_target_fpr": float(pixel_target_fpr),
+        "method": method,
+        # the span covers the threshold too, so normalised scores of the fold stay inside [0, 1]
+        "score_min": float(min(all_scores.min(), threshold)),
+        "score_max": float(max(all_scores.max(), threshold)),
+        "pixel_min": min(pixel_min, pix),
+        "pixel_max": max(pixel_max, pix),
+        "n_normal": int(normal_scores.size),
+        "n_anomalous": int(anomalous_scores.size),
+        "fold_false_reject_rate": float(np.mean(normal_scores >= threshold)),
+        "fold_miss_rate": float(np.mean(anomalous_scores < threshold)) if anomalous_scores.size else None,
+        "source": SOURCE,
+        # the fold's scores, so a reader can check the threshold or set another by hand
+        "normal_scores": [float(v) for v in np.sort(normal_scores)],
+        "anomalous_scores": [float(v) for v in np.sort(anomalous_scores)],
+    }
+
+
+def _span(lo: float, hi: float) -> float:
+    return hi - lo if hi - lo > 1e-12 else 1.0
+
+
+def normalize(score, calibration: dict, threshold: float | None = None):
+    """anomalib's min-max normalisation around the threshold: 0.5 is the threshold, clipped to [0, 1].
+
+    ``threshold`` overrides the calibrated one (``prn predict --threshold``); the span stays.
+    """
+    t = calibration["image_threshold"] if threshold is None else threshold
+    span = _span(calibration["score_min"], calibration["score_max"])
+    return np.clip((np.asarray(score, dtype=np.float64) - t) / span + 0.5, 0.0, 1.0)
+
+
+def normalize_map(amap, calibration: dict, threshold: float | None = None) -> np.ndarray:
+    """The same for maps, around the pixel threshold: 0.5 is the pixel threshold."""
+    t = calibration["pixel_threshold"] if threshold is None else threshold
+    span = _span(calibration["pixel_min"], calibration["pixel_max"])
+    return np.clip((np.asarray(amap, dtype=np.float32) - t) / span + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def decide(score, threshold: float):
+    """1 (defective) where score >= threshold, else 0."""
+    return (np.asarray(score) >= threshold).astype(np.int64)
+
+
+def rates_at(labels, scores, threshold: float) -> dict:
+    """What the line would do at ``threshold``: false rejects among good parts, misses among
+    defective ones (rates and counts; a rate is nan when its class is absent)."""
+    labels = np.asarray(labels).astype(bool)
+    flagged = np.asarray(scores, dtype=np.float64) >= threshold
+    n_good, n_bad = int((~labels).sum()), int(labels.sum())
+    false_rejects, misses = int((flagged & ~labels).sum()), int((~flagged & labels).sum())
+    return {"threshold": float(threshold),
+            "false_reject_rate": false_rejects / n_good if n_good else math.nan,
+            "miss_rate": misses / n_bad if n_bad else math.nan,
+            "false_rejects": false_rejects, "misses": misses}
+
+
+def calibrate_model(model, cfg, split, *, device, progress: bool = False) -> dict | None:
+    """Score the split's held-out fold with ``model`` and calibrate; None when the split holds
+    no held-out normal images (then there is nothing to calibrate on)."""
+    from prn.infer import predict_samples
+
+    if not split.val_normal:
+        return None
+    samples = split.val_normal + split.val_anomalous
+    preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
+                            device=device, max_pixels=cfg.max_image_pixels, progress=progress,
+                            precision=cfg.precision)
+    good = preds.labels == 0
+    return calibrate(preds.scores[good], preds.maps[good], preds.scores[~good], preds.maps[~good],
+                     target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr)
+
+
+def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
+    path = Path(run_dir) / "calibration.json"
+    path.write_text(json.dumps(calibration, indent=2) + "\n")
+    return path
+
+
+def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
+                  pixel_target_fpr: float | None = None, device: str | None = None,
+                  progress: bool = False) -> dict | None:
+    """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
+    checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
+    config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
+    split holds no held-out normal images."""
+    from prn.checkpoint import set_calibration
+    from prn.data.split import Split
+    from prn.deploy.loading import load_model
+
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run}: calibration needs the run folder (its split.json lists the held-out fold)")
+    split_path = run_dir / "split.json"
+    if not split_path.is_file():
+        raise DataError(f"{split_path}: not found; the held-out fold of this run is unknown")
+    loaded = load_model(run_dir, device=device)
+    changes = {k: v for k, v in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr))
+               if v is not None}
+    cfg = loaded.cfg.replace(**changes) if changes else loaded.cfg
+    calibration = calibrate_model(loaded.model, cfg, Split.load(split_path), device=loaded.device,
+                                  progress=progress)
+    if changes and (run_dir / "config.yaml").is_file():
+        from prn.config import PRNConfig
+        PRNConfig.load(run_dir / "config.yaml").replace(**changes).save(run_dir / "config.yaml")
+    set_calibration(run_dir, calibration)
+    write_calibration(run_dir, calibration)
+    return calibration

@@ -1,0 +1,71 @@
+"""Numeric precision of training and inference: ``cfg.precision`` is "32", "bf16" or "16".
+
+- "32": float32 everywhere (the default, and what every figure in BENCHMARKS.md used unless it
+  says otherwise).
+- "bf16": ``torch.autocast`` to bfloat16 on CUDA or on the CPU. bfloat16 keeps float32's range,
+  so no loss scaling is needed. On a CPU without native bfloat16 instructions (AVX512-BF16 or
+  AMX) it is emulated and slower than float32: BENCHMARKS.md has the figures of this project's CPU.
+- "16": ``torch.autocast`` to float16 with a ``torch.amp.GradScaler`` (float16's range is small
+  enough for gradients to underflow without loss scaling). CUDA only for training; inference of a
+  model trained so runs in float32 on the CPU.
+
+Whatever the precision, the loss (``prn.model.loss``), the distances to prototypes and the map's
+tail (sigmoid, smoothing, top-k score; ``prn.model.network``) are computed in float32: those are
+the places where bfloat16's 8-bit mantissa would pick wrong prototypes or quantise image scores
+into ties. Weights and optimiser state stay float32 (autocast casts per operation).
+
+    >>> with autocast(device, cfg.precision):
+    ...     logits = model(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from prn.errors import UsageError
+
+PRECISIONS = ("32", "bf16", "16")
+_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Fail with a message when ``precision`` cannot train on ``device``."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "16" and device.type != "cuda":
+        raise UsageError(f"precision 16 (float16 with loss scaling) needs CUDA, and this run is on "
+                       f"{device}; use --precision bf16 or 32 on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                       f"use --precision 16 or 32")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` for training (see check_precision)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def inference_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """As ``autocast``, but float16 falls back to float32 off CUDA: a model trained in float16 on
+    a GPU still predicts on a CPU (slower, not different)."""
+    if precision == "32" or (precision == "16" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for float16; a disabled scaler (its calls pass through) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "16")
+
+
+def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``x``'s device while it is on; nothing otherwise, so traced and
+    exported graphs (where autocast is off) hold no trace of it."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()

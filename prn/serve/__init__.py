@@ -1,0 +1,81 @@
+"""``prn serve``: a trained model as an HTTP service with a web page (needs the ``serve`` extra:
+``pip install 'prn[serve]'``, i.e. fastapi, uvicorn and python-multipart).
+
+    >>> from prn.serve import serve
+    >>> serve("runs/demo/latest", host="127.0.0.1", port=8000)      # blocks; Ctrl-C stops it
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from prn.errors import PRNError, UsageError
+
+REQUIRED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+TOKEN_ENV = "PRN_SERVE_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def missing_dependencies() -> list[str]:
+    """The serve extra's packages that are not installed (their pip names)."""
+    return [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
+
+
+def require_dependencies() -> None:
+    missing = missing_dependencies()
+    if missing:
+        raise PRNError(f"prn serve needs {', '.join(missing)}: pip install 'prn[serve]' "
+                       f"(or pip install {' '.join(missing)})")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_binding(host: str, token: str | None) -> None:
+    """Only this machine may reach a server without a token."""
+    if is_loopback(host):
+        return
+    if token is None:
+        raise UsageError(f"--host {host} lets other machines reach the service; give it a token "
+                         f"(--token or the {TOKEN_ENV} environment variable), e.g. "
+                         f"python -c \"import secrets; print(secrets.token_urlsafe(24))\"")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise UsageError(f"the token must have at least {MIN_TOKEN_CHARS} characters to guard a "
+                         f"service other machines can reach")
+
+
+def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: float | None = None,
+              token: str | None = None, max_request_bytes: int | None = None,
+              max_pixels: int | None = None, max_images: int | None = None):
+    """Load the model once and return the FastAPI app serving it."""
+    require_dependencies()
+    from prn.deploy.predict import Predictor
+    from prn.serve.app import create_app
+    from prn.serve.service import InspectionService, Limits
+
+    predictor = Predictor(checkpoint, device=device, threshold=threshold)
+    defaults = Limits(max_pixels=predictor.cfg.max_image_pixels)
+    given = {"max_request_bytes": max_request_bytes, "max_pixels": max_pixels, "max_images": max_images}
+    limits = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    return create_app(InspectionService(predictor, limits), token=token)
+
+
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+          token: str | None = None, log_level: str = "info", **options) -> None:
+    """Serve until interrupted. ``token`` defaults to $PRN_SERVE_TOKEN; binding anything but
+    the loopback interface needs one. ``options``: see ``build_app``."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    check_binding(host, token)
+    app = build_app(checkpoint, token=token, **options)
+    import uvicorn
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,196 @@
+"""The HTTP side of ``prn serve``: a FastAPI app over one ``InspectionService``.
+
+Routes: ``GET /`` (the page, ``static/``), ``POST /predict`` (multipart field ``files``, one or
+several images; ``?overlay=1``, ``?mask=1``), ``GET /health``, ``GET /model``, and FastAPI's
+``/docs`` and ``/openapi.json``. Every error is JSON, ``{"error": "<what is wrong>", "status": N}``.
+
+Uploads stay in memory (the body is counted against ``max_request_bytes`` as it arrives, so
+nothing larger is ever held) and nothing a client sends is used as a path. With a token every
+request must carry it: ``Authorization: Bearer TOKEN``, or the cookie that opening
+``/?token=TOKEN`` once in a browser sets, so the page's own requests carry it too.
+
+    >>> app = create_app(InspectionService(Predictor("runs/demo/latest")), token=None)
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import prn
+from prn.errors import DataError
+from prn.serve.service import InspectionService, NotCalibratedError, Upload
+
+FIELD = "files"
+TOKEN_COOKIE = "prn_token"
+STATIC = Path(__file__).parent / "static"  # package data (pyproject.toml)
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+class TokenGuard:
+    """ASGI middleware: no request passes without the token (header or cookie), static files and
+    docs included. ``GET /?token=T`` with the right token sets the cookie and drops the token
+    from the address bar."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app, self.token = app, token.encode()
+
+    def _ok(self, given: str | None) -> bool:
+        return given is not None and secrets.compare_digest(given.encode(), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if scope["path"] == "/" and request.method == "GET" and "token" in request.query_params:
+            if not self._ok(request.query_params["token"]):
+                return await error(401, "wrong token")(scope, receive, send)
+            response = RedirectResponse("./", status_code=303)
+            # HttpOnly: page scripts never see it; Strict: other sites cannot send it along
+            response.set_cookie(TOKEN_COOKIE, self.token.decode(), httponly=True, samesite="strict")
+            return await response(scope, receive, send)
+        auth = request.headers.get("authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        if self._ok(bearer) or self._ok(request.cookies.get(TOKEN_COOKIE)):
+            return await self.app(scope, receive, send)
+        message = ("this server needs its token: send 'Authorization: Bearer TOKEN', or open "
+                   "/?token=TOKEN once in the browser" if not auth else "wrong token")
+        await error(401, message, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class _InMemoryParser(MultiPartParser):
+    # The whole body is bounded by max_request_bytes before parsing, so keep every part in
+    # memory rather than letting large ones roll over to temporary files on disk.
+    spool_max_size = 1 << 62
+
+
+async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refused (413) as soon as it passes ``limit`` bytes."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise HTTPException(413, f"request body is over the limit of {limit} bytes "
+                                     f"(--max-request-mb)")
+        yield chunk
+
+
+async def read_uploads(request: Request, service: InspectionService) -> list[Upload]:
+    """The images of a multipart request (field ``files``), checked against the limits."""
+    limits = service.limits
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        raise HTTPException(415, f"send images as multipart/form-data in the field {FIELD!r} "
+                                 f"(got content type {kind or 'none'!r})")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
+        raise HTTPException(413, f"request body of {declared} bytes is over the limit of "
+                                 f"{limits.max_request_bytes} bytes (--max-request-mb)")
+    parser = _InMemoryParser(request.headers, _bounded(request, limits.max_request_bytes),
+                             max_files=limits.max_images, max_fields=limits.max_images)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"bad multipart body: {exc.message}") from exc
+    try:
+        uploads = []
+        for name, value in form.multi_items():
+            if name != FIELD:
+                raise HTTPException(400, f"unexpected form field {name!r}; send images in the "
+                                         f"field {FIELD!r}")
+            if not isinstance(value, UploadFile):
+                raise HTTPException(400, f"form field {FIELD!r} must hold files, got text")
+            uploads.append(Upload(value.filename or "", await value.read()))
+    finally:
+        await form.close()
+    if not uploads:
+        raise HTTPException(400, f"no images: send one or more files in the form field {FIELD!r}")
+    return uploads
+
+
+class _Static(StaticFiles):
+    """Package files, revalidated on every load so a browser never shows a page or script of
+    an older version (or a page it fetched before the token cookie was dropped)."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FIELD],
+    "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+def create_app(service: InspectionService, *, token: str | None = None) -> FastAPI:
+    """The service's app; with ``token`` every request must carry it."""
+    app = FastAPI(title="prn inspection service", version=prn.__version__,
+                  description="Anomaly scores, decisions, heat maps and defect masks from one "
+                              "trained prn model.")
+    app.state.service = service
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc):
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        problems = "; ".join(f"{' '.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error(400, problems)
+
+    @app.exception_handler(DataError)
+    async def _data(request, exc):
+        return error(422, str(exc))
+
+    @app.exception_handler(NotCalibratedError)
+    async def _not_calibrated(request, exc):
+        return error(409, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):  # the traceback goes to the server's log, not the client
+        return error(500, f"internal error ({type(exc).__name__}); see the server's log")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health", summary="Liveness: the model is loaded")
+    async def health():
+        return {"status": "ok", "model": service.predictor.loaded.kind}
+
+    @app.get("/model", summary="The model, its thresholds, versions, metrics and the limits")
+    async def model():
+        return service.model_info()
+
+    @app.post("/predict", summary="Score one or several images (multipart field 'files')",
+              openapi_extra=MULTIPART_BODY)
+    async def predict(request: Request,
+                      overlay: bool = Query(False, description="add a heat-map and contour PNG (base64)"),
+                      mask: bool = Query(False, description="add the binary defect mask PNG (base64)")):
+        t0 = time.perf_counter()
+        uploads = await read_uploads(request, service)
+        # decoding, the model and PNG encoding are CPU work: off the event loop
+        results = await run_in_threadpool(service.inspect, uploads, overlay=overlay, mask=mask)
+        return {"results": results, "milliseconds": (time.perf_counter() - t0) * 1000}
+
+    app.mount("/static", _Static(directory=str(STATIC)), name="static")
+    if token is not None:
+        app.add_middleware(TokenGuard, token=token)
+    return app

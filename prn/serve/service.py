@@ -1,0 +1,184 @@
+"""The inspection service without the web: one loaded model, a lock around it, uploads in,
+JSON-ready results out. ``prn.serve.app`` puts HTTP in front of it.
+
+Uploads are decoded from memory with the same checks as files (``prn.data.io.read_image_bytes``)
+and resized exactly as ``prn predict`` does (``Predictor.prepare``), so a served decision is
+the one ``prn predict`` writes to scores.csv for the same file.
+
+    >>> service = InspectionService(Predictor("runs/demo/latest"))
+    >>> results = service.inspect([Upload("a.png", png_bytes)], overlay=True)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from prn.data.datasets import resize_image
+from prn.data.io import read_image_bytes
+from prn.deploy.predict import Predictor
+from prn.errors import PRNError, UsageError
+from prn.infer import resize_map
+from prn.viz import contour_overlay, heat_overlay, panel_shape
+
+OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the image's own size
+NAME_MAX_CHARS = 200     # upload names are echoed back, never used as paths
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold. max_pixels per image (width * height)."""
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_images: int = 16
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"serve limit {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str    # the client's file name: shown in results and messages only
+    data: bytes
+
+
+class NotCalibratedError(PRNError):
+    """A mask was asked of a model without a pixel threshold."""
+
+
+def _png_base64(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def jsonable(value):
+    """Plain JSON values; non-finite floats (nan metrics) become None, which JSON can carry."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class InspectionService:
+    """The one model of a server and the lock that serialises its use.
+
+    Decoding and pictures run in the caller's thread; only the forward pass holds the lock, so
+    requests from several clients overlap everywhere but on the model.
+    """
+
+    def __init__(self, predictor: Predictor, limits: Limits = Limits()):
+        self.predictor, self.limits = predictor, limits
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- describing
+
+    def model_info(self) -> dict:
+        """What is loaded and how it decides: kind, backbone, input size, thresholds, versions,
+        the run's test metrics when its run folder is beside the checkpoint."""
+        import torch
+
+        import prn
+        p = self.predictor
+        cal = p.calibration
+        run_dir = p.loaded.path.parent.parent if p.loaded.path.parent.name == "checkpoints" else None
+        threshold_source = None
+        if p.threshold is not None:
+            threshold_source = ("calibration" if cal and p.threshold == cal["image_threshold"]
+                                else "set when the server started")
+        return jsonable({
+            "kind": p.loaded.kind,
+            "backbone": p.cfg.backbone,
+            "input_size": list(p.input_hw),
+            "checkpoint": p.loaded.path.name,
+            "device": str(p.loaded.device),
+            "calibrated": cal is not None,
+            "image_threshold": p.threshold,
+            "threshold_source": threshold_source,
+            "pixel_threshold": p.pixel_threshold,
+            "score_range": [cal["score_min"], cal["score_max"]] if cal else None,
+            "calibration": cal,
+            "metrics": _read_json(run_dir / "results.json") if run_dir else None,
+            "versions": {"prn": prn.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "trained_with": _read_json(run_dir / "environment.json") if run_dir else None,
+            "limits": asdict(self.limits),
+        })
+
+    # ------------------------------------------------------------------------- inspecting
+
+    def decode(self, uploads: list[Upload]) -> list[np.ndarray]:
+        """uint8 (h, w, 3) per upload; the first bad one raises DataError naming it."""
+        images = []
+        for i, up in enumerate(uploads, 1):
+            label = f"upload {i} ({up.name!r})" if up.name else f"upload {i}"
+            images.append(read_image_bytes(up.data, label, self.limits.max_pixels))
+        return images
+
+    def inspect(self, uploads: list[Upload], *, overlay: bool = False, mask: bool = False) -> list[dict]:
+        """Per upload: name, width, height, score, normalized_score, prediction (1 defective),
+        label, threshold, milliseconds; overlay / mask as base64 PNG when asked."""
+        if mask and self.predictor.pixel_threshold is None:
+            raise NotCalibratedError(f"{self.predictor.loaded.path.name}: the model is not calibrated, "
+                                     f"so it has no pixel threshold for masks; run `prn calibrate RUN`")
+        t0 = time.perf_counter()
+        images = self.decode(uploads)
+        t_decoded = time.perf_counter()
+        with self._lock:
+            raw = self.predictor.predict_arrays(images)
+        model_ms = (time.perf_counter() - t_decoded) * 1000 / max(1, len(images))
+        decode_ms = (t_decoded - t0) * 1000 / max(1, len(images))
+        results = []
+        for up, image, r in zip(uploads, images, raw):
+            t_pic = time.perf_counter()
+            out = {
+                "name": up.name[:NAME_MAX_CHARS],
+                "width": int(image.shape[1]), "height": int(image.shape[0]),
+                "score": r["score"], "normalized_score": r["normalized_score"],
+                "prediction": r["prediction"],
+                "label": None if r["prediction"] is None else ("defective" if r["prediction"] else "good"),
+                "threshold": r["threshold"],
+            }
+            if overlay:
+                out["overlay"] = _png_base64(self.overlay(image, r["map"]))
+            if mask:
+                out["mask"] = _png_base64(self.predictor.region(r["map"]).astype(np.uint8) * 255)
+            # each image's own decode and pictures, and its share of the batch's forward pass
+            out["milliseconds"] = decode_ms + model_ms + (time.perf_counter() - t_pic) * 1000
+            results.append(jsonable(out))
+        return results
+
+    def overlay(self, image: np.ndarray, amap: np.ndarray) -> np.ndarray:
+        """The heat map blended on the image with the defect region's contour, uint8 (h, w, 3),
+        the longer side at most OVERLAY_MAX_SIDE. The contour is the calibrated pixel threshold
+        (0.5 of the display map without calibration)."""
+        hw = panel_shape(image.shape[:2], min(OVERLAY_MAX_SIDE, max(image.shape[:2])))
+        image, amap = resize_image(image, hw), resize_map(amap, hw)
+        shown = self.predictor.display_map(amap)
+        region = self.predictor.region(amap) if self.predictor.pixel_threshold is not None else shown >= 0.5
+        return contour_overlay(heat_overlay(image, shown), region)

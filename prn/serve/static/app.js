@@ -1,0 +1,261 @@
+// The page of `prn serve`: upload images, show each with its heat map and verdict, re-judge
+// them with a threshold slider (no new model run), keep the session's results as a CSV.
+// Plain browser JavaScript, no build step and nothing loaded from elsewhere.
+"use strict";
+
+const state = {
+  model: null,        // GET model
+  calibrated: null,   // the threshold the server decides with (null: none)
+  threshold: null,    // the slider's threshold, kept exact (the range input rounds to its step)
+  results: [],        // this session's results, in upload order
+};
+const $ = (id) => document.getElementById(id);
+
+async function api(path, options) {
+  // Relative paths, so the page also works behind a proxy under a path prefix; the token
+  // cookie (set by opening /?token=...) goes along with every same-origin request.
+  const response = await fetch(path, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+const fmt = (x, digits = 4) => (x === null || x === undefined ? "–" : Number(x).toPrecision(digits));
+const defective = (r) => r.score >= state.threshold;
+
+function say(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+// ----------------------------------------------------------------------------- threshold
+
+function updateRange() {
+  const slider = $("threshold");
+  const values = state.results.map((r) => r.score);
+  if (state.calibrated !== null) values.push(state.calibrated);
+  if (state.model && state.model.score_range) values.push(...state.model.score_range);
+  if (!values.length) values.push(0, 1);
+  let lo = Math.min(...values), hi = Math.max(...values);
+  const pad = (hi - lo) * 0.05 || Math.abs(hi) * 0.05 || 0.05;  // every score strictly inside
+  lo -= pad; hi += pad;
+  slider.min = lo; slider.max = hi; slider.step = (hi - lo) / 1000;
+  if (state.threshold === null) state.threshold = state.calibrated !== null ? state.calibrated : (lo + hi) / 2;
+  slider.value = state.threshold;
+}
+
+function setThreshold(value) {
+  state.threshold = value;
+  $("threshold-value").textContent = fmt(value);
+  rejudge();
+}
+
+// ----------------------------------------------------------------------------- results
+
+function verdictText(r) { return defective(r) ? "FAIL" : "PASS"; }
+
+function card(r) {
+  const article = document.createElement("article");
+  article.className = "card";
+  article.dataset.score = r.score;
+  const pics = document.createElement("div");
+  pics.className = "pics";
+  for (const [src, caption] of [[r.imageUrl, "image"], [r.overlayUrl, "heat map, defect contour"]]) {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = `${r.name}: ${caption}`;
+    const figcaption = document.createElement("figcaption");
+    figcaption.textContent = caption;
+    figure.append(img, figcaption);
+    pics.append(figure);
+  }
+  const facts = document.createElement("div");
+  facts.className = "facts";
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = r.name;           // textContent: a file name is never markup
+  name.title = r.name;
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = `score ${fmt(r.score)}` +
+    (r.normalized_score === null ? "" : ` · normalised ${fmt(r.normalized_score, 3)}`);
+  const verdict = document.createElement("span");
+  verdict.className = "verdict";
+  facts.append(name, score, verdict);
+  article.append(pics, facts);
+  r.card = article;
+  return article;
+}
+
+function row(r) {
+  const tr = document.createElement("tr");
+  const cells = [r.index, r.name, fmt(r.score), fmt(r.normalized_score, 3), "", r.milliseconds.toFixed(0)];
+  for (const value of cells) {
+    const td = document.createElement("td");
+    td.textContent = value;
+    tr.append(td);
+  }
+  tr.children[4].className = "verdict";
+  r.row = tr;
+  return tr;
+}
+
+function rejudge() {
+  for (const r of state.results) {
+    const bad = defective(r);
+    for (const el of [r.card, r.row]) {
+      el.classList.toggle("fail", bad);
+      el.classList.toggle("pass", !bad);
+      el.querySelector(".verdict").textContent = verdictText(r);
+      el.dataset.verdict = bad ? "defective" : "good";
+    }
+  }
+  const failed = state.results.filter(defective).length;
+  $("download").disabled = !state.results.length;
+  if (state.results.length) {
+    $("results").caption?.remove();
+    const caption = $("results").createCaption();
+    caption.textContent = `${state.results.length} images, ${failed} fail at threshold ${fmt(state.threshold)}`;
+  }
+}
+
+function addResults(files, response) {
+  const cards = document.createDocumentFragment();  // newest request first, each in upload order
+  response.results.forEach((res, i) => {
+    const r = Object.assign({}, res, {
+      index: state.results.length + 1,
+      time: new Date().toISOString(),
+      imageUrl: URL.createObjectURL(files[i]),
+      overlayUrl: `data:image/png;base64,${res.overlay}`,
+    });
+    delete r.overlay;                  // the picture lives in the card; keep the record small
+    state.results.push(r);
+    cards.append(card(r));
+    $("results").tBodies[0].append(row(r));
+  });
+  $("cards").prepend(cards);
+  updateRange();
+  rejudge();
+}
+
+// ----------------------------------------------------------------------------- uploading
+
+function batches(files) {
+  // Requests the server accepts: at most max_images files and about max_request_bytes each.
+  const limits = state.model.limits;
+  const out = [];
+  let current = [], bytes = 0;
+  for (const f of files) {
+    if (current.length && (current.length >= limits.max_images || bytes + f.size > limits.max_request_bytes * 0.95)) {
+      out.push(current);
+      current = []; bytes = 0;
+    }
+    current.push(f);
+    bytes += f.size;
+  }
+  if (current.length) out.push(current);
+  return out;
+}
+
+async function upload(fileList) {
+  const files = Array.from(fileList);
+  if (!files.length || !state.model) return;
+  let done = 0;
+  for (const batch of batches(files)) {
+    say(`Scoring ${batch.length} image${batch.length > 1 ? "s" : ""}…`);
+    const form = new FormData();
+    for (const f of batch) form.append("files", f, f.name);
+    try {
+      const response = await api("predict?overlay=1", { method: "POST", body: form });
+      addResults(batch, response);
+      done += batch.length;
+      say(`${done} of ${files.length} scored (${response.milliseconds.toFixed(0)} ms for the last request).`);
+    } catch (e) {
+      say(`Not scored: ${e.message}`, true);
+      return;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- CSV
+
+function csvCell(value) {
+  if (value === null || value === undefined) return "";
+  if (typeof value === "number") return String(value);
+  let text = String(value);
+  if (/^[=+\-@\t\r]/.test(text)) text = "'" + text;   // a file name must not become a formula
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+function csvText() {
+  const header = ["index", "file", "score", "normalized_score", "verdict", "threshold",
+                  "server_label", "milliseconds", "time"];
+  const lines = [header.join(",")];
+  for (const r of state.results) {
+    lines.push([r.index, r.name, r.score, r.normalized_score, defective(r) ? "defective" : "good",
+                state.threshold, r.label, Math.round(r.milliseconds * 10) / 10, r.time].map(csvCell).join(","));
+  }
+  return lines.join("\r\n") + "\r\n";
+}
+window.prnCsv = csvText;
+
+function download() {
+  const url = URL.createObjectURL(new Blob([csvText()], { type: "text/csv" }));
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = "prn-results.csv";
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+// ----------------------------------------------------------------------------- start
+
+function describe(m) {
+  const parts = [`${m.kind} model`, m.backbone, `input ${m.input_size[0]}×${m.input_size[1]}`, m.device];
+  parts.push(m.image_threshold === null
+    ? "not calibrated: choose a threshold with the slider"
+    : `threshold ${fmt(m.image_threshold)} (${m.threshold_source})`);
+  return parts.join(" · ");
+}
+
+async function start() {
+  try {
+    state.model = await api("model");
+  } catch (e) {
+    $("model-info").textContent = `The model is not reachable: ${e.message}`;
+    return;
+  }
+  state.calibrated = state.model.image_threshold;
+  $("model-info").textContent = describe(state.model);
+  const l = state.model.limits;
+  $("limits").textContent = `up to ${l.max_images} images and ${(l.max_request_bytes / 1048576).toFixed(0)} MB ` +
+    `a request, ${(l.max_pixels / 1e6).toFixed(1)} megapixels an image`;
+  $("reset").disabled = state.calibrated === null;
+  updateRange();
+  setThreshold(state.threshold);
+}
+
+$("files").addEventListener("change", async (e) => {
+  await upload(e.target.files);
+  e.target.value = "";                 // the same file can be picked again
+});
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  upload(e.dataTransfer.files);
+});
+$("threshold").addEventListener("input", (e) => setThreshold(Number(e.target.value)));
+$("reset").addEventListener("click", () => {
+  $("threshold").value = state.calibrated;
+  setThreshold(state.calibrated);
+});
+$("download").addEventListener("click", download);
+start();

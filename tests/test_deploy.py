@@ -1,0 +1,236 @@
+"""Calibrated decisions (prn.deploy.calibrate) and prediction at scale (prn.deploy.predict)."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prn import api
+from prn.checkpoint import load_checkpoint
+from prn.cli import main
+from prn.data.split import Split
+from prn.deploy.calibrate import (calibrate, image_threshold, normalize, normalize_map, pixel_threshold,
+                                  rates_at)
+from prn.deploy.predict import Predictor, predict_folder
+from prn.errors import PRNError
+from prn.infer import predict_samples
+
+# ----------------------------------------------------------------------------- calibration rules
+
+
+def test_with_many_good_parts_the_threshold_rejects_at_most_the_target_share():
+    scores = np.random.default_rng(0).normal(size=5000)
+    t, method = image_threshold(scores, 0.01)
+    rejected = np.mean(scores >= t)
+    assert method == "empirical quantile"
+    assert 0.008 <= rejected <= 0.01
+
+
+def test_with_few_good_parts_the_threshold_extrapolates_a_normal_tail_above_all_of_them():
+    scores = np.array([0.10, 0.12, 0.11, 0.13, 0.09, 0.10, 0.12, 0.11])
+    t, method = image_threshold(scores, 0.01)
+    assert t > scores.max()
+    assert t == pytest.approx(scores.mean() + 2.3263 * scores.std(ddof=1), rel=1e-4)
+    assert "normal tail" in method
+
+
+def test_a_threshold_never_rejects_the_held_out_maximum_even_with_identical_scores():
+    t, _ = image_threshold(np.full(8, 0.3), 0.01)
+    assert t > 0.3 and t == pytest.approx(0.3)
+
+
+def test_pixel_threshold_is_the_pixel_quantile_of_good_maps():
+    maps = np.random.default_rng(1).random((4, 50, 50)).astype(np.float32)
+    t = pixel_threshold(maps, 0.01)
+    assert np.mean(maps >= t) == pytest.approx(0.01, abs=5e-4)
+
+
+def test_normalised_score_is_one_half_at_the_threshold_monotone_and_clipped():
+    cal = calibrate([0.1, 0.2, 0.3] * 400, np.zeros((2, 4, 4)), [0.9], target_fpr=0.01)
+    t = cal["image_threshold"]
+    assert normalize(t, cal) == pytest.approx(0.5)
+    values = normalize(np.linspace(-5, 5, 101), cal)
+    assert np.all(np.diff(values) >= 0) and values.min() == 0.0 and values.max() == 1.0
+    assert normalize(0.25, cal, threshold=0.25) == pytest.approx(0.5)
+    assert normalize_map(np.full((2, 2), cal["pixel_threshold"]), cal) == pytest.approx(0.5)
+
+
+def test_calibration_reports_the_folds_false_rejects_and_misses():
+    cal = calibrate(np.linspace(0, 1, 200), np.zeros((1, 2, 2)), [0.5, 2.0, 3.0], target_fpr=0.05)
+    assert cal["fold_false_reject_rate"] <= 0.05
+    assert cal["fold_miss_rate"] == pytest.approx(1 / 3)
+    assert cal["n_normal"] == 200 and cal["n_anomalous"] == 3
+
+
+def test_calibration_refuses_a_rate_outside_zero_one():
+    with pytest.raises(PRNError, match="target_fpr"):
+        calibrate([0.1, 0.2], np.zeros((1, 2, 2)), target_fpr=1.5)
+
+
+def test_rates_at_count_false_rejects_and_misses():
+    r = rates_at([0, 0, 0, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.3], 0.5)
+    assert (r["false_rejects"], r["misses"]) == (1, 1)
+    assert r["false_reject_rate"] == pytest.approx(1 / 3) and r["miss_rate"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- a calibrated run
+
+
+@pytest.fixture(scope="module")
+def run(demo_root, tmp_path_factory):
+    from conftest import make_tiny_config
+    out = tmp_path_factory.mktemp("deploy_run")
+    cfg = make_tiny_config(demo_root, out, epochs=1, steps_per_epoch=1, val_normal_min=3)
+    return api.fit(cfg, run_dir=out / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def images(demo_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("incoming")
+    for i, path in enumerate(sorted((demo_root / "demo" / "test").rglob("*.png"))[:5]):
+        (folder / f"{i}_{path.name}").write_bytes(path.read_bytes())
+    Image.fromarray(np.full((40, 90, 3), 200, np.uint8)).save(folder / "wide.png")
+    return folder
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_calibrates_on_the_held_out_good_images_only(run):
+    payload = load_checkpoint(run)
+    cal = payload["calibration"]
+    split = Split.load(run / "split.json")
+    assert cal["n_normal"] == len(split.val_normal) >= 3
+    model, cfg = api.load_model(run)
+    preds = predict_samples(model, split.val_normal, cfg.input_hw, device="cpu")
+    expected, _ = image_threshold(preds.scores, cfg.target_fpr)
+    assert cal["image_threshold"] == pytest.approx(expected, rel=1e-9)
+    assert cal["pixel_threshold"] == pytest.approx(pixel_threshold(preds.maps, cfg.pixel_target_fpr), rel=1e-6)
+    assert json.loads((run / "calibration.json").read_text()) == pytest.approx(cal)
+
+
+def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
+    metrics = api.test(run, out_dir=tmp_path, overlays=0, progress=False)
+    split = Split.load(run / "split.json")
+    scores = {r["path"]: float(r["score"]) for r in _rows(tmp_path / "predictions" / "scores.csv")}
+    t = load_checkpoint(run)["calibration"]["image_threshold"]
+    good = [v for k, v in scores.items() if "/good/" in f"/{k}"]
+    assert metrics["threshold"] == t
+    assert metrics["false_rejects"] == sum(v >= t for v in good)
+    assert metrics["false_rejects"] + metrics["misses"] <= len(split.test)
+    assert "f1_max" in metrics
+    assert "Decisions at the calibrated threshold" in (tmp_path / "results.md").read_text()
+
+
+def test_predict_writes_score_normalised_score_prediction_and_error_columns(run, images, tmp_path):
+    summary = api.predict(run, images, tmp_path, progress=False)
+    rows = _rows(summary.csv)
+    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "error"]
+    cal = load_checkpoint(run)["calibration"]
+    for r in rows:
+        score = float(r["score"])
+        assert int(r["prediction"]) == int(score >= cal["image_threshold"])
+        assert float(r["normalized_score"]) == pytest.approx(float(normalize(score, cal)))
+        assert (float(r["normalized_score"]) >= 0.5) == bool(int(r["prediction"]))
+    assert summary.n_defective == sum(int(r["prediction"]) for r in rows)
+
+
+def test_a_bare_checkpoint_copied_elsewhere_decides_as_its_run_folder(run, images, tmp_path):
+    bare = tmp_path / "elsewhere" / "model.pt"
+    bare.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "model.pt", bare)
+    a = _rows(api.predict(run, images, tmp_path / "a", progress=False, maps="none").csv)
+    b = _rows(api.predict(bare, images, tmp_path / "b", progress=False, maps="none").csv)
+    assert a == b
+
+
+def test_predict_matches_the_models_own_output_batch_by_batch(run, images, tmp_path):
+    predictor = Predictor(run, batch_size=4)
+    rows = _rows(predict_folder(predictor, images, tmp_path, maps="npy", progress=False).csv)
+    files = sorted(images.iterdir())
+    direct = predictor.predict_arrays([np.array(Image.open(f).convert("RGB")) for f in files])
+    assert [r["path"] for r in rows] == [f.name for f in files]
+    for row, d, f in zip(rows, direct, files):
+        assert float(row["score"]) == pytest.approx(d["score"], abs=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / "maps" / f"{f.name}.npy"), d["map"], atol=1e-6)
+
+
+def test_masks_and_png_maps_follow_the_pixel_threshold(run, images, tmp_path):
+    predict_folder(Predictor(run), images, tmp_path / "npy", maps="npy", progress=False)
+    predict_folder(Predictor(run), images, tmp_path / "png", maps="png", masks=True, progress=False)
+    t = load_checkpoint(run)["calibration"]["pixel_threshold"]
+    for f in sorted(images.iterdir()):
+        amap = np.load(tmp_path / "npy" / "maps" / f"{f.name}.npy")
+        mask = np.array(Image.open(tmp_path / "png" / "masks" / f"{f.name}.png"))
+        level = np.array(Image.open(tmp_path / "png" / "maps" / f"{f.name}.png"))
+        assert mask.shape == amap.shape == level.shape
+        np.testing.assert_array_equal(mask > 0, amap >= t)
+        assert np.all(level[amap >= t] >= 127) and np.all(level[amap < t] <= 128)
+    assert not list((tmp_path / "png" / "maps").glob("*.npy"))
+
+
+def test_maps_none_writes_scores_only_and_overlays_counts_pictures(run, images, tmp_path):
+    api.predict(run, images, tmp_path, maps="none", overlays=2, progress=False)
+    assert not (tmp_path / "maps").exists()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2
+    api.predict(run, images, tmp_path / "all", maps="none", overlays=-1, progress=False)
+    assert len(list((tmp_path / "all" / "images").glob("*.png"))) == len(list(images.iterdir()))
+
+
+def test_threshold_flag_overrides_and_fail_on_defect_exits_3(run, images, tmp_path, capsys):
+    args = ["predict", str(run), str(images), "--maps", "none", "--quiet", "--fail-on-defect"]
+    assert main(args + ["--out", str(tmp_path / "low"), "--threshold=-1e9"]) == 3
+    assert all(r["prediction"] == "1" for r in _rows(tmp_path / "low" / "scores.csv"))
+    assert main(args + ["--out", str(tmp_path / "high"), "--threshold", "1e9"]) == 0
+    assert all(r["prediction"] == "0" for r in _rows(tmp_path / "high" / "scores.csv"))
+
+
+def test_a_corrupt_file_among_good_ones_is_reported_and_the_rest_predicted(run, images, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(images, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "empty.jpg").write_bytes(b"")
+    summary = api.predict(run, folder, tmp_path / "out", progress=False, maps="none")
+    rows = {r["path"]: r for r in _rows(summary.csv)}
+    assert summary.n_errors == 2 and summary.n_images == len(rows)
+    assert "broken.png" in rows["broken.png"]["error"] and "empty" in rows["empty.jpg"]["error"]
+    assert all(r["score"] and not r["error"] for k, r in rows.items() if k not in ("broken.png", "empty.jpg"))
+    with pytest.raises(PRNError, match="broken.png"):
+        api.predict(run, folder, tmp_path / "strict", progress=False, maps="none", strict=True)
+
+
+def test_an_uncalibrated_checkpoint_gives_scores_without_decisions(run, images, tmp_path):
+    from prn.checkpoint import set_calibration
+    bare = tmp_path / "model.pt"
+    shutil.copy(run / "checkpoints" / "model.pt", bare)
+    set_calibration(bare, None)
+    rows = _rows(api.predict(bare, images, tmp_path / "out", progress=False, maps="none").csv)
+    assert all(r["score"] and r["prediction"] == "" and r["normalized_score"] == "" for r in rows)
+    with pytest.raises(PRNError, match="calibrate"):
+        api.predict(bare, images, tmp_path / "m", progress=False, masks=True)
+
+
+def test_calibrate_verb_sets_a_new_target_rate_and_writes_it_back(run, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    before = load_checkpoint(work)["calibration"]
+    assert main(["calibrate", str(work), "--target-fpr", "0.3", "--quiet"]) == 0
+    after = load_checkpoint(work)["calibration"]
+    assert after["target_fpr"] == 0.3 and after["image_threshold"] < before["image_threshold"]
+    assert "target_fpr: 0.3" in (work / "config.yaml").read_text()
+
+
+def test_patchcore_and_prototype_runs_are_calibrated_too(demo_root, tiny_config, tmp_path):
+    for kind in ("patchcore", "prototypes"):
+        cfg = tiny_config(demo_root, tmp_path / kind, val_normal_min=3)
+        run = api.fit(cfg, run_dir=tmp_path / kind / "run", progress=False, model=kind)
+        cal = load_checkpoint(run)["calibration"]
+        assert cal is not None and cal["n_normal"] >= 3 and np.isfinite(cal["image_threshold"])
+        rows = _rows(api.predict(run, demo_root / "demo" / "test" / "good", tmp_path / kind / "p",
+                                 progress=False, maps="none").csv)
+        assert all(r["prediction"] in ("0", "1") for r in rows)

@@ -1,0 +1,127 @@
+"""The page of prn serve in a real browser: Debian's headless chromium, driven by selenium,
+against a live server on 127.0.0.1 that needs a token. Upload, wait for the scores, move the
+threshold slider with the keyboard, check the verdicts change; a bad file shows its error.
+
+Skips when chromium or chromedriver is absent (.ci/run installs them with apt-get).
+PRN_SERVE_SCREENSHOT=path also saves the page's screenshot there.
+"""
+
+import csv
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="prn serve needs the serve extra: pip install 'prn[serve]'")
+pytest.importorskip("selenium", reason="the browser test needs selenium (the dev extra)")
+import uvicorn  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from prn.serve import build_app  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver on PATH "
+           "(apt-get install chromium chromium-driver; .ci/run installs them)")
+TOKEN = "browser-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(calibrated_run):
+    app = build_app(calibrated_run, token=TOKEN)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other tests
+    live = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=live.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not live.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live.started, "the live server did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    live.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    try:
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(DRIVER))
+    except WebDriverException as exc:
+        pytest.skip(f"chromium did not start: {exc.msg}")
+    yield driver
+    driver.quit()
+
+
+def _verdicts(driver):
+    cards = [c.find_element(By.CLASS_NAME, "verdict").text for c in driver.find_elements(By.CLASS_NAME, "card")]
+    rows = [r.find_element(By.CLASS_NAME, "verdict").text for r in driver.find_elements(By.CSS_SELECTOR, "#results tbody tr")]
+    return cards, rows
+
+
+def _csv(driver):
+    return list(csv.DictReader(io.StringIO(driver.execute_script("return window.prnCsv()"))))
+
+
+def test_page_scores_uploads_and_the_slider_rejudges_them(server, browser, demo_root, tmp_path):
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{server}/?token={TOKEN}")              # sets the cookie the page's requests carry
+    wait.until(lambda d: "prn model" in d.find_element(By.ID, "model-info").text)
+    assert "token" not in browser.current_url
+
+    images = sorted((demo_root / "demo" / "test" / "good").iterdir())[:1] + \
+        sorted((demo_root / "demo" / "test" / "hole").iterdir())[:2]
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 3)
+    scores = [float(c.get_attribute("data-score")) for c in browser.find_elements(By.CLASS_NAME, "card")]
+    assert len(set(scores)) == 3                         # the model's scores, one per image
+
+    slider = browser.find_element(By.ID, "threshold")
+    slider.send_keys(Keys.HOME)                          # the lowest threshold: every image fails
+    assert _verdicts(browser) == (["FAIL"] * 3, ["FAIL"] * 3)
+    assert [r["verdict"] for r in _csv(browser)] == ["defective"] * 3
+    shown = browser.find_element(By.ID, "threshold-value").text
+    slider.send_keys(Keys.END)                           # the highest: every image passes
+    assert _verdicts(browser) == (["PASS"] * 3, ["PASS"] * 3)
+    assert [r["verdict"] for r in _csv(browser)] == ["good"] * 3
+    assert browser.find_element(By.ID, "threshold-value").text != shown
+
+    browser.find_element(By.ID, "reset").click()        # the calibrated threshold: the server's labels
+    rows = _csv(browser)
+    assert [r["verdict"] for r in rows] == [r["server_label"] for r in rows]
+    assert [r["file"] for r in rows] == [p.name for p in images]
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not pixels")
+    browser.find_element(By.ID, "files").send_keys(str(bad))
+    wait.until(lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    status = browser.find_element(By.ID, "status").text
+    assert "notes.png" in status and "not an image" in status
+    assert len(browser.find_elements(By.CLASS_NAME, "card")) == 3
+
+    shot = tmp_path / "serve.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["PRN_SERVE_SCREENSHOT"])
+
+
+def test_page_without_the_token_gets_a_401_that_says_how(server, browser):
+    browser.delete_all_cookies()
+    browser.get(f"{server}/")
+    assert "open /?token=TOKEN once" in browser.find_element(By.TAG_NAME, "body").text
