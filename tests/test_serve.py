@@ -253,6 +253,17 @@ def test_uncalibrated_model_scores_without_a_verdict_and_refuses_masks(calibrate
         assert refused.status_code == 409 and "calibrat" in refused.json()["error"]
 
 
+def test_the_docs_page_loads_every_script_and_style_from_the_service_itself(client):
+    import re
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:  # no CDN: a line PC has no internet
+        assert asset.startswith("/"), asset
+        assert client.get(asset).status_code == 200, asset
+
+
 # ----------------------------------------------------------------------------- token
 
 @pytest.fixture(scope="module")

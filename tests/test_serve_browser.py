@@ -121,6 +121,14 @@ def test_page_scores_uploads_and_the_slider_rejudges_them(server, browser, demo_
         shutil.copy(shot, os.environ["PRN_SERVE_SCREENSHOT"])
 
 
+def test_the_docs_page_renders_every_endpoint_offline(server, browser):
+    browser.get(f"{server}/?token={TOKEN}")
+    browser.get(f"{server}/docs")                        # Swagger UI from the package, no CDN
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 3)
+    paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert paths == {"/health", "/model", "/predict"}
+
+
 def test_page_without_the_token_gets_a_401_that_says_how(server, browser):
     browser.delete_all_cookies()
     browser.get(f"{server}/")

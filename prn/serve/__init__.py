@@ -1,5 +1,6 @@
 """``prn serve``: a trained model as an HTTP service with a web page (needs the ``serve`` extra:
-``pip install 'prn[serve]'``, i.e. fastapi, uvicorn and python-multipart).
+``pip install 'prn[serve]'``, i.e. fastapi, uvicorn, python-multipart and
+fastapi-offline for /docs offline).
 
     >>> from prn.serve import serve
     >>> serve("runs/demo/latest", host="127.0.0.1", port=8000)      # blocks; Ctrl-C stops it
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from prn.errors import PRNError, UsageError
 
-REQUIRED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+REQUIRED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
+            "fastapi_offline": "fastapi-offline"}
 TOKEN_ENV = "PRN_SERVE_TOKEN"
 MIN_TOKEN_CHARS = 16
 

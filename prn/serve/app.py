@@ -23,6 +23,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -141,7 +142,8 @@ MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
 
 def create_app(service: InspectionService, *, token: str | None = None) -> FastAPI:
     """The service's app; with ``token`` every request must carry it."""
-    app = FastAPI(title="prn inspection service", version=prn.__version__,
+    app = FastAPI(title="prn inspection service", version=prn.__version__, docs_url=None,
+                  redoc_url=None,
                   description="Anomaly scores, decisions, heat maps and defect masks from one "
                               "trained prn model.")
     app.state.service = service
@@ -190,6 +192,18 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
         results = await run_in_threadpool(service.inspect, uploads, overlay=overlay, mask=mask)
         return {"results": results, "milliseconds": (time.perf_counter() - t0) * 1000}
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        # FastAPI's default page loads Swagger UI from a CDN; the same files from the
+        # fastapi-offline package keep it working offline, on a line PC.
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - docs",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon.png")
+
+    import fastapi_offline
+    swagger = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/static/swagger", _Static(directory=str(swagger)), name="swagger")
     app.mount("/static", _Static(directory=str(STATIC)), name="static")
     if token is not None:
         app.add_middleware(TokenGuard, token=token)
