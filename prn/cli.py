@@ -175,7 +175,7 @@ def cmd_predict(args) -> int | None:
 def cmd_calibrate(args) -> None:
     from prn.deploy.calibrate import calibrate_run
     cal = calibrate_run(args.run, target_fpr=args.target_fpr, pixel_target_fpr=args.pixel_target_fpr,
-                        device=args.device, progress=not args.quiet)
+                        tail=args.tail, device=args.device, progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--target-fpr", type=float, help="share of good parts rejected (default: the config's, 0.01)")
     p.add_argument("--pixel-target-fpr", type=float, help="share of good pixels marked (default 0.001)")
+    p.add_argument("--tail", choices=("gumbel", "normal"),
+                   help="distribution fitted to the held-out scores when they are too few for a "
+                        "quantile (default: the config's, gumbel)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

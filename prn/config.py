@@ -128,6 +128,7 @@ class PRNConfig:
     # --- decisions (ours; prn.deploy.calibrate): set on the held-out normal fold, never on test data ---
     target_fpr: float = 0.01          # image threshold: this share of good parts is rejected
     pixel_target_fpr: float = 0.001   # pixel threshold (masks, contours): this share of good pixels is marked
+    calibration_tail: str = "gumbel"  # with too few held-out images for a quantile: "gumbel" or "normal" fit
 
     # --- PatchCore baseline (prn/baselines; Roth et al. 2022) ---
     patchcore_coreset_ratio: float = 0.1
@@ -200,6 +201,8 @@ class PRNConfig:
         if not 0 < self.target_fpr < 1 or not 0 < self.pixel_target_fpr < 1:
             problems.append(f"target_fpr and pixel_target_fpr must be in (0, 1), got "
                             f"{self.target_fpr}, {self.pixel_target_fpr}")
+        if self.calibration_tail not in ("gumbel", "normal"):
+            problems.append(f"calibration_tail must be gumbel or normal, got {self.calibration_tail!r}")
         if problems:
             raise ValueError("invalid PRN config: " + "; ".join(problems))
 

@@ -29,17 +29,33 @@ def test_with_many_good_parts_the_threshold_rejects_at_most_the_target_share():
     assert 0.008 <= rejected <= 0.01
 
 
-def test_with_few_good_parts_the_threshold_extrapolates_a_normal_tail_above_all_of_them():
-    scores = np.array([0.10, 0.12, 0.11, 0.13, 0.09, 0.10, 0.12, 0.11])
-    t, method = image_threshold(scores, 0.01)
-    assert t > scores.max()
-    assert t == pytest.approx(scores.mean() + 2.3263 * scores.std(ddof=1), rel=1e-4)
+FEW = np.array([0.10, 0.12, 0.11, 0.13, 0.09, 0.10, 0.12, 0.11])
+
+
+def test_with_few_good_parts_the_threshold_extrapolates_a_gumbel_tail_above_all_of_them():
+    from scipy.stats import gumbel_r
+    t, method = image_threshold(FEW, 0.01)
+    assert t > FEW.max()
+    assert t == pytest.approx(gumbel_r.ppf(0.99, *gumbel_r.fit(FEW)), rel=1e-9)
+    assert "gumbel tail" in method
+
+
+def test_the_normal_tail_is_mean_plus_z_standard_deviations():
+    t, method = image_threshold(FEW, 0.01, tail="normal")
+    assert t == pytest.approx(FEW.mean() + 2.3263 * FEW.std(ddof=1), rel=1e-4)
     assert "normal tail" in method
+    with pytest.raises(PRNError, match="tail"):
+        image_threshold(FEW, 0.01, tail="cauchy")
+
+
+def test_the_gumbel_tail_lies_further_out_than_the_normal_on_skewed_scores():
+    scores = np.random.default_rng(3).gumbel(0.2, 0.02, size=30)
+    assert image_threshold(scores, 0.001)[0] > image_threshold(scores, 0.001, tail="normal")[0] > scores.max()
 
 
 def test_a_threshold_never_rejects_the_held_out_maximum_even_with_identical_scores():
-    t, _ = image_threshold(np.full(8, 0.3), 0.01)
-    assert t > 0.3 and t == pytest.approx(0.3)
+    t, method = image_threshold(np.full(8, 0.3), 0.01)
+    assert t > 0.3 and t == pytest.approx(0.3) and "largest" in method
 
 
 def test_pixel_threshold_is_the_pixel_quantile_of_good_maps():
@@ -108,7 +124,7 @@ def test_fit_calibrates_on_the_held_out_good_images_only(run):
     assert cal["n_normal"] == len(split.val_normal) >= 3
     model, cfg = api.load_model(run)
     preds = predict_samples(model, split.val_normal, cfg.input_hw, device="cpu")
-    expected, _ = image_threshold(preds.scores, cfg.target_fpr)
+    expected, _ = image_threshold(preds.scores, cfg.target_fpr, cfg.calibration_tail)
     assert cal["image_threshold"] == pytest.approx(expected, rel=1e-9)
     assert cal["pixel_threshold"] == pytest.approx(pixel_threshold(preds.maps, cfg.pixel_target_fpr), rel=1e-6)
     assert json.loads((run / "calibration.json").read_text()) == pytest.approx(cal)
@@ -219,10 +235,12 @@ def test_calibrate_verb_sets_a_new_target_rate_and_writes_it_back(run, tmp_path,
     work = tmp_path / "run"
     shutil.copytree(run, work)
     before = load_checkpoint(work)["calibration"]
-    assert main(["calibrate", str(work), "--target-fpr", "0.3", "--quiet"]) == 0
+    assert main(["calibrate", str(work), "--target-fpr", "0.3", "--tail", "normal", "--quiet"]) == 0
     after = load_checkpoint(work)["calibration"]
     assert after["target_fpr"] == 0.3 and after["image_threshold"] < before["image_threshold"]
-    assert "target_fpr: 0.3" in (work / "config.yaml").read_text()
+    assert after["method"] != before["method"] or after["n_normal"] * 0.3 >= 1
+    text = (work / "config.yaml").read_text()
+    assert "target_fpr: 0.3" in text and "calibration_tail: normal" in text
 
 
 def test_patchcore_and_prototype_runs_are_calibrated_too(demo_root, tiny_config, tmp_path):
