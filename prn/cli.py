@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from prn.config import BACKBONES, DATASETS, PRESETS, PRNConfig, fields_from_yaml, parse_field
+from prn.config import (BACKBONES, CALIBRATION_TAILS, DATASETS, PRECISIONS, PRESETS, PRNConfig,
+                        fields_from_yaml, parse_field)
 from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
 
 # Flags every config-building verb takes, mapped to PRNConfig fields.
@@ -30,7 +31,7 @@ COMMON_FLAGS = {
     "steps_per_epoch": dict(type=int, help="0: one pass over the normal images"),
     "seed": dict(type=int),
     "device": dict(help="auto, cpu, cuda, cuda:N"),
-    "precision": dict(choices=("32", "bf16", "16"),
+    "precision": dict(choices=PRECISIONS,
                       help="32 (default); bf16: autocast, CUDA or CPU; 16: autocast and loss scaling, CUDA"),
     "output_dir": dict(help="where run folders are made (default runs/)"),
     "texture_dir": dict(help="DTD-like folder of textures for heterologous anomalies"),
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--target-fpr", type=float, help="share of good parts rejected (default: the config's, 0.01)")
     p.add_argument("--pixel-target-fpr", type=float, help="share of good pixels marked (default 0.001)")
-    p.add_argument("--tail", choices=("gumbel", "normal"),
+    p.add_argument("--tail", choices=CALIBRATION_TAILS,
                    help="distribution fitted to the held-out scores when they are too few for a "
                         "quantile (default: the config's, gumbel)")
     p.add_argument("--device")

@@ -29,6 +29,8 @@ MAP_SIGMAS = (0.0, 2.0, 4.0, 8.0)  # what select_map_sigma chooses from
 
 DATASETS = ("mvtec", "btad", "dagm", "ksdd2", "folder", "demo")
 BACKBONES = ("resnet18", "tf_efficientnet_lite0")
+PRECISIONS = ("32", "bf16", "16")  # prn.precision
+CALIBRATION_TAILS = ("gumbel", "normal")  # prn.deploy.calibrate.image_threshold
 
 
 @dataclass
@@ -182,8 +184,9 @@ class PRNConfig:
             problems.append(f"seen_fraction must be in [0, 0.5], got {self.seen_fraction}")
         if self.select_epoch not in ("last", "best"):
             problems.append(f"select_epoch must be last or best, got {self.select_epoch!r}")
-        if self.precision not in ("32", "bf16", "16"):
-            problems.append(f"precision must be 32, bf16 or 16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                            f"got {self.precision!r}")
         if self.num_workers < -1:
             problems.append(f"num_workers must be >= 0, or -1 (sized from the device), got {self.num_workers}")
         if self.map_sigma < 0:
@@ -201,8 +204,9 @@ class PRNConfig:
         if not 0 < self.target_fpr < 1 or not 0 < self.pixel_target_fpr < 1:
             problems.append(f"target_fpr and pixel_target_fpr must be in (0, 1), got "
                             f"{self.target_fpr}, {self.pixel_target_fpr}")
-        if self.calibration_tail not in ("gumbel", "normal"):
-            problems.append(f"calibration_tail must be gumbel or normal, got {self.calibration_tail!r}")
+        if self.calibration_tail not in CALIBRATION_TAILS:
+            problems.append(f"calibration_tail must be one of {', '.join(CALIBRATION_TAILS)}, "
+                            f"got {self.calibration_tail!r}")
         if problems:
             raise ValueError("invalid PRN config: " + "; ".join(problems))
 

@@ -24,9 +24,9 @@ import contextlib
 
 import torch
 
+from prn.config import PRECISIONS
 from prn.errors import UsageError
 
-PRECISIONS = ("32", "bf16", "16")
 _DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
 

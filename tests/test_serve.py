@@ -28,7 +28,8 @@ from prn.deploy.predict import Predictor  # noqa: E402
 from prn.errors import PRNError  # noqa: E402
 from prn.serve import build_app, check_binding, require_dependencies  # noqa: E402
 from prn.serve.app import create_app  # noqa: E402
-from prn.serve.service import OVERLAY_MAX_SIDE, InspectionService, Limits, jsonable  # noqa: E402
+from prn.report import json_safe  # noqa: E402
+from prn.serve.service import OVERLAY_MAX_SIDE, InspectionService, Limits  # noqa: E402
 
 TOKEN = "a-test-token-of-some-length"
 # (H, W) and how each is saved: the service decodes every kind as prn predict reads files
@@ -136,7 +137,7 @@ def test_model_reports_kind_input_thresholds_metrics_and_limits(client, calibrat
     assert m["pixel_threshold"] == predictor.calibration["pixel_threshold"]
     assert m["threshold_source"] == "calibration"
     results = json.loads((calibrated_run / "results.json").read_text())
-    assert m["metrics"] == jsonable(results) and "image_auroc" in m["metrics"]["categories"]["demo"]
+    assert m["metrics"] == json_safe(results) and "image_auroc" in m["metrics"]["categories"]["demo"]
     assert m["versions"]["prn"] and m["limits"] == {"max_request_bytes": 32 * 2**20,
                                                     "max_pixels": 50_000_000, "max_images": 16}
     assert client.get("/health").json() == {"status": "ok", "model": "prn"}

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import gumbel_r, norm
 
+from prn.config import CALIBRATION_TAILS
 from prn.errors import DataError, PRNError, UsageError
 
 SOURCE = "held-out normal training images (split.json val_normal)"
 
 
-TAILS = ("gumbel", "normal")
+TAILS = CALIBRATION_TAILS
 
 
 def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "gumbel") -> tuple[float, str]:

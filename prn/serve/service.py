@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import platform
 import threading
 import time
@@ -29,6 +28,7 @@ from prn.data.io import read_image_bytes
 from prn.deploy.predict import Predictor
 from prn.errors import PRNError, UsageError
 from prn.infer import resize_map
+from prn.report import json_safe
 from prn.viz import contour_overlay, heat_overlay, panel_shape
 
 OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the image's own size
@@ -62,19 +62,6 @@ def _png_base64(array: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def jsonable(value):
-    """Plain JSON values; non-finite floats (nan metrics) become None, which JSON can carry."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _read_json(path: Path) -> dict | None:
@@ -111,7 +98,7 @@ class InspectionService:
         if p.threshold is not None:
             threshold_source = ("calibration" if cal and p.threshold == cal["image_threshold"]
                                 else "set when the server started")
-        return jsonable({
+        return json_safe({
             "kind": p.loaded.kind,
             "backbone": p.cfg.backbone,
             "input_size": list(p.input_hw),
@@ -170,7 +157,7 @@ class InspectionService:
                 out["mask"] = _png_base64(self.predictor.region(r["map"]).astype(np.uint8) * 255)
             # each image's own decode and pictures, and its share of the batch's forward pass
             out["milliseconds"] = decode_ms + model_ms + (time.perf_counter() - t_pic) * 1000
-            results.append(jsonable(out))
+            results.append(json_safe(out))
         return results
 
     def overlay(self, image: np.ndarray, amap: np.ndarray) -> np.ndarray:
