@@ -112,8 +112,7 @@ def run_jobs(tasks: list[tuple[str, str, PRNConfig, Path]], model: str, jobs: in
     ``jobs`` at a time. Returns ({(variant, label): metrics}, {(variant, label): error message})."""
     import torch
     devices = job_devices(len(tasks), tasks[0][2].device, torch.cuda.device_count())
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cpus // min(jobs, len(tasks)))  # the CPU's cores shared by the jobs at once
+    threads = max(1, distributed.usable_cpus() // min(jobs, len(tasks)))  # the CPU's cores shared by the jobs at once
     folder = out / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -96,6 +96,14 @@ def world() -> World:
     return World(rank, size, local_rank, local_size)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a container's
+    or taskset's limit), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def is_main() -> bool:
     return world().is_main
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -67,8 +66,7 @@ def loader_workers(requested: int, device: torch.device) -> int:
     cores from the forward pass, and 2 measured best on the 2-core machine (BENCHMARKS.md)."""
     if requested >= 0:
         return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_rank = max(1, cpus // distributed.world().local_size)
+    per_rank = max(1, distributed.usable_cpus() // distributed.world().local_size)
     if device.type == "cuda":
         return min(8, max(1, per_rank - 1))
     return min(2, per_rank)
