@@ -1,5 +1,6 @@
 """prn serve through FastAPI's test client: decisions equal prn predict's, pictures, every bad
-input answered with a 4xx JSON error naming the problem, the token, and the one model's lock.
+input answered with a 4xx JSON error naming the problem (or, for one bad image among good ones,
+an error entry in its place), the token, and the one model's lock.
 
 The model is the session's tiny calibrated run (conftest.calibrated_run); the images are
 random, of other sizes than the model's 64 x 64.
@@ -168,21 +169,55 @@ BAD_UPLOADS = {  # (name, content) -> (status, words the error must hold)
 
 
 @pytest.mark.parametrize("case", BAD_UPLOADS)
-def test_bad_upload_is_a_422_naming_the_file_and_the_problem(client, uploads, case):
+def test_bad_upload_alone_is_a_422_naming_the_file_and_the_problem(client, uploads, case):
     name, data, status, words = BAD_UPLOADS[case]
     before = _one(client, uploads["wide.png"])["score"]
-    r = client.post("/predict", files=[("files", ("ok.png", uploads["wide.png"], "image/png")),
-                                       ("files", (name, data, "image/png"))])
+    r = client.post("/predict", files=[("files", (name, data, "image/png"))])
     assert r.status_code == status
     body = r.json()
-    assert body["status"] == status and "upload 2" in body["error"]
+    assert body["status"] == status and "upload 1" in body["error"]
     for word in words:
         assert word in body["error"]
     assert _one(client, uploads["wide.png"])["score"] == before  # still serving, nothing kept
 
 
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_one_bad_upload_among_good_ones_gets_its_error_and_the_others_are_scored(client, uploads, case):
+    name, data, _, words = BAD_UPLOADS[case]
+    alone = {n: _one(client, uploads[n], name=n)["score"] for n in ("wide.png", "tall.jpg")}
+    r = client.post("/predict", params={"overlay": 1, "mask": 1},
+                    files=[("files", ("wide.png", uploads["wide.png"], "image/png")),
+                           ("files", (name, data, "image/png")),
+                           ("files", ("tall.jpg", uploads["tall.jpg"], "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["name"] for x in results] == ["wide.png", name, "tall.jpg"]  # request order
+    bad = results[1]
+    assert set(bad) == {"name", "error", "milliseconds"} and "upload 2" in bad["error"]
+    for word in words:
+        assert word in bad["error"]
+    for good in (results[0], results[2]):
+        assert "error" not in good and good["score"] == pytest.approx(alone[good["name"]], abs=1e-6)
+        assert good["label"] in ("good", "defective") and good["overlay"] and good["mask"]
+
+
+def test_several_bad_uploads_alone_are_a_422_naming_the_first(client):
+    r = client.post("/predict", files=[("files", ("a.png", b"", "image/png")),
+                                       ("files", ("b.png", b"not pixels", "image/png"))])
+    assert r.status_code == 422 and "upload 1 ('a.png')" in r.json()["error"]
+
+
+def test_the_field_file_is_accepted_as_files_is(client, uploads):
+    one = client.post("/predict", files=[("file", ("wide.png", uploads["wide.png"], "image/png"))])
+    assert one.status_code == 200, one.text
+    both = client.post("/predict", files=[("file", ("wide.png", uploads["wide.png"], "image/png")),
+                                          ("files", ("gray.png", uploads["gray.png"], "image/png"))])
+    assert [x["name"] for x in both.json()["results"]] == ["wide.png", "gray.png"]
+    assert both.json()["results"][0]["score"] == pytest.approx(one.json()["results"][0]["score"], abs=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, status, words", [
-    (dict(files=[("image", ("a.png", b"x", "image/png"))]), 400, ["'image'", "'files'"]),
+    (dict(files=[("image", ("a.png", b"x", "image/png"))]), 400, ["'image'", "'files'", "'file'"]),
     (dict(data={"files": "not a file"}, files=[("other", ("a", b"", "text/plain"))]), 400, ["field"]),
     (dict(content=b"\x89PNG...", headers={"content-type": "image/png"}), 415, ["multipart/form-data"]),
     (dict(data={"x": "1"}), 415, ["multipart/form-data"]),
@@ -217,6 +252,30 @@ def test_image_over_the_pixel_limit_is_refused_by_name(small_limits_client, uplo
     assert r.status_code == 422
     assert "'tall.jpg'" in r.json()["error"] and "3600" in r.json()["error"]
     assert small_limits_client.post("/predict", files=_files(uploads, ["gray.png"])).status_code == 200
+
+
+def _pixel_limit_error(app, uploads):
+    with TestClient(app) as c:
+        r = c.post("/predict", files=_files(uploads, ["tall.jpg"]))      # 72 x 100 = 7200 pixels
+    assert r.status_code == 422, r.text
+    return r.json()["error"]
+
+
+def test_the_pixel_limit_message_names_what_set_the_limit(calibrated_run, uploads, monkeypatch):
+    message = _pixel_limit_error(build_app(calibrated_run, max_pixels=3600), uploads)
+    assert "more than the limit of 3600 (--max-pixels)" in message
+    assert "max_image_pixels" not in message
+    # without --max-pixels the limit is the model's max_image_pixels (made small here)
+    import prn.deploy.predict
+    real = prn.deploy.predict.Predictor
+
+    def small_model_limit(*args, **kwargs):
+        predictor = real(*args, **kwargs)
+        predictor.cfg = predictor.cfg.replace(max_image_pixels=5000)
+        return predictor
+    monkeypatch.setattr(prn.deploy.predict, "Predictor", small_model_limit)
+    message = _pixel_limit_error(build_app(calibrated_run), uploads)
+    assert "the limit of 5000 (the model's max_image_pixels; --max-pixels sets another)" in message
 
 
 def test_request_over_the_size_limit_is_a_413_and_the_next_one_works(small_limits_client, uploads):

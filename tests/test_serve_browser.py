@@ -1,6 +1,7 @@
 """The page of prn serve in a real browser: Debian's headless chromium, driven by selenium,
 against a live server on 127.0.0.1 that needs a token. Upload, wait for the scores, move the
-threshold slider with the keyboard, check the verdicts change; a bad file shows its error.
+threshold slider with the keyboard, check the verdicts change; a bad file alone shows the
+request's error, a bad file among good ones its own error in its card.
 
 Skips when chromium or chromedriver is absent (.ci/run installs them with apt-get).
 PRN_SERVE_SCREENSHOT=path also saves the page's screenshot there.
@@ -114,6 +115,24 @@ def test_page_scores_uploads_and_the_slider_rejudges_them(server, browser, demo_
     status = browser.find_element(By.ID, "status").text
     assert "notes.png" in status and "not an image" in status
     assert len(browser.find_elements(By.CLASS_NAME, "card")) == 3
+
+    # one bad file among good ones: the good one is scored, the bad one's card says why
+    broken = tmp_path / "broken.png"
+    broken.write_text("not pixels either")
+    browser.find_element(By.ID, "files").send_keys(f"{images[1]}\n{broken}")
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 5)
+    unread = browser.find_elements(By.CSS_SELECTOR, ".card.unread")
+    assert len(unread) == 1
+    text = unread[0].text
+    assert "broken.png" in text and "not an image" in text and "NOT READ" in text
+    assert not unread[0].find_elements(By.TAG_NAME, "img")
+    status = browser.find_element(By.ID, "status")
+    assert "1 could not be read" in status.text and "error" in status.get_attribute("class")
+    rows = _csv(browser)
+    assert [r["file"] for r in rows][-2:] == [images[1].name, "broken.png"]
+    assert rows[-1]["verdict"] == "not read" and "not an image" in rows[-1]["error"]
+    assert rows[-1]["score"] == "" and rows[-2]["error"] == ""
+    assert float(rows[-2]["score"]) == pytest.approx(float(rows[1]["score"]), abs=1e-6)
 
     shot = tmp_path / "serve.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -58,10 +58,12 @@ def require_images(folder: Path, what: str = "folder", recursive: bool = True) -
     return files
 
 
-def _open(path: Path | str, max_pixels: int | None, data: bytes | None = None) -> Image.Image:
+def _open(path: Path | str, max_pixels: int | None, data: bytes | None = None,
+          limit_name: str = "max_image_pixels") -> Image.Image:
     """Open lazily (header only) after checking the file exists, is not empty and is not too big.
 
-    With ``data``, the image is those bytes (an upload) and ``path`` only names it in messages."""
+    With ``data``, the image is those bytes (an upload) and ``path`` only names it in messages;
+    ``limit_name`` says in the message what set ``max_pixels``."""
     if data is None:
         if not path.is_file():
             raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
@@ -85,12 +87,13 @@ def _open(path: Path | str, max_pixels: int | None, data: bytes | None = None) -
     if max_pixels is not None and w * h > max_pixels:
         img.close()
         raise DataError(f"{path}: image is {w}x{h} = {w * h} pixels, more than the limit of "
-                        f"{max_pixels} (max_image_pixels)")
+                        f"{max_pixels} ({limit_name})")
     return img
 
 
-def _decode(path: Path | str, max_pixels: int | None, data: bytes | None = None) -> Image.Image:
-    img = _open(path, max_pixels, data)
+def _decode(path: Path | str, max_pixels: int | None, data: bytes | None = None,
+            limit_name: str = "max_image_pixels") -> Image.Image:
+    img = _open(path, max_pixels, data, limit_name)
     try:
         img.load()
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, zlib errors...
@@ -162,10 +165,12 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
 
 def read_image_bytes(data: bytes, name: str = "upload",
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
+                     limit_name: str = "max_image_pixels") -> np.ndarray:
     """``read_image`` for an image held in memory (an upload): the same checks and conversions,
-    decoded from ``data`` without touching the disk; ``name`` only labels error messages."""
-    with _decode(name, max_pixels, bytes(data)) as img:
+    decoded from ``data`` without touching the disk; ``name`` only labels error messages and
+    ``limit_name`` names what set ``max_pixels`` (``prn serve``: its ``--max-pixels``)."""
+    with _decode(name, max_pixels, bytes(data), limit_name) as img:
         return _to_rgb(name, img)
 
 

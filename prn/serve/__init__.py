@@ -69,7 +69,10 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     defaults = Limits(max_pixels=predictor.cfg.max_image_pixels)
     given = {"max_request_bytes": max_request_bytes, "max_pixels": max_pixels, "max_images": max_images}
     limits = replace(defaults, **{k: v for k, v in given.items() if v is not None})
-    return create_app(InspectionService(predictor, limits), token=token)
+    # an image over the limit is told what set it: this server's option or the model's config
+    source = ("--max-pixels" if max_pixels is not None
+              else "the model's max_image_pixels; --max-pixels sets another")
+    return create_app(InspectionService(predictor, limits, pixel_limit_source=source), token=token)
 
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000,

@@ -1,8 +1,11 @@
 """The HTTP side of ``prn serve``: a FastAPI app over one ``InspectionService``.
 
-Routes: ``GET /`` (the page, ``static/``), ``POST /predict`` (multipart field ``files``, one or
-several images; ``?overlay=1``, ``?mask=1``), ``GET /health``, ``GET /model``, and FastAPI's
-``/docs`` and ``/openapi.json``. Every error is JSON, ``{"error": "<what is wrong>", "status": N}``.
+Routes: ``GET /`` (the page, ``static/``), ``POST /predict`` (multipart field ``files``, or
+``file`` as ``curl -F file=@a.png`` habitually sends, one or several images; ``?overlay=1``,
+``?mask=1``), ``GET /health``, ``GET /model``, and FastAPI's ``/docs`` and ``/openapi.json``.
+Every error is JSON, ``{"error": "<what is wrong>", "status": N}``. An image that cannot be read
+does not fail a request that holds others: its result is ``{"name": ..., "error": ...}`` (200);
+only a request with no readable image is a 422.
 
 Uploads stay in memory (the body is counted against ``max_request_bytes`` as it arrives, so
 nothing larger is ever held) and nothing a client sends is used as a path. With a token every
@@ -36,6 +39,7 @@ from prn.errors import DataError
 from prn.serve.service import InspectionService, NotCalibratedError, Upload
 
 FIELD = "files"
+FIELDS = (FIELD, "file")  # the documented name, and the one curl users habitually type
 TOKEN_COOKIE = "prn_token"
 STATIC = Path(__file__).parent / "static"  # package data (pyproject.toml)
 
@@ -93,7 +97,8 @@ async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 
 async def read_uploads(request: Request, service: InspectionService) -> list[Upload]:
-    """The images of a multipart request (field ``files``), checked against the limits."""
+    """The images of a multipart request (field ``files`` or ``file``), checked against the
+    limits."""
     limits = service.limits
     kind = request.headers.get("content-type", "")
     if not kind.lower().startswith("multipart/form-data"):
@@ -112,11 +117,11 @@ async def read_uploads(request: Request, service: InspectionService) -> list[Upl
     try:
         uploads = []
         for name, value in form.multi_items():
-            if name != FIELD:
+            if name not in FIELDS:
                 raise HTTPException(400, f"unexpected form field {name!r}; send images in the "
-                                         f"field {FIELD!r}")
+                                         f"field {FIELD!r} (or {FIELDS[1]!r})")
             if not isinstance(value, UploadFile):
-                raise HTTPException(400, f"form field {FIELD!r} must hold files, got text")
+                raise HTTPException(400, f"form field {name!r} must hold files, got text")
             uploads.append(Upload(value.filename or "", await value.read()))
     finally:
         await form.close()

@@ -7,6 +7,10 @@ the one ``prn predict`` writes to scores.csv for the same file.
 
     >>> service = InspectionService(Predictor("runs/demo/latest"))
     >>> results = service.inspect([Upload("a.png", png_bytes)], overlay=True)
+
+An upload that cannot be read (empty, not an image, truncated, over the pixel limit) gets
+``{"name": ..., "error": "<why>"}`` in its place and the others are scored; only when none can be
+read does ``inspect`` raise (the first one's DataError).
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from PIL import Image
 from prn.data.datasets import resize_image
 from prn.data.io import read_image_bytes
 from prn.deploy.predict import Predictor
-from prn.errors import PRNError, UsageError
+from prn.errors import DataError, PRNError, UsageError
 from prn.infer import resize_map
 from prn.report import json_safe
 from prn.viz import contour_overlay, heat_overlay, panel_shape
 
 OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the image's own size
 NAME_MAX_CHARS = 200     # upload names are echoed back, never used as paths
+# what the pixel-limit message names as the limit's source: the serve option by default
+PIXEL_LIMIT_OPTION = "--max-pixels"
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,12 @@ class InspectionService:
     requests from several clients overlap everywhere but on the model.
     """
 
-    def __init__(self, predictor: Predictor, limits: Limits = Limits()):
+    def __init__(self, predictor: Predictor, limits: Limits = Limits(), *,
+                 pixel_limit_source: str = PIXEL_LIMIT_OPTION):
+        """``pixel_limit_source`` names where ``limits.max_pixels`` came from in the message of an
+        image over it (``prn.serve.build_app`` says whether --max-pixels or the model set it)."""
         self.predictor, self.limits = predictor, limits
+        self.pixel_limit_source = pixel_limit_source
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------- describing
@@ -119,29 +129,42 @@ class InspectionService:
 
     # ------------------------------------------------------------------------- inspecting
 
-    def decode(self, uploads: list[Upload]) -> list[np.ndarray]:
-        """uint8 (h, w, 3) per upload; the first bad one raises DataError naming it."""
+    def decode(self, uploads: list[Upload]) -> list[np.ndarray | DataError]:
+        """uint8 (h, w, 3) per upload, or the DataError (naming it) of one that cannot be read."""
         images = []
         for i, up in enumerate(uploads, 1):
             label = f"upload {i} ({up.name!r})" if up.name else f"upload {i}"
-            images.append(read_image_bytes(up.data, label, self.limits.max_pixels))
+            try:
+                images.append(read_image_bytes(up.data, label, self.limits.max_pixels,
+                                               limit_name=self.pixel_limit_source))
+            except DataError as exc:
+                images.append(exc)
         return images
 
     def inspect(self, uploads: list[Upload], *, overlay: bool = False, mask: bool = False) -> list[dict]:
-        """Per upload: name, width, height, score, normalized_score, prediction (1 defective),
-        label, threshold, milliseconds; overlay / mask as base64 PNG when asked."""
+        """Per upload, in order: name, width, height, score, normalized_score, prediction
+        (1 defective), label, threshold, milliseconds; overlay / mask as base64 PNG when asked.
+        An upload that cannot be read: name, error, milliseconds. None readable: DataError."""
         if mask and self.predictor.pixel_threshold is None:
             raise NotCalibratedError(f"{self.predictor.loaded.path.name}: the model is not calibrated, "
                                      f"so it has no pixel threshold for masks; run `prn calibrate RUN`")
         t0 = time.perf_counter()
-        images = self.decode(uploads)
+        decoded = self.decode(uploads)
+        images = [d for d in decoded if not isinstance(d, DataError)]
+        if not images:  # nothing to score: the request fails, naming the first upload
+            raise next(d for d in decoded if isinstance(d, DataError))
         t_decoded = time.perf_counter()
         with self._lock:
-            raw = self.predictor.predict_arrays(images)
-        model_ms = (time.perf_counter() - t_decoded) * 1000 / max(1, len(images))
-        decode_ms = (t_decoded - t0) * 1000 / max(1, len(images))
+            raw = iter(self.predictor.predict_arrays(images))
+        model_ms = (time.perf_counter() - t_decoded) * 1000 / len(images)
+        decode_ms = (t_decoded - t0) * 1000 / len(uploads)
         results = []
-        for up, image, r in zip(uploads, images, raw):
+        for up, image in zip(uploads, decoded):
+            if isinstance(image, DataError):
+                results.append({"name": up.name[:NAME_MAX_CHARS], "error": str(image),
+                                "milliseconds": decode_ms})
+                continue
+            r = next(raw)
             t_pic = time.perf_counter()
             out = {
                 "name": up.name[:NAME_MAX_CHARS],

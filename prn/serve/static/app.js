@@ -7,7 +7,7 @@ const state = {
   model: null,        // GET model
   calibrated: null,   // the threshold the server decides with (null: none)
   threshold: null,    // the slider's threshold, kept exact (the range input rounds to its step)
-  results: [],        // this session's results, in upload order
+  results: [],        // this session's results, in upload order (unreadable images too, with .error)
 };
 const $ = (id) => document.getElementById(id);
 
@@ -22,7 +22,8 @@ async function api(path, options) {
 }
 
 const fmt = (x, digits = 4) => (x === null || x === undefined ? "–" : Number(x).toPrecision(digits));
-const defective = (r) => r.score >= state.threshold;
+const scored = () => state.results.filter((r) => !r.error);   // an unreadable image has no score
+const defective = (r) => !r.error && r.score >= state.threshold;
 
 function say(text, isError = false) {
   const status = $("status");
@@ -34,7 +35,7 @@ function say(text, isError = false) {
 
 function updateRange() {
   const slider = $("threshold");
-  const values = state.results.map((r) => r.score);
+  const values = scored().map((r) => r.score);
   if (state.calibrated !== null) values.push(state.calibrated);
   if (state.model && state.model.score_range) values.push(...state.model.score_range);
   if (!values.length) values.push(0, 1);
@@ -54,15 +55,16 @@ function setThreshold(value) {
 
 // ----------------------------------------------------------------------------- results
 
-function verdictText(r) { return defective(r) ? "FAIL" : "PASS"; }
+function verdictText(r) { return r.error ? "NOT READ" : defective(r) ? "FAIL" : "PASS"; }
 
 function card(r) {
   const article = document.createElement("article");
-  article.className = "card";
-  article.dataset.score = r.score;
+  article.className = r.error ? "card unread" : "card";
+  if (!r.error) article.dataset.score = r.score;
   const pics = document.createElement("div");
   pics.className = "pics";
-  for (const [src, caption] of [[r.imageUrl, "image"], [r.overlayUrl, "heat map, defect contour"]]) {
+  const shown = r.error ? [] : [[r.imageUrl, "image"], [r.overlayUrl, "heat map, defect contour"]];
+  for (const [src, caption] of shown) {
     const figure = document.createElement("figure");
     const img = document.createElement("img");
     img.src = src;
@@ -79,20 +81,22 @@ function card(r) {
   name.textContent = r.name;           // textContent: a file name is never markup
   name.title = r.name;
   const score = document.createElement("span");
-  score.className = "score";
-  score.textContent = `score ${fmt(r.score)}` +
+  score.className = r.error ? "message" : "score";   // the server's reason, as text, never markup
+  score.textContent = r.error ? r.error : `score ${fmt(r.score)}` +
     (r.normalized_score === null ? "" : ` · normalised ${fmt(r.normalized_score, 3)}`);
   const verdict = document.createElement("span");
   verdict.className = "verdict";
   facts.append(name, score, verdict);
-  article.append(pics, facts);
+  if (r.error) article.append(facts);
+  else article.append(pics, facts);
   r.card = article;
   return article;
 }
 
 function row(r) {
   const tr = document.createElement("tr");
-  const cells = [r.index, r.name, fmt(r.score), fmt(r.normalized_score, 3), "", r.milliseconds.toFixed(0)];
+  const cells = r.error ? [r.index, r.name, "–", "–", "", r.milliseconds.toFixed(0)]
+    : [r.index, r.name, fmt(r.score), fmt(r.normalized_score, 3), "", r.milliseconds.toFixed(0)];
   for (const value of cells) {
     const td = document.createElement("td");
     td.textContent = value;
@@ -108,17 +112,19 @@ function rejudge() {
     const bad = defective(r);
     for (const el of [r.card, r.row]) {
       el.classList.toggle("fail", bad);
-      el.classList.toggle("pass", !bad);
+      el.classList.toggle("pass", !bad && !r.error);
       el.querySelector(".verdict").textContent = verdictText(r);
-      el.dataset.verdict = bad ? "defective" : "good";
+      el.dataset.verdict = r.error ? "not read" : bad ? "defective" : "good";
     }
   }
   const failed = state.results.filter(defective).length;
+  const unread = state.results.length - scored().length;
   $("download").disabled = !state.results.length;
   if (state.results.length) {
     $("results").caption?.remove();
     const caption = $("results").createCaption();
-    caption.textContent = `${state.results.length} images, ${failed} fail at threshold ${fmt(state.threshold)}`;
+    caption.textContent = `${scored().length} images, ${failed} fail at threshold ${fmt(state.threshold)}` +
+      (unread ? `; ${unread} could not be read` : "");
   }
 }
 
@@ -128,9 +134,11 @@ function addResults(files, response) {
     const r = Object.assign({}, res, {
       index: state.results.length + 1,
       time: new Date().toISOString(),
-      imageUrl: URL.createObjectURL(files[i]),
-      overlayUrl: `data:image/png;base64,${res.overlay}`,
     });
+    if (!res.error) {                  // an unreadable image: its card shows the server's reason
+      r.imageUrl = URL.createObjectURL(files[i]);
+      r.overlayUrl = `data:image/png;base64,${res.overlay}`;
+    }
     delete r.overlay;                  // the picture lives in the card; keep the record small
     state.results.push(r);
     cards.append(card(r));
@@ -163,7 +171,7 @@ function batches(files) {
 async function upload(fileList) {
   const files = Array.from(fileList);
   if (!files.length || !state.model) return;
-  let done = 0;
+  let done = 0, unread = 0;
   for (const batch of batches(files)) {
     say(`Scoring ${batch.length} image${batch.length > 1 ? "s" : ""}…`);
     const form = new FormData();
@@ -171,8 +179,11 @@ async function upload(fileList) {
     try {
       const response = await api("predict?overlay=1", { method: "POST", body: form });
       addResults(batch, response);
-      done += batch.length;
-      say(`${done} of ${files.length} scored (${response.milliseconds.toFixed(0)} ms for the last request).`);
+      const failed = response.results.filter((r) => r.error).length;
+      done += batch.length - failed;
+      unread += failed;
+      say(`${done} of ${files.length} scored` + (unread ? `, ${unread} could not be read (see ${unread > 1 ? "their cards" : "its card"})` : "") +
+          ` (${response.milliseconds.toFixed(0)} ms for the last request).`, unread > 0);
     } catch (e) {
       say(`Not scored: ${e.message}`, true);
       return;
@@ -192,11 +203,12 @@ function csvCell(value) {
 
 function csvText() {
   const header = ["index", "file", "score", "normalized_score", "verdict", "threshold",
-                  "server_label", "milliseconds", "time"];
+                  "server_label", "milliseconds", "time", "error"];
   const lines = [header.join(",")];
   for (const r of state.results) {
-    lines.push([r.index, r.name, r.score, r.normalized_score, defective(r) ? "defective" : "good",
-                state.threshold, r.label, Math.round(r.milliseconds * 10) / 10, r.time].map(csvCell).join(","));
+    const verdict = r.error ? "not read" : defective(r) ? "defective" : "good";
+    lines.push([r.index, r.name, r.score, r.normalized_score, verdict, r.error ? null : state.threshold,
+                r.label, Math.round(r.milliseconds * 10) / 10, r.time, r.error].map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
 }
