@@ -31,10 +31,12 @@ from prn.metrics import compute_all
 from prn.precision import check_precision
 from prn.report import write_predictions, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
+from prn.runs import records_outcome
 from prn.train import resolve_device, train
 
 # ----------------------------------------------------------------------------- fit
 
+@records_outcome  # status.json: finished, or failed with the error (prn test then says so)
 def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
         split: Split | None = None, model: str = "prn") -> Path:
     """Split the data (A.2), fit prototypes and train PRN; returns the run folder.

@@ -77,7 +77,8 @@ def load_checkpoint(path: str | Path, *, expect_model: str | None = None) -> dic
     """Read a checkpoint safely. Anything but tensors and plain data is refused, never executed."""
     path = checkpoint_file(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        from prn.runs import why_no_checkpoint  # what became of the run: failed, running...
+        raise CheckpointError(f"{path}: checkpoint not found{why_no_checkpoint(path)}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -2,16 +2,25 @@
 
 Shared by PRN's fit and the models that train nothing (prn.baselines), so neither imports the
 other's API. A run folder holds ``config.yaml`` (the config as run, input size resolved),
-``split.json`` (the exact file lists, held-out fold included), ``environment.json`` (versions)
-and ``timings.json``.
+``split.json`` (the exact file lists, held-out fold included), ``environment.json`` (versions),
+``timings.json`` and ``status.json``.
+
+``status.json`` says what became of the run: ``started`` (with the process id and host) when its
+folder is made, then ``finished``, ``failed`` (with the error) or ``interrupted`` when the fit
+that made it ends (``records_outcome``). The ``latest`` link moves to a run as soon as its folder
+is made, so it can point at a run that failed before its first checkpoint; loading such a run
+(``prn test runs/.../latest``) then says so, with the error and the newest run beside it that
+has a checkpoint (``why_no_checkpoint``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import shutil
+import socket
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -144,6 +153,7 @@ def start_run(cfg: PRNConfig, run_dir: str | Path | None,
     cfg.save(run_dir / "config.yaml")
     split.save(run_dir / "split.json")
     (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+    mark_started(run_dir)
     return run_dir, split, cfg
 
 
@@ -152,3 +162,148 @@ def note(run_dir: Path, key: str, value) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[key] = value
     path.write_text(json.dumps(data, indent=2))
+
+
+# ----------------------------------------------------------------------------- status.json
+
+STATUS = "status.json"
+_ERROR_MAX_CHARS = 500
+_watching: list[list[Path]] = []  # the run folders started inside each active records_outcome
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_status(run_dir: str | Path) -> dict | None:
+    """The run's status.json, or None when it has none (runs of older prn versions) or it is
+    unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_status(run_dir: Path, **fields) -> None:
+    data = read_status(run_dir) or {}
+    data.update(fields)
+    tmp = run_dir / f".{STATUS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, run_dir / STATUS)  # a reader never sees half a file
+
+
+def mark_started(run_dir: Path) -> None:
+    """status.json: ``started`` by this process on this host; ``records_outcome`` ends it."""
+    _write_status(run_dir, state="started", pid=os.getpid(), host=socket.gethostname(),
+                  started=_now())
+    if _watching:
+        _watching[-1].append(run_dir)
+
+
+def _mark_ended(run_dir: Path, exc: BaseException | None) -> None:
+    if exc is None:
+        fields = {"state": "finished"}
+    else:
+        error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:_ERROR_MAX_CHARS]
+        fields = {"state": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                  "error": error}
+    try:
+        _write_status(run_dir, ended=_now(), **fields)
+    except OSError:
+        pass  # never hide the run's own error behind one about its status file
+
+
+def records_outcome(function):
+    """Decorate a function that makes runs (``api.fit``): every run folder it starts
+    (``start_run``) is marked ``finished`` in its status.json when the function returns, or
+    ``failed`` / ``interrupted`` with the error when it raises (the error is raised on)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        started: list[Path] = []
+        _watching.append(started)
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:
+            for run_dir in started:
+                _mark_ended(run_dir, exc)
+            raise
+        finally:
+            _watching.remove(started)
+        for run_dir in started:
+            _mark_ended(run_dir, None)
+        return result
+    return wrapper
+
+
+def _process_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` of this host is alive (None: cannot tell)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    except (OSError, ValueError, TypeError, OverflowError):
+        return None
+    return True
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints" / name).is_file() for name in ("model.pt", "last.pt"))
+
+
+def newest_run_with_checkpoint(parent: Path, exclude: Path | None = None) -> Path | None:
+    """The most recently started run folder in ``parent`` that has a checkpoint."""
+    found = []
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return None
+    for child in children:
+        if child.is_symlink() or not child.is_dir() or child.name.startswith("."):
+            continue
+        if exclude is not None and child.resolve() == exclude.resolve():
+            continue
+        config = child / "config.yaml"
+        if config.is_file() and _has_checkpoint(child):
+            found.append((config.stat().st_mtime, child.name, child))
+    return max(found)[2] if found else None
+
+
+def why_no_checkpoint(checkpoint: str | Path) -> str:
+    """For a missing checkpoint of a run folder: what became of the run, from its status.json,
+    and the newest run beside it that has a checkpoint, as text to append to the "not found"
+    message (it starts with ": "); "" when the path is not in a run folder."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name != "checkpoints":
+        return ""
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        return ""
+    real = run_dir.resolve()
+    shown = f"the run {real.name}" + (f" (that {run_dir.name} points at)" if run_dir.is_symlink() else "")
+    status = read_status(run_dir) or {}
+    state = status.get("state")
+    if state == "failed":
+        what = f"{shown} failed before its first checkpoint ({status.get('error', 'no error recorded')})"
+    elif state == "interrupted":
+        what = f"{shown} was interrupted before its first checkpoint"
+    elif state == "finished":
+        what = f"{shown} finished, but its checkpoint files are gone"
+    elif state == "started":
+        pid, host = status.get("pid"), status.get("host")
+        alive = _process_alive(pid) if host == socket.gethostname() and isinstance(pid, int) else None
+        if alive:
+            what = f"{shown} is still running (process {pid}) and has no checkpoint yet"
+        elif alive is False:
+            what = (f"{shown} has no checkpoint: its process ({pid}) ended without writing one or "
+                    f"recording an error (killed, or out of memory?)")
+        else:
+            what = f"{shown} was started on {host} at {status.get('started')} and has no checkpoint yet"
+    else:
+        what = f"{shown} has no checkpoint (and no {STATUS} saying what became of it)"
+    newest = newest_run_with_checkpoint(run_dir.parent, exclude=real)
+    hint = (f"; the newest run there with a checkpoint is {run_dir.parent / newest.name}"
+            if newest else "")
+    return f": {what}{hint}"
