@@ -3,7 +3,8 @@ link moves to a run when its folder is made, so it can point at a run that faile
 first checkpoint; `prn test runs/.../latest` then says what became of that run (failed with its
 error, interrupted, still running, its process gone) and names the newest run with a checkpoint.
 
-Training is replaced by a stand-in, so each fit takes a fraction of a second.
+A failing fit is made to fail right after its run folder is made (where a data, memory or
+interrupt error before the first checkpoint would stop it), so it takes a fraction of a second.
 """
 
 import json
@@ -22,11 +23,18 @@ from prn.errors import CheckpointError, DataError, ExitStatus
 
 @pytest.fixture
 def fit_with(monkeypatch, demo_root, tiny_config, tmp_path):
-    """fit_with(effect) -> api.fit's run folder, with training replaced by effect(run_dir)."""
-    monkeypatch.setattr(api, "_calibrate", lambda run_dir, progress: None)
+    """fit_with(effect): api.fit, with effect(run_dir) run as soon as the run folder is made."""
+    real = api.start_run
+
+    def start_then(effect):
+        def start_run(*args, **kwargs):
+            run_dir, split, cfg = real(*args, **kwargs)
+            effect(run_dir)
+            return run_dir, split, cfg
+        return start_run
 
     def fit(effect):
-        monkeypatch.setattr(api, "train", lambda cfg, split, run_dir, **kw: effect(run_dir))
+        monkeypatch.setattr(api, "start_run", start_then(effect))
         return api.fit(tiny_config(demo_root, tmp_path / "runs"), progress=False)
     return fit
 
@@ -46,16 +54,24 @@ def _latest(tmp_path):
     return tmp_path / "runs" / "demo" / "demo" / "latest"
 
 
-def test_a_finished_fit_is_marked_finished_with_its_process_and_times(fit_with):
-    run = fit_with(_checkpoint)
-    status = runs.read_status(run)
+def _earlier_run_with_checkpoint(parent, name="20200101-000000"):
+    run = parent / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("dataset: demo\n")
+    os.utime(run / "config.yaml", (1e9, 1e9))
+    _checkpoint(run)
+    return run
+
+
+def test_a_finished_fit_is_marked_finished_with_its_process_and_times(calibrated_run):
+    status = runs.read_status(calibrated_run)           # the session's real (tiny) fit
     assert status["state"] == "finished" and status["pid"] == os.getpid()
     assert status["host"] == socket.gethostname() and status["started"] <= status["ended"]
     assert "error" not in status
 
 
 def test_prn_test_on_a_latest_that_failed_says_why_and_names_the_last_good_run(fit_with, tmp_path, capsys):
-    good = fit_with(_checkpoint)
+    good = _earlier_run_with_checkpoint(_latest(tmp_path).parent)
     with pytest.raises(DataError, match="bad.png"):
         fit_with(_fail(DataError("images/bad.png: cannot decode image, the file is truncated")))
     latest = _latest(tmp_path)
