@@ -121,7 +121,7 @@ def ddp(sizes: dict, work: Path, timeout: float) -> dict:
         if done.returncode:
             raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-2000:]}")
         out[name] = {"wall_seconds": round(time.perf_counter() - t0, 1),
-                     "train_images_per_s_by_epoch": epoch_rates(run, cfg.batch_size)}
+                     "train_images_per_s_by_epoch": epoch_rates(run, cfg.training.batch_size)}
     a = load_checkpoint(work / "one_process" / "checkpoints" / "last.pt")["state_dict"]
     b = load_checkpoint(work / "two_processes" / "checkpoints" / "last.pt")["state_dict"]
     head = [k for k in a if not k.startswith(("encoder.", "prototypes."))

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from prn.checkpoint import save_checkpoint
-from prn.config import PRESETS, PRNConfig
+from prn.config import PRNConfig
+from prn.presets import PRESETS
 from prn.deploy.export import InferenceGraph, export
 from prn.model.network import PRN
 

@@ -48,20 +48,21 @@ def make_images(folder: Path, n: int, hw=(500, 1250), seed: int = 0) -> list[Pat
 def make_checkpoint(path: Path, images: list[Path]) -> Path:
     import torch
     from prn.checkpoint import save_checkpoint
-    from prn.config import PRESETS, PRNConfig
-    from prn.data.datasets import resize_image, to_tensor
+    from prn.config import PRNConfig
+    from prn.presets import PRESETS
+    from prn.preprocess import resize_image, to_tensor
     from prn.data.io import read_image
     from prn.deploy.calibrate import calibrate
     from prn.model.network import PRN
 
     cfg = PRNConfig(**PRESETS["cpu"], image_hw=(160, 384), device="cpu")
     model = PRN.from_config(cfg).eval()
-    batch = torch.stack([to_tensor(resize_image(read_image(p), cfg.input_hw)) for p in images[:20]])
+    batch = torch.stack([to_tensor(resize_image(read_image(p), cfg.model.input_hw)) for p in images[:20]])
     model.fit_prototypes([batch])
     with torch.no_grad():
         out = model(batch[:8])
     cal = calibrate(out["pred_score"].double().numpy(), out["anomaly_map"][:, 0].numpy(),
-                    target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr)
+                    target_fpr=cfg.calibration.target_fpr, pixel_target_fpr=cfg.calibration.pixel_target_fpr)
     return save_checkpoint(path, model="prn", config=cfg.to_dict(), state_dict=model.state_dict(),
                            calibration=cal)
 

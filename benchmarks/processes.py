@@ -45,7 +45,7 @@ def main(out: Path) -> list[dict]:
         wall = time.perf_counter() - t0
         record = list(csv.DictReader((run / "metrics.csv").open()))[-1]
         rows.append({"launch": name, "load_average": round(load, 1), "wall_seconds": round(wall, 1),
-                     "images_per_s": round(int(record["steps"]) * cfg.batch_size / float(record["seconds"]), 2)})
+                     "images_per_s": round(int(record["steps"]) * cfg.training.batch_size / float(record["seconds"]), 2)})
     print("| launch | load average | training images/s | wall s |\n|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['launch']} | {r['load_average']} | {r['images_per_s']} | {r['wall_seconds']} |")

@@ -13,7 +13,7 @@ forward allocates, model and input excluded), on CUDA torch.cuda.max_memory_allo
 
 Weights are random ("random" backbone weights, randomly filled prototypes): speed does not depend
 on their values. Prototype k-means is timed on random features of the right shapes for
-``--normals`` images (K = ceil(cfg.prototype_ratio * normals)); random features have no cluster
+``--normals`` images (K = ceil(cfg.model.prototype_ratio * normals)); random features have no cluster
 structure, so k-means may run more iterations than on real features. Results are printed as a
 markdown table and written to benchmarks/results/speed.json.
 """
@@ -90,7 +90,7 @@ def build(name: str, size: int, k: int, device: torch.device) -> PRN:
     torch.manual_seed(0)
     cfg = PRNConfig(backbone=name, backbone_weights="random", image_size=size)
     model = PRN(create_encoder(name, "random"), cfg).to(device).eval()
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.training.seed)
     shapes = [(k, c, size // r, size // r) for c, r in zip(model.encoder.channels, model.encoder.reductions)]
     model.prototypes.set([torch.rand(s, generator=g) for s in shapes])
     return model
@@ -152,12 +152,12 @@ def in_fresh_process(fn, *args):
 
 
 def time_kmeans(cfg: PRNConfig, channels: list[int], reductions: list[int], size: int, normals: int) -> dict:
-    g = torch.Generator().manual_seed(cfg.seed)
-    k = num_prototypes(normals, cfg.prototype_ratio)
+    g = torch.Generator().manual_seed(cfg.training.seed)
+    k = num_prototypes(normals, cfg.model.prototype_ratio)
     t0 = time.perf_counter()
     for c, r in zip(channels, reductions):
         feats = torch.rand((normals, c, size // r, size // r), generator=g)
-        kmeans_prototypes(feats, k, cfg.kmeans_max_iter, cfg.seed)
+        kmeans_prototypes(feats, k, cfg.model.kmeans_max_iter, cfg.training.seed)
     return {"normals": normals, "k": k, "seconds": round(time.perf_counter() - t0, 2)}
 
 

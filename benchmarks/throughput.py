@@ -27,7 +27,8 @@ import torch
 from prn.config import PRNConfig
 from prn.model.network import PRN
 from prn.precision import PRECISIONS, check_precision, grad_scaler, inference_autocast
-from prn.train import build_model, forward_loss, make_optimizer, optimizer_step
+from prn import registry
+from prn.train import forward_loss, make_optimizer, optimizer_step
 
 
 def sync(device: torch.device) -> None:
@@ -39,7 +40,7 @@ def make_model(backbone: str, size: int, device: torch.device, prototypes: int =
     """PRN with random encoder weights and ``prototypes`` random prototypes per scale."""
     torch.manual_seed(0)
     cfg = PRNConfig(backbone=backbone, backbone_weights="random", image_size=size)
-    model = build_model(cfg)
+    model = registry.build("prn", cfg)
     shapes = [(prototypes, c, size // r, size // r) for c, r in zip(model.encoder.channels, model.encoder.reductions)]
     model.prototypes.set([torch.rand(s) for s in shapes])
     return model.to(device), cfg
@@ -63,7 +64,7 @@ def train_throughput(model: PRN, cfg: PRNConfig, device: torch.device, precision
     check_precision(precision, device)
     cfg = cfg.replace(precision=precision)
     g = torch.Generator().manual_seed(0)
-    h, w = cfg.input_hw
+    h, w = cfg.model.input_hw
     images = torch.rand(batch, 3, h, w, generator=g).to(device)
     masks = (torch.rand(batch, 1, h, w, generator=g) > 0.97).float().to(device)
     optimizer = make_optimizer(model, cfg)
@@ -122,7 +123,7 @@ def measure(device: str, backbone: str, size: int, train_batch: int, train_steps
         result["train"].append(train_throughput(model, cfg, dev, precision, train_batch, train_steps))
         model.load_state_dict(start)  # every precision starts from the same weights
         for batch in infer_batches:
-            result["infer"].append(infer_throughput(model, dev, precision, batch, infer_repeats, cfg.input_hw))
+            result["infer"].append(infer_throughput(model, dev, precision, batch, infer_repeats, cfg.model.input_hw))
     return result
 
 

@@ -18,70 +18,68 @@ from pathlib import Path
 
 import numpy as np
 
-from prn.deploy.calibrate import calibrate_run, rates_at
-from prn.deploy.loading import load_model as load_model_full
+from prn import distributed, registry
 from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
 from prn.data.sample import Sample
 from prn.data.split import Split
-from prn import distributed
-from prn.errors import DataError, PRNError, UsageError
-from prn.infer import Predictions, predict_samples, resize_map
+from prn.deploy.calibrate import calibrate_predictions, rates_at, write_calibration
+from prn.deploy.loading import load_model as load_model_full
+from prn.errors import DataError, UsageError
+from prn.infer import Predictions, predict_samples
 from prn.metrics import compute_all
+from prn.postprocess import Postprocess
 from prn.precision import check_precision
-from prn.report import write_predictions, write_results
+from prn.report import ResultWriter, result_picture, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
 from prn.runs import records_outcome
-from prn.train import resolve_device, train
+from prn.runtime import resolve_device
 
 # ----------------------------------------------------------------------------- fit
 
 @records_outcome  # status.json: finished, or failed with the error (prn test then says so)
 def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
         split: Split | None = None, model: str = "prn") -> Path:
-    """Split the data (A.2), fit prototypes and train PRN; returns the run folder.
+    """Split the data (A.2), fit the model and calibrate it; returns the run folder.
 
     model: "prn", or one that trains nothing: "prototypes" (PRN's residual map alone) or
-    "patchcore" (the baseline).
+    "patchcore" (the baseline); see ``prn.registry``. The thresholds are set on the held-out
+    fold's outputs of the model kept (``prn.deploy.calibrate``) and ``checkpoints/model.pt`` is
+    written once, with them.
 
     Under torchrun (prn.distributed) every rank calls this alike: rank 0 makes the run folder
     and the others receive it; rank 0 alone writes files, and every rank returns once it has."""
-    world, device = distributed.setup(resolve_device(cfg.device))
+    registry.check_kind(model)
+    world, device = distributed.setup(resolve_device(cfg.runtime.device))
     if model == "prn":  # before any folder is made
-        check_precision(cfg.precision, device)
-        distributed.check_batch(cfg.batch_size, world)
-    if model != "prn":
-        if world.distributed:
-            raise UsageError(f"--model {model} trains nothing, so it runs in one process: "
-                             f"start it with prn, not torchrun")
-        from prn.baselines.run import fit_patchcore, fit_prototype_map
-        fitters = {"patchcore": fit_patchcore, "prototypes": fit_prototype_map}
-        if model not in fitters:
-            raise PRNError(f"unknown model {model!r}; choose prn, patchcore or prototypes")
-        t0 = time.perf_counter()
-        run_dir = fitters[model](cfg, run_dir=run_dir, progress=progress, split=split)
-        note(run_dir, "fit_seconds", time.perf_counter() - t0)
-    else:
-        if world.is_main:
-            run_dir, split, cfg = start_run(cfg, run_dir, split)
-        run_dir, split, cfg = distributed.share_run(run_dir, split, cfg)
-        t0 = time.perf_counter()
-        train(cfg, split, run_dir, progress=progress)
-        if world.is_main:
-            note(run_dir, "fit_seconds", time.perf_counter() - t0)
+        check_precision(cfg.training.precision, device)
+        distributed.check_batch(cfg.training.batch_size, world)
+    elif world.distributed:
+        raise UsageError(f"--model {model} trains nothing, so it runs in one process: "
+                         f"start it with prn, not torchrun")
     if world.is_main:
-        _calibrate(run_dir, progress)
-    distributed.barrier()  # the other ranks end when rank 0 has written everything
+        run_dir, split, cfg = start_run(cfg, run_dir, split)
+    run_dir, split, cfg = distributed.share_run(run_dir, split, cfg)
+    _fit_and_keep(model, cfg, split, run_dir, progress=progress)
     return run_dir
 
 
-def _calibrate(run_dir: Path, progress: bool) -> None:
-    """Thresholds on the held-out fold, stored with the model (prn.deploy.calibrate)."""
-    cal = calibrate_run(run_dir)
-    if progress:
-        print(f"threshold {cal['image_threshold']:.4g} at {100 * cal['target_fpr']:g} % false rejects "
-              f"({cal['n_normal']} held-out good parts, {cal['method']})" if cal else
-              "no held-out normal images: the model is not calibrated (prn calibrate RUN after adding data)")
+def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, progress: bool,
+                  resume: bool = False) -> None:
+    """Fit, then on rank 0: calibrate on the fold's outputs the fit computed, and write
+    model.pt (with the calibration) and calibration.json."""
+    t0 = time.perf_counter()
+    result = registry.fit(kind, cfg, split, run_dir, progress=progress, resume=resume)
+    if distributed.is_main():
+        note(run_dir, "fit_seconds", time.perf_counter() - t0)
+        cal = calibrate_predictions(result.validation, cfg.calibration)
+        registry.save_model(run_dir, kind, cfg, result, cal)
+        write_calibration(run_dir, cal)
+        if progress:
+            print(f"threshold {cal['image_threshold']:.4g} at {100 * cal['target_fpr']:g} % false rejects "
+                  f"({cal['n_normal']} held-out good parts, {cal['method']})" if cal else
+                  "no held-out normal images: the model is not calibrated (prn calibrate RUN after adding data)")
+    distributed.barrier()  # the other ranks end when rank 0 has written everything
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = True) -> Path:
@@ -89,16 +87,13 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = T
     run_dir = Path(run_dir)
     cfg = PRNConfig.load(run_dir / "config.yaml")
     split = Split.load(run_dir / "split.json")
-    world, _ = distributed.setup(resolve_device(cfg.device))  # every rank reads the run folder
+    world, _ = distributed.setup(resolve_device(cfg.runtime.device))  # every rank reads the run folder
     if epochs is not None:
         cfg = cfg.replace(epochs=epochs)
         distributed.barrier()  # every rank has read config.yaml before rank 0 rewrites it
         if world.is_main:
             cfg.save(run_dir / "config.yaml")
-    train(cfg, split, run_dir, resume=True, progress=progress)
-    if world.is_main:
-        _calibrate(run_dir, progress)
-    distributed.barrier()
+    _fit_and_keep("prn", cfg, split, run_dir, progress=progress, resume=True)
     return run_dir
 
 
@@ -119,9 +114,9 @@ def _run_dir_of(checkpoint: str | Path) -> Path:
 # ----------------------------------------------------------------------------- test
 
 def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = False) -> tuple[dict, Predictions]:
-    preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
-                            device=resolve_device(cfg.device), max_pixels=cfg.max_image_pixels,
-                            progress=progress, precision=cfg.precision)
+    preds = predict_samples(model, samples, cfg.model.input_hw, batch_size=cfg.runtime.eval_batch_size,
+                            device=resolve_device(cfg.runtime.device), max_pixels=cfg.data.max_image_pixels,
+                            progress=progress, precision=cfg.training.precision)
     metrics = compute_all(preds.labels, preds.scores, preds.masks, preds.maps)
     metrics["seconds_per_image"] = preds.seconds_per_image
     metrics["n_test"] = len(samples)
@@ -131,7 +126,8 @@ def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = F
 
 def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool = False,
          overlays: int = 8, progress: bool = True, device: str | None = None) -> dict:
-    """Evaluate a run on its own held-out test split; writes results and predictions."""
+    """Evaluate a run on its own held-out test split; writes results, ``predictions/scores.csv``
+    (decided at the calibrated threshold, as ``prn predict`` does) and overlay pictures."""
     run_dir = _run_dir_of(run)
     loaded = load_model_full(run, device=device)
     model, cfg = loaded.model, loaded.cfg
@@ -142,29 +138,30 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics, preds = evaluate(model, cfg, split.test, progress=progress)
-    if loaded.calibration:  # what the line would do at the stored threshold
-        metrics.update(rates_at(preds.labels, preds.scores, loaded.calibration["image_threshold"]))
+    post = Postprocess(loaded.calibration)
+    if post.calibrated:  # what the line would do at the stored threshold
+        metrics.update(rates_at(preds.labels, preds.scores, post.threshold))
     name = category_name(cfg)
-    write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.dataset} {name}")
-    _write_prediction_files(out / "predictions", preds, split_root(cfg), save_maps,
-                            threshold=metrics.get("threshold", metrics.get("f1_threshold")))
-    if overlays:
-        _write_overlays(out / "images", preds, cfg, _pick_overlays(preds, overlays), with_truth=True)
+    write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.data.dataset} {name}")
+    normalized, predictions = post.judge(preds.scores)
+    with ResultWriter(out / "predictions", split_root(cfg), post, maps="npy" if save_maps else "none") as writer:
+        for i, s in enumerate(preds.samples):
+            writer.add(s.image_path, preds.scores[i], None if normalized is None else normalized[i],
+                       None if predictions is None else predictions[i], preds.maps[i],
+                       original_hw(s) if save_maps else None, label=preds.labels[i])
+    # the same pictures as prn predict's, beside the ground truth: the highest-scoring defective
+    # and good test images, so a reader sees hits and false alarms
+    for i, picture_name in _pick_overlays(preds, overlays):
+        s = preds.samples[i]
+        image, _ = load_sample(s, cfg.model.input_hw, cfg.data.max_image_pixels)
+        result_picture(out / "images" / f"{picture_name}.png", image, preds.maps[i], post, preds.masks[i],
+                       title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
     return metrics
 
 
 def split_root(cfg: PRNConfig) -> Path:
-    root = Path(cfg.root)
-    return root / cfg.category if cfg.category and (root / cfg.category).is_dir() else root
-
-
-def _write_prediction_files(out: Path, preds: Predictions, root: Path, save_maps: bool,
-                            threshold: float | None = None) -> None:
-    records = []
-    for i, s in enumerate(preds.samples):
-        amap = resize_map(preds.maps[i], original_hw(s)) if save_maps else None
-        records.append((s.image_path, float(preds.scores[i]), amap, int(preds.labels[i])))
-    write_predictions(out, records, root, threshold=threshold)
+    root = Path(cfg.data.root)
+    return root / cfg.data.category if cfg.data.category and (root / cfg.data.category).is_dir() else root
 
 
 def _pick_overlays(preds: Predictions, n: int) -> list[tuple[int, str]]:
@@ -176,36 +173,26 @@ def _pick_overlays(preds: Predictions, n: int) -> list[tuple[int, str]]:
                 f"{preds.samples[i].image_path.stem}") for i in picks]
 
 
-def _write_overlays(out: Path, preds: Predictions, cfg: PRNConfig, picks: list[tuple[int, str]],
-                    with_truth: bool) -> None:
-    from prn.viz import save_overlay
-    out.mkdir(parents=True, exist_ok=True)
-    # PRN's maps are probabilities; PatchCore's and the residual maps are raw distances, shown
-    # scaled to the set's max.
-    scale = max(1.0, float(preds.maps.max()))
-    for i, name in picks:
-        s = preds.samples[i]
-        image, _ = load_sample(s, cfg.input_hw, cfg.max_image_pixels)
-        save_overlay(out / f"{name}.png", image, preds.maps[i] / scale,
-                     preds.masks[i] if with_truth else None,
-                     threshold=0.5, title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
-
-
 # ----------------------------------------------------------------------------- predict
 
 def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
             threshold: float | None = None, maps: str = "npy", masks: bool = False,
             overlays: int = 0, strict: bool = False, num_workers: int = 0, progress: bool = True,
-            device: str | None = None):
+            device: str | None = None, require_decision: bool = False):
     """Score new images into ``out_dir``: ``scores.csv`` (path, score, normalized_score,
     prediction, error) and ``maps/<mirrored path>.npy``; see ``prn.deploy.predict.predict_folder``.
 
     Decisions use the threshold calibrated at fit and stored in the checkpoint (``threshold``
-    overrides it), so a bare checkpoint file decides as its run folder does. Returns a
-    PredictSummary (csv path, counts of images, defective ones and unreadable files).
+    overrides it), so a bare checkpoint file decides as its run folder does; without either no
+    decision is made (``summary.decided`` False), and ``require_decision`` refuses to run then.
+    Returns a PredictSummary (csv path, counts of images, defective ones and unreadable files).
     """
     from prn.deploy.predict import Predictor, predict_folder
     predictor = Predictor(run, device=device, threshold=threshold)
+    if require_decision and not predictor.postprocess.calibrated:
+        raise UsageError(f"{predictor.loaded.path}: the model has no calibrated threshold, so no part "
+                         f"would be judged defective and the line would pass them all; calibrate it "
+                         f"(prn calibrate RUN) or give one (--threshold T)")
     return predict_folder(predictor, inputs, out_dir, maps=maps, masks=masks, overlays=overlays,
                           strict=strict, num_workers=num_workers, progress=progress)
 

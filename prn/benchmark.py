@@ -75,10 +75,10 @@ MODELS = ("prn", "patchcore", "prototypes")
 def categories_of(cfg: PRNConfig, categories: list[str] | None) -> list[str]:
     if categories:
         return list(categories)
-    if cfg.dataset in ("ksdd2", "folder"):
-        return [cfg.category]
-    found = list_categories(cfg.dataset, cfg.root)
-    return found or [cfg.category]
+    if cfg.data.dataset in ("ksdd2", "folder"):
+        return [cfg.data.category]
+    found = list_categories(cfg.data.dataset, cfg.data.root)
+    return found or [cfg.data.category]
 
 
 def fit_and_test(cfg: PRNConfig, model: str, run_dir: Path, progress: bool) -> dict:
@@ -111,7 +111,7 @@ def run_jobs(tasks: list[tuple[str, str, PRNConfig, Path]], model: str, jobs: in
     """Each task (variant, label, config, run folder) fitted and tested in a process of its own,
     ``jobs`` at a time. Returns ({(variant, label): metrics}, {(variant, label): error message})."""
     import torch
-    devices = job_devices(len(tasks), tasks[0][2].device, torch.cuda.device_count())
+    devices = job_devices(len(tasks), tasks[0][2].runtime.device, torch.cuda.device_count())
     threads = max(1, distributed.usable_cpus() // min(jobs, len(tasks)))  # the CPU's cores shared by the jobs at once
     folder = out / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def run_benchmark(cfg: PRNConfig, *, model: str = "prn", categories: list[str] |
                          "category is already trained by all the processes: use one or the other")
     cats = categories_of(cfg, categories)
     tag = ablation or model
-    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "benchmark" / cfg.dataset / tag
+    out = Path(out_dir) if out_dir else Path(cfg.runtime.output_dir) / "benchmark" / cfg.data.dataset / tag
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if ablation and ablation not in ABLATIONS:
@@ -196,11 +196,11 @@ def run_benchmark(cfg: PRNConfig, *, model: str = "prn", categories: list[str] |
         # One row per variant: its mean over the categories (the paper's Tables 4-7).
         table = {name: mean_metrics(rows) for name, rows in per_variant.items()}
         labels = ", ".join(dict.fromkeys(label for _, label, _, _ in tasks))
-        title = f"{ablation} on {cfg.dataset} ({labels}), model {model}"
+        title = f"{ablation} on {cfg.data.dataset} ({labels}), model {model}"
         options = dict(with_mean=False, first_column="Variant")
     else:
         table = per_variant.get(model, {})
-        title = f"{model} on {cfg.dataset}"
+        title = f"{model} on {cfg.data.dataset}"
         options = {}
     write_results(out, table, title=title, **options)
     (out / "per_category.json").write_text(json.dumps(json_safe(per_variant), indent=2))

@@ -111,10 +111,12 @@ def set_calibration(path: str | Path, calibration: dict | None) -> Path:
                            **{k: payload.get(k) for k in keys})
 
 
-def check_compatible(path: str | Path, payload: dict, config: dict, keys: tuple[str, ...]) -> None:
-    """Fail clearly when a checkpoint was made with settings that change the network's shape."""
-    saved = payload.get("config", {})
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, config has {config.get(k)!r}"
-             for k in keys if saved.get(k) != config.get(k)]
+def check_compatible(path: str | Path, payload: dict, cfg) -> None:
+    """Fail clearly when a checkpoint's model section (the network's shape, input and outputs)
+    differs from ``cfg``'s (a ``PRNConfig``), as when a run is resumed with another config."""
+    from prn.config import PRNConfig
+    saved = PRNConfig.from_dict(payload.get("config", {})).model
+    diffs = [f"{k}: checkpoint has {v!r}, config has {getattr(cfg.model, k)!r}"
+             for k, v in vars(saved).items() if k != "backbone_weights" and getattr(cfg.model, k) != v]
     if diffs:
         raise CheckpointError(f"{path}: incompatible with this config ({'; '.join(diffs)})")

@@ -3,113 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-import yaml
-
-from prn.config import (BACKBONES, CALIBRATION_TAILS, DATASETS, PRECISIONS, PRESETS, PRNConfig,
-                        fields_from_yaml, parse_field)
+from prn.config import CALIBRATION_TAILS
 from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
-
-# Flags every config-building verb takes, mapped to PRNConfig fields.
-COMMON_FLAGS = {
-    "dataset": dict(choices=DATASETS, help="dataset layout"),
-    "root": dict(help="dataset root folder"),
-    "category": dict(help="category (sub-dataset), e.g. bottle, Class1, 01"),
-    "backbone": dict(choices=BACKBONES, help="encoder (tf_efficientnet_lite0 works offline)"),
-    "backbone_weights": dict(help="'imagenet', 'random' or a state-dict file"),
-    "image_size": dict(type=int, help="images are resized to this square size (the long side with "
-                                       "--set keep_aspect=true)"),
-    "seen_anomalies": dict(type=int, help="k seen anomalies moved from test to train (0, 1, 5, 10)"),
-    "epochs": dict(type=int, help="training epochs (the one flag --resume takes: a longer schedule)"),
-    "batch_size": dict(type=int, help="split 2:1:1 into normal / extended / simulated"),
-    "steps_per_epoch": dict(type=int, help="0: one pass over the normal images"),
-    "seed": dict(type=int),
-    "device": dict(help="auto, cpu, cuda, cuda:N"),
-    "precision": dict(choices=PRECISIONS,
-                      help="32 (default); bf16: autocast, CUDA or CPU; 16: autocast and loss scaling, CUDA"),
-    "output_dir": dict(help="where run folders are made (default runs/)"),
-    "texture_dir": dict(help="DTD-like folder of textures for heterologous anomalies"),
-    "target_fpr": dict(type=float, help="calibration: share of held-out good parts rejected (default 0.01)"),
-}
-
-
-PRECEDENCE = ("Sources of the settings, later ones winning: the defaults (the paper's), then "
-              "--config FILE, then --preset (a note on stderr lists the file's values it replaces), "
-              "then the flags below, then each --set in order.")
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p = p.add_argument_group("settings (prn.config.PRNConfig)", PRECEDENCE)
-    p.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run); a preset "
-                                               "and flags given with it override its values")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="budget preset: paper (GPU) or cpu; overrides --config, flags override it")
-    for name, kw in COMMON_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config field, parsed to the field's type (lr=1e-4 a number, "
-                        "category=01 text, image_hw=384,160 a pair, use_attention=false); a value that "
-                        "does not convert is refused before any work; repeatable, applied last")
-
-
-def _load_config_file(path: Path) -> dict:
-    """The keys a --config file sets, typed as the fields are (an input file: DataError)."""
-    if not path.is_file():
-        raise DataError(f"{path}: config file not found")
-    try:
-        data = fields_from_yaml(path.read_text())
-        PRNConfig.from_dict(data)  # unknown keys and out-of-range values, named with the file
-    except (OSError, yaml.YAMLError, ValueError) as exc:
-        raise DataError(f"{path}: {exc}") from None
-    return data
-
-
-def config_from_args(args: argparse.Namespace, *, notes=None) -> PRNConfig:
-    """The config the command line asks for, checked before any work (see PRECEDENCE for the
-    order of the sources). A value that does not fit its field is a UsageError naming the flag,
-    the value and the type; notes (stderr) hear which --config values a --preset replaces."""
-    notes = notes or sys.stderr
-    data = PRNConfig().to_dict()
-    if args.config:
-        from_file = _load_config_file(args.config)
-        data.update(from_file)
-    if args.preset:
-        preset = PRESETS[args.preset]
-        if args.config:
-            replaced = [f"{k} {from_file[k]!r} -> {v!r}" for k, v in preset.items()
-                        if k in from_file and from_file[k] != v]
-            if replaced:
-                print(f"note: --preset {args.preset} replaces these values of {args.config}: "
-                      f"{', '.join(replaced)}", file=notes)
-        data.update(preset)
-    for name in COMMON_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            data[name] = value
-    known = {f.name for f in fields(PRNConfig)}
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of the config fields{hint}: "
-                             f"{', '.join(sorted(known))}")
-        try:
-            data[key] = parse_field(key, text)
-        except ValueError as exc:
-            raise UsageError(f"--set {item}: {exc}") from None
-    try:
-        return PRNConfig.from_dict(data)
-    except ValueError as exc:  # the right type but out of range, e.g. image_size 100
-        raise UsageError(str(exc)) from None
-
+from prn.settings import COMMON_FLAGS, add_config_args, config_from_args  # noqa: F401 (config_from_args: API)
 
 def _flags_resume_would_ignore(args: argparse.Namespace) -> list[str]:
     given = [flag for flag, on in (("--config", args.config), ("--preset", args.preset),
@@ -134,7 +35,7 @@ def cmd_fit(args) -> None:
         run = api.resume(args.resume, epochs=args.epochs, progress=not args.quiet)
     else:
         cfg = config_from_args(args)
-        if not cfg.root:
+        if not cfg.data.root:
             raise UsageError("--root is required (the dataset folder)")
         if args.overwrite and not args.run_dir:
             raise UsageError("--overwrite goes with --run-dir (new run folders are always new)")
@@ -162,10 +63,15 @@ def cmd_predict(args) -> int | None:
     from prn import api
     summary = api.predict(args.run, args.input, args.out, threshold=args.threshold, maps=args.maps,
                           masks=args.masks, overlays=args.overlays, strict=args.strict,
-                          num_workers=args.workers, progress=not args.quiet, device=args.device)
+                          num_workers=args.workers, progress=not args.quiet, device=args.device,
+                          require_decision=args.fail_on_defect)
+    judged = (f"{summary.n_defective} judged defective" if summary.decided else
+              "no decision made (the model has no calibrated threshold: prn calibrate RUN, or --threshold T)")
     print(f"{summary.n_images} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f}/s): "
-          f"{summary.n_defective} judged defective, {summary.n_errors} unreadable\n"
+          f"{judged}, {summary.n_errors} unreadable\n"
           f"scores: {summary.csv}")
+    if not summary.decided:
+        print("prn predict: warning: no part was judged: the model has no threshold", file=sys.stderr)
     if summary.n_errors:
         print(f"prn predict: warning: {summary.n_errors} unreadable file(s), listed with their error "
               f"in {summary.csv}", file=sys.stderr)

@@ -43,15 +43,15 @@ def show_anomalies_for_config(cfg: PRNConfig, out: Path, *, n: int = 6, seed: in
     from prn.anomalies.show import show_anomalies
     from prn.data.demo import make_demo_dataset
     from prn.runs import make_split, resolve_input_size
-    from prn.train import load_training_arrays
+    from prn.data.datasets import load_training_arrays
 
-    if not cfg.root:
+    if not cfg.data.root:
         make_demo_dataset(out / "data", seed=0)
         cfg = cfg.replace(**{k: v for k, v in DEMO_SETTINGS.items() if k in ("dataset", "category")},
-                          root=str(out / "data"), seen_anomalies=min(cfg.seen_anomalies, 5))
+                          root=str(out / "data"), seen_anomalies=min(cfg.data.seen_anomalies, 5))
     split = make_split(cfg)
     cfg = resolve_input_size(cfg, split)
     normals, seen = load_training_arrays(cfg, split)
-    generator = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind, texture_dir=cfg.texture_dir or None,
+    generator = AnomalyGenerator(cfg, seen, cfg.data.resolved_category_kind, texture_dir=cfg.synthesis.texture_dir or None,
                                  gray=all(is_gray(n) for n in normals[:8]))
     return show_anomalies(normals, generator, out, n=n, seed=seed)

@@ -6,7 +6,7 @@ torchrun starts N copies of ``prn`` and gives each, in its environment, its RANK
 WORLD_SIZE and where to meet the others (MASTER_ADDR, MASTER_PORT). prn joins that process group
 the first time it trains (``setup``: gloo on the CPU, NCCL on CUDA) and from there:
 
-- the global batch (cfg.batch_size) is split across ranks: rank r takes slots r, r + N, ... of
+- the global batch (cfg.training.batch_size) is split across ranks: rank r takes slots r, r + N, ... of
   the batch one process would train on (``BalancedBatchSampler``), so the normal / extended /
   simulated / seen shares are kept and the weights are one process's, up to float rounding;
 - rank 0 computes the prototypes (k-means) once and sends them to the others;

@@ -1,23 +1,26 @@
-"""Inference: samples -> anomaly maps and image scores, timed, for any model with PRN's eval API.
+"""Inference over a list of samples (test, calibration): anomaly maps and image scores, timed.
 
+Images are read and turned into model inputs by ``prn.data.datasets.ImageDataset`` (the one
+pre-process, ``prn.preprocess``) and run through ``prn.pipeline.forward_model``, as everywhere.
 A model here is any ``nn.Module`` whose eval-mode ``forward(x[B,3,S,S] in [0,1])`` returns
-``{"anomaly_map": (B,1,S,S), "pred_score": (B,)}`` (PRN and the PatchCore baseline both do).
+``{"anomaly_map": (B,1,S,S), "pred_score": (B,)}`` (PRN, the prototype map and PatchCore do).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from prn.data.datasets import ImageDataset
+from prn.data.datasets import ImageDataset, ValidationFold
 from prn.data.sample import Sample
-from prn.precision import inference_autocast
+from prn.metrics import image_auroc, pixel_ap, pixel_auroc
+from prn.pipeline import forward_model
 
 
 @dataclass
@@ -36,17 +39,12 @@ class Predictions:
     seconds_per_image: float
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | tuple[int, int], *,
                     batch_size: int = 16, device: torch.device | str = "cpu",
                     max_pixels: int = 50_000_000, num_workers: int = 0,
                     progress: bool = False, precision: str = "32") -> Predictions:
-    """precision: the run's cfg.precision; the forward pass runs under its autocast
+    """precision: the run's training precision; the forward pass runs under its autocast
     (prn.precision.inference_autocast), maps and scores come out float32 whatever it is."""
     device = torch.device(device)
     model.eval().to(device)
@@ -61,21 +59,31 @@ def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | t
     model_seconds = 0.0
     for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):
         idx = batch["index"].numpy()
-        images = batch["image"].to(device)
-        _sync(device)
         t0 = time.perf_counter()
-        with inference_autocast(device, precision):
-            out = model(images)
-        _sync(device)
+        # forward_model returns numpy arrays, so the time includes the wait for a CUDA device
+        scores[idx], maps[idx] = forward_model(model, batch["image"], device, precision)
         model_seconds += time.perf_counter() - t0
-        maps[idx] = out["anomaly_map"][:, 0].float().cpu().numpy()
-        scores[idx] = out["pred_score"].double().cpu().numpy()
         masks[idx] = batch["mask"][:, 0].numpy() > 0.5
         labels[idx] = batch["label"].numpy()
     return Predictions(samples, scores, maps, masks, labels, model_seconds / max(n, 1))
 
 
-def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """float32 (h,w) -> float32 (H,W), bilinear, for maps at each image's original size."""
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False)[0, 0].numpy()
+@torch.no_grad()
+def validate(model: torch.nn.Module, val: ValidationFold, device: torch.device, batch_size: int,
+             precision: str = "32") -> tuple[dict, Predictions]:
+    """Image AUROC, pixel AUROC and pixel AP on the validation fold in memory (nan where a class
+    is missing), and the fold's outputs, from which ``fit`` calibrates the model it keeps. The
+    model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    outputs = [forward_model(model, val.images[i:i + batch_size], device, precision)
+               for i in range(0, len(val.images), batch_size)]
+    model.train(was_training)
+    scores, maps = (np.concatenate(parts) for parts in zip(*outputs))
+    preds = Predictions(val.samples, scores, maps, val.masks, val.labels,
+                        (time.perf_counter() - t0) / len(val.samples))
+    has_defects = bool(val.masks.any()) and bool((~val.masks).any())
+    return {"val_image_auroc": image_auroc(val.labels, scores),
+            "val_pixel_auroc": pixel_auroc(val.masks, maps) if has_defects else math.nan,
+            "val_pixel_ap": pixel_ap(val.masks, maps) if has_defects else math.nan}, preds

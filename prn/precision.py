@@ -1,4 +1,4 @@
-"""Numeric precision of training and inference: ``cfg.precision`` is "32", "bf16" or "16".
+"""Numeric precision of training and inference: ``cfg.training.precision`` is "32", "bf16" or "16".
 
 - "32": float32 everywhere (the default, and what every figure in BENCHMARKS.md used unless it
   says otherwise).
@@ -14,7 +14,7 @@ tail (sigmoid, smoothing, top-k score; ``prn.model.network``) are computed in fl
 the places where bfloat16's 8-bit mantissa would pick wrong prototypes or quantise image scores
 into ties. Weights and optimiser state stay float32 (autocast casts per operation).
 
-    >>> with autocast(device, cfg.precision):
+    >>> with autocast(device, cfg.training.precision):
     ...     logits = model(images)
 """
 

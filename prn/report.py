@@ -18,10 +18,10 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from prn.errors import DataError
 
@@ -178,49 +178,91 @@ def mirrored_path(image_path: Path, root: Path, folder: Path, suffix: str, used:
     return target
 
 
-def write_predictions(out_dir: str | Path, records: Iterable[tuple], root: str | Path,
-                      threshold: float | None = None) -> Path:
-    """Write scores.csv and one float32 ``.npy`` anomaly map per image under out_dir/maps.
+def result_picture(path: Path, image, amap, postprocess, truth=None, title: str | None = None) -> Path:
+    """The picture of one result, the same in test and predict: image | ground truth | heat map |
+    predicted region, the map shown as ``postprocess.display_map`` (0.5 = the pixel threshold)
+    with the region's contour there. image: uint8 (h, w, 3) and amap (h, w) at the model's input
+    size; truth: bool (h, w) or None."""
+    from prn.viz import save_overlay
+    return save_overlay(path, image, postprocess.display_map(amap), truth, threshold=0.5, title=title)
 
-    records: tuples ``(image_path, score, map float (H, W) at the image's size[, label])``; the
-    label may be None, and the map None to write the score only. scores.csv has columns path,
-    score, then label when any record has one, then prediction (1 when score >= threshold) when
-    a finite threshold is given. Paths are relative to root, absolute outside it. An image at
-    ``root/good/000.png`` gets ``maps/good/000.png.npy`` (the full name is kept, so ``a.png`` and
-    ``a.jpg`` never collide); images outside root go to ``maps/_external/<file name>.npy``.
-    Returns the path of scores.csv.
+
+SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "label", "error")
+MAP_FORMATS = ("npy", "png", "none")
+
+
+class ResultWriter:
+    """The files of a set of results, written image by image under ``out_dir``, the same for
+    ``prn test`` and ``prn predict``:
+
+    - ``scores.csv``: SCORE_COLUMNS, one row per image (path relative to ``root``, absolute
+      outside it; normalized_score and prediction from ``postprocess``, empty when uncalibrated;
+      label when known; error for an unreadable file, its other cells empty);
+    - ``maps/<path>.npy`` (raw float32 map at the image's size) or ``.png`` (the display map,
+      128 = the pixel threshold), per ``maps``; ``masks/<path>.png`` (pixels >= the pixel
+      threshold) when ``masks``; ``images/<path>.png`` pictures through ``overlay``.
+
+    Output paths mirror the input tree (``mirrored_path``): ``root/good/000.png`` gets
+    ``maps/good/000.png.npy``, so ``a.png`` and ``a.jpg`` never collide.
+
+        >>> with ResultWriter(out, root, post, maps="npy") as w:
+        ...     w.add(path, score, normalized, prediction, amap_small, original_hw)
     """
-    out_dir, root = Path(out_dir), Path(root)
-    if threshold is not None and not math.isfinite(threshold):
-        threshold = None  # e.g. F1-max undefined on a test set without anomalies
-    maps_dir = out_dir / "maps"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, used = [], set()
-    for record in records:
-        if len(record) not in (3, 4):
-            raise ValueError(f"a prediction record is (path, score, map[, label]), got {len(record)} items")
-        image_path, score, amap = Path(record[0]), float(record[1]), record[2]
-        label = record[3] if len(record) == 4 else None
-        rows.append((shown_path(image_path, root), score, label))
-        if amap is None:
-            continue
-        amap = np.asarray(amap)
-        if amap.ndim != 2:
-            raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {amap.shape}")
-        np.save(mirrored_path(image_path, root, maps_dir, ".npy", used), amap.astype(np.float32, copy=False))
 
-    with_labels = any(label is not None for _, _, label in rows)
-    header = ["path", "score"] + (["label"] if with_labels else [])
-    header += ["prediction"] if threshold is not None else []
-    path = out_dir / "scores.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for shown, score, label in rows:
-            row = [shown, repr(score)]
-            if with_labels:
-                row.append("" if label is None else int(label))
-            if threshold is not None:
-                row.append(int(score >= threshold))
-            writer.writerow(row)
-    return path
+    def __init__(self, out_dir: str | Path, root: str | Path, postprocess, *, maps: str = "none",
+                 masks: bool = False):
+        if maps not in MAP_FORMATS:
+            raise DataError(f"maps must be one of {', '.join(MAP_FORMATS)}, got {maps!r}")
+        self.out, self.root, self.post = Path(out_dir), Path(root), postprocess
+        self.maps, self.masks = maps, masks
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out / "scores.csv"
+        self._fh = self.csv_path.open("w", newline="")
+        self._csv = csv.writer(self._fh)
+        self._csv.writerow(SCORE_COLUMNS)
+        self._used: dict[str, set] = {"maps": set(), "masks": set(), "images": set()}
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def error(self, image_path: Path, message: str) -> None:
+        self._csv.writerow([shown_path(image_path, self.root), "", "", "", "", message])
+
+    def add(self, image_path: Path, score: float, normalized: float | None, prediction: int | None,
+            amap=None, hw: tuple[int, int] | None = None, label: int | None = None) -> None:
+        """One image's row, and its map and mask at its original size ``hw`` (from ``amap``
+        float32 (h, w) at the model's input size) when asked for."""
+        self._csv.writerow([shown_path(image_path, self.root), repr(float(score)),
+                            "" if normalized is None else repr(float(normalized)),
+                            "" if prediction is None else int(prediction),
+                            "" if label is None else int(label), ""])
+        if amap is None or (self.maps == "none" and not self.masks):
+            return
+        if np.ndim(amap) != 2:
+            raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {np.shape(amap)}")
+        from prn.postprocess import resize_map
+        full = resize_map(amap, hw)
+        if self.maps == "npy":
+            np.save(self._target(image_path, "maps", ".npy"), full)
+        elif self.maps == "png":
+            level = np.round(self.post.display_map(full) * 255).astype(np.uint8)
+            Image.fromarray(level).save(self._target(image_path, "maps", ".png"))
+        if self.masks:
+            region = self.post.region(full).astype(np.uint8) * 255
+            Image.fromarray(region).save(self._target(image_path, "masks", ".png"))
+
+    def overlay(self, image_path: Path, image, amap, truth=None, title: str | None = None) -> Path:
+        """``images/<path>.png``: ``result_picture`` of one image."""
+        return result_picture(self._target(image_path, "images", ".png"), image, amap, self.post, truth, title)
+
+    def _target(self, image_path: Path, folder: str, suffix: str) -> Path:
+        return mirrored_path(image_path, self.root, self.out / folder, suffix, self._used[folder])

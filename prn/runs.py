@@ -36,20 +36,20 @@ from prn.data.split import Split, few_shot_split, hold_out_validation
 from prn.errors import DataError, UsageError
 
 def category_name(cfg: PRNConfig) -> str:
-    """The category's display name: cfg.category, else the root's folder name when the root is
+    """The category's display name: cfg.data.category, else the root's folder name when the root is
     itself a category folder (like ../shared/data/kolektorsdd), else the dataset's name."""
-    if cfg.category:
-        return cfg.category
-    root = Path(cfg.root)
-    if cfg.root and any((root / sub).is_dir() for sub in ("train", "Train")):
+    if cfg.data.category:
+        return cfg.data.category
+    root = Path(cfg.data.root)
+    if cfg.data.root and any((root / sub).is_dir() for sub in ("train", "Train")):
         return root.resolve().name
-    return cfg.dataset
+    return cfg.data.dataset
 
 
 def new_run_dir(cfg: PRNConfig, name: str | None = None, parent: str | Path | None = None) -> Path:
     """Make a new, empty run folder ``<parent>/<time>`` (``-1``, ``-2``... when taken) and point
     ``<parent>/latest`` at it. parent defaults to ``<output_dir>/<dataset>/<category>``."""
-    parent = Path(parent) if parent is not None else Path(cfg.output_dir) / cfg.dataset / category_name(cfg)
+    parent = Path(parent) if parent is not None else Path(cfg.runtime.output_dir) / cfg.data.dataset / category_name(cfg)
     base = parent / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir, i = base, 1
     while True:
@@ -123,20 +123,20 @@ def environment() -> dict:
 def make_split(cfg: PRNConfig) -> Split:
     """The few-shot split of A.2, then the held-out validation/calibration fold of the training data."""
     index = load_index(cfg)
-    split = few_shot_split(index, cfg.seen_anomalies, cfg.split_seed, dagm=cfg.dataset == "dagm")
-    return hold_out_validation(split, cfg.val_anomaly_count(), cfg.val_normal_fraction,
-                               cfg.val_normal_min, cfg.split_seed)
+    split = few_shot_split(index, cfg.data.seen_anomalies, cfg.data.split_seed, dagm=cfg.data.dataset == "dagm")
+    return hold_out_validation(split, cfg.data.val_anomaly_count(), cfg.data.val_normal_fraction,
+                               cfg.data.val_normal_min, cfg.data.split_seed)
 
 
 def resolve_input_size(cfg: PRNConfig, split: Split) -> PRNConfig:
-    """With cfg.keep_aspect, fix image_hw from the first training image: the long side
+    """With cfg.model.keep_aspect, fix image_hw from the first training image: the long side
     image_size, the short side scaled alike and rounded to a multiple of 32 (at least 32)."""
-    if not cfg.keep_aspect or any(cfg.image_hw):
+    if not cfg.model.keep_aspect or any(cfg.model.image_hw):
         return cfg
     h, w = original_hw(split.train_normal[0])
     long = max(h, w)
-    short = max(32, int(round(min(h, w) * cfg.image_size / long / 32)) * 32)
-    hw = (cfg.image_size, short) if h >= w else (short, cfg.image_size)
+    short = max(32, int(round(min(h, w) * cfg.model.image_size / long / 32)) * 32)
+    hw = (cfg.model.image_size, short) if h >= w else (short, cfg.model.image_size)
     return cfg.replace(image_hw=hw)
 
 
@@ -146,7 +146,7 @@ def start_run(cfg: PRNConfig, run_dir: str | Path | None,
     split and versions. Returns the run folder, the split and the config as written."""
     split = split or make_split(cfg)
     if not split.train_normal:
-        raise DataError(f"{cfg.root}: no defect-free training images found")
+        raise DataError(f"{cfg.data.root}: no defect-free training images found")
     cfg = resolve_input_size(cfg, split)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ def test_flags_presets_and_set_build_one_config(tmp_path):
         "fit", "--root", str(tmp_path), "--dataset", "btad", "--category", "02", "--preset", "cpu",
         "--epochs", "3", "--set", "use_attention=false", "--set", "attention_patch_divisors=[1, 2]"])
     cfg = config_from_args(args)
-    assert (cfg.dataset, cfg.category, cfg.epochs) == ("btad", "02", 3)
-    assert cfg.backbone == "tf_efficientnet_lite0"  # from the cpu preset
-    assert cfg.use_attention is False and cfg.attention_patch_divisors == (1, 2)
+    assert (cfg.data.dataset, cfg.data.category, cfg.training.epochs) == ("btad", "02", 3)
+    assert cfg.model.backbone == "tf_efficientnet_lite0"  # from the cpu preset
+    assert cfg.model.use_attention is False and cfg.model.attention_patch_divisors == (1, 2)
 
 
 def test_unknown_set_key_is_an_error_message_not_a_traceback(tmp_path, capsys):

@@ -16,7 +16,9 @@ import yaml
 
 from prn import api, runs
 from prn.cli import EXIT_STATUSES, build_parser, config_from_args, main
-from prn.config import PRESETS, PRNConfig, parse_field
+from prn.config import PRNConfig
+from prn.presets import PRESETS
+from prn.settings import parse_field
 from prn.errors import ExitStatus, PRNError, TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,11 +52,11 @@ def test_set_values_take_the_type_of_their_field(tmp_path):
     cfg = fit_config("--root", str(tmp_path), "--set", "lr=1e-4", "--set", "category=01",
                      "--set", "image_hw=384,160", "--set", "use_attention=no",
                      "--set", "target_size=[0.2, 0.5]", "--set", "weight_decay=0")
-    assert isinstance(cfg.lr, float) and cfg.lr == 1e-4
-    assert cfg.category == "01"
-    assert cfg.image_hw == (384, 160) and cfg.use_attention is False
-    assert cfg.target_size == (0.2, 0.5)
-    assert isinstance(cfg.weight_decay, float) and cfg.weight_decay == 0.0
+    assert isinstance(cfg.training.lr, float) and cfg.training.lr == 1e-4
+    assert cfg.data.category == "01"
+    assert cfg.model.image_hw == (384, 160) and cfg.model.use_attention is False
+    assert cfg.synthesis.target_size == (0.2, 0.5)
+    assert isinstance(cfg.training.weight_decay, float) and cfg.training.weight_decay == 0.0
 
 
 @pytest.mark.parametrize("item, expected", [
@@ -87,8 +89,8 @@ def test_a_config_file_is_typed_like_set(tmp_path, capsys, no_work):
     # YAML 1.1 alone would read 01 as the number 1 and 1e-4 as the text '1e-4'
     config.write_text("root: data\nlr: 1e-4\ncategory: 01\nimage_hw: [384, 160]\nuse_attention: no\n")
     cfg = fit_config("--config", str(config))
-    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float) and cfg.category == "01"
-    assert cfg.image_hw == (384, 160) and cfg.use_attention is False
+    assert cfg.training.lr == 1e-4 and isinstance(cfg.training.lr, float) and cfg.data.category == "01"
+    assert cfg.model.image_hw == (384, 160) and cfg.model.use_attention is False
     a_run_config = tmp_path / "run.yaml"
     PRNConfig(root="data", category="01", lr=3e-4).save(a_run_config)  # what every run writes
     assert fit_config("--config", str(a_run_config)) == PRNConfig(root="data", category="01", lr=3e-4)
@@ -105,13 +107,13 @@ def test_preset_overrides_config_file_flags_override_preset_and_set_comes_last(t
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({"root": "data", "dataset": "btad", "epochs": 50, "lr": 0.5}))
     cfg = fit_config("--config", str(config), "--preset", "cpu")
-    assert cfg.dataset == "btad"  # the file's, the preset does not set it
-    assert (cfg.epochs, cfg.lr) == (PRESETS["cpu"]["epochs"], PRESETS["cpu"]["lr"])  # the preset's
+    assert cfg.data.dataset == "btad"  # the file's, the preset does not set it
+    assert (cfg.training.epochs, cfg.training.lr) == (PRESETS["cpu"]["epochs"], PRESETS["cpu"]["lr"])  # the preset's
     note = capsys.readouterr().err
     assert "--preset cpu replaces" in note and "epochs 50 -> 10" in note and "lr 0.5 -> 0.001" in note
-    assert fit_config("--config", str(config), "--preset", "cpu", "--epochs", "3").epochs == 3
+    assert fit_config("--config", str(config), "--preset", "cpu", "--epochs", "3").training.epochs == 3
     assert fit_config("--config", str(config), "--preset", "cpu", "--epochs", "3",
-                      "--set", "epochs=4", "--set", "epochs=5").epochs == 5
+                      "--set", "epochs=4", "--set", "training.epochs=5").training.epochs == 5
 
 
 def test_a_preset_alone_or_a_file_alone_prints_no_note(tmp_path, capsys):
@@ -270,7 +272,7 @@ def test_errors_during_fit_map_to_their_status(tmp_path, monkeypatch, raised, st
 @pytest.mark.parametrize("defective, status", [(0, ExitStatus.OK), (2, ExitStatus.DEFECT)])
 def test_fail_on_defect_exits_3_only_when_an_image_is_judged_defective(tmp_path, monkeypatch, defective, status):
     summary = SimpleNamespace(n_images=5, seconds=1.0, images_per_second=5.0, n_defective=defective,
-                              n_errors=0, csv=tmp_path / "scores.csv")
+                              n_errors=0, csv=tmp_path / "scores.csv", decided=True)
     monkeypatch.setattr(api, "predict", lambda *a, **kw: summary)
     assert main(["predict", "run", str(tmp_path), "--fail-on-defect", "--quiet"]) == status
     assert main(["predict", "run", str(tmp_path), "--quiet"]) == ExitStatus.OK

@@ -5,18 +5,18 @@ from prn.config import PRNConfig
 
 def test_defaults_are_the_papers():
     cfg = PRNConfig()
-    assert cfg.image_size == 256
-    assert cfg.prototype_ratio == 0.1 and cfg.kmeans_max_iter == 300
-    assert cfg.attention_layers == 3 and cfg.attention_patch_divisors == (1, 2, 4, 8)
-    assert (cfg.lr, cfg.weight_decay) == (1e-4, 1e-2)
-    assert (cfg.focal_alpha, cfg.focal_gamma, cfg.focal_weight) == (0.5, 4.0, 5.0)
-    assert cfg.epochs == 700 and cfg.batch_size == 64 and cfg.batch_composition == (32, 16, 16)
-    assert cfg.top_k == 100 and cfg.seen_anomalies == 10
+    assert cfg.model.image_size == 256
+    assert cfg.model.prototype_ratio == 0.1 and cfg.model.kmeans_max_iter == 300
+    assert cfg.model.attention_layers == 3 and cfg.model.attention_patch_divisors == (1, 2, 4, 8)
+    assert (cfg.training.lr, cfg.training.weight_decay) == (1e-4, 1e-2)
+    assert (cfg.training.focal_alpha, cfg.training.focal_gamma, cfg.training.focal_weight) == (0.5, 4.0, 5.0)
+    assert cfg.training.epochs == 700 and cfg.training.batch_size == 64 and cfg.training.batch_composition == (32, 16, 16)
+    assert cfg.model.top_k == 100 and cfg.data.seen_anomalies == 10
 
 
 def test_batch_composition_keeps_two_to_one_to_one():
-    assert PRNConfig(batch_size=16).batch_composition == (8, 4, 4)
-    assert PRNConfig(batch_size=4).batch_composition == (2, 1, 1)
+    assert PRNConfig(batch_size=16).training.batch_composition == (8, 4, 4)
+    assert PRNConfig(batch_size=4).training.batch_composition == (2, 1, 1)
 
 
 def test_config_round_trips_through_yaml(tmp_path):
@@ -42,7 +42,7 @@ def test_unknown_keys_in_a_config_file_are_named(tmp_path):
 
 
 def test_mvtec_object_categories_get_object_target_areas():
-    assert PRNConfig(dataset="mvtec", category="bottle").resolved_category_kind == "object"
-    assert PRNConfig(dataset="mvtec", category="carpet").resolved_category_kind == "texture"
-    assert PRNConfig(dataset="dagm", category="Class1").resolved_category_kind == "texture"
-    assert PRNConfig(dataset="dagm", category_kind="object").resolved_category_kind == "object"
+    assert PRNConfig(dataset="mvtec", category="bottle").data.resolved_category_kind == "object"
+    assert PRNConfig(dataset="mvtec", category="carpet").data.resolved_category_kind == "texture"
+    assert PRNConfig(dataset="dagm", category="Class1").data.resolved_category_kind == "texture"
+    assert PRNConfig(dataset="dagm", category_kind="object").data.resolved_category_kind == "object"

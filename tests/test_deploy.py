@@ -12,11 +12,11 @@ from prn import api
 from prn.checkpoint import load_checkpoint
 from prn.cli import main
 from prn.data.split import Split
-from prn.deploy.calibrate import (calibrate, image_threshold, normalize, normalize_map, pixel_threshold,
-                                  rates_at)
+from prn.deploy.calibrate import calibrate, image_threshold, pixel_threshold, rates_at
 from prn.deploy.predict import Predictor, predict_folder
 from prn.errors import PRNError
 from prn.infer import predict_samples
+from prn.postprocess import Postprocess
 
 # ----------------------------------------------------------------------------- calibration rules
 
@@ -67,11 +67,15 @@ def test_pixel_threshold_is_the_pixel_quantile_of_good_maps():
 def test_normalised_score_is_one_half_at_the_threshold_monotone_and_clipped():
     cal = calibrate([0.1, 0.2, 0.3] * 400, np.zeros((2, 4, 4)), [0.9], target_fpr=0.01)
     t = cal["image_threshold"]
-    assert normalize(t, cal) == pytest.approx(0.5)
-    values = normalize(np.linspace(-5, 5, 101), cal)
+    post = Postprocess(cal)
+    assert post.judge([t])[0][0] == pytest.approx(0.5)
+    values, decisions = post.judge(np.linspace(-5, 5, 101))
     assert np.all(np.diff(values) >= 0) and values.min() == 0.0 and values.max() == 1.0
-    assert normalize(0.25, cal, threshold=0.25) == pytest.approx(0.5)
-    assert normalize_map(np.full((2, 2), cal["pixel_threshold"]), cal) == pytest.approx(0.5)
+    assert np.array_equal(decisions, (np.linspace(-5, 5, 101) >= t).astype(int))
+    assert Postprocess(cal, threshold=0.25).judge([0.25])[0][0] == pytest.approx(0.5)
+    assert post.display_map(np.full((2, 2), cal["pixel_threshold"])) == pytest.approx(0.5)
+    t32 = np.float32(cal["pixel_threshold"])  # maps are float32
+    assert post.region(np.array([t32, np.nextafter(t32, np.float32(-1))])).tolist() == [True, False]
 
 
 def test_calibration_reports_the_folds_false_rejects_and_misses():
@@ -123,10 +127,10 @@ def test_fit_calibrates_on_the_held_out_good_images_only(run):
     split = Split.load(run / "split.json")
     assert cal["n_normal"] == len(split.val_normal) >= 3
     model, cfg = api.load_model(run)
-    preds = predict_samples(model, split.val_normal, cfg.input_hw, device="cpu")
-    expected, _ = image_threshold(preds.scores, cfg.target_fpr, cfg.calibration_tail)
+    preds = predict_samples(model, split.val_normal, cfg.model.input_hw, device="cpu")
+    expected, _ = image_threshold(preds.scores, cfg.calibration.target_fpr, cfg.calibration.calibration_tail)
     assert cal["image_threshold"] == pytest.approx(expected, rel=1e-9)
-    assert cal["pixel_threshold"] == pytest.approx(pixel_threshold(preds.maps, cfg.pixel_target_fpr), rel=1e-6)
+    assert cal["pixel_threshold"] == pytest.approx(pixel_threshold(preds.maps, cfg.calibration.pixel_target_fpr), rel=1e-6)
     # calibration.json holds what the checkpoint holds: numbers approximately, the fold's score
     # lists element by element, the rest exactly (pytest 9.2's approx refuses nested dicts)
     stored = json.loads((run / "calibration.json").read_text())
@@ -158,12 +162,14 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
 def test_predict_writes_score_normalised_score_prediction_and_error_columns(run, images, tmp_path):
     summary = api.predict(run, images, tmp_path, progress=False)
     rows = _rows(summary.csv)
-    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "error"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "label", "error"]
     cal = load_checkpoint(run)["calibration"]
+    span = cal["score_max"] - cal["score_min"]
     for r in rows:
         score = float(r["score"])
-        assert int(r["prediction"]) == int(score >= cal["image_threshold"])
-        assert float(r["normalized_score"]) == pytest.approx(float(normalize(score, cal)))
+        assert int(r["prediction"]) == int(score >= cal["image_threshold"]) and r["label"] == ""
+        expected = min(1.0, max(0.0, (score - cal["image_threshold"]) / span + 0.5))
+        assert float(r["normalized_score"]) == pytest.approx(expected, abs=1e-6)
         assert (float(r["normalized_score"]) >= 0.5) == bool(int(r["prediction"]))
     assert summary.n_defective == sum(int(r["prediction"]) for r in rows)
 
@@ -237,10 +243,32 @@ def test_an_uncalibrated_checkpoint_gives_scores_without_decisions(run, images, 
     bare = tmp_path / "model.pt"
     shutil.copy(run / "checkpoints" / "model.pt", bare)
     set_calibration(bare, None)
-    rows = _rows(api.predict(bare, images, tmp_path / "out", progress=False, maps="none").csv)
+    summary = api.predict(bare, images, tmp_path / "out", progress=False, maps="none")
+    rows = _rows(summary.csv)
     assert all(r["score"] and r["prediction"] == "" and r["normalized_score"] == "" for r in rows)
+    assert not summary.decided and summary.n_defective == 0
     with pytest.raises(PRNError, match="calibrate"):
         api.predict(bare, images, tmp_path / "m", progress=False, masks=True)
+
+
+def test_without_a_threshold_predict_says_no_decision_and_fail_on_defect_refuses(run, images, tmp_path, capsys):
+    from prn.checkpoint import set_calibration
+    from prn.errors import ExitStatus
+    bare = tmp_path / "model.pt"
+    shutil.copy(run / "checkpoints" / "model.pt", bare)
+    set_calibration(bare, None)
+    assert main(["predict", str(bare), str(images), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "no decision made" in out and "judged defective" not in out and "no part was judged" in err
+    # a line script asking for a pass/fail exit status would pass every part: refused before any work
+    code = main(["predict", str(bare), str(images), "--out", str(tmp_path / "b"), "--fail-on-defect", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == ExitStatus.USAGE == 2 and "prn calibrate" in err and "--threshold" in err
+    assert not (tmp_path / "b" / "scores.csv").exists()
+    # with a threshold given, it decides and the exit status follows the decisions
+    code = main(["predict", str(bare), str(images), "--out", str(tmp_path / "c"), "--fail-on-defect",
+                 "--threshold", "-1", "--quiet"])
+    assert code == ExitStatus.DEFECT and "judged defective" in capsys.readouterr().out
 
 
 def test_calibrate_verb_sets_a_new_target_rate_and_writes_it_back(run, tmp_path, capsys):

@@ -28,7 +28,11 @@ from prn import distributed
 from prn.distributed import World, world
 from prn.errors import UsageError
 from prn.model.loss import prn_loss
-from prn.train import batches_of, build_model, load_training_arrays, lr_at, make_optimizer, seed_everything, train
+from prn import registry
+from prn.data.datasets import load_training_arrays
+from prn.preprocess import batches_of
+from prn.runtime import seed_everything
+from prn.train import lr_at, make_optimizer, train
 
 TOLERANCE = 1e-6  # max |w_ddp - w_one_process| over the head's parameters; they move by ~0.5
 LAUNCH_TIMEOUT = 150  # seconds any torchrun launch may take before the test fails (not hangs)
@@ -116,7 +120,7 @@ assert w.size == 2 and torch.distributed.get_backend() == "gloo", w
 cfg = PRNConfig(category=f"made-by-rank-{w.rank}", image_hw=(64, 96))
 split = Split.load(sys.argv[1]) if w.is_main else None
 run_dir, got_split, got_cfg = distributed.share_run("runs/x" if w.is_main else None, split, cfg)
-assert str(run_dir) == "runs/x" and got_cfg.category == "made-by-rank-0" and got_cfg.image_hw == (64, 96)
+assert str(run_dir) == "runs/x" and got_cfg.data.category == "made-by-rank-0" and got_cfg.model.image_hw == (64, 96)
 assert got_split.to_dict() == Split.load(sys.argv[1]).to_dict()
 
 # prototypes fitted on rank 0 only, of a K the others do not know
@@ -160,28 +164,28 @@ def per_share_training(cfg: PRNConfig, split: Split, shares: int, epochs: int) -
     """One process training as ``shares`` ranks do on the CPU: each rank's share of every global
     batch through the network on its own (BatchNorm statistics per share), the gradient the mean
     of the shares' (what DDP's average is), then train()'s clipping and optimiser step."""
-    seed_everything(cfg.seed)
+    seed_everything(cfg.training.seed)
     normals, seen = load_training_arrays(cfg, split)
-    model = build_model(cfg)
-    model.fit_prototypes(batches_of(normals, cfg.eval_batch_size))
+    model = registry.build("prn", cfg)
+    model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size))
     optimizer = make_optimizer(model, cfg)
-    data = TrainingSet(normals, AnomalyGenerator(cfg, seen, cfg.resolved_category_kind,
+    data = TrainingSet(normals, AnomalyGenerator(cfg, seen, cfg.data.resolved_category_kind,
                                                  gray=all(is_gray(n) for n in normals[:8])), cfg)
-    steps = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.seed, epoch=0))
+    steps = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.training.seed, epoch=0))
     model.train()
     for epoch in range(epochs):
-        samplers = [iter(BalancedBatchSampler(len(normals), cfg, seed=cfg.seed, epoch=epoch, rank=r,
+        samplers = [iter(BalancedBatchSampler(len(normals), cfg, seed=cfg.training.seed, epoch=epoch, rank=r,
                                               world_size=shares)) for r in range(shares)]
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, steps * cfg.epochs, cfg)
+                group["lr"] = lr_at(epoch * steps + step, steps * cfg.training.epochs, cfg)
             optimizer.zero_grad(set_to_none=True)
             for sampler in samplers:
                 items = [data[key] for key in next(sampler)]
                 images = torch.stack([item["image"] for item in items])
                 masks = torch.stack([item["mask"] for item in items])
-                (prn_loss(model(images), masks, cfg)[0] / shares).backward()
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+                (prn_loss(model(images), masks, cfg.training)[0] / shares).backward()
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.training.grad_clip)
             optimizer.step()
     return model
 
@@ -224,13 +228,13 @@ def test_two_processes_train_as_one_process_that_normalises_each_share_apart(two
     run, _ = two_process_run
     cfg, split = PRNConfig.load(run / "config.yaml"), Split.load(run / "split.json")
     ddp = load_checkpoint(run / "checkpoints" / "last.pt")["state_dict"]
-    emulated = one_thread(per_share_training, cfg, split, 2, cfg.epochs).state_dict()
-    plain = one_thread(lambda: train(cfg, split, run.parent / "one_process", progress=False)).state_dict()
+    emulated = one_thread(per_share_training, cfg, split, 2, cfg.training.epochs).state_dict()
+    plain = one_thread(lambda: train(cfg, split, run.parent / "one_process", progress=False)).model.state_dict()
     assert head_difference(ddp, emulated) <= TOLERANCE
     # the reason for the emulation: plain one-process training normalises the whole batch at once
     assert head_difference(ddp, plain) > 100 * TOLERANCE
     # rank 0 alone wrote: one metrics row per epoch, one calibration
-    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + cfg.epochs
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + cfg.training.epochs
     assert (run / "checkpoints" / "model.pt").is_file()
 
 
@@ -244,7 +248,7 @@ def test_a_two_process_run_resumes_where_it_stopped(two_process_run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     cfg, split = PRNConfig.load(run / "config.yaml"), Split.load(run / "split.json")
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert cfg.epochs == 3 and payload["epoch"] == 3
+    assert cfg.training.epochs == 3 and payload["epoch"] == 3
     emulated = one_thread(per_share_training, cfg, split, 2, 3).state_dict()
     assert head_difference(payload["state_dict"], emulated) <= TOLERANCE
 

@@ -48,7 +48,7 @@ def test_focal_loss_stays_finite_for_saturated_wrong_logits():
 
 def test_prn_loss_is_smooth_l1_of_the_sigmoid_plus_lambda_times_focal():
     cfg = PRNConfig(focal_weight=5.0, focal_alpha=0.5, focal_gamma=4.0)
-    total, parts = prn_loss(as_map(LOGITS).requires_grad_(), as_map(TARGETS), cfg)
+    total, parts = prn_loss(as_map(LOGITS).requires_grad_(), as_map(TARGETS), cfg.training)
     # |sigmoid - mask| < 1 everywhere, where Smooth L1 (beta 1) is half the squared difference.
     smooth = sum(0.5 * (sigmoid(x) - y) ** 2 for x, y in zip(LOGITS, TARGETS)) / len(LOGITS)
     focal = hand_focal(LOGITS, TARGETS, 0.5, 4.0)
@@ -60,7 +60,7 @@ def test_prn_loss_is_smooth_l1_of_the_sigmoid_plus_lambda_times_focal():
 
 def test_prn_loss_is_near_zero_for_a_confident_correct_map():
     mask = as_map(TARGETS)
-    total, _ = prn_loss((mask * 2 - 1) * 20, mask, PRNConfig())
+    total, _ = prn_loss((mask * 2 - 1) * 20, mask, PRNConfig().training)
     assert 0 <= total.item() < 1e-8
 
 

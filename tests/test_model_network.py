@@ -9,7 +9,7 @@ import torch
 from prn.config import PRNConfig
 from prn.model.backbone import create_encoder
 from prn.model.loss import prn_loss
-from prn.model.network import PRN, from_config
+from prn.model.network import PRN
 
 SIZE = 64
 
@@ -21,7 +21,7 @@ def images(n, size=SIZE, seed=0):
 def build(backbone="tf_efficientnet_lite0", size=SIZE, **changes):
     cfg = PRNConfig(backbone=backbone, backbone_weights="random", image_size=size, **changes)
     torch.manual_seed(0)
-    return PRN(create_encoder(backbone, "random"), cfg)
+    return PRN(create_encoder(backbone, "random"), cfg.model)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0"])
@@ -121,7 +121,7 @@ def test_adam_steps_lower_the_loss_and_leave_the_encoder_untouched():
     model.train()
     losses = []
     for _ in range(8):
-        loss, _ = prn_loss(model(x), mask, model.cfg)
+        loss, _ = prn_loss(model(x), mask, PRNConfig().training)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -150,5 +150,5 @@ def test_forward_refuses_images_that_are_not_rgb_batches():
 
 
 def test_from_config_builds_the_named_backbone():
-    model = from_config(PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random"))
+    model = PRN.from_config(PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random").model)
     assert model.encoder.name == "tf_efficientnet_lite0" and model.skip_channels == [48, 80, 224]

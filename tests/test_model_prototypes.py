@@ -146,7 +146,7 @@ def test_residuals_of_maps_of_another_size_raise():
         module.residuals([torch.zeros(1, 1, s, s) for s in (16, 8, 4)])
 
 
-@pytest.mark.parametrize("k, seed", itertools.product([2, 4], [0, 1]))
+@pytest.mark.parametrize("k, seed", list(itertools.product([2, 4], [0, 1])))
 def test_kmeans_is_reproducible_for_a_seed(k, seed):
     feats = torch.rand(12, 2, 3, 3, generator=torch.Generator().manual_seed(7))
     assert torch.equal(kmeans_prototypes(feats, k, seed=seed), kmeans_prototypes(feats, k, seed=seed))

@@ -23,7 +23,7 @@ def test_float16_training_needs_cuda_and_unknown_precisions_are_refused():
         check_precision("8", CPU)
     with pytest.raises(ValueError, match="precision must be 32, bf16 or 16"):
         PRNConfig(precision="fp8")
-    assert PRNConfig(precision=16).precision == "16"  # YAML reads `precision: 16` as a number
+    assert PRNConfig(precision=16).training.precision == "16"  # YAML reads `precision: 16` as a number
 
 
 def test_a_float16_model_predicts_in_float32_on_the_cpu_and_bf16_autocasts_there():
@@ -37,7 +37,7 @@ def test_a_float16_model_predicts_in_float32_on_the_cpu_and_bf16_autocasts_there
 
 def _fitted_model(tiny_config, demo_root, tmp_path, **kw) -> PRN:
     torch.manual_seed(0)
-    model = PRN.from_config(tiny_config(demo_root, tmp_path, **kw)).eval()
+    model = PRN.from_config(tiny_config(demo_root, tmp_path, **kw).model).eval()
     model.fit_prototypes([torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))])
     return model
 
@@ -95,7 +95,7 @@ def test_a_bf16_fit_on_the_cpu_trains_tests_and_records_its_precision(tiny_confi
     cfg = tiny_config(demo_root, tmp_path, epochs=1, precision="bf16")
     run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert payload["config"]["precision"] == "bf16"
+    assert payload["config"]["training"]["precision"] == "bf16"
     assert np.isfinite(payload["history"][-1]["loss"])
     assert all(v.dtype != torch.bfloat16 for v in payload["state_dict"].values())  # weights stay float32
     metrics = api.test(run, progress=False, overlays=0)

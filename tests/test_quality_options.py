@@ -15,11 +15,14 @@ from prn.anomalies.augment import mild_augment, sample_aug1
 from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, texture_for
 from prn.anomalies.extended import make_extended
 from prn.checkpoint import load_checkpoint
-from prn.config import MAP_SIGMAS, PRESETS, PRNConfig
+from prn.config import PRNConfig
+from prn.presets import PRESETS
 from prn.data.sample import Sample
 from prn.data.split import Split, hold_out_validation
 from prn.errors import DataError
-from prn.model.network import PRN, PrototypeResidualMap, smooth_map
+from prn.baselines.prototype_map import build_prototype_map
+from prn.model.network import PRN
+from prn.model.scoring import smooth_map
 from prn.model.prototypes import residual_map
 from prn.train import lr_at, make_optimizer, param_groups, val_score
 
@@ -28,15 +31,15 @@ from prn.train import lr_at, make_optimizer, param_groups, val_score
 
 
 def test_seen_slots_are_taken_from_the_anomaly_slots_and_keep_the_batch_size():
-    assert PRNConfig(batch_size=16).batch_slots == (8, 4, 4, 0)
-    assert PRNConfig(batch_size=16, seen_fraction=0.125).batch_slots == (8, 3, 3, 2)
-    assert PRNConfig(batch_size=16, seen_fraction=0.25).batch_slots == (8, 2, 2, 4)
-    assert sum(PRNConfig(batch_size=64, seen_fraction=0.1).batch_slots) == 64
+    assert PRNConfig(batch_size=16).training.batch_slots == (8, 4, 4, 0)
+    assert PRNConfig(batch_size=16, seen_fraction=0.125).training.batch_slots == (8, 3, 3, 2)
+    assert PRNConfig(batch_size=16, seen_fraction=0.25).training.batch_slots == (8, 2, 2, 4)
+    assert sum(PRNConfig(batch_size=64, seen_fraction=0.1).training.batch_slots) == 64
 
 
 def test_input_size_is_square_unless_image_hw_is_set():
-    assert PRNConfig(image_size=128).input_hw == (128, 128)
-    assert PRNConfig(image_size=128, image_hw=(320, 128)).input_hw == (320, 128)
+    assert PRNConfig(image_size=128).model.input_hw == (128, 128)
+    assert PRNConfig(image_size=128, image_hw=(320, 128)).model.input_hw == (320, 128)
     with pytest.raises(ValueError, match="image_hw"):
         PRNConfig(image_hw=(100, 64))
 
@@ -51,13 +54,13 @@ def test_new_settings_refuse_values_outside_their_range(change):
 
 
 def test_validation_anomalies_default_to_three_tenths_of_the_seen_ones():
-    assert [PRNConfig(seen_anomalies=k).val_anomaly_count() for k in (0, 1, 5, 10)] == [0, 0, 1, 3]
-    assert PRNConfig(seen_anomalies=10, val_anomalies=2).val_anomaly_count() == 2
+    assert [PRNConfig(seen_anomalies=k).data.val_anomaly_count() for k in (0, 1, 5, 10)] == [0, 0, 1, 3]
+    assert PRNConfig(seen_anomalies=10, val_anomalies=2).data.val_anomaly_count() == 2
 
 
 def test_the_paper_preset_keeps_the_papers_optimiser():
     cfg = PRNConfig().replace(**PRESETS["paper"])
-    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.map_sigma) == ("adam", 1e-4, 1e-2, "constant", 0.0)
+    assert (cfg.training.optimizer, cfg.training.lr, cfg.training.weight_decay, cfg.training.lr_schedule, cfg.model.map_sigma) == ("adam", 1e-4, 1e-2, "constant", 0.0)
 
 
 # ---------------------------------------------------------------- split
@@ -124,7 +127,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_down_to_one_percent():
 def _tiny_prn(**kw):
     cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=64,
                     decoder_channels=(16, 16, 8, 8), **kw)
-    return PRN.from_config(cfg), cfg
+    return PRN.from_config(cfg.model), cfg
 
 
 def test_adamw_decays_weights_but_not_norms_or_biases():
@@ -244,7 +247,7 @@ def test_prn_runs_on_non_square_inputs():
 def test_prototype_map_is_the_residual_alone_and_zero_on_a_prototype():
     cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=64,
                     prototype_ratio=1.0, top_k=5)
-    model = PrototypeResidualMap.from_config(cfg).eval()
+    model = build_prototype_map(cfg).eval()
     x = torch.rand(3, 3, 64, 64)
     model.fit_prototypes([x])  # ratio 1: every image is its own prototype
     out = model(x)
@@ -271,8 +274,7 @@ def test_prototype_only_model_fits_without_training_and_tests(demo_root, tiny_co
 def test_fit_writes_validation_metrics_per_epoch_and_keeps_the_best_epoch(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, seen_anomalies=3, val_anomalies=1, val_normal_fraction=0.2,
                       val_normal_min=2, select_epoch="best", optimizer="adamw", lr_schedule="cosine",
-                      warmup_fraction=0.2, output_bias_prior=0.01, seen_fraction=0.25, map_sigma=1.0,
-                      select_map_sigma=True)
+                      warmup_fraction=0.2, output_bias_prior=0.01, seen_fraction=0.25, map_sigma=1.0)
     run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
     split = Split.load(run / "split.json")
     assert len(split.val_anomalous) == 1 and len(split.val_normal) == 2 and len(split.train_anomalous) == 2
@@ -283,9 +285,7 @@ def test_fit_writes_validation_metrics_per_epoch_and_keeps_the_best_epoch(demo_r
     kept = load_checkpoint(run / "checkpoints" / "model.pt")
     assert kept["extra"]["selected_epoch"] == 1 + int(np.argmax(scores))
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
-    sigmas = {float(k): v for k, v in kept["extra"]["map_sigma_scores"].items()}
-    assert sorted(sigmas) == list(MAP_SIGMAS)
-    assert kept["config"]["map_sigma"] == max(sigmas, key=lambda k: (sigmas[k], -k))
+    assert kept["epoch"] == kept["extra"]["selected_epoch"] and kept["config"]["model"]["map_sigma"] == 1.0
     assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
 
 
@@ -298,7 +298,7 @@ def test_keep_aspect_sets_the_input_size_from_the_images(tmp_path):
     split = Split(train_normal=[Sample(path, None, 0, "good")], train_anomalous=[], test=[],
                   dataset="folder", category="", k=0, seed=0)
     cfg = resolve_input_size(PRNConfig(image_size=512, keep_aspect=True), split)
-    assert cfg.input_hw == (512, 224)
+    assert cfg.model.input_hw == (512, 224)
 
 
 def test_a_non_square_run_writes_maps_at_each_images_original_size(demo_root, tiny_config, tmp_path):
@@ -311,20 +311,3 @@ def test_a_non_square_run_writes_maps_at_each_images_original_size(demo_root, ti
     out = api.predict(run, inputs, tmp_path / "out", progress=False).out_dir
     amap = np.load(out / "maps" / "wide.png.npy")
     assert amap.shape == (50, 130)
-
-
-def test_residual_prior_adds_the_standardised_residual_map_to_the_logits():
-    model, cfg = _tiny_prn(residual_prior=True)
-    x = torch.rand(6, 3, 64, 64)
-    model.fit_prototypes([x])
-    mean, sd = model.residual_stats
-    assert sd > 0
-    y = torch.rand(2, 3, 64, 64)
-    model.train()
-    with torch.no_grad():
-        with_prior = model(y)
-        model.residual_prior.fill_(0.0)
-        without = model(y)
-        maps, raw = model.skips_and_residuals(y)
-    expected = (residual_map(raw, (64, 64)) - mean) / sd
-    assert torch.allclose(with_prior - without, expected, atol=1e-4)

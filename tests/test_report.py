@@ -4,9 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from prn import report
 from prn.errors import DataError
+from prn.postprocess import Postprocess
 
 RESULTS = {
     "bottle": {"image_auroc": 0.99412, "pixel_auroc": 0.98951, "pro": 0.96149, "pixel_ap": 0.78555,
@@ -53,59 +55,79 @@ def test_write_csv_writes_the_same_cells_as_the_markdown_table(tmp_path):
     assert rows == md_rows
 
 
-def test_write_predictions_mirrors_the_input_tree_and_writes_scores(tmp_path):
+def write_results_of(out, root, records, post=None, **options):
+    """records: (path, score, normalized, prediction, map or None, label) -> scores.csv rows."""
+    with report.ResultWriter(out, root, post or Postprocess(), **options) as writer:
+        for path, score, normalized, prediction, amap, label in records:
+            hw = None if amap is None else amap.shape
+            writer.add(path, score, normalized, prediction, amap, hw, label=label)
+    return read_csv(out / "scores.csv")
+
+
+def test_result_writer_mirrors_the_input_tree_and_writes_one_set_of_columns(tmp_path):
     root = tmp_path / "data" / "bottle"
-    maps = [np.full((3, 4), v, np.float64) for v in (0.1, 0.7, 0.9)]
+    maps = [np.full((3, 4), v, np.float32) for v in (0.1, 0.7, 0.9)]
     records = [
-        (root / "test" / "good" / "000.png", 0.1, maps[0], 0),
-        (root / "test" / "broken" / "001.png", 0.7, maps[1], 1),
-        (tmp_path / "elsewhere" / "x.jpg", 0.9, maps[2], None),
+        (root / "test" / "good" / "000.png", 0.1, 0.25, 0, maps[0], 0),
+        (root / "test" / "broken" / "001.png", 0.7, 0.75, 1, maps[1], 1),
+        (tmp_path / "elsewhere" / "x.jpg", 0.9, None, None, maps[2], None),
     ]
-    scores = report.write_predictions(tmp_path / "out", records, root, threshold=0.5)
-    rows = read_csv(scores)
-    assert rows[0] == ["path", "score", "label", "prediction"]
-    assert rows[1] == ["test/good/000.png", "0.1", "0", "0"]
-    assert rows[2] == ["test/broken/001.png", "0.7", "1", "1"]
-    assert rows[3][1:] == ["0.9", "", "1"] and rows[3][0].endswith("x.jpg")
+    rows = write_results_of(tmp_path / "out", root, records, maps="npy")
+    assert rows[0] == list(report.SCORE_COLUMNS) == ["path", "score", "normalized_score", "prediction",
+                                                     "label", "error"]
+    assert rows[1] == ["test/good/000.png", "0.1", "0.25", "0", "0", ""]
+    assert rows[2] == ["test/broken/001.png", "0.7", "0.75", "1", "1", ""]
+    assert rows[3][1:] == ["0.9", "", "", "", ""] and rows[3][0].endswith("x.jpg")
     for rel, expected in [("test/good/000.png.npy", maps[0]), ("test/broken/001.png.npy", maps[1]),
                           ("_external/x.jpg.npy", maps[2])]:
         saved = np.load(tmp_path / "out" / "maps" / rel)
-        assert saved.dtype == np.float32 and np.array_equal(saved, expected.astype(np.float32))
+        assert saved.dtype == np.float32 and np.array_equal(saved, expected)
 
 
-def test_write_predictions_without_labels_or_threshold_has_two_columns(tmp_path):
-    records = [(tmp_path / "a.png", 0.25, np.zeros((2, 2), np.float32))]
-    rows = read_csv(report.write_predictions(tmp_path / "out", records, tmp_path))
-    assert rows == [["path", "score"], ["a.png", "0.25"]]
+def test_result_writer_resizes_maps_to_each_images_size_and_writes_masks_and_pngs(tmp_path):
+    cal = {"image_threshold": 0.5, "pixel_threshold": 0.5, "score_min": 0.0, "score_max": 1.0,
+           "pixel_min": 0.0, "pixel_max": 1.0}
+    amap = np.zeros((4, 4), np.float32)
+    amap[:2] = 1.0
+    with report.ResultWriter(tmp_path / "out", tmp_path, Postprocess(cal), maps="png", masks=True) as w:
+        w.add(tmp_path / "a.png", 0.9, 0.9, 1, amap, (8, 12))
+    level = np.asarray(Image.open(tmp_path / "out" / "maps" / "a.png.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "a.png.png"))
+    assert level.shape == mask.shape == (8, 12)
+    assert level[0, 0] == 255 and level[-1, -1] == 0 and set(np.unique(mask)) == {0, 255}
+    assert mask[:3].all() and not mask[5:].any()
 
 
-def test_write_predictions_can_write_scores_without_maps(tmp_path):
-    records = [(tmp_path / "a.png", 0.25, None, 1), (tmp_path / "b.png", 0.75, None, 0)]
-    rows = read_csv(report.write_predictions(tmp_path / "out", records, tmp_path, threshold=float("nan")))
-    assert rows == [["path", "score", "label"], ["a.png", "0.25", "1"], ["b.png", "0.75", "0"]]
+def test_result_writer_writes_scores_without_maps_and_errors_in_their_column(tmp_path):
+    with report.ResultWriter(tmp_path / "out", tmp_path, Postprocess()) as w:
+        w.add(tmp_path / "a.png", 0.25, None, None, np.zeros((2, 2), np.float32), (2, 2), label=1)
+        w.error(tmp_path / "b.png", "b.png: not an image")
+    rows = read_csv(tmp_path / "out" / "scores.csv")
+    assert rows[1:] == [["a.png", "0.25", "", "", "1", ""], ["b.png", "", "", "", "", "b.png: not an image"]]
     assert not (tmp_path / "out" / "maps").exists()
 
 
-def test_write_predictions_never_writes_outside_its_folder(tmp_path):
+def test_result_writer_never_writes_outside_its_folder(tmp_path):
     root = tmp_path / "data"
     sneaky = root / ".." / ".." / "escape.png"  # lexically outside root
     out = tmp_path / "out"
-    report.write_predictions(out, [(sneaky, 0.5, np.zeros((2, 2)))], root)
+    write_results_of(out, root, [(sneaky, 0.5, None, None, np.zeros((2, 2), np.float32), None)], maps="npy")
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["out/maps/_external/escape.png.npy", "out/scores.csv"]
 
 
-def test_write_predictions_refuses_two_external_images_with_one_name(tmp_path):
-    records = [(tmp_path / "a" / "x.png", 0.1, np.zeros((2, 2))),
-               (tmp_path / "b" / "x.png", 0.2, np.zeros((2, 2)))]
+def test_result_writer_refuses_two_external_images_with_one_name(tmp_path):
+    records = [(tmp_path / "a" / "x.png", 0.1, None, None, np.zeros((2, 2), np.float32), None),
+               (tmp_path / "b" / "x.png", 0.2, None, None, np.zeros((2, 2), np.float32), None)]
     with pytest.raises(DataError, match=r"^.*b[/\\]x\.png: another image"):
-        report.write_predictions(tmp_path / "out", records, tmp_path / "root")
+        write_results_of(tmp_path / "out", tmp_path / "root", records, maps="npy")
 
 
-def test_write_predictions_refuses_maps_that_are_not_2d(tmp_path):
+def test_result_writer_refuses_maps_that_are_not_2d(tmp_path):
     bad = tmp_path / "img.png"
     with pytest.raises(DataError, match="^" + str(bad).replace("\\", "\\\\")):
-        report.write_predictions(tmp_path / "out", [(bad, 0.1, np.zeros((1, 2, 2)))], tmp_path)
+        with report.ResultWriter(tmp_path / "out", tmp_path, Postprocess(), maps="npy") as w:
+            w.add(bad, 0.1, None, None, np.zeros((1, 2, 2), np.float32), (2, 2))
 
 
 def test_mean_metrics_skips_nan_and_missing_values():

@@ -37,22 +37,35 @@ pytestmark = pytest.mark.skipif(
 TOKEN = "browser-test-token-0123456789"
 
 
-@pytest.fixture(scope="module")
-def server(calibrated_run):
-    app = build_app(calibrated_run, token=TOKEN)
+def live(app):
+    """Serve ``app`` with uvicorn on a free port of 127.0.0.1 in a thread; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other tests
-    live = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=live.run, kwargs={"sockets": [sock]}, daemon=True)
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
-    while not live.started and time.monotonic() < deadline:
+    while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert live.started, "the live server did not start"
+    assert uv.started, "the live server did not start"
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    live.should_exit = True
+    uv.should_exit = True
     thread.join(10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(calibrated_run):
+    yield from live(build_app(calibrated_run, token=TOKEN))
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_server(calibrated_run, tmp_path_factory):
+    from prn.checkpoint import set_calibration
+    bare = tmp_path_factory.mktemp("uncalibrated") / "model.pt"
+    shutil.copy(calibrated_run / "checkpoints" / "model.pt", bare)
+    set_calibration(bare, None)
+    yield from live(build_app(bare))
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +151,23 @@ def test_page_scores_uploads_and_the_slider_rejudges_them(server, browser, demo_
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("PRN_SERVE_SCREENSHOT"):
         shutil.copy(shot, os.environ["PRN_SERVE_SCREENSHOT"])
+
+
+def test_a_model_without_a_threshold_judges_nothing_until_one_is_set(uncalibrated_server, browser, demo_root):
+    wait = WebDriverWait(browser, 30)
+    browser.get(uncalibrated_server)
+    wait.until(lambda d: "no threshold" in d.find_element(By.ID, "model-info").text)
+    images = sorted((demo_root / "demo" / "test" / "good").iterdir())[:2]
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 2)
+    # no PASS without a threshold: a line must not read "not judged" as "good"
+    assert _verdicts(browser) == (["NO THRESHOLD"] * 2, ["NO THRESHOLD"] * 2)
+    assert [r["verdict"] for r in _csv(browser)] == ["not judged"] * 2
+    assert all(r["threshold"] == "" for r in _csv(browser))
+    assert "none judged" in browser.find_element(By.CSS_SELECTOR, "#results caption").text
+    assert browser.find_element(By.ID, "reset").get_attribute("disabled")
+    browser.find_element(By.ID, "threshold").send_keys(Keys.HOME)  # the user sets one: now judged
+    assert _verdicts(browser) == (["FAIL"] * 2, ["FAIL"] * 2)
 
 
 def test_the_docs_page_renders_every_endpoint_offline(server, browser):

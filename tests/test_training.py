@@ -14,8 +14,8 @@ from prn.errors import TrainingError
 from prn.train import train
 
 
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def state(result):
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
 
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(demo_root, tiny_config, tmp_path):
@@ -52,10 +52,10 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dem
     split = api.make_split(cfg)
     real_loss, calls = train_module.prn_loss, {"n": 0}
 
-    def loss_that_explodes(logits, mask, cfg):
+    def loss_that_explodes(logits, mask, training):
         calls["n"] += 1
-        total, parts = real_loss(logits, mask, cfg)
-        return (total * float("nan"), parts) if calls["n"] > cfg.steps_per_epoch else (total, parts)
+        total, parts = real_loss(logits, mask, training)
+        return (total * float("nan"), parts) if calls["n"] > training.steps_per_epoch else (total, parts)
 
     monkeypatch.setattr(train_module, "prn_loss", loss_that_explodes)
     with pytest.raises(TrainingError, match="nan"):

@@ -28,7 +28,7 @@ def build(**changes):
     base.update(changes)
     cfg = PRNConfig(**base)
     torch.manual_seed(0)
-    model = PRN(create_encoder(cfg.backbone, "random"), cfg)
+    model = PRN(create_encoder(cfg.model.backbone, "random"), cfg.model)
     model.fit_prototypes([images(4, seed=1)])
     return model.eval()
 
@@ -298,7 +298,7 @@ def test_without_a_prior_the_output_bias_keeps_its_default_initialisation():
 
 
 def test_smooth_map_is_a_gaussian_truncated_at_four_sigma():
-    from prn.model.network import smooth_map
+    from prn.model.scoring import smooth_map
     impulse = torch.zeros(1, 1, 41, 41)
     impulse[0, 0, 20, 20] = 1.0
     sigma = 2.0
@@ -312,13 +312,13 @@ def test_smooth_map_is_a_gaussian_truncated_at_four_sigma():
 
 
 def test_smooth_map_with_sigma_zero_returns_the_map_unchanged():
-    from prn.model.network import smooth_map
+    from prn.model.scoring import smooth_map
     amap = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert smooth_map(amap, 0.0) is amap
 
 
 def test_map_sigma_smooths_the_eval_map_and_the_score_follows_it():
-    from prn.model.network import smooth_map
+    from prn.model.scoring import smooth_map
     x = images(2, seed=10)
     sharp = build(top_k=5)
     smooth = build(top_k=5, map_sigma=1.5)
@@ -330,19 +330,19 @@ def test_map_sigma_smooths_the_eval_map_and_the_score_follows_it():
 
 
 def test_top_k_score_is_the_mean_of_the_k_largest_pixels_capped_at_the_map_size():
-    from prn.model.network import top_k_score
+    from prn.model.scoring import top_k_score
     amap = torch.tensor([[[[0.1, 0.9], [0.5, 0.3]]]])
     torch.testing.assert_close(top_k_score(amap, 2), torch.tensor([0.7]))
     torch.testing.assert_close(top_k_score(amap, 100), torch.tensor([0.45]))
 
 
 def test_prototype_residual_map_is_the_residual_map_of_the_nearest_prototypes():
-    from prn.model.network import PrototypeResidualMap
+    from prn.baselines.prototype_map import PrototypeResidualMap
     from prn.model.prototypes import residual_map
     cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=SIZE,
                     prototype_ratio=1.0, top_k=10)
     torch.manual_seed(0)
-    model = PrototypeResidualMap(create_encoder(cfg.backbone, "random"), cfg).eval()
+    model = PrototypeResidualMap(create_encoder(cfg.model.backbone, "random"), cfg.model).eval()
     normals = images(3, seed=11)
     model.fit_prototypes([normals])
     x = torch.cat([normals[1:2], images(1, seed=12)])
@@ -355,7 +355,7 @@ def test_prototype_residual_map_is_the_residual_map_of_the_nearest_prototypes():
 
 
 def test_smooth_map_smooths_for_any_positive_sigma():
-    from prn.model.network import smooth_map
+    from prn.model.scoring import smooth_map
     impulse = torch.zeros(1, 1, 9, 9)
     impulse[0, 0, 4, 4] = 1.0
     out = smooth_map(impulse, 0.5)
@@ -375,45 +375,22 @@ def test_attention_scale_reaches_the_attention():
 
 @pytest.mark.parametrize("kind", ["prn", "prototype_map"])
 def test_from_config_honours_random_backbone_weights(kind):
-    from prn.model.network import PrototypeResidualMap
-    cls = PRN if kind == "prn" else PrototypeResidualMap
+    from prn import registry
     cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=SIZE)
     encoders = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = cls.from_config(cfg)
-        assert model.encoder.name == "tf_efficientnet_lite0" and model.cfg is cfg
+        model = registry.build("prn" if kind == "prn" else "prototypes", cfg)
+        assert model.encoder.name == "tf_efficientnet_lite0" and model.cfg == cfg.model
         encoders.append(model.encoder.state_dict())
     assert any(not torch.equal(v, encoders[1][k]) for k, v in encoders[0].items())  # random, not ImageNet
 
 
 @pytest.mark.parametrize("shape", [(2, 1, SIZE, SIZE), (3, SIZE, SIZE)])
 def test_prototype_residual_map_refuses_inputs_that_are_not_rgb_batches(shape):
-    from prn.model.network import PrototypeResidualMap
+    from prn.baselines.prototype_map import PrototypeResidualMap
     cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=SIZE)
-    model = PrototypeResidualMap(create_encoder(cfg.backbone, "random"), cfg)
+    model = PrototypeResidualMap(create_encoder(cfg.model.backbone, "random"), cfg.model)
     model.fit_prototypes([images(2)])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got " + re.escape(str(shape))):
         model.eval()(torch.zeros(shape))
-
-
-# ---------------------------------------------------------------- residual prior
-
-def test_residual_prior_adds_the_standardised_residual_map_to_the_logits():
-    from prn.model.prototypes import residual_map
-    x = images(2, seed=14)
-    plain, prior = build(), build(residual_prior=True)       # same weights: same torch seed
-    mean, sd = prior.residual_stats.tolist()
-    with torch.no_grad():
-        r = residual_map(prior.prototypes.residuals(prior.encoder(x)), (SIZE, SIZE))
-    torch.testing.assert_close(logits_of(prior, x) - logits_of(plain, x), (r - mean) / sd, rtol=1e-4, atol=1e-4)
-
-
-def test_residual_prior_statistics_are_the_mean_and_spread_of_the_normal_images_map():
-    from prn.model.prototypes import residual_map
-    model = build(residual_prior=True)                       # fitted on images(4, seed=1)
-    with torch.no_grad():
-        r = residual_map(model.prototypes.residuals(model.encoder(images(4, seed=1))), (SIZE, SIZE)).double()
-    mean, sd = model.residual_stats.tolist()
-    assert mean > 0 and abs(mean - r.mean().item()) < 1e-5 * r.mean().item()
-    assert abs(sd - r.std(unbiased=False).item()) < 1e-4 * sd

@@ -14,7 +14,8 @@ from PIL import Image
 
 from prn import api
 from prn.data.sample import Sample
-from prn.infer import predict_samples, resize_map
+from prn.infer import predict_samples
+from prn.postprocess import resize_map
 
 SIZES = {"wide.png": (40, 96), "tall.png": (100, 72), "small.png": (30, 50)}  # (H, W)
 
@@ -54,7 +55,7 @@ def test_predicted_maps_have_each_images_original_height_and_width(predicted):
 def test_predicted_maps_are_the_models_maps_resized_to_the_image(run, images, predicted):
     model, cfg = api.load_model(run)
     samples = [Sample(images / name, None, 0, "unknown") for name in SIZES]
-    preds = predict_samples(model, samples, cfg.input_hw)
+    preds = predict_samples(model, samples, cfg.model.input_hw)
     for i, (name, hw) in enumerate(SIZES.items()):
         amap = np.load(predicted / "maps" / f"{name}.npy")
         np.testing.assert_allclose(amap, resize_map(preds.maps[i], hw), rtol=0, atol=1e-6)
@@ -64,7 +65,7 @@ def test_predicted_maps_are_the_models_maps_resized_to_the_image(run, images, pr
 def test_predicted_scores_are_the_models_image_scores(run, images, predicted):
     model, cfg = api.load_model(run)
     samples = [Sample(images / name, None, 0, "unknown") for name in SIZES]
-    want = dict(zip(SIZES, predict_samples(model, samples, cfg.input_hw).scores))
+    want = dict(zip(SIZES, predict_samples(model, samples, cfg.model.input_hw).scores))
     rows = {r["path"]: float(r["score"]) for r in csv.DictReader(open(predicted / "scores.csv"))}
     assert rows.keys() == want.keys()
     for name in SIZES:
@@ -76,9 +77,9 @@ def test_predict_samples_returns_the_models_outputs_in_sample_order(run, images)
     model, cfg = api.load_model(run)
     names = list(SIZES)
     samples = [Sample(images / n, None, 0, "unknown") for n in names]
-    preds = predict_samples(model, samples, cfg.input_hw, batch_size=2)
+    preds = predict_samples(model, samples, cfg.model.input_hw, batch_size=2)
     for i, n in enumerate(names):
-        x = np.array(Image.open(images / n).convert("RGB").resize(cfg.input_hw[::-1], Image.Resampling.BILINEAR))
+        x = np.array(Image.open(images / n).convert("RGB").resize(cfg.model.input_hw[::-1], Image.Resampling.BILINEAR))
         x = torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
             out = model(x)

@@ -20,8 +20,8 @@ names = [o.name for o in session.get_outputs()]
 out = csv.writer(sys.stdout)
 out.writerow(["path", "score", "normalized_score", "prediction"])
 for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}):
-    # Pillow's bilinear resize, as prn's own: the graph's resize is then the identity and the
-    # scores are prn's. (The graph takes any size too, within a grey level of Pillow's resize.)
+    # Pillow's bilinear resize, which is prn's own: the graph takes any size too and resizes
+    # it the same way, bit for bit, so either gives prn's scores.
     image = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
     batch = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]  # (1, 3, H, W) uint8 RGB
     result = dict(zip(names, session.run(None, {"images": batch})))

@@ -6,9 +6,9 @@
   ``numpy.random.default_rng(seed)``, so a sample depends on its key alone, not on which
   DataLoader worker makes it or when.
 - ``BalancedBatchSampler`` yields batches of such keys, normal / extended / simulated in
-  cfg.batch_composition (2:1:1, Sec. 4.1), every seed derived from (seed, epoch, batch, slot).
+  cfg.training.batch_composition (2:1:1, Sec. 4.1), every seed derived from (seed, epoch, batch, slot).
 
-    gen = AnomalyGenerator(cfg, seen, cfg.resolved_category_kind)
+    gen = AnomalyGenerator(cfg, seen, cfg.data.resolved_category_kind)
     data = TrainingSet(normals, gen, cfg)
     loader = DataLoader(data, batch_sampler=BalancedBatchSampler(len(normals), cfg, seed=0, epoch=0))
 """
@@ -60,8 +60,8 @@ class AnomalyGenerator:
     target_areas, beta_min/beta_max, perlin_threshold, homologous_grid, texture_dir.
     seen: the seen anomalies, ``(uint8 (S, S, 3), bool (S, S))`` pairs; those with an empty
     mask are skipped. category_kind: "object" (target areas on the estimated foreground),
-    "texture" (anywhere) or "auto" (cfg.resolved_category_kind). texture_dir: overrides
-    cfg.texture_dir ("" or None: procedural textures).
+    "texture" (anywhere) or "auto" (cfg.data.resolved_category_kind). texture_dir: overrides
+    cfg.synthesis.texture_dir ("" or None: procedural textures).
 
     EA are available when enabled and at least one seen anomaly has a defect; a request for an
     unavailable kind is served by the other (``generate``). With nothing available at all the
@@ -70,7 +70,7 @@ class AnomalyGenerator:
 
     def __init__(self, cfg: PRNConfig, seen: Sequence[tuple[np.ndarray, np.ndarray]], category_kind: str,
                  texture_dir: str | None = None, gray: bool | None = None):
-        kind = cfg.resolved_category_kind if category_kind == "auto" else category_kind
+        kind = cfg.data.resolved_category_kind if category_kind == "auto" else category_kind
         if kind not in ("object", "texture"):
             raise ValueError(f"category_kind must be 'object' or 'texture', got {category_kind!r}")
         self.cfg = cfg
@@ -84,21 +84,21 @@ class AnomalyGenerator:
             if mask.any():
                 self.seen.append((image, mask))
 
-        enabled = {"extended": cfg.extended_anomalies and bool(self.seen),
-                   "heterologous": cfg.heterologous_anomalies, "homologous": cfg.homologous_anomalies}
+        enabled = {"extended": cfg.synthesis.extended_anomalies and bool(self.seen),
+                   "heterologous": cfg.synthesis.heterologous_anomalies, "homologous": cfg.synthesis.homologous_anomalies}
         self.strategies = [s for s in STRATEGIES if enabled[s]]
         if not self.strategies:
-            why = ("extended anomalies are off" if not cfg.extended_anomalies
+            why = ("extended anomalies are off" if not cfg.synthesis.extended_anomalies
                    else "extended anomalies need seen anomalies with a defect mask, and there are none")
             raise ValueError(f"no anomaly generation strategy is available: {why}, and both heterologous and "
                              "homologous anomalies are off. Enable heterologous_anomalies or "
                              "homologous_anomalies, or extended_anomalies with seen_anomalies > 0")
-        texture_dir = cfg.texture_dir if texture_dir is None else texture_dir
-        self.textures = (TextureSource(texture_dir or None, max(cfg.input_hw), cfg.max_image_pixels)
-                         if cfg.heterologous_anomalies else None)
+        texture_dir = cfg.synthesis.texture_dir if texture_dir is None else texture_dir
+        self.textures = (TextureSource(texture_dir or None, max(cfg.model.input_hw), cfg.data.max_image_pixels)
+                         if cfg.synthesis.heterologous_anomalies else None)
         # Textures in colour on gray parts would be anomalies no gray camera can show.
         # gray: whether the normal images are gray (the caller knows them); else judged from the seen ones.
-        wanted = {"yes": True, "no": False}.get(cfg.gray_textures)
+        wanted = {"yes": True, "no": False}.get(cfg.synthesis.gray_textures)
         if wanted is None:
             wanted = gray if gray is not None else bool(self.seen) and all(is_gray(im) for im, _ in self.seen[:3])
         self.gray_textures = wanted
@@ -113,7 +113,7 @@ class AnomalyGenerator:
 
     @property
     def uses_foreground(self) -> bool:
-        return self.cfg.target_areas and self.category_kind == "object"
+        return self.cfg.synthesis.target_areas and self.category_kind == "object"
 
     def foreground(self, normal: np.ndarray) -> np.ndarray | None:
         """The foreground that target areas are clipped to: bool (H, W), or None (anywhere)."""
@@ -126,12 +126,12 @@ class AnomalyGenerator:
         foreground: a precomputed ``self.foreground(normal)`` (computed here when None).
         """
         hw = normal.shape[:2]
-        if not self.cfg.target_areas:
+        if not self.cfg.synthesis.target_areas:
             return np.ones(hw, bool)
         if self.uses_foreground and foreground is None:
             foreground = self.foreground(normal)
         return sample_target_area(hw, rng, foreground if self.uses_foreground else None,
-                                  size_range=self.cfg.target_size)
+                                  size_range=self.cfg.synthesis.target_size)
 
     def make(self, strategy: str, normal: np.ndarray, rng: np.random.Generator,
              foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,24 +142,24 @@ class AnomalyGenerator:
         _check_image(normal, "normal image")
         cfg = self.cfg
         target = self.target_area(normal, rng, foreground)
-        beta = float(rng.uniform(cfg.beta_min, cfg.beta_max))
+        beta = float(rng.uniform(cfg.synthesis.beta_min, cfg.synthesis.beta_max))
         if strategy == "extended":
             seen_image, seen_mask = self.seen[int(rng.integers(len(self.seen)))]
             if seen_image.shape != normal.shape:
                 raise ValueError(f"seen anomaly of shape {seen_image.shape} cannot extend onto a normal "
                                  f"image of shape {normal.shape}; resize both to image_size")
             image, mask = make_extended(normal, seen_image, seen_mask, target, beta, rng,
-                                        aug1_ops=cfg.aug1_ops, aug1_prob=cfg.aug1_prob,
-                                        max_angle=cfg.aug2_max_angle, clip_to_target=cfg.ea_clip_to_target)
+                                        aug1_ops=cfg.synthesis.aug1_ops, aug1_prob=cfg.synthesis.aug1_prob,
+                                        max_angle=cfg.synthesis.aug2_max_angle, clip_to_target=cfg.synthesis.ea_clip_to_target)
         else:
-            opts = dict(aug1_ops=cfg.aug1_ops, aug1_prob=cfg.aug1_prob,
-                        scales=(cfg.perlin_min_scale, cfg.perlin_max_scale))
+            opts = dict(aug1_ops=cfg.synthesis.aug1_ops, aug1_prob=cfg.synthesis.aug1_prob,
+                        scales=(cfg.synthesis.perlin_min_scale, cfg.synthesis.perlin_max_scale))
             if strategy == "heterologous":
                 texture = texture_for(self.textures.sample(rng, size=max(normal.shape[:2])),
                                       normal.shape[:2], self.gray_textures)
-                image, mask = make_heterologous(normal, texture, target, beta, cfg.perlin_threshold, rng, **opts)
+                image, mask = make_heterologous(normal, texture, target, beta, cfg.synthesis.perlin_threshold, rng, **opts)
             else:
-                image, mask = make_homologous(normal, target, beta, cfg.perlin_threshold, cfg.homologous_grid,
+                image, mask = make_homologous(normal, target, beta, cfg.synthesis.perlin_threshold, cfg.synthesis.homologous_grid,
                                               rng, **opts)
         return image, mask, target
 
@@ -257,18 +257,18 @@ def item_seed(seed: int, epoch: int, batch: int, slot: int) -> int:
 
 
 class BalancedBatchSampler(Sampler):
-    """Yields ``steps`` batches, each a list of ``(kind, i, seed)`` keys: cfg.batch_slots
+    """Yields ``steps`` batches, each a list of ``(kind, i, seed)`` keys: cfg.training.batch_slots
     normal, extended, simulated and seen slots in that order (2:1:1 without seen slots).
 
     Normal slots walk through a seeded permutation of the normal images (a fresh permutation
     when one is used up); anomaly slots draw their base normal image at random. Everything
-    depends on (seed, epoch) only. steps: default cfg.steps_per_epoch when > 0, else one pass
+    depends on (seed, epoch) only. steps: default cfg.training.steps_per_epoch when > 0, else one pass
     over the normal images, ceil(n_normal / normal slots per batch).
 
     With ``world_size`` N > 1 (distributed training, prn.distributed) this is rank ``rank``'s
-    share of the global batch of cfg.batch_size: slots rank, rank + N, ... of the batch above.
+    share of the global batch of cfg.training.batch_size: slots rank, rank + N, ... of the batch above.
     The ranks' shares together are the one-process batch, so its composition, and every item,
-    does not depend on the number of processes. cfg.batch_size must be a multiple of N.
+    does not depend on the number of processes. cfg.training.batch_size must be a multiple of N.
     """
 
     def __init__(self, n_normal: int, cfg: PRNConfig, seed: int, epoch: int, steps: int | None = None,
@@ -279,15 +279,15 @@ class BalancedBatchSampler(Sampler):
             raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if sum(cfg.batch_slots) % world_size:
-            raise ValueError(f"batch_size {sum(cfg.batch_slots)} does not split evenly over {world_size} "
+        if sum(cfg.training.batch_slots) % world_size:
+            raise ValueError(f"batch_size {sum(cfg.training.batch_slots)} does not split evenly over {world_size} "
                              f"processes; use a multiple of {world_size} (and of 4)")
         self.n_normal = int(n_normal)
-        self.composition = cfg.batch_slots
+        self.composition = cfg.training.batch_slots
         self.seed, self.epoch = int(seed), int(epoch)
         self.rank, self.world_size = int(rank), int(world_size)
         if steps is None:
-            steps = cfg.steps_per_epoch if cfg.steps_per_epoch > 0 else math.ceil(n_normal / self.composition[0])
+            steps = cfg.training.steps_per_epoch if cfg.training.steps_per_epoch > 0 else math.ceil(n_normal / self.composition[0])
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps = int(steps)

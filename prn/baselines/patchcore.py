@@ -19,10 +19,13 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
-# Pairwise-distance blocks are capped at this many entries (64 MiB of float32).
+from prn.model.scoring import smooth_map
+
+# Pairwise-distance blocks are capped at this many entries (64 MiB of float32) for a batch of
+# NOMINAL_BATCH images; the blocks run over an image's patches, so a batch of B holds B / 16 of that.
 _BLOCK = 1 << 24
+NOMINAL_BATCH = 16
 
 
 def random_projection(x: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,23 +65,34 @@ def greedy_coreset(x: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
     return picked
 
 
-def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean k nearest bank rows of each query: (distances float (Q, k), indices int64 (Q, k)), nearest first."""
-    step = max(1, _BLOCK // max(1, bank.shape[0]))
-    dists, idxs = [], []
-    for chunk in queries.split(step):
-        _, i = torch.cdist(chunk, bank).topk(k, dim=1, largest=False)
-        # cdist's matrix-product form loses small distances to cancellation (a patch that is
-        # in the bank gets sqrt(eps |q|^2), 0.01 for typical features, not 0); the chosen
-        # neighbours' distances are recomputed directly, which an exported graph reproduces.
-        dists.append(exact_distances(chunk, bank, i))
-        idxs.append(i)
-    return torch.cat(dists), torch.cat(idxs)
+def squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared Euclidean distances (..., M) >= 0 of queries (..., D) to every bank row (M, D), as
+    |q|^2 - 2 q.m + |m|^2 (one matrix product, ``torch.cdist``'s fast path); ``bank_sq`` is |m|^2."""
+    bank_sq = bank.square().sum(-1) if bank_sq is None else bank_sq
+    return (queries.square().sum(-1, keepdim=True) - 2.0 * (queries @ bank.T) + bank_sq).clamp_min(0.0)
 
 
 def exact_distances(queries: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """||q - bank[j]|| for the bank rows ``indices`` (..., k) of each query ``queries`` (..., D) -> (..., k)."""
+    """||q - bank[j]|| for the bank rows ``indices`` (..., k) of each query ``queries`` (..., D) -> (..., k).
+
+    The matrix-product form of ``squared_distances`` loses small distances to cancellation (a
+    patch that is in the bank gets sqrt(eps |q|^2), 0.01 for typical features, not 0), so the
+    chosen neighbours' distances are recomputed directly."""
     return torch.linalg.vector_norm(queries.unsqueeze(-2) - bank[indices], dim=-1)
+
+
+def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest bank rows of each query (..., D): (distances (..., k), indices int64 (..., k)),
+    nearest first. The queries' last-but-one axis is taken in blocks (see _BLOCK)."""
+    bank_sq = bank.square().sum(-1)
+    step = max(1, _BLOCK // (NOMINAL_BATCH * max(1, bank.shape[0])))
+    dists, idxs = [], []
+    for start in range(0, queries.shape[-2], step):
+        chunk = queries[..., start:start + step, :]
+        i = squared_distances(chunk, bank, bank_sq).topk(k, dim=-1, largest=False).indices
+        dists.append(exact_distances(chunk, bank, i))
+        idxs.append(i)
+    return torch.cat(dists, -2), torch.cat(idxs, -2)
 
 
 def image_scores(patches: torch.Tensor, bank: torch.Tensor, num_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,17 +102,18 @@ def image_scores(patches: torch.Tensor, bank: torch.Tensor, num_neighbors: int) 
     scaled by 1 - exp||m_test - m*|| / sum over the b nearest bank neighbours m of m*
     (m* among them) of exp||m_test - m||. As ||m_test - m|| >= s*, the factor lies in
     [1 - 1/b, 1): near 1 when m* is an isolated (rare) bank entry, lowest when m* sits in a
-    dense cluster of normal patches.
+    dense cluster of normal patches. The blocks run over the P patches of an image for the whole
+    batch at once, so the same code exports with a dynamic batch size.
     """
-    b, p, d = patches.shape
-    dist, nn_idx = nearest_neighbors(patches.reshape(-1, d), bank, k=1)
-    dist, nn_idx = dist.view(b, p), nn_idx.view(b, p)
-    rows = torch.arange(b, device=patches.device)
-    worst = dist.argmax(1)
-    m_test = patches[rows, worst]  # (B, D)
-    m_star = bank[nn_idx[rows, worst]]  # (B, D)
-    _, support = nearest_neighbors(m_star, bank, k=min(num_neighbors, bank.shape[0]))
-    d_support = torch.linalg.vector_norm(bank[support] - m_test[:, None], dim=-1)  # (B, b)
+    d = patches.shape[-1]
+    dist, nn_idx = nearest_neighbors(patches, bank, k=1)
+    dist, nn_idx = dist[..., 0], nn_idx[..., 0]  # (B, P)
+    worst = dist.argmax(1, keepdim=True)  # (B, 1)
+    m_test = patches.gather(1, worst[:, :, None].expand(-1, 1, d))[:, 0]  # (B, D)
+    m_star = bank[nn_idx.gather(1, worst)[:, 0]]  # (B, D)
+    k = min(num_neighbors, bank.shape[0])
+    support = squared_distances(m_star, bank).topk(k, dim=1, largest=False).indices  # (B, k)
+    d_support = torch.linalg.vector_norm(bank[support] - m_test[:, None], dim=-1)
     s_star = torch.linalg.vector_norm(m_test - m_star, dim=-1)
     weight = 1 - torch.exp(s_star - torch.logsumexp(d_support, dim=1))
     return dist, weight * s_star
@@ -198,9 +213,7 @@ class PatchCore(nn.Module):
         b, h, w, d = patches.shape
         dist, score = image_scores(patches.reshape(b, h * w, d), self.memory_bank, self.num_neighbors)
         amap = F.interpolate(dist.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        radius = int(4 * self.sigma + 0.5)  # scipy's default truncation at 4 sigma
-        amap = gaussian_blur(amap, [2 * radius + 1] * 2, [self.sigma] * 2)
-        return {"anomaly_map": amap, "pred_score": score}
+        return {"anomaly_map": smooth_map(amap, self.sigma), "pred_score": score}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.predict(images)
@@ -212,3 +225,13 @@ class PatchCore(nn.Module):
         if isinstance(bank, torch.Tensor) and bank.ndim == 2:
             self.memory_bank = self.memory_bank.new_empty(bank.shape[0], self.memory_bank.shape[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def build_patchcore(cfg, *, pretrained: bool = True) -> PatchCore:
+    """An empty PatchCore from a ``PRNConfig``: the model section's encoder and input size, the
+    patchcore section's bank settings, the training seed."""
+    from prn.model.backbone import create_encoder
+    encoder = create_encoder(cfg.model.backbone, cfg.model.backbone_weights if pretrained else "random")
+    return PatchCore(encoder, cfg.model.input_hw, coreset_ratio=cfg.patchcore.patchcore_coreset_ratio,
+                     num_neighbors=cfg.patchcore.patchcore_num_neighbors, seed=cfg.training.seed,
+                     max_bank=cfg.patchcore.patchcore_max_bank or None)

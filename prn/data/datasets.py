@@ -1,8 +1,9 @@
 """Samples -> resized arrays and a torch Dataset of model-ready tensors.
 
-Images are resized to H x W (``size``: an int S for S x S, as in the paper, or (H, W)) with PIL's
-bilinear filter (PIL antialiases when it shrinks), masks with nearest neighbour so they stay
-binary. A non-square image resized to a square is stretched, as in the paper.
+Images are resized to H x W (``size``: an int S for S x S, as in the paper, or (H, W)) by the one
+pre-process (``prn.preprocess``: Pillow's bilinear filter, antialiased when it shrinks), masks
+with nearest neighbour so they stay binary. A non-square image resized to a square is stretched,
+as in the paper.
 
     >>> ds = ImageDataset(split.test, size=256)
     >>> item = ds[0]   # {"image": float32 (3, 256, 256) in [0, 1], "mask": float32 (1, 256, 256), ...}
@@ -10,40 +11,21 @@ binary. A non-square image resized to a square is stretched, as in the paper.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from prn.data.io import DEFAULT_MAX_PIXELS, image_hw, read_image, read_mask
 from prn.data.sample import Sample
+from prn.preprocess import as_hw, batches_of, resize_image, to_tensor
 
 
 def original_hw(sample: Sample) -> tuple[int, int]:
     """(height, width) of the sample's image on disk, from its header."""
     return image_hw(sample.image_path)
-
-
-def as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    """An int S -> (S, S); (H, W) -> (H, W)."""
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
-def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """uint8 (h, w, 3) -> uint8 (H, W, 3), PIL bilinear (antialiased when it shrinks)."""
-    h, w = as_hw(size)
-    if image.shape[:2] == (h, w):
-        return image
-    return np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], a plain tensor."""
-    return TF.to_dtype(TF.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
 
 
 def load_sample(sample: Sample, size: int | tuple[int, int],
@@ -82,3 +64,39 @@ class ImageDataset(Dataset):
             "label": int(sample.label),
             "index": i,
         }
+
+
+def load_arrays(samples: list[Sample], size: int | tuple[int, int],
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``load_sample`` of every sample: (images uint8 (H, W, 3), masks bool (H, W)), in order."""
+    pairs = [load_sample(s, size, max_pixels) for s in samples]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def load_training_arrays(cfg, split):
+    """The normal training images of ``split`` (uint8 arrays at the model's input size) and its
+    seen anomalies ((image, mask) pairs). cfg: a ``PRNConfig``."""
+    size, limit = cfg.model.input_hw, cfg.data.max_image_pixels
+    normals, _ = load_arrays(split.train_normal, size, limit)
+    images, masks = load_arrays(split.train_anomalous, size, limit)
+    return normals, list(zip(images, masks))
+
+
+@dataclass
+class ValidationFold:
+    """The held-out fold of the training data in memory: its samples, model inputs float32
+    (N, 3, H, W), masks bool (N, H, W) and labels int64 (N,)."""
+    samples: list
+    images: torch.Tensor
+    masks: np.ndarray
+    labels: np.ndarray
+
+
+def load_validation(cfg, split) -> ValidationFold | None:
+    """The validation fold of ``split`` (``val_normal`` + ``val_anomalous``), or None when it holds none."""
+    samples = split.val_normal + split.val_anomalous
+    if not samples:
+        return None
+    images, masks = load_arrays(samples, cfg.model.input_hw, cfg.data.max_image_pixels)
+    return ValidationFold(samples, torch.cat(list(batches_of(images, len(images)))), np.stack(masks),
+                          np.array([s.label for s in samples], dtype=np.int64))

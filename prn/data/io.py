@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from prn.config import PRNConfig
+from prn.config import DataConfig
 from prn.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = PRNConfig.max_image_pixels
+DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels
 
 
 def is_image_file(path: Path) -> bool:

@@ -112,17 +112,17 @@ def list_categories(dataset: str, root: str | Path) -> list[str]:
 
 
 def _category_dir(cfg: PRNConfig, root: Path) -> tuple[Path, str]:
-    if _is_category(root, cfg.dataset) and (not cfg.category or root.name == cfg.category):
-        return root, cfg.category or root.name
-    category = cfg.category or ("demo" if cfg.dataset == "demo" else "")
-    if category and _is_category(root / category, cfg.dataset):
+    if _is_category(root, cfg.data.dataset) and (not cfg.data.category or root.name == cfg.data.category):
+        return root, cfg.data.category or root.name
+    category = cfg.data.category or ("demo" if cfg.data.dataset == "demo" else "")
+    if category and _is_category(root / category, cfg.data.dataset):
         return root / category, category
-    if _is_category(root, cfg.dataset):
+    if _is_category(root, cfg.data.dataset):
         raise DataError(f"{root}: is itself a category folder ({root.name}), but category "
                         f"{category!r} was asked for")
-    found = list_categories(cfg.dataset, root)
+    found = list_categories(cfg.data.dataset, root)
     what = f"category {category!r} not found" if category else "no category given"
-    raise DataError(f"{root}: {what} for dataset {cfg.dataset!r}; available: "
+    raise DataError(f"{root}: {what} for dataset {cfg.data.dataset!r}; available: "
                     f"{', '.join(found) if found else 'none'}")
 
 
@@ -269,21 +269,21 @@ def _ksdd2(root: Path, max_pixels: int) -> tuple[list[Sample], list[Sample]]:
 
 
 def _folder(cfg: PRNConfig, root: Path) -> tuple[list[Sample], list[Sample]]:
-    normal_dir = root / cfg.normal_dir
+    normal_dir = root / cfg.data.normal_dir
     normals = _normals(normal_dir)
-    defects = _pair_masks(require_images(root / cfg.abnormal_dir, recursive=False), root / cfg.mask_dir,
-                          cfg.mask_suffix, "defect")
-    if cfg.test_normal_dir:
-        return normals, _normals(root / cfg.test_normal_dir) + defects
-    if not 0 <= cfg.test_normal_fraction < 1:
+    defects = _pair_masks(require_images(root / cfg.data.abnormal_dir, recursive=False), root / cfg.data.mask_dir,
+                          cfg.data.mask_suffix, "defect")
+    if cfg.data.test_normal_dir:
+        return normals, _normals(root / cfg.data.test_normal_dir) + defects
+    if not 0 <= cfg.data.test_normal_fraction < 1:
         raise DataError(f"{normal_dir}: test_normal_fraction must be in [0, 1), "
-                        f"got {cfg.test_normal_fraction}")
-    n_test = round(cfg.test_normal_fraction * len(normals))
-    if cfg.test_normal_fraction > 0:
+                        f"got {cfg.data.test_normal_fraction}")
+    n_test = round(cfg.data.test_normal_fraction * len(normals))
+    if cfg.data.test_normal_fraction > 0:
         n_test = min(max(n_test, 1), len(normals) - 1)
     if len(normals) - n_test < 1:
         raise DataError(f"{normal_dir}: needs at least 2 images to hold some out for testing")
-    rng = np.random.default_rng(cfg.split_seed)
+    rng = np.random.default_rng(cfg.data.split_seed)
     held = set(rng.choice(len(normals), n_test, replace=False).tolist())
     train = [s for i, s in enumerate(normals) if i not in held]
     test = [s for i, s in enumerate(normals) if i in held]
@@ -291,24 +291,24 @@ def _folder(cfg: PRNConfig, root: Path) -> tuple[list[Sample], list[Sample]]:
 
 
 def load_index(cfg: PRNConfig) -> DatasetIndex:
-    """Index the images of cfg.dataset / cfg.root / cfg.category (and the folder options)."""
-    if not cfg.root:
+    """Index the images of cfg.data.dataset / cfg.data.root / cfg.data.category (and the folder options)."""
+    if not cfg.data.root:
         raise DataError("root: no dataset root given (set root / --root to the dataset folder)")
-    root = Path(cfg.root).expanduser().absolute()  # absolute sample paths; symlinks kept
+    root = Path(cfg.data.root).expanduser().absolute()  # absolute sample paths; symlinks kept
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
-    if cfg.dataset in _TRAIN_DIR:
+    if cfg.data.dataset in _TRAIN_DIR:
         cat, category = _category_dir(cfg, root)
-        loader = {"mvtec": _mvtec, "demo": _mvtec, "btad": _btad, "dagm": _dagm}[cfg.dataset]
+        loader = {"mvtec": _mvtec, "demo": _mvtec, "btad": _btad, "dagm": _dagm}[cfg.data.dataset]
         train, test = loader(cat)
-    elif cfg.dataset == "ksdd2":
-        cat, category = root, cfg.category
-        train, test = _ksdd2(root, cfg.max_image_pixels or DEFAULT_MAX_PIXELS)
-    elif cfg.dataset == "folder":
-        cat, category = root, cfg.category
+    elif cfg.data.dataset == "ksdd2":
+        cat, category = root, cfg.data.category
+        train, test = _ksdd2(root, cfg.data.max_image_pixels or DEFAULT_MAX_PIXELS)
+    elif cfg.data.dataset == "folder":
+        cat, category = root, cfg.data.category
         train, test = _folder(cfg, root)
     else:
-        raise DataError(f"{root}: unknown dataset layout {cfg.dataset!r}")
+        raise DataError(f"{root}: unknown dataset layout {cfg.data.dataset!r}")
     by_path = attrgetter("image_path")
-    return DatasetIndex(cfg.dataset, category, cat, sorted(train, key=by_path),
+    return DatasetIndex(cfg.data.dataset, category, cat, sorted(train, key=by_path),
                         sorted(test, key=by_path))

@@ -11,10 +11,14 @@ trained on and never used for prototypes. Its scores set
   the threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances).
 
 The result is stored in the checkpoint (``payload["calibration"]``) and in the run folder's
-``calibration.json``.
+``calibration.json``; ``prn.postprocess.Postprocess`` decides and normalises with it.
+
+``fit`` calibrates the model it holds on the fold's outputs that the last validation computed
+(``calibrate_predictions``); ``prn calibrate`` scores the fold again from its files
+(``calibrate_run``), e.g. to set another target rate.
 
     >>> cal = calibrate(normal_scores, normal_maps, target_fpr=0.01)
-    >>> normalize(0.7, cal), decide(0.7, cal)
+    >>> Postprocess(cal).judge(np.array([0.7]))
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import gumbel_r, norm
 
-from prn.config import CALIBRATION_TAILS
+from prn.config import CALIBRATION_TAILS, CalibrationConfig
 from prn.errors import DataError, PRNError, UsageError
 
 SOURCE = "held-out normal training images (split.json val_normal)"
@@ -118,32 +122,6 @@ def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=
     }
 
 
-def _span(lo: float, hi: float) -> float:
-    return hi - lo if hi - lo > 1e-12 else 1.0
-
-
-def normalize(score, calibration: dict, threshold: float | None = None):
-    """anomalib's min-max normalisation around the threshold: 0.5 is the threshold, clipped to [0, 1].
-
-    ``threshold`` overrides the calibrated one (``prn predict --threshold``); the span stays.
-    """
-    t = calibration["image_threshold"] if threshold is None else threshold
-    span = _span(calibration["score_min"], calibration["score_max"])
-    return np.clip((np.asarray(score, dtype=np.float64) - t) / span + 0.5, 0.0, 1.0)
-
-
-def normalize_map(amap, calibration: dict, threshold: float | None = None) -> np.ndarray:
-    """The same for maps, around the pixel threshold: 0.5 is the pixel threshold."""
-    t = calibration["pixel_threshold"] if threshold is None else threshold
-    span = _span(calibration["pixel_min"], calibration["pixel_max"])
-    return np.clip((np.asarray(amap, dtype=np.float32) - t) / span + 0.5, 0.0, 1.0).astype(np.float32)
-
-
-def decide(score, threshold: float):
-    """1 (defective) where score >= threshold, else 0."""
-    return (np.asarray(score) >= threshold).astype(np.int64)
-
-
 def rates_at(labels, scores, threshold: float) -> dict:
     """What the line would do at ``threshold``: false rejects among good parts, misses among
     defective ones (rates and counts; a rate is nan when its class is absent)."""
@@ -157,21 +135,29 @@ def rates_at(labels, scores, threshold: float) -> dict:
             "false_rejects": false_rejects, "misses": misses}
 
 
-def calibrate_model(model, cfg, split, *, device, progress: bool = False) -> dict | None:
-    """Score the split's held-out fold with ``model`` and calibrate; None when the split holds
-    no held-out normal images (then there is nothing to calibrate on)."""
-    from prn.infer import predict_samples
-
-    if not split.val_normal:
+def calibrate_predictions(preds, cfg: CalibrationConfig) -> dict | None:
+    """Calibrate on the held-out fold's outputs (a ``prn.infer.Predictions``; labels 0 are the
+    good parts), with the calibration section's rates; None when the fold holds no good part."""
+    if preds is None or not (preds.labels == 0).any():
         return None
-    samples = split.val_normal + split.val_anomalous
-    preds = predict_samples(model, samples, cfg.input_hw, batch_size=cfg.eval_batch_size,
-                            device=device, max_pixels=cfg.max_image_pixels, progress=progress,
-                            precision=cfg.precision)
     good = preds.labels == 0
     return calibrate(preds.scores[good], preds.maps[good], preds.scores[~good], preds.maps[~good],
                      target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr,
                      tail=cfg.calibration_tail)
+
+
+def calibrate_model(model, cfg, split, *, device, progress: bool = False) -> dict | None:
+    """Score the split's held-out fold with ``model`` (from its files) and calibrate; None when
+    the split holds no held-out normal images (then there is nothing to calibrate on)."""
+    from prn.infer import predict_samples
+
+    if not split.val_normal:
+        return None
+    preds = predict_samples(model, split.val_normal + split.val_anomalous, cfg.model.input_hw,
+                            batch_size=cfg.runtime.eval_batch_size, device=device,
+                            max_pixels=cfg.data.max_image_pixels, progress=progress,
+                            precision=cfg.training.precision)
+    return calibrate_predictions(preds, cfg.calibration)
 
 
 def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
@@ -187,7 +173,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
-    split holds no held-out normal images. ``tail`` overrides cfg.calibration_tail."""
+    split holds no held-out normal images. ``tail`` overrides cfg.calibration.calibration_tail."""
     from prn.checkpoint import set_calibration
     from prn.data.split import Split
     from prn.deploy.loading import load_model

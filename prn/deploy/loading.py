@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from prn import registry
 from prn.checkpoint import checkpoint_file, load_checkpoint
 from prn.config import PRNConfig
 from prn.errors import CheckpointError, PRNError
+from prn.runtime import resolve_device
 
 
 @dataclass
@@ -23,39 +25,29 @@ class LoadedModel:
     device: torch.device
 
 
-def build(kind: str, cfg: PRNConfig, *, pretrained: bool = True) -> torch.nn.Module:
-    """An untrained model of ``kind``: "prn", "patchcore" or "prototypes"."""
-    if kind == "prn":
-        from prn.train import build_model
-        return build_model(cfg, pretrained=pretrained)
-    if kind == "patchcore":
-        from prn.baselines.run import build_patchcore
-        return build_patchcore(cfg, pretrained=pretrained)
-    if kind == "prototypes":
-        from prn.baselines.run import build_prototype_map
-        return build_prototype_map(cfg, pretrained=pretrained)
-    raise PRNError(f"unknown model kind {kind!r}; expected prn, patchcore or prototypes")
-
-
 def load_model(checkpoint: str | Path, *, device: str | None = None) -> LoadedModel:
-    """Load a run folder's kept weights (``checkpoints/model.pt``) or any checkpoint file."""
-    from prn.train import resolve_device
-
+    """Load a run folder's kept weights (``checkpoints/model.pt``) or any checkpoint file. The
+    checkpoint's config has no runtime section (device, workers...): this machine's defaults
+    apply, with ``device`` if given. Flat configs of checkpoints written before the config had
+    sections load too."""
     path = checkpoint_file(checkpoint)
     payload = load_checkpoint(path)
-    cfg = PRNConfig.from_dict(payload["config"])
+    try:
+        cfg = PRNConfig.from_dict(payload["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     if device is not None:
         cfg = cfg.replace(device=device)
     kind = payload.get("model")
     try:
-        model = build(kind, cfg, pretrained=False)
+        model = registry.build(kind, cfg, pretrained=False)
     except PRNError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit a {cfg.backbone} {kind} model: "
-                       f"{str(exc).splitlines()[0]}") from exc
-    dev = resolve_device(cfg.device)
+        raise CheckpointError(f"{path}: weights do not fit a {cfg.model.backbone} {kind} model: "
+                              f"{str(exc).splitlines()[0]}") from exc
+    dev = resolve_device(cfg.runtime.device)
     model.eval().to(dev)
     return LoadedModel(model, cfg, kind, payload.get("calibration"), path, dev)

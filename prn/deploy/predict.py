@@ -13,62 +13,56 @@ checkpoint (``prn.deploy.calibrate``), so a bare checkpoint copied anywhere deci
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from prn.data.datasets import as_hw, resize_image, to_tensor
 from prn.data.io import read_image, require_images
-from prn.deploy.calibrate import decide, normalize, normalize_map
 from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError
-from prn.infer import resize_map
-from prn.precision import inference_autocast
-from prn.report import mirrored_path, shown_path
-
-MAP_FORMATS = ("npy", "png", "none")
-CSV_COLUMNS = ("path", "score", "normalized_score", "prediction", "error")
+from prn.pipeline import InferencePipeline, forward_model
+from prn.postprocess import resize_map
+from prn.preprocess import image_batch, scale
+from prn.report import MAP_FORMATS, ResultWriter
 
 
 class Predictor:
-    """A loaded model with its decision rule. ``threshold`` overrides the calibrated image
-    threshold; without either, scores come without predictions."""
+    """A loaded model inside its pipeline (``prn.pipeline.InferencePipeline``: the one pre-process,
+    the model, the post-process holding the calibration). ``threshold`` overrides the calibrated
+    image threshold; without either, scores come without predictions."""
 
     def __init__(self, checkpoint: str | Path, *, device: str | None = None,
                  threshold: float | None = None, batch_size: int | None = None):
         self.loaded = load_model(checkpoint, device=device)
         self.model, self.cfg = self.loaded.model, self.loaded.cfg
         self.calibration = self.loaded.calibration
-        self.threshold = threshold if threshold is not None else (
-            self.calibration["image_threshold"] if self.calibration else None)
-        self.pixel_threshold = self.calibration["pixel_threshold"] if self.calibration else None
-        self.input_hw = as_hw(self.cfg.input_hw)
-        self.batch_size = batch_size or self.cfg.eval_batch_size
+        self.pipeline = InferencePipeline(self.model, self.cfg.model.input_hw, self.calibration, threshold)
+        self.postprocess = self.pipeline.postprocess
+        self.threshold = self.postprocess.threshold
+        self.pixel_threshold = self.postprocess.pixel_threshold
+        self.input_hw = self.pipeline.preprocess.input_hw
+        self.batch_size = batch_size or self.cfg.runtime.eval_batch_size
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (h, w, 3) at any size -> uint8 (H, W, 3) at the model's input size."""
+        return self.pipeline.preprocess.resize(image_batch(image))[0].permute(1, 2, 0).numpy()
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 (h, w, 3) at any size -> float32 (3, H, W) model input (prn's own resize)."""
-        return to_tensor(resize_image(image, self.input_hw))
+        """uint8 (h, w, 3) at any size -> float32 (3, H, W) model input (the pipeline's pre-process)."""
+        return self.pipeline.preprocess(image_batch(image))[0]
 
-    @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """float32 (B, 3, H, W) -> (scores float64 (B,), maps float32 (B, H, W) at the input size)."""
-        with inference_autocast(self.loaded.device, self.cfg.precision):  # as prn test and calibration
-            out = self.model(batch.to(self.loaded.device))
-        return (out["pred_score"].double().cpu().numpy(),
-                out["anomaly_map"][:, 0].float().cpu().numpy())
+        return forward_model(self.model, batch, self.loaded.device, self.cfg.training.precision)
 
     def judge(self, scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(normalised scores, predictions 0/1), each None when there is nothing to judge by."""
-        normalized = normalize(scores, self.calibration, self.threshold) if self.calibration else None
-        predictions = decide(scores, self.threshold) if self.threshold is not None else None
-        return normalized, predictions
+        return self.postprocess.judge(scores)
 
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction",
@@ -92,15 +86,12 @@ class Predictor:
         """bool (H, W): the pixels at or above the calibrated pixel threshold."""
         if self.pixel_threshold is None:
             raise CheckpointError(f"{self.loaded.path}: not calibrated, so it has no pixel threshold; "
-                           f"run `prn calibrate RUN` first")
-        return amap >= self.pixel_threshold
+                                  f"run `prn calibrate RUN` first")
+        return self.postprocess.region(amap)
 
     def display_map(self, amap: np.ndarray) -> np.ndarray:
-        """The map in [0, 1] for pictures: normalised (0.5 = pixel threshold) when calibrated,
-        else clipped (PRN's maps are probabilities already)."""
-        if self.calibration:
-            return normalize_map(amap, self.calibration)
-        return np.clip(amap, 0.0, 1.0).astype(np.float32)
+        """The map in [0, 1] for pictures (``Postprocess.display_map``: 0.5 = pixel threshold)."""
+        return self.postprocess.display_map(amap)
 
 
 class ImageFiles(Dataset):
@@ -122,10 +113,10 @@ class ImageFiles(Dataset):
         except DataError as exc:
             item["error"] = str(exc)
             return item
-        small = resize_image(image, (h, w))
-        item.update(image=to_tensor(small), hw=torch.tensor(image.shape[:2]))
+        small = torch.from_numpy(self.predictor.resize(image))
+        item.update(image=scale(small.permute(2, 0, 1)), hw=torch.tensor(image.shape[:2]))
         if self.keep_images:
-            item["resized"] = torch.from_numpy(small)
+            item["resized"] = small
         return item
 
 
@@ -137,14 +128,11 @@ class PredictSummary:
     n_defective: int
     n_errors: int
     seconds: float
+    decided: bool = True  # False: no threshold, so no prediction was made
 
     @property
     def images_per_second(self) -> float:
         return self.n_images / self.seconds if self.seconds > 0 else float("nan")
-
-
-def _png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path)
 
 
 def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path, *,
@@ -161,22 +149,17 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
         raise PRNError(f"maps must be one of {', '.join(MAP_FORMATS)}, got {maps!r}")
     if masks and predictor.pixel_threshold is None:
         raise CheckpointError(f"{predictor.loaded.path}: --masks needs a calibrated pixel threshold; "
-                       f"run `prn calibrate RUN` first")
+                              f"run `prn calibrate RUN` first")
     inputs, out = Path(inputs), Path(out_dir)
     files = [inputs] if inputs.is_file() else require_images(inputs, what="input folder")
     root = inputs if inputs.is_dir() else inputs.parent
-    out.mkdir(parents=True, exist_ok=True)
     overlays = len(files) if overlays < 0 else overlays
-    dataset = ImageFiles(files, predictor, predictor.cfg.max_image_pixels, keep_images=overlays > 0)
+    dataset = ImageFiles(files, predictor, predictor.cfg.data.max_image_pixels, keep_images=overlays > 0)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")
-    used: dict[str, set] = {"maps": set(), "masks": set(), "images": set()}
     n_defective = n_errors = 0
     t0 = time.perf_counter()
-    csv_path = out / "scores.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
+    with ResultWriter(out, root, predictor.postprocess, maps=maps, masks=masks) as writer:
         for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
             ok = [k for k, e in enumerate(batch["error"]) if not e]
             if strict and len(ok) < len(batch["error"]):
@@ -192,30 +175,17 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                 path, error = files[index], batch["error"][j]
                 if error:
                     n_errors += 1
-                    writer.writerow([shown_path(path, root), "", "", "", error])
+                    writer.error(path, error)
                     continue
                 pred = None if predictions is None else int(predictions[j])
                 n_defective += pred or 0
-                writer.writerow([shown_path(path, root), repr(float(scores[j])),
-                                 "" if normalized is None else repr(float(normalized[j])),
-                                 "" if pred is None else pred, ""])
                 small = amaps[ok.index(j)]
-                if maps != "none" or masks:
-                    full = resize_map(small, tuple(batch["hw"][j].tolist()))
-                if maps == "npy":
-                    np.save(mirrored_path(path, root, out / "maps", ".npy", used["maps"]), full)
-                elif maps == "png":
-                    level = np.round(predictor.display_map(full) * 255).astype(np.uint8)
-                    _png(mirrored_path(path, root, out / "maps", ".png", used["maps"]), level)
-                if masks:
-                    region = predictor.region(full).astype(np.uint8) * 255
-                    _png(mirrored_path(path, root, out / "masks", ".png", used["masks"]), region)
+                writer.add(path, scores[j], None if normalized is None else normalized[j], pred,
+                           small, tuple(batch["hw"][j].tolist()))
                 if index < overlays:
-                    from prn.viz import save_overlay
                     title = f"{path.name}  score {scores[j]:.3f}" + (
                         "" if pred is None else ("  DEFECTIVE" if pred else "  good"))
-                    save_overlay(mirrored_path(path, root, out / "images", ".png", used["images"]),
-                                 batch["resized"][j].numpy(), predictor.display_map(small), None,
-                                 threshold=0.5, title=title)
-            fh.flush()
-    return PredictSummary(out, csv_path, len(files), n_defective, n_errors, time.perf_counter() - t0)
+                    writer.overlay(path, batch["resized"][j].numpy(), small, title=title)
+            writer.flush()
+    return PredictSummary(out, writer.csv_path, len(files), n_defective, n_errors, time.perf_counter() - t0,
+                          predictor.postprocess.calibrated)

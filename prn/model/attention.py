@@ -1,7 +1,7 @@
 """Multi-size self-attention (Sec. 3.3, Eq. 3).
 
 Each head cuts the map into square patches of its own size p_s = h / d (d in
-``cfg.attention_patch_divisors``, so p_s in {h, h/2, h/4, h/8}); every patch is one token, and
+``cfg.model.attention_patch_divisors``, so p_s in {h, h/2, h/4, h/8}); every patch is one token, and
 the tokens of a head attend to each other.
 
 Embedding. The paper embeds each flattened 2c x p x p patch with a fully connected layer; for
@@ -14,12 +14,12 @@ with unit-variance embeddings q.k has standard deviation sqrt(c^s), so this keep
 unit scale for every patch size, while 1/c^s shrinks them by another 1/sqrt(c^s) (1/90 for the
 32 x 32 patches of scale 1 with d_head = 8), so the large-patch heads would average their tokens
 almost uniformly and learn slowly.
-``cfg.attention_scale = "paper"`` selects 1/c^s.
+``cfg.model.attention_scale = "paper"`` selects 1/c^s.
 
 Block. The heads are concatenated (d_head * heads channels), passed through a residual block
 of two 3x3 convolutions with batch norm and an identity skip, projected back to the block's
 width 2c by a 1x1 convolution and added to the block's input, so a stack of blocks refines the
-skip map rather than replacing it. ``cfg.attention_layers`` blocks are stacked per scale.
+skip map rather than replacing it. ``cfg.model.attention_layers`` blocks are stacked per scale.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prn.config import PRNConfig
+from prn.config import TrainingConfig
 
 
 def focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.5, gamma: float = 4.0) -> Tensor:
@@ -24,8 +24,9 @@ def focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.5, gamma: float 
     return (alpha_t * (1 - p_t).pow(gamma) * nll).mean()
 
 
-def prn_loss(logits: Tensor, mask: Tensor, cfg: PRNConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. 5. logits: float (B, 1, S, S) from the training forward; mask: float (B, 1, S, S) in {0, 1}.
+def prn_loss(logits: Tensor, mask: Tensor, cfg: TrainingConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 5 with ``cfg``'s focal settings. logits: float (B, 1, S, S) from the training forward;
+    mask: float (B, 1, S, S) in {0, 1}.
 
     Returns (total scalar with grad, {"smooth_l1": detached scalar, "focal": detached scalar}).
     """

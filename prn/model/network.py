@@ -10,7 +10,7 @@ without MP the skip is F*_j alone (c_j channels); without MF every fusion is ski
 C_j goes straight to the decoder (the final MF only fuses attention outputs). All three off is
 the plain U-Net baseline whose skips are the encoder features.
 
-    >>> model = from_config(PRNConfig(backbone_weights="random"))
+    >>> model = PRN.from_config(ModelConfig(backbone_weights="random"))
     >>> model.fit_prototypes(normal_batches)     # iterable of float32 (B, 3, S, S) in [0, 1]
     >>> logits = model.train()(x)                # (B, 1, S, S)
     >>> out = model.eval()(x)                    # {"anomaly_map": (B,1,S,S), "pred_score": (B,)}
@@ -24,35 +24,20 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from prn.config import PRNConfig
+from prn.config import ModelConfig
 from prn.model.attention import MultiSizeSelfAttention
 from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
 from prn.model.fusion import MultiScaleFusion
-from prn.model.prototypes import Prototypes, fit_prototypes, residual_map
+from prn.model.prototypes import Prototypes, fit_prototypes
+from prn.model.scoring import smooth_map, top_k_score
 from prn.precision import full_precision
 
 
-def smooth_map(anomaly_map: Tensor, sigma: float) -> Tensor:
-    """Gaussian smoothing of (B, 1, H, W) maps with ``sigma`` px (kernel 2 * round(4 sigma) + 1, as
-    PatchCore's); sigma 0 returns the maps unchanged."""
-    if sigma <= 0:
-        return anomaly_map
-    from torchvision.transforms.v2.functional import gaussian_blur
-    k = 2 * int(4 * sigma + 0.5) + 1
-    return gaussian_blur(anomaly_map, kernel_size=[k, k], sigma=[sigma, sigma])
-
-
-def top_k_score(anomaly_map: Tensor, top_k: int) -> Tensor:
-    """Image score (Sec. 3.5): the mean of the ``top_k`` largest pixels of each map. (B, 1, H, W) -> (B,)."""
-    k = min(top_k, anomaly_map[0].numel())
-    return anomaly_map.flatten(1).topk(k, dim=1).values.mean(dim=1)
-
-
 class PRN(nn.Module):
-    """PRN around a frozen ``encoder`` with three taps; configured by ``cfg`` (network section)."""
+    """PRN around a frozen ``encoder`` with three taps, built from the model section ``cfg``."""
 
-    def __init__(self, encoder: Encoder, cfg: PRNConfig):
+    def __init__(self, encoder: Encoder, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -70,13 +55,6 @@ class PRN(nn.Module):
             if cfg.use_fusion:
                 self.fuse_attention = MultiScaleFusion(self.skip_channels)
         self.decoder = Decoder(self.skip_channels, cfg.decoder_channels, encoder.reductions[0])
-        self.residual_prior = None
-        if cfg.residual_prior and cfg.use_prototypes:
-            # ours: logits = head + w (R - mu) / sd, with R the untrained residual map and mu, sd
-            # its mean and spread over the normal training images: training starts from
-            # the prototype map and learns a correction, instead of having to rediscover it.
-            self.register_buffer("residual_stats", torch.tensor([0.0, 1.0]))
-            self.residual_prior = nn.Parameter(torch.tensor(1.0))
         if cfg.output_bias_prior > 0:
             # Start every pixel at probability p, not 0.5 (RetinaNet's prior): the first steps
             # then learn defects instead of pushing the background down.
@@ -87,7 +65,7 @@ class PRN(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_config(cls, cfg: PRNConfig) -> "PRN":
+    def from_config(cls, cfg: ModelConfig) -> "PRN":
         return cls(create_encoder(cfg.backbone, cfg.backbone_weights), cfg)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -95,8 +73,9 @@ class PRN(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
 
     @torch.no_grad()
-    def fit_prototypes(self, batches: Iterable[Tensor]) -> None:
-        """Cluster the encoder features of normal images into prototypes (Sec. 3.1).
+    def fit_prototypes(self, batches: Iterable[Tensor], seed: int = 0) -> None:
+        """Cluster the encoder features of normal images into prototypes (Sec. 3.1), k-means
+        seeded by ``seed``.
 
         batches: float32 (B, 3, S, S) in [0, 1] (or dicts holding one under "image").
         K = ceil(cfg.prototype_ratio * number of images), per scale. A model without MP has
@@ -104,21 +83,8 @@ class PRN(nn.Module):
         """
         if self.prototypes is None:
             return
-        feats = fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
-                               self.cfg.kmeans_max_iter, self.cfg.seed)
-        if self.residual_prior is not None:
-            sums = torch.zeros(2, dtype=torch.float64)
-            n = 0
-            for i in range(0, len(feats[0]), 16):
-                chunk = [f[i:i + 16].to(self.residual_stats.device) for f in feats]
-                r0 = self.encoder.reductions[0]
-                size = (chunk[0].shape[-2] * r0, chunk[0].shape[-1] * r0)
-                r = residual_map(self.prototypes.residuals(chunk), size).double()
-                sums += torch.stack([r.sum(), r.square().sum()]).cpu()
-                n += r.numel()
-            mean = sums[0] / n
-            sd = (sums[1] / n - mean ** 2).clamp_min(1e-12).sqrt()
-            self.residual_stats.copy_(torch.stack([mean, sd]).float())
+        fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
+                       self.cfg.kmeans_max_iter, seed)
 
     def skips(self, x: Tensor) -> list[Tensor]:
         """x: float32 (B, 3, H, W) in [0, 1] -> skip maps (B, skip_channels[j], H/r_j, W/r_j)."""
@@ -147,52 +113,9 @@ class PRN(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"PRN expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
-        maps, raw = self.skips_and_residuals(x)
-        logits = self.decoder(maps, x.shape[-2:])
-        if self.residual_prior is not None:
-            mean, sd = self.residual_stats
-            prior = (residual_map(raw, x.shape[-2:]) - mean) / sd
-            logits = logits + self.residual_prior * prior.to(logits.dtype)
+        logits = self.decoder(self.skips(x), x.shape[-2:])
         if self.training:
             return logits
         with full_precision(x):  # a bfloat16 map would round image scores into ties
             anomaly_map = smooth_map(torch.sigmoid(logits.float()), self.cfg.map_sigma)
             return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
-
-
-class PrototypeResidualMap(nn.Module):
-    """PRN's prototypes with no learned head: the map is the residual |F - P*| alone
-    (``residual_map``), smoothed by ``cfg.map_sigma``, scored by its top ``cfg.top_k`` pixels.
-    It shows what the trained head adds, and is a mode that trains nothing.
-
-    eval forward(x (B, 3, H, W) in [0, 1]) -> {"anomaly_map": (B, 1, H, W) >= 0, "pred_score": (B,)}.
-    """
-
-    def __init__(self, encoder: Encoder, cfg: PRNConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = encoder
-        self.prototypes = Prototypes(len(encoder.channels))
-
-    @classmethod
-    def from_config(cls, cfg: PRNConfig) -> "PrototypeResidualMap":
-        return cls(create_encoder(cfg.backbone, cfg.backbone_weights), cfg)
-
-    @torch.no_grad()
-    def fit_prototypes(self, batches: Iterable[Tensor]) -> None:
-        fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
-                       self.cfg.kmeans_max_iter, self.cfg.seed)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        feats = self.encoder(x)
-        with full_precision(x):
-            res = self.prototypes.residuals([f.float() for f in feats])
-            anomaly_map = smooth_map(residual_map(res, x.shape[-2:]), self.cfg.map_sigma)
-        return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
-
-
-def from_config(cfg: PRNConfig) -> PRN:
-    """Build PRN with the encoder named by ``cfg.backbone`` / ``cfg.backbone_weights``."""
-    return PRN.from_config(cfg)

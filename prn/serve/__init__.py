@@ -66,7 +66,7 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     from prn.serve.service import InspectionService, Limits
 
     predictor = Predictor(checkpoint, device=device, threshold=threshold)
-    defaults = Limits(max_pixels=predictor.cfg.max_image_pixels)
+    defaults = Limits(max_pixels=predictor.cfg.data.max_image_pixels)
     given = {"max_request_bytes": max_request_bytes, "max_pixels": max_pixels, "max_images": max_images}
     limits = replace(defaults, **{k: v for k, v in given.items() if v is not None})
     # an image over the limit is told what set it: this server's option or the model's config

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from prn.data.datasets import resize_image
+from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
 from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
-from prn.infer import resize_map
+from prn.postprocess import resize_map
 from prn.report import json_safe
 from prn.viz import contour_overlay, heat_overlay, panel_shape
 
@@ -110,7 +110,7 @@ class InspectionService:
                                 else "set when the server started")
         return json_safe({
             "kind": p.loaded.kind,
-            "backbone": p.cfg.backbone,
+            "backbone": p.cfg.model.backbone,
             "input_size": list(p.input_hw),
             "checkpoint": p.loaded.path.name,
             "device": str(p.loaded.device),
@@ -189,6 +189,5 @@ class InspectionService:
         (0.5 of the display map without calibration)."""
         hw = panel_shape(image.shape[:2], min(OVERLAY_MAX_SIDE, max(image.shape[:2])))
         image, amap = resize_image(image, hw), resize_map(amap, hw)
-        shown = self.predictor.display_map(amap)
-        region = self.predictor.region(amap) if self.predictor.pixel_threshold is not None else shown >= 0.5
-        return contour_overlay(heat_overlay(image, shown), region)
+        post = self.predictor.postprocess
+        return contour_overlay(heat_overlay(image, post.display_map(amap)), post.region(amap))

@@ -23,7 +23,9 @@ async function api(path, options) {
 
 const fmt = (x, digits = 4) => (x === null || x === undefined ? "–" : Number(x).toPrecision(digits));
 const scored = () => state.results.filter((r) => !r.error);   // an unreadable image has no score
-const defective = (r) => !r.error && r.score >= state.threshold;
+// no threshold (an uncalibrated model, slider untouched): nothing is judged, rather than all PASS
+const judged = (r) => !r.error && state.threshold !== null;
+const defective = (r) => judged(r) && r.score >= state.threshold;
 
 function say(text, isError = false) {
   const status = $("status");
@@ -43,8 +45,8 @@ function updateRange() {
   const pad = (hi - lo) * 0.05 || Math.abs(hi) * 0.05 || 0.05;  // every score strictly inside
   lo -= pad; hi += pad;
   slider.min = lo; slider.max = hi; slider.step = (hi - lo) / 1000;
-  if (state.threshold === null) state.threshold = state.calibrated !== null ? state.calibrated : (lo + hi) / 2;
-  slider.value = state.threshold;
+  if (state.threshold === null && state.calibrated !== null) state.threshold = state.calibrated;
+  slider.value = state.threshold !== null ? state.threshold : (lo + hi) / 2;
 }
 
 function setThreshold(value) {
@@ -55,7 +57,8 @@ function setThreshold(value) {
 
 // ----------------------------------------------------------------------------- results
 
-function verdictText(r) { return r.error ? "NOT READ" : defective(r) ? "FAIL" : "PASS"; }
+function verdictText(r) { return r.error ? "NOT READ" : !judged(r) ? "NO THRESHOLD" : defective(r) ? "FAIL" : "PASS"; }
+function verdictWord(r) { return r.error ? "not read" : !judged(r) ? "not judged" : defective(r) ? "defective" : "good"; }
 
 function card(r) {
   const article = document.createElement("article");
@@ -112,9 +115,9 @@ function rejudge() {
     const bad = defective(r);
     for (const el of [r.card, r.row]) {
       el.classList.toggle("fail", bad);
-      el.classList.toggle("pass", !bad && !r.error);
+      el.classList.toggle("pass", !bad && judged(r));
       el.querySelector(".verdict").textContent = verdictText(r);
-      el.dataset.verdict = r.error ? "not read" : bad ? "defective" : "good";
+      el.dataset.verdict = verdictWord(r);
     }
   }
   const failed = state.results.filter(defective).length;
@@ -123,7 +126,9 @@ function rejudge() {
   if (state.results.length) {
     $("results").caption?.remove();
     const caption = $("results").createCaption();
-    caption.textContent = `${scored().length} images, ${failed} fail at threshold ${fmt(state.threshold)}` +
+    caption.textContent = (state.threshold === null
+      ? `${scored().length} images, none judged: the model has no threshold (move the slider to set one)`
+      : `${scored().length} images, ${failed} fail at threshold ${fmt(state.threshold)}`) +
       (unread ? `; ${unread} could not be read` : "");
   }
 }
@@ -206,8 +211,7 @@ function csvText() {
                   "server_label", "milliseconds", "time", "error"];
   const lines = [header.join(",")];
   for (const r of state.results) {
-    const verdict = r.error ? "not read" : defective(r) ? "defective" : "good";
-    lines.push([r.index, r.name, r.score, r.normalized_score, verdict, r.error ? null : state.threshold,
+    lines.push([r.index, r.name, r.score, r.normalized_score, verdictWord(r), judged(r) ? state.threshold : null,
                 r.label, Math.round(r.milliseconds * 10) / 10, r.time, r.error].map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
@@ -230,7 +234,7 @@ function download() {
 function describe(m) {
   const parts = [`${m.kind} model`, m.backbone, `input ${m.input_size[0]}×${m.input_size[1]}`, m.device];
   parts.push(m.image_threshold === null
-    ? "not calibrated: choose a threshold with the slider"
+    ? "no threshold: not calibrated, nothing is judged until a threshold is set with the slider (or prn calibrate RUN)"
     : `threshold ${fmt(m.image_threshold)} (${m.threshold_source})`);
   return parts.join(" · ");
 }
@@ -249,7 +253,8 @@ async function start() {
     `a request, ${(l.max_pixels / 1e6).toFixed(1)} megapixels an image`;
   $("reset").disabled = state.calibrated === null;
   updateRange();
-  setThreshold(state.threshold);
+  $("threshold-value").textContent = fmt(state.threshold);
+  rejudge();
 }
 
 $("files").addEventListener("change", async (e) => {

@@ -1,0 +1,114 @@
+"""The one post-process: a model's anomaly map and image score -> what the line acts on.
+
+``Postprocess`` holds a run's calibration (``prn.deploy.calibrate``: thresholds set on held-out good
+training images, and the score ranges) as buffers, and turns the model's outputs into
+
+- the normalised score, anomalib's ``clip((s - threshold) / (max - min) + 0.5, 0, 1)``: 0.5 is the
+  threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances);
+- the decision, defective when ``score >= image threshold``;
+- the defect region of a map (pixels ``>= pixel threshold``) and the map normalised the same way
+  around the pixel threshold, for pictures.
+
+The same module decides in ``prn test``, ``prn predict``, ``prn serve`` and inside the exported
+graph. Without a calibration (and no threshold given) there is nothing to decide by: the score
+and map come back alone and ``calibrated`` is False.
+
+    >>> post = Postprocess(calibration)
+    >>> out = post(anomaly_map, score)     # {"normalized_score": (B,), "prediction": bool (B,)}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SPAN_FLOOR = 1e-12  # a range narrower than this normalises by 1 instead
+
+
+def _span(lo: float, hi: float) -> float:
+    return hi - lo if hi - lo > SPAN_FLOOR else 1.0
+
+
+def float32_threshold(threshold: float) -> float:
+    """The smallest float32 >= ``threshold``: a float32 score s passes ``s >= t32`` in float32
+    exactly when ``s >= threshold`` in float64."""
+    t = np.float32(threshold)
+    if float(t) < threshold:
+        t = np.nextafter(t, np.float32(np.inf))
+    return float(t)
+
+
+class Postprocess(nn.Module):
+    """Decisions and normalisation from a calibration dict (None: uncalibrated). ``threshold``
+    overrides the calibrated image threshold (``--threshold``); the ranges stay the calibration's.
+
+    forward(anomaly_map (B, 1, H, W), score (B,)) -> {"normalized_score": float32 (B,),
+    "prediction": bool (B,)}, empty when there is no threshold."""
+
+    def __init__(self, calibration: dict | None = None, threshold: float | None = None):
+        super().__init__()
+        self.calibration = calibration
+        cal = calibration or {}
+        self.threshold = threshold if threshold is not None else cal.get("image_threshold")
+        self.pixel_threshold = cal.get("pixel_threshold")
+        self.calibrated = self.threshold is not None
+        t = self.threshold if self.threshold is not None else 0.0
+        span = _span(cal["score_min"], cal["score_max"]) if calibration else 1.0
+        pix = self.pixel_threshold if self.pixel_threshold is not None else 0.5
+        pixel_span = _span(cal["pixel_min"], cal["pixel_max"]) if calibration else 1.0
+        # float32 scores decide against the smallest float32 >= the threshold, exactly as float64
+        # would; the normalised score is centred on the same value, so it is >= 0.5 when decided so
+        self.register_buffer("image_threshold", torch.tensor(float32_threshold(t)))
+        self.register_buffer("norm_span", torch.tensor(span, dtype=torch.float32))
+        self.register_buffer("map_threshold", torch.tensor(pix, dtype=torch.float32))
+        self.register_buffer("map_span", torch.tensor(pixel_span, dtype=torch.float32))
+
+    def normalize(self, score: Tensor) -> Tensor:
+        """float (B,) -> float32 (B,) in [0, 1], 0.5 at the image threshold."""
+        return ((score.float() - self.image_threshold) / self.norm_span + 0.5).clamp(0.0, 1.0)
+
+    def decide(self, score: Tensor) -> Tensor:
+        """bool (B,): defective where score >= the image threshold."""
+        return score.float() >= self.image_threshold
+
+    def forward(self, anomaly_map: Tensor, score: Tensor) -> dict[str, Tensor]:
+        if not self.calibrated:
+            return {}
+        return {"normalized_score": self.normalize(score), "prediction": self.decide(score)}
+
+    def display_map(self, amap: np.ndarray) -> np.ndarray:
+        """A map (any shape) in [0, 1] for pictures: normalised around the pixel threshold (0.5)
+        when calibrated, else clipped (PRN's maps are probabilities already)."""
+        amap = torch.as_tensor(np.asarray(amap, dtype=np.float32))
+        if self.calibration is None:
+            return amap.clamp(0.0, 1.0).numpy()
+        return ((amap - self.map_threshold) / self.map_span + 0.5).clamp(0.0, 1.0).numpy()
+
+    def region(self, amap: np.ndarray) -> np.ndarray:
+        """bool: the pixels at or above the calibrated pixel threshold (0.5 of the display map
+        without a calibration)."""
+        return np.asarray(amap, dtype=np.float32) >= np.float32(self.map_threshold.item())
+
+    def judge(self, scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """float (N,) scores -> (normalised scores float64 (N,), predictions int64 0/1 (N,)), each
+        None when there is nothing to judge by."""
+        if not self.calibrated:
+            return None, None
+        out = self(None, torch.as_tensor(np.asarray(scores, dtype=np.float64)))
+        return out["normalized_score"].double().numpy(), out["prediction"].long().numpy()
+
+
+def resize_maps(maps: Tensor, hw: tuple[int, int]) -> Tensor:
+    """float (B, 1, h, w) -> (B, 1, H, W), bilinear with half-pixel centres: maps at each image's
+    original size."""
+    if tuple(maps.shape[-2:]) == tuple(hw):
+        return maps
+    return F.interpolate(maps, size=tuple(int(v) for v in hw), mode="bilinear", align_corners=False)
+
+
+def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """float32 (h, w) -> float32 (H, W) (``resize_maps`` for one numpy map)."""
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    return resize_maps(t, hw)[0, 0].numpy()

@@ -1,0 +1,119 @@
+"""The model kinds of prn and what each needs to be built, fitted, saved and loaded.
+
+Three kinds share one config, split, run folder and checkpoint format:
+
+| kind | module | fit |
+| --- | --- | --- |
+| ``prn`` | ``prn.model.network.PRN`` | k-means prototypes, then the training loop (``prn.train``) |
+| ``prototypes`` | ``prn.baselines.prototype_map`` | k-means prototypes only: the residual map |
+| ``patchcore`` | ``prn.baselines.patchcore`` | a memory bank of normal patches (unsupervised) |
+
+Every fit ends with the validation fold's outputs of the model it keeps, from which
+``prn.api.fit`` calibrates; ``save_model`` writes ``checkpoints/model.pt`` once. Loading
+(``prn.deploy.loading``) builds an empty model of the checkpoint's kind here, so nothing that
+serves a model imports the training code.
+
+    >>> model = build("patchcore", cfg)
+    >>> result = fit("prototypes", cfg, split, run_dir)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from prn.checkpoint import save_checkpoint
+from prn.config import PRNConfig
+from prn.errors import PRNError
+
+KINDS = ("prn", "patchcore", "prototypes")
+
+
+@dataclass
+class FitResult:
+    """A fitted model (eval mode), its history (epochs, timings), the epoch kept (0 for the kinds
+    that train nothing), the validation fold's outputs of that model (``prn.infer.Predictions``,
+    None without a fold) and what the checkpoint's ``extra`` should record."""
+    model: nn.Module
+    history: list
+    epoch: int = 0
+    validation: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise PRNError(f"unknown model kind {kind!r}; expected {', '.join(KINDS)}")
+    return kind
+
+
+def build(kind: str, cfg: PRNConfig, *, pretrained: bool = True) -> nn.Module:
+    """An empty model of ``kind``; ``pretrained=False`` skips the encoder's ImageNet weights (a
+    checkpoint will supply them)."""
+    check_kind(kind)
+    if kind == "prn":
+        from prn.model.network import PRN
+        model = cfg.model if pretrained else cfg.replace(backbone_weights="random").model
+        return PRN.from_config(model)
+    if kind == "patchcore":
+        from prn.baselines.patchcore import build_patchcore
+        return build_patchcore(cfg, pretrained=pretrained)
+    from prn.baselines.prototype_map import build_prototype_map
+    return build_prototype_map(cfg, pretrained=pretrained)
+
+
+def fit(kind: str, cfg: PRNConfig, split, run_dir: Path, *, progress: bool = True,
+        resume: bool = False) -> FitResult:
+    """Fit a model of ``kind`` on ``split``, in ``run_dir`` (PRN keeps its per-epoch checkpoints
+    there; ``resume`` continues them)."""
+    check_kind(kind)
+    if kind == "prn":
+        from prn.train import train
+        result = train(cfg, split, run_dir, resume=resume, progress=progress)
+        extra = {"selected_epoch": result.epoch, "select_epoch": cfg.training.select_epoch}
+        return FitResult(result.model, result.history, result.epoch, result.validation, extra)
+    return _fit_unsupervised(kind, cfg, split, progress)
+
+
+def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitResult:
+    """PatchCore and the prototype map learn from the normal training images alone; the seen
+    anomalies are still removed from the test set, so every kind is tested on the same images."""
+    from prn.data.datasets import load_arrays, load_validation
+    from prn.infer import validate
+    from prn.preprocess import batches_of
+    from prn.runtime import resolve_device
+
+    device = resolve_device(cfg.runtime.device)
+    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels)
+    model = build(kind, cfg).to(device)
+    batches = (b.to(device) for b in batches_of(normals, cfg.runtime.eval_batch_size))
+    t0 = time.perf_counter()
+    if kind == "patchcore":
+        model.fit(batches)
+        event, extra = "memory_bank", {"bank_size": int(model.memory_bank.shape[0])}
+    else:
+        model.fit_prototypes(batches, seed=cfg.training.seed)
+        event, extra = "prototypes", {}
+    seconds = time.perf_counter() - t0
+    if progress:
+        print(f"{kind}: fitted on {len(normals)} normal images in {seconds:.1f} s")
+    model.eval()
+    val = load_validation(cfg, split)
+    outputs = None if val is None else validate(model, val, device, cfg.runtime.eval_batch_size,
+                                                cfg.training.precision)[1]
+    return FitResult(model, [{"event": event, "seconds": seconds}], 0, outputs,
+                     {"n_normal": len(normals), **extra})
+
+
+def save_model(run_dir: str | Path, kind: str, cfg: PRNConfig, result: FitResult,
+               calibration: dict | None) -> Path:
+    """``checkpoints/model.pt``: the weights that test, predict, serve and export use, with their
+    calibration and the config without its runtime section; copied anywhere alone, it predicts
+    and decides as its run does."""
+    return save_checkpoint(Path(run_dir) / "checkpoints" / "model.pt", model=kind,
+                           config=cfg.to_dict(runtime=False), state_dict=result.model.state_dict(),
+                           epoch=result.epoch, history=result.history, extra=result.extra,
+                           calibration=calibration)

@@ -1,0 +1,40 @@
+"""The machine a run happens on: device, seeds, DataLoader workers (``cfg.runtime``)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from prn import distributed
+from prn.errors import TrainingError
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when present, else the CPU; a named CUDA device that is absent raises."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} was asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """DataLoader workers per process: ``requested`` when >= 0; for -1, sized from the device
+    and this machine's CPUs shared by the local ranks. On CUDA the CPU only feeds the GPU, so
+    all but one of the process's CPUs (at most 8) make anomalies; on the CPU the workers take
+    cores from the forward pass, and 2 measured best on the 2-core machine (BENCHMARKS.md)."""
+    if requested >= 0:
+        return requested
+    per_rank = max(1, distributed.usable_cpus() // distributed.world().local_size)
+    if device.type == "cuda":
+        return min(8, max(1, per_rank - 1))
+    return min(2, per_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,102 @@
+"""One path from an image to a decision: validation, test, predict, serve and the exported graph
+give the same score, map and decision for the same image (prn.pipeline)."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prn.data.datasets import load_validation
+from prn.data.sample import Sample
+from prn.data.split import Split
+from prn.deploy.predict import Predictor, predict_folder
+from prn.infer import predict_samples, validate
+from prn.pipeline import InferencePipeline
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    """Three images of other sizes and aspects than the model's (64 x 64), as files."""
+    folder = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, hw in enumerate([(50, 130), (131, 77), (64, 64)]):
+        small = rng.integers(60, 200, (hw[0] // 8 + 1, hw[1] // 8 + 1, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(small).resize(hw[::-1], Image.Resampling.BICUBIC))
+        paths.append(folder / f"part{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def test_every_caller_gives_the_same_score_map_and_decision(calibrated_run, frames, tmp_path):
+    predictor = Predictor(calibrated_run, device="cpu")
+    cfg, model, device = predictor.cfg, predictor.model, predictor.loaded.device
+    samples = [Sample(p, None, 0, "good") for p in frames]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in frames]
+
+    # validation (in memory, every epoch; calibration at the end of fit)
+    fold = load_validation(cfg, Split(train_normal=[], train_anomalous=[], test=[], dataset="demo",
+                                      category="demo", k=0, seed=0, val_normal=samples))
+    _, val = validate(model, fold, device, 2, cfg.training.precision)
+    # test and calibrate (files through a DataLoader)
+    test = predict_samples(model, samples, cfg.model.input_hw, batch_size=2, device=device)
+    # predict (files streamed), and the arrays the service uses
+    summary = predict_folder(predictor, frames[0].parent, tmp_path / "out", maps="npy", progress=False)
+    rows = {r["path"]: r for r in csv.DictReader(summary.csv.open())}
+    arrays = predictor.predict_arrays(images)
+
+    np.testing.assert_allclose(val.scores, test.scores, rtol=0, atol=TOL)
+    np.testing.assert_allclose(val.maps, test.maps, rtol=0, atol=TOL)
+    normalized, decisions = predictor.judge(test.scores)
+    for i, path in enumerate(frames):
+        row = rows[path.name]
+        assert abs(float(row["score"]) - test.scores[i]) <= TOL
+        assert abs(arrays[i]["score"] - test.scores[i]) <= TOL
+        assert int(row["prediction"]) == arrays[i]["prediction"] == decisions[i]
+        assert abs(float(row["normalized_score"]) - normalized[i]) <= TOL
+        full = np.load(tmp_path / "out" / "maps" / f"{path.name}.npy")
+        assert full.shape == images[i].shape[:2]
+        np.testing.assert_allclose(arrays[i]["map"], full, rtol=0, atol=TOL)
+
+    # serve: the uploaded bytes, decoded by the service
+    pytest.importorskip("fastapi")
+    from prn.serve.service import InspectionService, Upload
+    uploads = []
+    for path in frames:
+        buf = io.BytesIO()
+        Image.open(path).save(buf, format="PNG")
+        uploads.append(Upload(path.name, buf.getvalue()))
+    served = InspectionService(predictor).inspect(uploads)
+    for i, result in enumerate(served):
+        assert abs(result["score"] - test.scores[i]) <= TOL and result["prediction"] == decisions[i]
+
+    # the pipeline module that is exported, fed each original frame
+    pipeline = InferencePipeline(model, cfg.model.input_hw, predictor.calibration).eval()
+    for i, image in enumerate(images):
+        with torch.no_grad():
+            out = pipeline(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
+        assert abs(float(out["score"][0]) - test.scores[i]) <= TOL
+        np.testing.assert_allclose(out["anomaly_map"][0, 0].numpy(), test.maps[i], rtol=0, atol=TOL)
+        assert bool(out["prediction"][0]) == bool(decisions[i])
+
+
+def test_the_exported_graph_gives_the_same_scores_and_maps_as_prn(calibrated_run, frames, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from prn.deploy.export import export, run_exported
+    predictor = Predictor(calibrated_run, device="cpu")
+    path = export(calibrated_run, "onnx", tmp_path / "model.onnx")
+    test = predict_samples(predictor.model, [Sample(p, None, 0, "good") for p in frames],
+                           predictor.cfg.model.input_hw, device="cpu")
+    normalized, decisions = predictor.judge(test.scores)
+    for i, frame in enumerate(frames):
+        image = np.asarray(Image.open(frame).convert("RGB")).transpose(2, 0, 1)[None].copy()
+        got = run_exported(path, image)
+        assert abs(float(got["score"][0]) - test.scores[i]) <= TOL
+        np.testing.assert_allclose(got["anomaly_map"][0, 0], test.maps[i], rtol=0, atol=TOL)
+        assert bool(got["prediction"][0]) == bool(decisions[i])
+        assert abs(float(got["normalized_score"][0]) - normalized[i]) <= TOL
