@@ -27,7 +27,7 @@ from prn.deploy.calibrate import calibrate_predictions, rates_at, write_calibrat
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
-from prn.metrics import compute_all
+from prn.metrics import compute_all, decision_metrics
 from prn.postprocess import Postprocess
 from prn.precision import check_precision
 from prn.report import ResultWriter, result_picture, write_results
@@ -141,6 +141,8 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     post = Postprocess(loaded.calibration)
     if post.calibrated:  # what the line would do at the stored threshold
         metrics.update(rates_at(preds.labels, preds.scores, post.threshold))
+    kinds = [s.defect_type for s in preds.samples]
+    metrics.update(decision_metrics(preds.labels, preds.scores, kinds, post.threshold))
     name = category_name(cfg)
     write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.data.dataset} {name}")
     normalized, predictions = post.judge(preds.scores)

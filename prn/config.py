@@ -38,7 +38,8 @@ MVTEC_OBJECTS = (
 DATASETS = ("mvtec", "btad", "dagm", "ksdd2", "folder", "demo")
 BACKBONES = ("resnet18", "tf_efficientnet_lite0")
 PRECISIONS = ("32", "bf16", "16")  # prn.precision
-CALIBRATION_TAILS = ("gumbel", "normal")  # prn.deploy.calibrate.image_threshold
+CALIBRATION_TAILS = ("gumbel", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
+IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 
 
 def _check(problems: list[str]) -> None:
@@ -113,6 +114,9 @@ class ModelConfig:
     decoder_channels: tuple[int, ...] = (128, 64, 16, 8)  # U-Net decoder widths at 1/8..1/1 (ours: lean)
     output_bias_prior: float = 0.0    # ours: start the output layer at logit(p) (0: PyTorch's default)
     top_k: int = 100                  # image score: mean of the top-k pixels of the map (Sec. 3.5)
+    top_k_share: float = 0.0          # ours: k as this share of the map's pixels instead (0: top_k)
+    image_score: str = "top_k"        # "top_k" (the paper's), "head" (ours: a learned image-level
+                                      # decision head, prn.model.image_head), "mean" (of the two)
     map_sigma: float = 0.0            # ours: Gaussian smoothing of the map (px at the input size) before
                                       # the image score and the pixel metrics; 0: none (the paper's)
 
@@ -136,6 +140,10 @@ class ModelConfig:
             problems.append(f"map_sigma must be >= 0, got {self.map_sigma}")
         if self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if not 0 <= self.top_k_share < 1:
+            problems.append(f"top_k_share must be in [0, 1), got {self.top_k_share}")
+        if self.image_score not in IMAGE_SCORES:
+            problems.append(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         _check(problems)
 
     @property
@@ -198,6 +206,7 @@ class TrainingConfig:
     focal_alpha: float = 0.5
     focal_gamma: float = 4.0
     focal_weight: float = 5.0         # lambda in Eq. 5
+    image_loss_weight: float = 1.0    # ours: weight of the image head's BCE beside Eq. 5 (with a head)
     grad_clip: float = 1.0            # max grad norm; 0 disables (ours, for stability)
     seed: int = 0                     # training randomness and k-means
     precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA);

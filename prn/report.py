@@ -114,28 +114,50 @@ def write_results(run_dir: str | Path, results: dict[str, dict], title: str,
     legend = ("I: image AUROC, P: pixel AUROC, O: PRO (FPR <= 0.3), A: pixel AP, F1: image F1-max "
               "(all x100); T: seconds per image. The mean row skips undefined values (-).")
     paths["md"].write_text(f"# {title}\n\n{markdown_table(results, **table_options)}\n\n{legend}\n"
-                           + decisions_table(results))
+                           + decisions_table(results, with_mean=table_options.get("with_mean", True)))
     write_csv(paths["csv"], results, **table_options)
     return paths
 
 
-def decisions_table(results: dict[str, dict]) -> str:
-    """Markdown of what the line would do at each category's calibrated threshold (the keys of
-    ``prn.deploy.calibrate.rates_at``); empty when no category has one."""
-    rows = [(name, m) for name, m in results.items() if m.get("threshold") is not None]
+DECISION_COLUMNS = (
+    ("image AP", "image_ap"), ("R@0.1%", "recall_at_0.1%"), ("R@1%", "recall_at_1%"),
+    ("R@5%", "recall_at_5%"), ("FRR", "false_reject_rate"), ("recall", "recall"),
+    ("oracle R@FRR", "oracle_recall_at_frr"))
+
+
+def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
+    """Markdown of the decision a line acts on, per category: image AP; the recall an oracle
+    threshold reaches at 0.1 / 1 / 5 % false rejects on this test set (the best any threshold
+    could do); at the calibrated threshold (set on held-out good training parts, never on this
+    test set), the false-reject rate, the recall, and the oracle's recall at that same false-reject
+    rate; then image AUROC and recall per defect kind. Empty when no category has these keys."""
+    rows = [(name, m) for name, m in results.items() if "image_ap" in m]
     if not rows:
         return ""
+    if with_mean and len(rows) > 1:
+        rows.append((MEAN_ROW, mean_metrics(dict(rows))))
 
-    def pct(value, count):
+    def pct(value):
         value = _number(value)
-        return "-" if math.isnan(value) else f"{100 * value:.1f} % ({count})"
+        return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
-    lines = ["", "## Decisions at the calibrated threshold", "",
-             "Set on held-out good training parts, not on this test set.", "",
-             "| Category | threshold | false rejects (good parts) | misses (defective parts) |",
-             "|---|---|---|---|"]
-    lines += [f"| {name} | {_number(m['threshold']):.4g} | {pct(m.get('false_reject_rate'), m.get('false_rejects'))} "
-              f"| {pct(m.get('miss_rate'), m.get('misses'))} |" for name, m in rows]
+    lines = ["", "## Decisions", "",
+             "R@x%: recall with the threshold an oracle sets on this test set's good parts at x % false "
+             "rejects. FRR, recall: at the calibrated threshold (set on held-out good training parts, "
+             "not on this test set); oracle R@FRR: the oracle's recall at that same false-reject rate. "
+             "All x100.", "",
+             "| Category | threshold | " + " | ".join(c for c, _ in DECISION_COLUMNS) + " |",
+             "|---" * (len(DECISION_COLUMNS) + 2) + "|"]
+    for name, m in rows:
+        t = _number(m.get("threshold"))
+        lines.append(f"| {name} | {'-' if math.isnan(t) else f'{t:.4g}'} | "
+                     + " | ".join(pct(m.get(k)) for _, k in DECISION_COLUMNS) + " |")
+    kinds = [(name, k[6:-1], m[k], m.get(f"recall[{k[6:-1]}]")) for name, m in results.items()
+             for k in m if k.startswith("auroc[")]
+    if kinds:
+        lines += ["", "### Per defect kind", "", "| Category | kind | image AUROC | recall at the calibrated threshold |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {kind} | {pct(auroc)} | {pct(recall)} |" for name, kind, auroc, recall in kinds]
     return "\n".join(lines) + "\n"
 
 

@@ -77,10 +77,19 @@ def lr_at(step: int, total: int, cfg: PRNConfig) -> float:
 
 def forward_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg: PRNConfig,
                  device: torch.device) -> tuple[torch.Tensor, dict]:
-    """The training forward pass under cfg.training.precision's autocast, and Eq. 5's loss in float32."""
+    """The training forward pass under cfg.training.precision's autocast, and Eq. 5's loss in
+    float32; with an image head, its BCE on the images' labels (a mask with any pixel: defective)
+    weighted by cfg.training.image_loss_weight is added (parts["image"])."""
     with autocast(device, cfg.training.precision):
-        logits = net(images)
-    return prn_loss(logits, masks, cfg.training)
+        out = net(images)
+    logits, image_logits = out if isinstance(out, tuple) else (out, None)
+    loss, parts = prn_loss(logits, masks, cfg.training)
+    if image_logits is not None:
+        labels = (masks.flatten(1).amax(dim=1) > 0.5).float()
+        image = torch.nn.functional.binary_cross_entropy_with_logits(image_logits.float(), labels)
+        loss = loss + cfg.training.image_loss_weight * image
+        parts["image"] = image.detach()
+    return loss, parts
 
 
 def optimizer_step(model: PRN, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -106,7 +115,7 @@ def val_score(record: dict) -> float:
 
 def append_metrics(path: Path, record: dict) -> None:
     """One row per epoch in the run folder's metrics.csv (header from the first row)."""
-    keys = ["epoch", "steps", "seconds", "lr", "loss", "smooth_l1", "focal",
+    keys = ["epoch", "steps", "seconds", "lr", "loss", "smooth_l1", "focal", "image",
             "val_image_auroc", "val_pixel_auroc", "val_pixel_ap"]
     new = not path.is_file()
     with path.open("a", newline="") as f:
@@ -204,7 +213,7 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         net.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, smooth_l1, focal
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, smooth_l1, focal, image (0 without a head)
         steps, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.training.epochs}", disable=not progress, leave=False)
         for batch in bar:
@@ -216,7 +225,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             loss, parts = forward_loss(net, images, masks, cfg, device)
             # The global batch's losses are the ranks' mean (their shares are equal in size). This
             # one small all-reduce also stops every rank together when any loss is not finite.
-            step = distributed.mean_over_ranks(torch.stack([loss.detach(), parts["smooth_l1"], parts["focal"]]))
+            step = distributed.mean_over_ranks(torch.stack([loss.detach(), parts["smooth_l1"], parts["focal"],
+                                                            parts.get("image", torch.zeros_like(loss))]))
             step = step.double().cpu()
             if not torch.isfinite(step[0]):
                 raise TrainingError(
@@ -230,7 +240,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         with torch.no_grad():
             distributed.average_buffers(model, ("running_mean", "running_var"))
         record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
-        record.update({k: v / max(steps, 1) for k, v in zip(("loss", "smooth_l1", "focal"), sums.tolist())})
+        terms = ("loss", "smooth_l1", "focal", "image") if model.image_head is not None else ("loss", "smooth_l1", "focal")
+        record.update({k: v / max(steps, 1) for k, v in zip(terms, sums.tolist())})
         if val is not None:
             scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
             record.update(scores)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -136,7 +137,8 @@ def test_normal_items_are_the_images_with_an_empty_mask():
     item = data[("normal", 2, 123)]
     assert item["kind"] == "normal"
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, S, S)
-    expected = torch.from_numpy(NORMALS[2]).permute(2, 0, 1).float() / 255
+    # scaled exactly as inference scales its inputs (prn.preprocess.to_tensor)
+    expected = TF.to_dtype(torch.from_numpy(NORMALS[2]).permute(2, 0, 1), torch.float32, scale=True)
     assert torch.equal(item["image"], expected)
     assert item["mask"].shape == (1, S, S) and item["mask"].sum() == 0
 

@@ -156,7 +156,10 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
     assert metrics["false_rejects"] == sum(v >= t for v in good)
     assert metrics["false_rejects"] + metrics["misses"] <= len(split.test)
     assert "f1_max" in metrics
-    assert "Decisions at the calibrated threshold" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## Decisions" in md and "calibrated threshold" in md and "### Per defect kind" in md
+    assert metrics["recall"] == pytest.approx(1 - metrics["misses"] / metrics["n_test_anomalous"])
+    assert {"image_ap", "recall_at_0.1%", "recall_at_1%", "recall_at_5%", "oracle_recall_at_frr"} <= set(metrics)
 
 
 def test_predict_writes_score_normalised_score_prediction_and_error_columns(run, images, tmp_path):
@@ -292,3 +295,19 @@ def test_patchcore_and_prototype_runs_are_calibrated_too(demo_root, tiny_config,
         rows = _rows(api.predict(run, demo_root / "demo" / "test" / "good", tmp_path / kind / "p",
                                  progress=False, maps="none").csv)
         assert all(r["prediction"] in ("0", "1") for r in rows)
+
+
+def test_conformal_threshold_bounds_the_expected_false_reject_rate_and_says_when_it_cannot():
+    rng = np.random.default_rng(3)
+    t, method = image_threshold(np.arange(199, dtype=float), 0.01, "conformal")
+    assert method.startswith("conformal") and 197 < t <= np.nextafter(197.0, np.inf)  # above the 198th
+    # over many folds of 199 from one distribution, new parts are rejected <= 1 % on average
+    rates = []
+    for _ in range(300):
+        fold, new = rng.normal(size=199), rng.normal(size=2000)
+        rates.append(np.mean(new >= image_threshold(fold, 0.01, "conformal")[0]))
+    assert 0.0085 < np.mean(rates) < 0.0115  # exactly 1 - 198/200 = 1 % in expectation (+- 3.5 sd here)
+    t, method = image_threshold(np.arange(50, dtype=float), 0.01, "conformal")
+    assert t > 49 and "too few" in method and "1/51" in method
+    cal = calibrate(np.arange(50, dtype=float), np.zeros((1, 2, 2)), tail="conformal")
+    assert cal["frr_bound"] == pytest.approx(1 / 51)

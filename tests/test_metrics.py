@@ -196,3 +196,31 @@ def test_pro_handles_two_hundred_full_size_maps():
     maps = rng.random(masks.shape, dtype=np.float32) * 0.6 + masks * 0.3
     value = metrics.pro_score(masks, maps)  # timing: benchmarks/metrics_speed.py
     assert 0.5 < value < 1.0
+
+
+# ---------------------------------------------------------------- decisions (what the line acts on)
+
+def test_oracle_threshold_allows_exactly_the_floor_of_rate_times_goods_false_rejects():
+    from prn.metrics import oracle_threshold
+    labels = np.r_[np.zeros(200), np.ones(3)]
+    scores = np.r_[np.arange(200) / 200, [0.5, 0.999, 2.0]]
+    for rate, allowed in [(0.001, 0), (0.01, 2), (0.05, 10), (0.0149, 2)]:
+        t = oracle_threshold(labels, scores, rate)
+        assert int((scores[:200] >= t).sum()) == allowed
+        assert (scores[:200] >= np.nextafter(t, -np.inf)).sum() == allowed + 1  # the lowest such threshold
+
+
+def test_decision_metrics_give_ap_oracle_recalls_and_per_kind_figures():
+    from prn.metrics import decision_metrics
+    labels = np.r_[np.zeros(100), np.ones(6)]
+    scores = np.r_[np.linspace(0, 1, 100), [0.995, 1.5, 2.0, 0.2, 0.3, 3.0]]
+    kinds = np.array(["good"] * 100 + ["crack"] * 3 + ["pore"] * 3)
+    m = decision_metrics(labels, scores, kinds, threshold=0.9)
+    from sklearn.metrics import average_precision_score
+    assert m["image_ap"] == pytest.approx(average_precision_score(labels, scores))
+    assert m["recall_at_0.1%"] == pytest.approx(3 / 6)   # no false reject: above the best good (1.0)
+    assert m["recall_at_1%"] == pytest.approx(4 / 6)     # one allowed: above 0.9899
+    assert m["recall_at_5%"] == pytest.approx(4 / 6)
+    assert m["recall[crack]"] == 1.0 and m["recall[pore]"] == pytest.approx(1 / 3)
+    assert m["auroc[crack]"] > m["auroc[pore]"]
+    assert "auroc[good]" not in m

@@ -394,3 +394,34 @@ def test_prototype_residual_map_refuses_inputs_that_are_not_rgb_batches(shape):
     model.fit_prototypes([images(2)])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got " + re.escape(str(shape))):
         model.eval()(torch.zeros(shape))
+
+
+# ---------------------------------------------------------------- image score rules
+
+def test_top_k_share_takes_that_share_of_the_maps_pixels():
+    from prn.model.scoring import top_k_score
+    x = images(2, seed=20)
+    model = build(top_k_share=0.01)
+    out = model(x)
+    k = round(0.01 * SIZE * SIZE)
+    torch.testing.assert_close(out["pred_score"], top_k_score(out["anomaly_map"], k))
+
+
+@pytest.mark.parametrize("rule", ["head", "mean"])
+def test_the_image_head_scores_from_detached_inputs_and_leaves_the_map_unchanged(rule):
+    from prn.model.scoring import top_k_score
+    x = images(3, seed=21)
+    plain, headed = build(), build(image_score=rule)   # same torch seed: same weights but the head
+    with torch.no_grad():
+        a, b = plain(x), headed(x)
+        quarter = headed.decoder(headed.skips(x), x.shape[-2:], features=True)[1]
+        head = torch.sigmoid(headed.image_head(quarter, b["anomaly_map"]))
+    torch.testing.assert_close(a["anomaly_map"], b["anomaly_map"])
+    want = head if rule == "head" else 0.5 * (head + top_k_score(b["anomaly_map"], 10))
+    torch.testing.assert_close(b["pred_score"], want)
+    headed.train()
+    logits, image_logits = headed(x)
+    assert logits.shape == (3, 1, SIZE, SIZE) and image_logits.shape == (3,)
+    image_logits.sum().backward()   # the image loss reaches the head only
+    assert all(p.grad is None for n, p in headed.named_parameters() if not n.startswith("image_head."))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in headed.image_head.parameters())

@@ -28,6 +28,7 @@ from prn.anomalies.simulated import make_heterologous, make_homologous
 from prn.anomalies.target_areas import foreground_mask, sample_target_area
 from prn.anomalies.textures import TextureSource
 from prn.config import PRNConfig
+from prn.preprocess import to_tensor
 
 STRATEGIES = ("extended", "heterologous", "homologous")
 KINDS = ("normal", "extended", "simulated", "seen")
@@ -246,7 +247,7 @@ class TrainingSet(Dataset):
             image, mask, kind = self.generator.generate(kind, normal, rng, self.foreground(i))
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
+        return {"image": to_tensor(image),  # the one uint8 -> [0, 1] conversion of inference
                 "mask": torch.from_numpy(mask)[None].float(),
                 "kind": kind}
 

@@ -50,12 +50,25 @@ def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "g
     whose tail the extreme-value distribution describes) or ``normal`` (mean + z sd). On 16 runs of
     two real sets at a 1 % target, the normal fit rejected 1.6-7.6 % of unseen good parts per
     model, the Gumbel fit 0.7-2.2 % (BENCHMARKS.md, "Calibrated thresholds").
+
+    ``conformal`` fits nothing: the threshold is just above the k-th smallest held-out score, k =
+    ceil((n + 1)(1 - target_fpr)), which bounds the expected false-reject rate of new good parts
+    by target_fpr whatever the scores' distribution, as long as they are exchangeable with the
+    held-out ones (split conformal prediction). It needs n >= 1 / target_fpr - 1 (99 for 1 %);
+    with fewer it is the largest held-out score, whose bound 1 / (n + 1) it says.
     """
     if tail not in TAILS:
         raise UsageError(f"calibration tail must be one of {', '.join(TAILS)}, got {tail!r}")
     s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
     if s.size == 0:
         raise PRNError("calibration needs at least one held-out normal image")
+    if tail == "conformal":
+        k = math.ceil((s.size + 1) * (1.0 - target_fpr))
+        if k <= s.size:
+            return float(np.nextafter(s[k - 1], np.inf)), f"conformal (above the {k}-th of {s.size} held-out scores)"
+        return (float(np.nextafter(s[-1], np.inf)),
+                f"conformal: too few held-out images for {100 * target_fpr:g} % ({s.size} < "
+                f"{math.ceil(1 / target_fpr) - 1}); the largest held-out score, expected rate <= 1/{s.size + 1}")
     if s.size * target_fpr >= 1:
         return float(np.quantile(s, 1.0 - target_fpr, method="higher")), "empirical quantile"
     # nextafter: the largest held-out score itself must pass (the rule is score >= threshold)
@@ -114,6 +127,9 @@ def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=
         "n_normal": int(normal_scores.size),
         "n_anomalous": int(anomalous_scores.size),
         "fold_false_reject_rate": float(np.mean(normal_scores >= threshold)),
+        # distribution-free: the expected false-reject rate of new good parts exchangeable with
+        # the fold is at most (m + 1) / (n + 1), m the fold's scores at or above the threshold
+        "frr_bound": float((np.sum(normal_scores >= threshold) + 1) / (normal_scores.size + 1)),
         "fold_miss_rate": float(np.mean(anomalous_scores < threshold)) if anomalous_scores.size else None,
         "source": SOURCE,
         # the fold's scores, so a reader can check the threshold or set another by hand
@@ -124,15 +140,21 @@ def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=
 
 def rates_at(labels, scores, threshold: float) -> dict:
     """What the line would do at ``threshold``: false rejects among good parts, misses among
-    defective ones (rates and counts; a rate is nan when its class is absent)."""
+    defective ones and the recall (rates and counts; a rate is nan when its class is absent),
+    and ``oracle_recall_at_frr``, the recall of the best threshold on the same data at that same
+    false-reject rate (how much a better-placed threshold would have caught)."""
+    from prn.metrics import oracle_threshold, recall_at
     labels = np.asarray(labels).astype(bool)
-    flagged = np.asarray(scores, dtype=np.float64) >= threshold
+    scores = np.asarray(scores, dtype=np.float64)
+    flagged = scores >= threshold
     n_good, n_bad = int((~labels).sum()), int(labels.sum())
     false_rejects, misses = int((flagged & ~labels).sum()), int((~flagged & labels).sum())
-    return {"threshold": float(threshold),
-            "false_reject_rate": false_rejects / n_good if n_good else math.nan,
+    frr = false_rejects / n_good if n_good else math.nan
+    oracle = recall_at(labels, scores, oracle_threshold(labels, scores, frr)) if n_good and n_bad else math.nan
+    return {"threshold": float(threshold), "false_reject_rate": frr,
             "miss_rate": misses / n_bad if n_bad else math.nan,
-            "false_rejects": false_rejects, "misses": misses}
+            "recall": 1 - misses / n_bad if n_bad else math.nan,
+            "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle}
 
 
 def calibrate_predictions(preds, cfg: CalibrationConfig) -> dict | None:

@@ -50,9 +50,17 @@ class Decoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(c_prev, 1, kernel_size=1)
 
-    def forward(self, skips: list[Tensor], size: tuple[int, int]) -> Tensor:
+    @property
+    def finest_skip_channels(self) -> int:
+        """Width of the stage at the finest skip's resolution (1/4): what ``forward`` returns
+        beside the logits with ``features=True``."""
+        return self.stages[self.n_merge - 1][0].out_channels
+
+    def forward(self, skips: list[Tensor], size: tuple[int, int], features: bool = False):
+        """Logits (B, 1, H, W); with ``features`` also the stage at the finest skip's resolution."""
         x = self.lateral(skips[-1])
         n = len(self.stages)
+        finest = None
         for i, stage in enumerate(self.stages):
             if i < self.n_merge:
                 skip = skips[-2 - i]
@@ -63,4 +71,6 @@ class Decoder(nn.Module):
                 target = size if i == n - 1 else (x.shape[-2] * 2, x.shape[-1] * 2)
                 x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
             x = stage(x)
-        return self.head(x)
+            if i == self.n_merge - 1:
+                finest = x
+        return (self.head(x), finest) if features else self.head(x)

@@ -29,6 +29,7 @@ from prn.model.attention import MultiSizeSelfAttention
 from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
 from prn.model.fusion import MultiScaleFusion
+from prn.model.image_head import ImageHead
 from prn.model.prototypes import Prototypes, fit_prototypes
 from prn.model.scoring import smooth_map, top_k_score
 from prn.precision import full_precision
@@ -55,6 +56,9 @@ class PRN(nn.Module):
             if cfg.use_fusion:
                 self.fuse_attention = MultiScaleFusion(self.skip_channels)
         self.decoder = Decoder(self.skip_channels, cfg.decoder_channels, encoder.reductions[0])
+        self.image_head = None
+        if cfg.image_score in ("head", "mean"):  # ours: a learned image-level decision
+            self.image_head = ImageHead(self.decoder.finest_skip_channels, cfg.top_k)
         if cfg.output_bias_prior > 0:
             # Start every pixel at probability p, not 0.5 (RetinaNet's prior): the first steps
             # then learn defects instead of pushing the background down.
@@ -107,15 +111,34 @@ class PRN(nn.Module):
                 maps = self.fuse_attention(maps)
         return maps, raw
 
-    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
-        """Training: logits (B, 1, H, W). Eval: {"anomaly_map": sigmoid map (B, 1, H, W) in [0, 1],
-        smoothed by ``cfg.map_sigma``, "pred_score": mean of its top ``cfg.top_k`` pixels, (B,)}."""
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
+        """Training: logits (B, 1, H, W), and with an image head (``cfg.image_score`` "head" or
+        "mean") the tuple (logits, image logits (B,)). Eval: {"anomaly_map": sigmoid map (B, 1,
+        H, W) in [0, 1], smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: the
+        mean of the map's top ``cfg.top_k`` pixels (or top ``cfg.top_k_share`` of its area), the
+        head's probability, or the mean of the two (``cfg.image_score``)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"PRN expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.decoder(self.skips(x), x.shape[-2:])
+        if self.image_head is None:
+            logits, quarter = self.decoder(self.skips(x), x.shape[-2:]), None
+        else:
+            logits, quarter = self.decoder(self.skips(x), x.shape[-2:], features=True)
         if self.training:
-            return logits
+            if self.image_head is None:
+                return logits
+            return logits, self.image_head(quarter, torch.sigmoid(logits.float()))
         with full_precision(x):  # a bfloat16 map would round image scores into ties
             anomaly_map = smooth_map(torch.sigmoid(logits.float()), self.cfg.map_sigma)
-            return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
+            return {"anomaly_map": anomaly_map, "pred_score": self.image_score(anomaly_map, quarter)}
+
+    def image_score(self, anomaly_map: Tensor, quarter: Tensor | None) -> Tensor:
+        """(B,) scores of eval maps (B, 1, H, W) by ``cfg.image_score``."""
+        k = self.cfg.top_k
+        if self.cfg.top_k_share > 0:
+            k = max(1, round(self.cfg.top_k_share * anomaly_map.shape[-2] * anomaly_map.shape[-1]))
+        top = top_k_score(anomaly_map, k)
+        if self.image_head is None:
+            return top
+        head = torch.sigmoid(self.image_head(quarter, anomaly_map))
+        return head if self.cfg.image_score == "head" else 0.5 * (top + head)

@@ -1,0 +1,132 @@
+"""Which image score decides best? An offline study over trained runs (issue "pass/fail").
+
+For each run folder, the model scores its held-out fold (split.json val_*) and its test split once;
+the largest pixels of two maps are kept per image (``study/outputs.npz`` in the run folder):
+PRN's map, and the prototype residual map |F - P*| of the same model's prototypes (a normal-only
+map: PRN's own encoder and prototypes, no learned head). Image-score rules are then computed from
+those pixels, and each rule is judged as the line would use it:
+
+- image AUROC and AP, per-kind AUROC;
+- recall at 0.1 / 1 / 5 % false rejects with the threshold taken on the test goods (an oracle);
+- the threshold calibrated on the held-out good images alone (prn.deploy.calibrate, target 1 %):
+  the realised false-reject rate on the test goods, the recall, and the oracle's recall at that
+  same realised rate.
+
+Nothing here chooses anything on test data by itself: it prints every rule; which one a preset
+uses is a decision stated in BENCHMARKS.md with these figures.
+
+    python benchmarks/image_score_study.py RUN [RUN ...] [--target-fpr 0.01] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prn.data.datasets import ImageDataset
+from prn.data.split import Split
+from prn.deploy.calibrate import image_threshold
+from prn.deploy.loading import load_model
+from prn.metrics import image_auroc, oracle_threshold, recall_at, decision_metrics
+from prn.model.prototypes import residual_map
+
+KEEP = 4096  # largest pixels kept per map: enough for top-k up to ~7 % of a 384 x 160 map
+
+
+@torch.no_grad()
+def outputs(run: Path, batch_size: int = 8) -> dict:
+    """Scores the run's held-out fold and test split; caches study/outputs.npz in the run."""
+    cache = run / "study" / "outputs.npz"
+    if cache.is_file():
+        return dict(np.load(cache, allow_pickle=False))
+    loaded = load_model(run, device="cpu")
+    model, cfg = loaded.model, loaded.cfg
+    split = Split.load(run / "split.json")
+    samples = split.val_normal + split.val_anomalous + split.test
+    part = np.array(["val"] * (len(split.val_normal) + len(split.val_anomalous)) + ["test"] * len(split.test))
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, cfg.model.input_hw, cfg.data.max_image_pixels),
+                                         batch_size=batch_size)
+    prn_top, res_top, area = [], [], None
+    for batch in loader:
+        x = batch["image"]
+        out = model(x)
+        amap = out["anomaly_map"].flatten(1)
+        feats = model.encoder(x)
+        res = residual_map(model.prototypes.residuals([f.float() for f in feats]), x.shape[-2:]).flatten(1)
+        prn_top.append(amap.topk(KEEP, dim=1).values.numpy())
+        res_top.append(res.topk(KEEP, dim=1).values.numpy())
+        area = amap.shape[1]
+    data = {"part": part, "label": np.array([s.label for s in samples]),
+            "kind": np.array([s.defect_type for s in samples]),
+            "prn": np.concatenate(prn_top), "res": np.concatenate(res_top), "area": np.array(area),
+            "top_k": np.array(cfg.model.top_k)}
+    cache.parent.mkdir(exist_ok=True)
+    np.savez_compressed(cache, **data)
+    return data
+
+
+def topk(values: np.ndarray, k: int) -> np.ndarray:
+    return values[:, :max(1, min(k, values.shape[1]))].mean(axis=1)
+
+
+def rules(d: dict) -> dict[str, np.ndarray]:
+    """Image scores of every rule studied, for every image (val and test alike)."""
+    area = int(d["area"])
+    val_good = (d["part"] == "val") & (d["label"] == 0)
+    out = {"top-100 (paper)": topk(d["prn"], 100), "max": topk(d["prn"], 1), "top-10": topk(d["prn"], 10)}
+    for share in (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02):
+        out[f"top {100 * share:g} % of area"] = topk(d["prn"], round(share * area))
+    out["residual top-100 (normal only)"] = topk(d["res"], 100)
+
+    def z(s):  # standardised on the held-out good images, as a fused score would be at fit time
+        mu, sd = s[val_good].mean(), s[val_good].std(ddof=1)
+        return (s - mu) / max(sd, 1e-12)
+    for name in ("top-100 (paper)", "top 0.25 % of area", "top 1 % of area"):
+        out[f"z({name}) + z(residual)"] = z(out[name]) + z(out["residual top-100 (normal only)"])
+        out[f"max(z({name}), z(residual))"] = np.maximum(z(out[name]), z(out["residual top-100 (normal only)"]))
+    return out
+
+
+def judge(d: dict, scores: np.ndarray, target: float) -> dict:
+    test = d["part"] == "test"
+    y, s, kinds = d["label"][test], scores[test], d["kind"][test]
+    val_good = scores[(d["part"] == "val") & (d["label"] == 0)]
+    t, _ = image_threshold(val_good, target, "gumbel")
+    realised = float(np.mean(s[y == 0] >= t))
+    row = {"image_auroc": image_auroc(y, s), **decision_metrics(y, s, kinds, t),
+           "calibrated_frr": realised, "calibrated_recall": recall_at(y, s, t),
+           "oracle_recall_at_realised": recall_at(y, s, oracle_threshold(y, s, realised))}
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    table: dict[str, dict[str, dict]] = {}
+    for run in args.runs:
+        d = outputs(run)
+        for name, scores in rules(d).items():
+            table.setdefault(name, {})[str(run)] = judge(d, scores, args.target_fpr)
+    keys = ("image_auroc", "image_ap", "recall_at_0.1%", "recall_at_1%", "recall_at_5%",
+            "calibrated_frr", "calibrated_recall", "oracle_recall_at_realised")
+    print("| rule | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for name, per_run in table.items():
+        means = [np.nanmean([r[k] for r in per_run.values()]) for k in keys]
+        print(f"| {name} | " + " | ".join(f"{100 * m:.1f}" for m in means) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
