@@ -28,7 +28,7 @@ from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
 from prn.metrics import compute_all, decision_metrics
-from prn.postprocess import Postprocess
+from prn.postprocess import MIN_REGION_AREA, Postprocess
 from prn.precision import check_precision
 from prn.report import ResultWriter, result_picture, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
@@ -180,9 +180,12 @@ def _pick_overlays(preds: Predictions, n: int) -> list[tuple[int, str]]:
 def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
             threshold: float | None = None, maps: str = "npy", masks: bool = False,
             overlays: int = 0, strict: bool = False, num_workers: int = 0, progress: bool = True,
-            device: str | None = None, require_decision: bool = False):
+            device: str | None = None, require_decision: bool = False,
+            min_region_area: int = MIN_REGION_AREA):
     """Score new images into ``out_dir``: ``scores.csv`` (path, score, normalized_score,
-    prediction, error) and ``maps/<mirrored path>.npy``; see ``prn.deploy.predict.predict_folder``.
+    prediction, error, regions), ``regions.jsonl`` (the defect regions of each image, at least
+    ``min_region_area`` pixels) and ``maps/<mirrored path>.npy``; see
+    ``prn.deploy.predict.predict_folder``.
 
     Decisions use the threshold calibrated at fit and stored in the checkpoint (``threshold``
     overrides it), so a bare checkpoint file decides as its run folder does; without either no
@@ -196,7 +199,8 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
                          f"would be judged defective and the line would pass them all; calibrate it "
                          f"(prn calibrate RUN) or give one (--threshold T)")
     return predict_folder(predictor, inputs, out_dir, maps=maps, masks=masks, overlays=overlays,
-                          strict=strict, num_workers=num_workers, progress=progress)
+                          strict=strict, num_workers=num_workers, progress=progress,
+                          min_region_area=min_region_area)
 
 
 # ----------------------------------------------------------------------------- export

@@ -64,14 +64,19 @@ def cmd_predict(args) -> int | None:
     summary = api.predict(args.run, args.input, args.out, threshold=args.threshold, maps=args.maps,
                           masks=args.masks, overlays=args.overlays, strict=args.strict,
                           num_workers=args.workers, progress=not args.quiet, device=args.device,
-                          require_decision=args.fail_on_defect)
+                          require_decision=args.fail_on_defect, min_region_area=args.min_region_area)
     judged = (f"{summary.n_defective} judged defective" if summary.decided else
               "no decision made (the model has no calibrated threshold: prn calibrate RUN, or --threshold T)")
+    regions = getattr(summary, "regions", None)
     print(f"{summary.n_images} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f}/s): "
           f"{judged}, {summary.n_errors} unreadable\n"
-          f"scores: {summary.csv}")
+          f"scores: {summary.csv}" + (f"\nregions: {regions}" if regions else ""))
     if not summary.decided:
         print("prn predict: warning: no part was judged: the model has no threshold", file=sys.stderr)
+    if regions is None and hasattr(summary, "regions"):
+        print("prn predict: warning: no defect regions: the model has no calibrated pixel threshold "
+              "(prn calibrate RUN); the regions column is empty and no regions.jsonl was written",
+              file=sys.stderr)
     if summary.n_errors:
         print(f"prn predict: warning: {summary.n_errors} unreadable file(s), listed with their error "
               f"in {summary.csv}", file=sys.stderr)
@@ -133,6 +138,17 @@ def cmd_serve(args) -> None:
     serve(args.run, host=args.host, port=args.port, token=args.token, device=args.device,
           threshold=args.threshold, max_request_bytes=round(args.max_request_mb * 2**20),
           max_pixels=args.max_pixels, max_images=args.max_images)
+
+
+def region_area(text: str) -> int:
+    """--min-region-area N: pixels of the image at its own size, a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels >= 1, got {text!r}")
+    return n
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -200,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score new images: scores.csv, maps, masks, pictures",
                        description="Score an image or a folder of images (streamed, flat memory). "
                                    "scores.csv: path, score, normalized_score (0.5 = threshold), "
-                                   "prediction (1 = defective), error (unreadable files).")
+                                   "prediction (1 = defective), error (unreadable files), regions "
+                                   "(their count); regions.jsonl: each image's defect regions "
+                                   "(boxes in its own pixels, area, peak and mean score).")
     p.add_argument("run", type=Path, help="run folder or checkpoint .pt (a bare copy decides the same)")
     p.add_argument("input", type=Path, help="an image or a folder of images")
     p.add_argument("--out", type=Path, default=Path("predictions"))
@@ -216,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 3 when any image is judged defective")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable file (default: report it in scores.csv, go on)")
+    p.add_argument("--min-region-area", type=region_area, default=1, metavar="PIXELS",
+                   help="defect regions (regions.jsonl, the regions column) of at least this many "
+                        "pixels of the image at its own size (default 1: every region)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0: in process)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")

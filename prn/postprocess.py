@@ -7,7 +7,11 @@ training images, and the score ranges) as buffers, and turns the model's outputs
   threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances);
 - the decision, defective when ``score >= image threshold``;
 - the defect region of a map (pixels ``>= pixel threshold``) and the map normalised the same way
-  around the pixel threshold, for pictures.
+  around the pixel threshold, for pictures;
+- the defect regions as a list (``regions``): the region's connected components with their
+  bounding boxes, area, peak and mean score, which ``prn predict`` writes to regions.jsonl and
+  ``prn serve`` returns. They are computed on the map at the image's own size (``resize_map``),
+  so boxes are in the original image's pixels.
 
 The same module decides in ``prn test``, ``prn predict``, ``prn serve`` and inside the exported
 graph. Without a calibration (and no threshold given) there is nothing to decide by: the score
@@ -19,12 +23,18 @@ and map come back alone and ``calibrated`` is False.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 SPAN_FLOOR = 1e-12  # a range narrower than this normalises by 1 instead
+# the smallest region (pixels of the image at its own size) listed by default: every one. A map
+# resized from the model's input is smooth, so specks are rare; predict and serve take
+# --min-region-area to drop small ones where a line wants that
+MIN_REGION_AREA = 1
 
 
 def _span(lo: float, hi: float) -> float:
@@ -91,6 +101,14 @@ class Postprocess(nn.Module):
         without a calibration)."""
         return np.asarray(amap, dtype=np.float32) >= np.float32(self.map_threshold.item())
 
+    def regions(self, amap: np.ndarray, min_area: int = MIN_REGION_AREA) -> list["Region"] | None:
+        """The defect regions of a map at the image's own size (``resize_map`` first), largest
+        peak first; None without a calibrated pixel threshold, since there is nothing to cut the
+        map at (0.5 would be a guess for PRN's probabilities and meaningless for distances)."""
+        if self.pixel_threshold is None:
+            return None
+        return find_regions(amap, self.region(amap), min_area)
+
     def judge(self, scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """float (N,) scores -> (normalised scores float64 (N,), predictions int64 0/1 (N,)), each
         None when there is nothing to judge by."""
@@ -112,3 +130,58 @@ def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """float32 (h, w) -> float32 (H, W) (``resize_maps`` for one numpy map)."""
     t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
     return resize_maps(t, hw)[0, 0].numpy()
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected defect region (8-connectivity, as the PRO metric counts regions) of a map.
+
+    x, y: the top-left pixel of its bounding box (column, row; 0-based) and width, height its size
+    in pixels, so it covers columns x .. x + width - 1; area: the pixels in the region itself;
+    peak, mean: the map's highest and mean value over those pixels (the model's raw scale)."""
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int
+    peak: float
+    mean: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_min_area(min_area) -> int:
+    """A minimum region area must be a whole number of pixels >= 1."""
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:
+        raise ValueError(f"the minimum region area must be a whole number of pixels >= 1, got {min_area!r}")
+    return int(min_area)
+
+
+def find_regions(amap: np.ndarray, mask: np.ndarray, min_area: int = MIN_REGION_AREA) -> list[Region]:
+    """The connected components of ``mask`` (bool (H, W)) with at least ``min_area`` pixels, each
+    with its box and the peak and mean of ``amap`` (float (H, W), the same size) over it; sorted by
+    peak, highest first (then top to bottom, left to right)."""
+    from scipy import ndimage
+
+    from prn.metrics import REGION_STRUCTURE
+    min_area = check_min_area(min_area)
+    amap, mask = np.asarray(amap, dtype=np.float32), np.asarray(mask, dtype=bool)
+    if amap.ndim != 2 or amap.shape != mask.shape:
+        raise ValueError(f"regions need a 2-D map and a mask of its shape, got {amap.shape} and {mask.shape}")
+    labels, n = ndimage.label(mask, structure=REGION_STRUCTURE)
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    peaks = ndimage.maximum(amap, labels, index)
+    means = ndimage.mean(amap.astype(np.float64), labels, index)
+    regions = []
+    for k, box in enumerate(ndimage.find_objects(labels)):
+        if areas[k] < min_area:
+            continue
+        rows, cols = box
+        regions.append(Region(x=int(cols.start), y=int(rows.start), width=int(cols.stop - cols.start),
+                              height=int(rows.stop - rows.start), area=int(areas[k]),
+                              peak=float(peaks[k]), mean=float(means[k])))
+    return sorted(regions, key=lambda r: (-r.peak, r.y, r.x))

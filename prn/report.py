@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from prn.errors import DataError
+from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 
 # (column, results key, scale, decimals)
 COLUMNS = (
@@ -210,6 +211,8 @@ def result_picture(path: Path, image, amap, postprocess, truth=None, title: str 
 
 
 SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "label", "error")
+REGION_COLUMN = "regions"     # prn predict's last column: the image's number of defect regions
+REGIONS_FILE = "regions.jsonl"
 MAP_FORMATS = ("npy", "png", "none")
 
 
@@ -224,6 +227,13 @@ class ResultWriter:
       128 = the pixel threshold), per ``maps``; ``masks/<path>.png`` (pixels >= the pixel
       threshold) when ``masks``; ``images/<path>.png`` pictures through ``overlay``.
 
+    - with ``regions`` (``prn predict``): a last column ``regions``, the number of defect regions
+      of the image (``Postprocess.regions`` with at least ``min_region_area`` pixels), and
+      ``regions.jsonl`` beside scores.csv, one line per scored image:
+      ``{"path", "width", "height", "regions": [{"x", "y", "width", "height", "area", "peak",
+      "mean"}, ...]}``. Without a pixel threshold the column stays empty and no regions.jsonl is
+      written (``regions_path`` is None): there is nothing to cut the map at.
+
     Output paths mirror the input tree (``mirrored_path``): ``root/good/000.png`` gets
     ``maps/good/000.png.npy``, so ``a.png`` and ``a.jpg`` never collide.
 
@@ -232,16 +242,21 @@ class ResultWriter:
     """
 
     def __init__(self, out_dir: str | Path, root: str | Path, postprocess, *, maps: str = "none",
-                 masks: bool = False):
+                 masks: bool = False, regions: bool = False, min_region_area: int = MIN_REGION_AREA):
         if maps not in MAP_FORMATS:
             raise DataError(f"maps must be one of {', '.join(MAP_FORMATS)}, got {maps!r}")
         self.out, self.root, self.post = Path(out_dir), Path(root), postprocess
         self.maps, self.masks = maps, masks
+        self.regions, self.min_region_area = regions, check_min_area(min_region_area)
         self.out.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out / "scores.csv"
         self._fh = self.csv_path.open("w", newline="")
         self._csv = csv.writer(self._fh)
-        self._csv.writerow(SCORE_COLUMNS)
+        self._csv.writerow(SCORE_COLUMNS + ((REGION_COLUMN,) if regions else ()))
+        self.regions_path = self._jsonl = None
+        if regions and postprocess.pixel_threshold is not None:
+            self.regions_path = self.out / REGIONS_FILE
+            self._jsonl = self.regions_path.open("w")
         self._used: dict[str, set] = {"maps": set(), "masks": set(), "images": set()}
 
     def __enter__(self) -> "ResultWriter":
@@ -252,27 +267,42 @@ class ResultWriter:
 
     def close(self) -> None:
         self._fh.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
 
     def flush(self) -> None:
         self._fh.flush()
+        if self._jsonl is not None:
+            self._jsonl.flush()
 
     def error(self, image_path: Path, message: str) -> None:
-        self._csv.writerow([shown_path(image_path, self.root), "", "", "", "", message])
+        self._csv.writerow([shown_path(image_path, self.root), "", "", "", "", message]
+                           + ([""] if self.regions else []))
 
     def add(self, image_path: Path, score: float, normalized: float | None, prediction: int | None,
             amap=None, hw: tuple[int, int] | None = None, label: int | None = None) -> None:
-        """One image's row, and its map and mask at its original size ``hw`` (from ``amap``
-        float32 (h, w) at the model's input size) when asked for."""
-        self._csv.writerow([shown_path(image_path, self.root), repr(float(score)),
-                            "" if normalized is None else repr(float(normalized)),
-                            "" if prediction is None else int(prediction),
-                            "" if label is None else int(label), ""])
-        if amap is None or (self.maps == "none" and not self.masks):
+        """One image's row, and its map, mask and regions at its original size ``hw`` (from
+        ``amap`` float32 (h, w) at the model's input size) when asked for."""
+        row = [shown_path(image_path, self.root), repr(float(score)),
+               "" if normalized is None else repr(float(normalized)),
+               "" if prediction is None else int(prediction), "" if label is None else int(label), ""]
+        wanted = self.maps != "none" or self.masks or self._jsonl is not None
+        full = None
+        if amap is not None and wanted:
+            if np.ndim(amap) != 2:
+                raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {np.shape(amap)}")
+            if hw is None:
+                raise DataError(f"{image_path}: maps, masks and regions need the image's size")
+            full = resize_map(amap, hw)
+        if self.regions:
+            found = None if full is None or self._jsonl is None else self.post.regions(full, self.min_region_area)
+            row.append("" if found is None else len(found))
+            if found is not None:
+                self._jsonl.write(json.dumps({"path": row[0], "width": int(hw[1]), "height": int(hw[0]),
+                                              "regions": [r.as_dict() for r in found]}) + "\n")
+        self._csv.writerow(row)
+        if full is None:
             return
-        if np.ndim(amap) != 2:
-            raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {np.shape(amap)}")
-        from prn.postprocess import resize_map
-        full = resize_map(amap, hw)
         if self.maps == "npy":
             np.save(self._target(image_path, "maps", ".npy"), full)
         elif self.maps == "png":

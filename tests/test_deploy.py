@@ -165,7 +165,7 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
 def test_predict_writes_score_normalised_score_prediction_and_error_columns(run, images, tmp_path):
     summary = api.predict(run, images, tmp_path, progress=False)
     rows = _rows(summary.csv)
-    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "label", "error"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "label", "error", "regions"]
     cal = load_checkpoint(run)["calibration"]
     span = cal["score_max"] - cal["score_min"]
     for r in rows:

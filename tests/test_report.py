@@ -107,6 +107,30 @@ def test_result_writer_writes_scores_without_maps_and_errors_in_their_column(tmp
     assert not (tmp_path / "out" / "maps").exists()
 
 
+def test_result_writer_with_regions_adds_their_count_column_and_regions_jsonl(tmp_path):
+    cal = {"image_threshold": 0.5, "pixel_threshold": 0.5, "score_min": 0.0, "score_max": 1.0,
+           "pixel_min": 0.0, "pixel_max": 1.0}
+    amap = np.zeros((4, 8), np.float32)
+    amap[0, 0:2], amap[3, 6:8] = 1.0, 0.8       # two corner blocks of 1 x 2 map pixels
+    with report.ResultWriter(tmp_path / "out", tmp_path, Postprocess(cal), regions=True) as w:
+        w.add(tmp_path / "a.png", 0.9, 0.9, 1, amap, (8, 16))      # the image: twice the map's size
+        w.error(tmp_path / "b.png", "b.png: not an image")
+    rows = read_csv(tmp_path / "out" / "scores.csv")
+    assert rows[0] == list(report.SCORE_COLUMNS) + ["regions"]
+    assert rows[1][-1] == "2" and rows[2] == ["b.png", "", "", "", "", "b.png: not an image", ""]
+    (line,) = [json.loads(x) for x in (tmp_path / "out" / "regions.jsonl").read_text().splitlines()]
+    assert (line["path"], line["width"], line["height"]) == ("a.png", 16, 8)
+    # half-way between map pixels: the top-left block covers columns 0-3 and rows 0-1 of the image
+    assert [(r["x"], r["y"], r["width"], r["height"]) for r in line["regions"]] == [(0, 0, 4, 2), (12, 6, 4, 2)]
+    assert [r["peak"] for r in line["regions"]] == [1.0, pytest.approx(0.8)]
+    # uncalibrated: the column is there, empty, and there is no regions.jsonl to misread
+    with report.ResultWriter(tmp_path / "raw", tmp_path, Postprocess(), regions=True) as w:
+        w.add(tmp_path / "a.png", 0.9, None, None, amap, (8, 16))
+        assert w.regions_path is None
+    assert read_csv(tmp_path / "raw" / "scores.csv")[1][-1] == ""
+    assert not (tmp_path / "raw" / "regions.jsonl").exists()
+
+
 def test_result_writer_never_writes_outside_its_folder(tmp_path):
     root = tmp_path / "data"
     sneaky = root / ".." / ".." / "escape.png"  # lexically outside root

@@ -8,7 +8,7 @@ checkpoint (``prn.deploy.calibrate``), so a bare checkpoint copied anywhere deci
 
     >>> predictor = Predictor("runs/mvtec/bottle/20260101-120000")
     >>> results = predictor.predict_arrays([uint8_image])   # [{"score", "normalized_score", ...}]
-    >>> summary = predict_folder(predictor, "new_images/", "out/")
+    >>> summary = predict_folder(predictor, "new_images/", "out/")   # scores.csv, regions.jsonl, maps
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prn.data.io import read_image, require_images
 from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError
 from prn.pipeline import InferencePipeline, forward_model
-from prn.postprocess import resize_map
+from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 from prn.preprocess import image_batch, scale
 from prn.report import MAP_FORMATS, ResultWriter
 
@@ -89,6 +89,11 @@ class Predictor:
                                   f"run `prn calibrate RUN` first")
         return self.postprocess.region(amap)
 
+    def regions(self, amap: np.ndarray, min_area: int = MIN_REGION_AREA) -> list | None:
+        """The defect regions (``prn.postprocess.Region``) of a map at the image's own size, so
+        their boxes are in the image's pixels; None without a calibrated pixel threshold."""
+        return self.postprocess.regions(amap, min_area)
+
     def display_map(self, amap: np.ndarray) -> np.ndarray:
         """The map in [0, 1] for pictures (``Postprocess.display_map``: 0.5 = pixel threshold)."""
         return self.postprocess.display_map(amap)
@@ -129,6 +134,7 @@ class PredictSummary:
     n_errors: int
     seconds: float
     decided: bool = True  # False: no threshold, so no prediction was made
+    regions: Path | None = None  # regions.jsonl; None without a pixel threshold
 
     @property
     def images_per_second(self) -> float:
@@ -137,14 +143,21 @@ class PredictSummary:
 
 def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path, *,
                    maps: str = "npy", masks: bool = False, overlays: int = 0, strict: bool = False,
-                   num_workers: int = 0, progress: bool = True) -> PredictSummary:
+                   num_workers: int = 0, progress: bool = True,
+                   min_region_area: int = MIN_REGION_AREA) -> PredictSummary:
     """Score an image or a folder of images (at any depth) into ``out_dir``.
 
     maps: "npy" (float32 maps at each image's size, raw model values), "png" (8-bit maps of the
     normalised values, 128 = the pixel threshold) or "none"; masks: binary defect masks as PNG
     (pixels >= the calibrated pixel threshold); overlays: pictures of the first N images (-1:
     all). Outputs mirror the input folder: ``maps/<rel path>.npy``, ``masks/<rel path>.png``.
+
+    Defect regions (``Postprocess.regions``: connected pixels >= the pixel threshold, boxes in
+    each image's own pixels, at least ``min_region_area`` pixels) go to ``regions.jsonl`` and
+    their count to scores.csv's last column, ``regions``; without a calibrated pixel threshold
+    the column stays empty and no regions.jsonl is written (``summary.regions`` None).
     """
+    min_region_area = check_min_area(min_region_area)
     if maps not in MAP_FORMATS:
         raise PRNError(f"maps must be one of {', '.join(MAP_FORMATS)}, got {maps!r}")
     if masks and predictor.pixel_threshold is None:
@@ -159,7 +172,8 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                         pin_memory=predictor.loaded.device.type == "cuda")
     n_defective = n_errors = 0
     t0 = time.perf_counter()
-    with ResultWriter(out, root, predictor.postprocess, maps=maps, masks=masks) as writer:
+    with ResultWriter(out, root, predictor.postprocess, maps=maps, masks=masks, regions=True,
+                      min_region_area=min_region_area) as writer:
         for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
             ok = [k for k, e in enumerate(batch["error"]) if not e]
             if strict and len(ok) < len(batch["error"]):
@@ -188,4 +202,4 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                     writer.overlay(path, batch["resized"][j].numpy(), small, title=title)
             writer.flush()
     return PredictSummary(out, writer.csv_path, len(files), n_defective, n_errors, time.perf_counter() - t0,
-                          predictor.postprocess.calibrated)
+                          predictor.postprocess.calibrated, writer.regions_path)
