@@ -117,7 +117,8 @@ def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = F
     preds = predict_samples(model, samples, cfg.model.input_hw, batch_size=cfg.runtime.eval_batch_size,
                             device=resolve_device(cfg.runtime.device), max_pixels=cfg.data.max_image_pixels,
                             progress=progress, precision=cfg.training.precision)
-    metrics = compute_all(preds.labels, preds.scores, preds.masks, preds.maps)
+    exact = preds.pixel_exact  # pixel metrics over the images whose masks are pixel truth
+    metrics = compute_all(preds.labels, preds.scores, preds.masks[exact], preds.maps[exact])
     metrics["seconds_per_image"] = preds.seconds_per_image
     metrics["n_test"] = len(samples)
     metrics["n_test_anomalous"] = int(preds.labels.sum())

@@ -69,6 +69,12 @@ class DataConfig:
     val_anomalies: int = -1           # seen anomalies held out; -1: floor(0.3 k) (3 of 10, 1 of 5, 0 of 1)
     val_normal_fraction: float = 0.1  # share of the normal training images held out ...
     val_normal_min: int = 8           # ... but at least this many (when there are twice as many)
+    # defects without a pixel mask (ours): a <stem>_box.png mask is a loose box around the defect;
+    # with allow_label_only a defective image without any mask file is known by its label alone
+    allow_label_only: bool = False
+    seen_annotation: str = "as_given" # "as_given", or train on the seen anomalies as "box" (each
+                                      # mask's components' bounding boxes) or "label" (no mask):
+                                      # what prn learns from weaker annotations (an experiment)
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,6 +86,8 @@ class DataConfig:
             problems.append(f"category_kind must be auto, object or texture, got {self.category_kind!r}")
         if not 0 <= self.val_normal_fraction < 1 or self.val_normal_min < 0:
             problems.append("val_normal_fraction must be in [0, 1) and val_normal_min >= 0")
+        if self.seen_annotation not in ("as_given", "box", "label"):
+            problems.append(f"seen_annotation must be as_given, box or label, got {self.seen_annotation!r}")
         _check(problems)
 
     def val_anomaly_count(self) -> int:
@@ -207,6 +215,7 @@ class TrainingConfig:
     focal_gamma: float = 4.0
     focal_weight: float = 5.0         # lambda in Eq. 5
     image_loss_weight: float = 1.0    # ours: weight of the image head's BCE beside Eq. 5 (with a head)
+    weak_loss_weight: float = 1.0     # ours: weight of the loss of defects known by a label or a box
     grad_clip: float = 1.0            # max grad norm; 0 disables (ours, for stability)
     seed: int = 0                     # training randomness and k-means
     precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA);

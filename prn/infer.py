@@ -38,6 +38,12 @@ class Predictions:
     labels: np.ndarray
     seconds_per_image: float
 
+    @property
+    def pixel_exact(self) -> np.ndarray:
+        """bool (N,): the images whose masks are pixel truth (good ones, and defects with a mask,
+        not a box or a label alone): the pixel metrics are taken over these."""
+        return np.array([s.pixel_exact for s in self.samples], dtype=bool)
+
 
 @torch.no_grad()
 def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | tuple[int, int], *,
@@ -83,7 +89,9 @@ def validate(model: torch.nn.Module, val: ValidationFold, device: torch.device, 
     scores, maps = (np.concatenate(parts) for parts in zip(*outputs))
     preds = Predictions(val.samples, scores, maps, val.masks, val.labels,
                         (time.perf_counter() - t0) / len(val.samples))
-    has_defects = bool(val.masks.any()) and bool((~val.masks).any())
+    exact = preds.pixel_exact
+    masks, maps = val.masks[exact], maps[exact]
+    has_defects = bool(masks.any()) and bool((~masks).any())
     return {"val_image_auroc": image_auroc(val.labels, scores),
-            "val_pixel_auroc": pixel_auroc(val.masks, maps) if has_defects else math.nan,
-            "val_pixel_ap": pixel_ap(val.masks, maps) if has_defects else math.nan}, preds
+            "val_pixel_auroc": pixel_auroc(masks, maps) if has_defects else math.nan,
+            "val_pixel_ap": pixel_ap(masks, maps) if has_defects else math.nan}, preds

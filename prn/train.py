@@ -39,11 +39,15 @@ from prn.data.datasets import load_training_arrays, load_validation
 from prn.data.split import Split
 from prn.errors import TrainingError
 from prn.infer import Predictions, validate
-from prn.model.loss import prn_loss
+from prn.model.loss import prn_loss, weak_loss
 from prn.model.network import PRN
 from prn.precision import autocast, check_precision, grad_scaler
 from prn.preprocess import batches_of
 from prn.runtime import loader_workers, resolve_device, seed_everything
+
+
+# the per-epoch means in metrics.csv: the total, Eq. 5's parts, the image head's and weak labels' losses
+LOSS_TERMS = ("loss", "smooth_l1", "focal", "image", "weak")
 
 
 def param_groups(model: PRN, weight_decay: float) -> list[dict]:
@@ -76,17 +80,25 @@ def lr_at(step: int, total: int, cfg: PRNConfig) -> float:
 
 
 def forward_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg: PRNConfig,
-                 device: torch.device) -> tuple[torch.Tensor, dict]:
+                 device: torch.device, weight: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 weak: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The training forward pass under cfg.training.precision's autocast, and Eq. 5's loss in
-    float32; with an image head, its BCE on the images' labels (a mask with any pixel: defective)
-    weighted by cfg.training.image_loss_weight is added (parts["image"])."""
+    float32 over the pixels of ``weight`` (all by default). Defects known by a label or a box
+    alone (``weak``) add ``weak_loss`` weighted by cfg.training.weak_loss_weight (parts["weak"]);
+    an image head adds its BCE on the images' ``labels`` (default: a mask with any pixel is
+    defective) weighted by cfg.training.image_loss_weight (parts["image"])."""
     with autocast(device, cfg.training.precision):
         out = net(images)
     logits, image_logits = out if isinstance(out, tuple) else (out, None)
-    loss, parts = prn_loss(logits, masks, cfg.training)
+    loss, parts = prn_loss(logits, masks, cfg.training, weight)
+    if weak is not None and bool((weak > 0.5).any()):
+        extra = weak_loss(logits, masks, weak, cfg.model.top_k)
+        loss = loss + cfg.training.weak_loss_weight * extra
+        parts["weak"] = extra.detach()
     if image_logits is not None:
-        labels = (masks.flatten(1).amax(dim=1) > 0.5).float()
-        image = torch.nn.functional.binary_cross_entropy_with_logits(image_logits.float(), labels)
+        if labels is None:
+            labels = (masks.flatten(1).amax(dim=1) > 0.5).float()
+        image = torch.nn.functional.binary_cross_entropy_with_logits(image_logits.float(), labels.float())
         loss = loss + cfg.training.image_loss_weight * image
         parts["image"] = image.detach()
     return loss, parts
@@ -115,7 +127,7 @@ def val_score(record: dict) -> float:
 
 def append_metrics(path: Path, record: dict) -> None:
     """One row per epoch in the run folder's metrics.csv (header from the first row)."""
-    keys = ["epoch", "steps", "seconds", "lr", "loss", "smooth_l1", "focal", "image",
+    keys = ["epoch", "steps", "seconds", "lr", "loss", "smooth_l1", "focal", "image", "weak",
             "val_image_auroc", "val_pixel_auroc", "val_pixel_ap"]
     new = not path.is_file()
     with path.open("a", newline="") as f:
@@ -213,7 +225,7 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         net.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, smooth_l1, focal, image (0 without a head)
+        sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
         steps, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.training.epochs}", disable=not progress, leave=False)
         for batch in bar:
@@ -222,11 +234,12 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
                 group["lr"] = lr
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
-            loss, parts = forward_loss(net, images, masks, cfg, device)
+            loss, parts = forward_loss(net, images, masks, cfg, device, batch["weight"].to(device),
+                                       batch["label"].to(device), batch["weak"].to(device))
             # The global batch's losses are the ranks' mean (their shares are equal in size). This
             # one small all-reduce also stops every rank together when any loss is not finite.
-            step = distributed.mean_over_ranks(torch.stack([loss.detach(), parts["smooth_l1"], parts["focal"],
-                                                            parts.get("image", torch.zeros_like(loss))]))
+            step = distributed.mean_over_ranks(torch.stack(
+                [loss.detach()] + [parts.get(k, torch.zeros_like(loss)) for k in LOSS_TERMS[1:]]))
             step = step.double().cpu()
             if not torch.isfinite(step[0]):
                 raise TrainingError(
@@ -240,8 +253,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         with torch.no_grad():
             distributed.average_buffers(model, ("running_mean", "running_var"))
         record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
-        terms = ("loss", "smooth_l1", "focal", "image") if model.image_head is not None else ("loss", "smooth_l1", "focal")
-        record.update({k: v / max(steps, 1) for k, v in zip(terms, sums.tolist())})
+        record.update({k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())
+                       if k in ("loss", "smooth_l1", "focal") or v})  # image, weak: when trained
         if val is not None:
             scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
             record.update(scores)

@@ -261,11 +261,11 @@ from prn.errors import TrainingError
 
 real, calls = prn.train.prn_loss, [0]
 
-def loss_failing_on_rank_1(logits, mask, cfg):
+def loss_failing_on_rank_1(logits, mask, cfg, weight=None):
     calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == 2:
         raise TrainingError("rank 1 could not go on (made to fail by the test)")
-    return real(logits, mask, cfg)
+    return real(logits, mask, cfg, weight)
 
 prn.train.prn_loss = loss_failing_on_rank_1
 sys.exit(main())

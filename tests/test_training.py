@@ -52,9 +52,9 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dem
     split = api.make_split(cfg)
     real_loss, calls = train_module.prn_loss, {"n": 0}
 
-    def loss_that_explodes(logits, mask, training):
+    def loss_that_explodes(logits, mask, training, weight=None):
         calls["n"] += 1
-        total, parts = real_loss(logits, mask, training)
+        total, parts = real_loss(logits, mask, training, weight)
         return (total * float("nan"), parts) if calls["n"] > training.steps_per_epoch else (total, parts)
 
     monkeypatch.setattr(train_module, "prn_loss", loss_that_explodes)

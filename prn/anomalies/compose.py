@@ -28,6 +28,7 @@ from prn.anomalies.simulated import make_heterologous, make_homologous
 from prn.anomalies.target_areas import foreground_mask, sample_target_area
 from prn.anomalies.textures import TextureSource
 from prn.config import PRNConfig
+from prn.data.sample import ANNOTATIONS
 from prn.preprocess import to_tensor
 
 STRATEGIES = ("extended", "heterologous", "homologous")
@@ -59,8 +60,11 @@ class AnomalyGenerator:
 
     cfg: the switches extended_anomalies, heterologous_anomalies, homologous_anomalies,
     target_areas, beta_min/beta_max, perlin_threshold, homologous_grid, texture_dir.
-    seen: the seen anomalies, ``(uint8 (S, S, 3), bool (S, S))`` pairs; those with an empty
-    mask are skipped. category_kind: "object" (target areas on the estimated foreground),
+    seen: the seen anomalies, ``(uint8 (S, S, 3), bool (S, S))`` pairs or ``(image, mask,
+    annotation)`` triples (``prn.data.sample.ANNOTATIONS``: "mask" pixels, "box" a loose region,
+    "label" no region); a mask or box that is empty is skipped. EA are made from those with a
+    region (a box gives a loose EA, annotated "box"); every one can fill a "seen" slot as itself.
+    category_kind: "object" (target areas on the estimated foreground),
     "texture" (anywhere) or "auto" (cfg.data.resolved_category_kind). texture_dir: overrides
     cfg.synthesis.texture_dir ("" or None: procedural textures).
 
@@ -76,16 +80,20 @@ class AnomalyGenerator:
             raise ValueError(f"category_kind must be 'object' or 'texture', got {category_kind!r}")
         self.cfg = cfg
         self.category_kind = kind
-        self.seen = []
-        for j, (image, mask) in enumerate(seen):
+        self.seen = []  # (image, mask, annotation)
+        for j, item in enumerate(seen):
+            image, mask, annotation = item if len(item) == 3 else (*item, "mask")
             _check_image(image, f"seen anomaly {j}")
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"seen anomaly {j}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
-            if mask.any():
-                self.seen.append((image, mask))
+            if annotation not in ANNOTATIONS:
+                raise ValueError(f"seen anomaly {j}: annotation must be one of {ANNOTATIONS}, got {annotation!r}")
+            if mask.any() or annotation == "label":
+                self.seen.append((image, mask, annotation))
+        self.sources = [s for s in self.seen if s[2] != "label"]  # what EA can cut a defect from
 
-        enabled = {"extended": cfg.synthesis.extended_anomalies and bool(self.seen),
+        enabled = {"extended": cfg.synthesis.extended_anomalies and bool(self.sources),
                    "heterologous": cfg.synthesis.heterologous_anomalies, "homologous": cfg.synthesis.homologous_anomalies}
         self.strategies = [s for s in STRATEGIES if enabled[s]]
         if not self.strategies:
@@ -101,7 +109,7 @@ class AnomalyGenerator:
         # gray: whether the normal images are gray (the caller knows them); else judged from the seen ones.
         wanted = {"yes": True, "no": False}.get(cfg.synthesis.gray_textures)
         if wanted is None:
-            wanted = gray if gray is not None else bool(self.seen) and all(is_gray(im) for im, _ in self.seen[:3])
+            wanted = gray if gray is not None else bool(self.seen) and all(is_gray(s[0]) for s in self.seen[:3])
         self.gray_textures = wanted
 
     @property
@@ -138,6 +146,12 @@ class AnomalyGenerator:
              foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One anomaly of ``strategy`` (extended, heterologous or homologous) on a uint8 (H, W, 3)
         normal image. Returns (image uint8 (H, W, 3), mask bool (H, W), target area bool (H, W))."""
+        return self._make(strategy, normal, rng, foreground)[:3]
+
+    def _make(self, strategy: str, normal: np.ndarray, rng: np.random.Generator,
+              foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """``make``, and the annotation of the mask made: "box" for EA cut from a box, else "mask"."""
+        annotation = "mask"
         if strategy not in self.strategies:
             raise ValueError(f"strategy {strategy!r} is not available; available: {self.strategies}")
         _check_image(normal, "normal image")
@@ -145,7 +159,7 @@ class AnomalyGenerator:
         target = self.target_area(normal, rng, foreground)
         beta = float(rng.uniform(cfg.synthesis.beta_min, cfg.synthesis.beta_max))
         if strategy == "extended":
-            seen_image, seen_mask = self.seen[int(rng.integers(len(self.seen)))]
+            seen_image, seen_mask, annotation = self.sources[int(rng.integers(len(self.sources)))]
             if seen_image.shape != normal.shape:
                 raise ValueError(f"seen anomaly of shape {seen_image.shape} cannot extend onto a normal "
                                  f"image of shape {normal.shape}; resize both to image_size")
@@ -162,14 +176,14 @@ class AnomalyGenerator:
             else:
                 image, mask = make_homologous(normal, target, beta, cfg.synthesis.perlin_threshold, cfg.synthesis.homologous_grid,
                                               rng, **opts)
-        return image, mask, target
+        return image, mask, target, annotation
 
     def extended(self, normal: np.ndarray, rng: np.random.Generator,
                  foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """An extended anomaly: (uint8 (H, W, 3), bool (H, W)). ValueError when EA are unavailable."""
         if not self.can_extend:
             raise ValueError("extended anomalies are not available: they are switched off or there are "
-                             "no seen anomalies with a defect mask")
+                             "no seen anomalies with a defect mask or box")
         return self.make("extended", normal, rng, foreground)[:2]
 
     def simulated(self, normal: np.ndarray, rng: np.random.Generator,
@@ -183,29 +197,39 @@ class AnomalyGenerator:
 
     def seen_as_itself(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A random seen anomaly as it looks, mildly augmented (``mild_augment``): (uint8, bool)."""
+        return self._seen_as_itself(rng)[:2]
+
+    def _seen_as_itself(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
         if not self.seen:
-            raise ValueError("there are no seen anomalies with a defect mask")
-        image, mask = self.seen[int(rng.integers(len(self.seen)))]
-        return mild_augment(image, mask, rng)
+            raise ValueError("there are no seen anomalies")
+        image, mask, annotation = self.seen[int(rng.integers(len(self.seen)))]
+        return (*mild_augment(image, mask, rng), annotation)
 
     def generate(self, kind: str, normal: np.ndarray, rng: np.random.Generator,
                  foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
         """Fills a batch slot of ``kind`` ("extended", "simulated" or "seen"); a slot whose kind is
         unavailable gets another (seen -> extended -> simulated). Returns (image, mask, the kind made)."""
+        return self.generate_annotated(kind, normal, rng, foreground)[:3]
+
+    def generate_annotated(self, kind: str, normal: np.ndarray, rng: np.random.Generator,
+                           foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str, str]:
+        """``generate``, and what the mask made says (annotation "mask", "box" or "label")."""
         if kind not in ("extended", "simulated", "seen"):
             raise ValueError(f"kind must be 'extended', 'simulated' or 'seen', got {kind!r}")
         if kind == "seen":
             if self.seen:
-                image, mask = self.seen_as_itself(rng)
-                return image, mask, "seen"
+                image, mask, annotation = self._seen_as_itself(rng)
+                return image, mask, "seen", annotation
             kind = "simulated"
         if kind == "extended" and not self.can_extend:
             kind = "simulated"
         elif kind == "simulated" and not self.simulated_strategies:
             kind = "extended"
-        make = self.extended if kind == "extended" else self.simulated
-        image, mask = make(normal, rng, foreground)
-        return image, mask, kind
+        if kind == "extended":  # available here: the constructor ensured some strategy is
+            image, mask, _, annotation = self._make("extended", normal, rng, foreground)
+            return image, mask, kind, annotation
+        image, mask = self.simulated(normal, rng, foreground)
+        return image, mask, kind, "mask"
 
 
 class TrainingSet(Dataset):
@@ -213,7 +237,12 @@ class TrainingSet(Dataset):
 
     kind: "normal", "extended" or "simulated"; i: index of the normal image; seed: int >= 0.
     Returns {"image": float32 (3, S, S) in [0, 1], "mask": float32 (1, S, S) in {0, 1},
-    "kind": the kind made (an unavailable anomaly kind is replaced by the other)}.
+    "kind": the kind made (an unavailable anomaly kind is replaced by the other), and what the
+    item teaches: "weight" float32 (1, S, S), 1 where the pixel loss counts the pixel, "label"
+    float32 (), the image's label, "weak" float32 (), 1 when the defect is known only as an
+    image label or a loose box (the loss then asks the map's top pixels, inside the box or
+    anywhere, to be high: ``prn.model.loss.weak_loss``)}. A box's inside does not count in the
+    pixel loss (its unmarked part may be good), its outside does; a label alone counts no pixel.
     Normal items are the images unchanged, with an all-zero mask.
     """
 
@@ -241,15 +270,19 @@ class TrainingSet(Dataset):
         kind, i, seed = key
         normal = self.normals[i]
         if kind == "normal":
-            image, mask = normal, np.zeros(normal.shape[:2], bool)
+            image, mask, annotation = normal, np.zeros(normal.shape[:2], bool), "mask"
         elif kind in ("extended", "simulated", "seen"):
             rng = np.random.default_rng(seed)
-            image, mask, kind = self.generator.generate(kind, normal, rng, self.foreground(i))
+            image, mask, kind, annotation = self.generator.generate_annotated(kind, normal, rng, self.foreground(i))
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        mask_t = torch.from_numpy(mask)[None].float()
+        weight = {"mask": torch.ones_like(mask_t), "box": 1.0 - mask_t,
+                  "label": torch.zeros_like(mask_t)}[annotation]
+        label = 1.0 if annotation != "mask" or mask.any() else 0.0
         return {"image": to_tensor(image),  # the one uint8 -> [0, 1] conversion of inference
-                "mask": torch.from_numpy(mask)[None].float(),
-                "kind": kind}
+                "mask": mask_t, "kind": kind, "weight": weight,
+                "label": torch.tensor(label), "weak": torch.tensor(float(annotation != "mask"))}
 
 
 def item_seed(seed: int, epoch: int, batch: int, slot: int) -> int:

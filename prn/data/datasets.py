@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch.utils.data import Dataset
 
 from prn.data.io import DEFAULT_MAX_PIXELS, image_hw, read_image, read_mask
@@ -73,13 +74,32 @@ def load_arrays(samples: list[Sample], size: int | tuple[int, int],
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def boxes_of(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W): the bounding box of each 8-connected region of ``mask``, filled (a box
+    annotation made from a pixel one)."""
+    out = np.zeros_like(mask, dtype=bool)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    for rows, cols in ndimage.find_objects(labels):
+        out[rows, cols] = True
+    return out
+
+
 def load_training_arrays(cfg, split):
     """The normal training images of ``split`` (uint8 arrays at the model's input size) and its
-    seen anomalies ((image, mask) pairs). cfg: a ``PRNConfig``."""
+    seen anomalies as (image, mask, annotation) triples (``Sample.annotation``; with
+    cfg.data.seen_annotation "box" or "label" each mask is made a box or dropped). cfg: a ``PRNConfig``."""
     size, limit = cfg.model.input_hw, cfg.data.max_image_pixels
     normals, _ = load_arrays(split.train_normal, size, limit)
     images, masks = load_arrays(split.train_anomalous, size, limit)
-    return normals, list(zip(images, masks))
+    seen = []
+    for sample, image, mask in zip(split.train_anomalous, images, masks):
+        annotation = sample.annotation
+        if cfg.data.seen_annotation == "label" or (cfg.data.seen_annotation == "box" and annotation == "label"):
+            mask, annotation = np.zeros_like(mask), "label"
+        elif cfg.data.seen_annotation == "box":
+            mask, annotation = boxes_of(mask), "box"
+        seen.append((image, mask, annotation))
+    return normals, seen
 
 
 @dataclass

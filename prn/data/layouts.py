@@ -3,11 +3,13 @@
 Supported layouts (`PRNConfig.dataset`):
 
 - ``mvtec`` / ``demo``: ``CAT/train/good/*``, ``CAT/test/<defect>/*`` (``good`` = defect-free),
-  ``CAT/ground_truth/<defect>/<stem>_mask.png``.
+  ``CAT/ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>_box.png``, a loose box around the
+  defect; or, with ``allow_label_only``, no file: a defect known by its label alone).
 - ``btad``: ``NN/train/ok/*``, ``NN/test/ok|ko/*``, ``NN/ground_truth/ko/<stem>.png``.
 - ``dagm``: ``ClassN/Train|Test/*.PNG`` with ``Label/Labels.txt`` and ``Label/<stem>_label.PNG``.
 - ``ksdd2``: ``ROOT/train|test/<stem>.png`` with ``<stem>_GT.png``; an all-zero GT is defect-free.
-- ``folder``: ``ROOT/<normal_dir>``, ``ROOT/<abnormal_dir>``, ``ROOT/<mask_dir>/<stem><mask_suffix>.*``.
+- ``folder``: ``ROOT/<normal_dir>``, ``ROOT/<abnormal_dir>``, ``ROOT/<mask_dir>/<stem><mask_suffix>.*``
+  (or ``<stem>_box.*``, or nothing with ``allow_label_only``).
 
 For the layouts with categories, ``root`` may also point at a category folder itself (one with
 ``train/`` or ``Train/`` inside); ``category`` may then be "". The index is checked from file
@@ -67,18 +69,32 @@ def _check_size(image: Path, mask: Path) -> None:
         raise DataError(f"{mask}: mask is {mw}x{mh} (WxH) but its image {image} is {iw}x{ih}")
 
 
-def _pair_masks(images: list[Path], mask_dir: Path, suffix: str, defect_type: str) -> list[Sample]:
-    """Defective samples: image x.ext gets mask_dir/x<suffix>.<any image ext>; both must exist."""
+BOX_SUFFIX = "_box"  # <stem>_box.png beside <stem>_mask.png: a loose region that holds the defect
+
+
+def _pair_masks(images: list[Path], mask_dir: Path, suffix: str, defect_type: str,
+                loose: bool = False, label_only: bool = False) -> list[Sample]:
+    """Defective samples: image x.ext gets mask_dir/x<suffix>.<any image ext>, or with ``loose``
+    a box mask mask_dir/x_box.<ext> (annotation "box"); without either the image is an error,
+    or with ``label_only`` a defect known by its label alone (annotation "label")."""
     _by_stem(images)
-    masks = _by_stem(find_images(mask_dir, recursive=False))
+    masks = _by_stem(find_images(mask_dir, recursive=False)) if mask_dir.is_dir() or not label_only else {}
     samples = []
     for img in images:
-        mask = masks.pop(img.stem + suffix, None)
+        mask, annotation = masks.pop(img.stem + suffix, None), "mask"
+        box = masks.pop(img.stem + BOX_SUFFIX, None) if loose and suffix != BOX_SUFFIX else None
+        if mask is None and box is not None:
+            mask, annotation = box, "box"
         if mask is None:
+            if label_only:
+                samples.append(Sample(img, None, 1, defect_type, "label"))
+                continue
             raise DataError(f"{img}: defective image has no mask (expected "
-                            f"{mask_dir / (img.stem + suffix)}.png)")
+                            f"{mask_dir / (img.stem + suffix)}.png"
+                            + (f" or a box {mask_dir / (img.stem + BOX_SUFFIX)}.png, or set "
+                               f"allow_label_only for defects known by their label alone)" if loose else ")"))
         _check_size(img, mask)
-        samples.append(Sample(img, mask, 1, defect_type))
+        samples.append(Sample(img, mask, 1, defect_type, annotation))
     if masks:
         stem, mask = min(masks.items())
         if not stem.endswith(suffix):
@@ -128,7 +144,7 @@ def _category_dir(cfg: PRNConfig, root: Path) -> tuple[Path, str]:
 
 # --- layouts ----------------------------------------------------------------------------------
 
-def _mvtec(cat: Path) -> tuple[list[Sample], list[Sample]]:
+def _mvtec(cat: Path, label_only: bool = False) -> tuple[list[Sample], list[Sample]]:
     train_dir, test_dir, gt_dir = cat / "train", cat / "test", cat / "ground_truth"
     for extra in _subdirs(train_dir):
         if extra.name != "good":
@@ -144,7 +160,8 @@ def _mvtec(cat: Path) -> tuple[list[Sample], list[Sample]]:
         if d.name == "good":
             test += _normals(d)
         else:
-            test += _pair_masks(require_images(d, recursive=False), gt_dir / d.name, "_mask", d.name)
+            test += _pair_masks(require_images(d, recursive=False), gt_dir / d.name, "_mask", d.name,
+                                loose=True, label_only=label_only)
     tested = {d.name for d in defect_dirs}
     if gt_dir.is_dir():
         for g in _subdirs(gt_dir):
@@ -272,7 +289,7 @@ def _folder(cfg: PRNConfig, root: Path) -> tuple[list[Sample], list[Sample]]:
     normal_dir = root / cfg.data.normal_dir
     normals = _normals(normal_dir)
     defects = _pair_masks(require_images(root / cfg.data.abnormal_dir, recursive=False), root / cfg.data.mask_dir,
-                          cfg.data.mask_suffix, "defect")
+                          cfg.data.mask_suffix, "defect", loose=True, label_only=cfg.data.allow_label_only)
     if cfg.data.test_normal_dir:
         return normals, _normals(root / cfg.data.test_normal_dir) + defects
     if not 0 <= cfg.data.test_normal_fraction < 1:
@@ -299,8 +316,10 @@ def load_index(cfg: PRNConfig) -> DatasetIndex:
         raise DataError(f"{root}: dataset root not found")
     if cfg.data.dataset in _TRAIN_DIR:
         cat, category = _category_dir(cfg, root)
-        loader = {"mvtec": _mvtec, "demo": _mvtec, "btad": _btad, "dagm": _dagm}[cfg.data.dataset]
-        train, test = loader(cat)
+        if cfg.data.dataset in ("mvtec", "demo"):
+            train, test = _mvtec(cat, label_only=cfg.data.allow_label_only)
+        else:
+            train, test = {"btad": _btad, "dagm": _dagm}[cfg.data.dataset](cat)
     elif cfg.data.dataset == "ksdd2":
         cat, category = root, cfg.data.category
         train, test = _ksdd2(root, cfg.data.max_image_pixels or DEFAULT_MAX_PIXELS)

@@ -1,0 +1,127 @@
+"""Where a training step of `prn fit` spends its time (and what the fit holds in memory).
+
+    python benchmarks/profile_fit.py --root ../shared/data/kolektorsdd [--steps 10] [--threads 2]
+
+Builds the `cpu` preset's PRN at the dataset's input size (the aspect kept, long side 384) with
+its real training set (the split's normal images and seen anomalies, anomaly synthesis as in
+training) and times, over ``--steps`` steps of 16 images, each stage of a step in the main
+process: making the batch (decode is done once before: the arrays are in memory; this is the
+synthesis), the encoder, the prototype residuals, the rest of the network (fusion, attention,
+decoder), the loss, backward, the optimiser step. Also times k-means on the normal images and one
+validation pass, and reports the process's resident memory after each phase. The figures are
+those of one process with ``--threads`` threads; ``prn fit`` makes the batches in DataLoader
+workers beside the model (the share "batch" then overlaps the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from prn import registry
+from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, is_gray
+from prn.config import PRNConfig
+from prn.data.datasets import load_training_arrays, load_validation
+from prn.infer import validate
+from prn.model.loss import prn_loss
+from prn.preprocess import batches_of
+from prn.presets import PRESETS
+from prn.runs import make_split, resolve_input_size
+from prn.train import make_optimizer
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from prn.settings import parse_field
+    changes = {k: parse_field(k, v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = PRNConfig(dataset="mvtec", root=str(args.root), backbone_weights="imagenet", device="cpu",
+                    **{**PRESETS["cpu"], **changes})
+    memory = {"start": rss_mb()}
+    t0 = time.perf_counter()
+    split = make_split(cfg)
+    cfg = resolve_input_size(cfg, split)
+    normals, seen = load_training_arrays(cfg, split)
+    load_s = time.perf_counter() - t0
+    memory["arrays loaded"] = rss_mb()
+    model = registry.build("prn", cfg)
+    t0 = time.perf_counter()
+    model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=0)
+    kmeans_s = time.perf_counter() - t0
+    memory["prototypes fitted"] = rss_mb()
+    data = TrainingSet(normals, AnomalyGenerator(cfg, seen, cfg.data.resolved_category_kind,
+                                                 gray=all(is_gray(n) for n in normals[:8])), cfg)
+    sampler = iter(BalancedBatchSampler(len(normals), cfg, seed=0, epoch=0, steps=args.steps + 1))
+    optimizer = make_optimizer(model, cfg)
+    stages = {k: [] for k in ("batch", "encoder", "prototypes", "fusion+attention+decoder", "loss",
+                              "backward", "optimizer")}
+    model.train()
+    for step in range(args.steps + 1):
+        t = [time.perf_counter()]
+        items = [data[key] for key in next(sampler)]
+        images = torch.stack([i["image"] for i in items]).contiguous(memory_format=torch.channels_last)
+        masks = torch.stack([i["mask"] for i in items])
+        t.append(time.perf_counter())
+        with torch.no_grad():
+            feats = model.encoder(images)
+        t.append(time.perf_counter())
+        with torch.no_grad():
+            raw = model.prototypes.residuals([f.float() for f in feats])
+        t.append(time.perf_counter())
+        maps = model.fuse_features(feats)
+        res = model.fuse_residuals(raw)
+        maps = model.fuse_attention(model.attention([torch.cat([m, r], 1) for m, r in zip(maps, res)]))
+        logits = model.decoder(maps, images.shape[-2:])
+        t.append(time.perf_counter())
+        loss, _ = prn_loss(logits, masks, cfg.training)
+        t.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+        t.append(time.perf_counter())
+        optimizer.step()
+        t.append(time.perf_counter())
+        if step:  # the first step warms up
+            for name, a, b in zip(stages, t, t[1:]):
+                stages[name].append(b - a)
+    memory["training"] = rss_mb()
+    val = load_validation(cfg, split)
+    t0 = time.perf_counter()
+    validate(model, val, torch.device("cpu"), cfg.runtime.eval_batch_size)
+    val_s = time.perf_counter() - t0
+    memory["validated"] = rss_mb()
+    per_step = {k: float(np.mean(v)) for k, v in stages.items()}
+    total = sum(per_step.values())
+    result = {"input_hw": list(cfg.model.input_hw), "threads": args.threads, "steps": args.steps,
+              "n_normal": len(normals), "load_seconds": load_s, "kmeans_seconds": kmeans_s,
+              "validation_seconds": val_s, "n_validation": len(val.samples),
+              "step_seconds": per_step, "step_total": total, "rss_mb": memory}
+    print(f"input {cfg.model.input_hw}, {args.threads} threads, {len(normals)} normal images")
+    print(f"load {load_s:.1f} s, k-means {kmeans_s:.1f} s, one validation pass ({len(val.samples)} images) {val_s:.1f} s")
+    print("| stage | seconds per step | share |\n|---|---|---|")
+    for k, v in per_step.items():
+        print(f"| {k} | {v:.3f} | {100 * v / total:.0f} % |")
+    print(f"| total | {total:.3f} | |")
+    print("resident memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
