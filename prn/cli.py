@@ -137,7 +137,9 @@ def cmd_serve(args) -> None:
     from prn.serve import serve
     serve(args.run, host=args.host, port=args.port, token=args.token, device=args.device,
           threshold=args.threshold, max_request_bytes=round(args.max_request_mb * 2**20),
-          max_pixels=args.max_pixels, max_images=args.max_images)
+          max_pixels=args.max_pixels, max_images=args.max_images,
+          min_region_area=args.min_region_area,
+          corrections=False if args.no_corrections else args.corrections)
 
 
 def region_area(text: str) -> int:
@@ -299,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an HTTP inspection service with a web page (needs prn[serve])",
                        description="Load a model once and serve it: the page at /, POST /predict "
-                                   "(multipart field 'files'; ?overlay=1, ?mask=1), GET /model, "
-                                   "GET /health, API docs at /docs. Decisions use the checkpoint's "
-                                   "calibrated thresholds, as prn predict does.")
+                                   "(multipart field 'files'; ?overlay=1, ?mask=1; defect regions "
+                                   "in each result), POST /corrections, GET /corrections, GET "
+                                   "/corrections.zip, GET /model, GET /health, API docs at /docs. "
+                                   "Decisions use the checkpoint's calibrated thresholds, as prn "
+                                   "predict does. See docs/serve.md.")
     p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only; any other "
@@ -315,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int,
                    help="largest image, width x height (default: the model's max_image_pixels)")
     p.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    p.add_argument("--min-region-area", type=region_area, default=1, metavar="PIXELS",
+                   help="defect regions returned by /predict: at least this many pixels of the image "
+                        "(default 1: every region; ?min_region_area=N per request)")
+    p.add_argument("--corrections", type=Path, metavar="DIR",
+                   help="where the page's corrections are stored, in the MVTec layout (default: "
+                        "RUN/corrections for a run folder, corrections/ beside a bare checkpoint)")
+    p.add_argument("--no-corrections", action="store_true",
+                   help="no corrections: the page hides 'wrong?', nothing is ever written to disk")
     p.add_argument("--device")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -1,7 +1,9 @@
 """The page of prn serve in a real browser: Debian's headless chromium, driven by selenium,
 against a live server on 127.0.0.1 that needs a token. Upload, wait for the scores, move the
 threshold slider with the keyboard, check the verdicts change; a bad file alone shows the
-request's error, a bad file among good ones its own error in its card.
+request's error, a bad file among good ones its own error in its card. With a model whose map
+is known (tests/fake_models.py): the defect regions drawn as boxes over the image, a missed
+defect painted with the mouse and saved, a false reject saved as good, both found on disk.
 
 Skips when chromium or chromedriver is absent (.ci/run installs them with apt-get).
 PRN_SERVE_SCREENSHOT=path also saves the page's screenshot there.
@@ -9,24 +11,36 @@ PRN_SERVE_SCREENSHOT=path also saves the page's screenshot there.
 
 import csv
 import io
+import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi", reason="prn serve needs the serve extra: pip install 'prn[serve]'")
 pytest.importorskip("selenium", reason="the browser test needs selenium (the dev extra)")
 import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from prn.serve import build_app  # noqa: E402
+from prn.serve.app import create_app  # noqa: E402
+from prn.serve.corrections import CorrectionStore  # noqa: E402
+from prn.serve.service import InspectionService  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_models import brightness_predictor, drawn  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -55,8 +69,21 @@ def live(app):
 
 
 @pytest.fixture(scope="module")
-def server(calibrated_run):
-    yield from live(build_app(calibrated_run, token=TOKEN))
+def server(calibrated_run, tmp_path_factory):
+    yield from live(build_app(calibrated_run, token=TOKEN, corrections=tmp_path_factory.mktemp("corr")))
+
+
+@pytest.fixture(scope="module")
+def corrections_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("corrections") / "store"
+
+
+@pytest.fixture(scope="module")
+def known_server(calibrated_run, corrections_folder):
+    """The brightness model (a pixel is defective at half brightness): boxes where drawn."""
+    store = CorrectionStore(corrections_folder, {"checkpoint": "fake", "model_kind": "prn", "pixel_threshold": 0.5})
+    service = InspectionService(brightness_predictor(calibrated_run), corrections=store)
+    yield from live(create_app(service, token=TOKEN))
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +200,113 @@ def test_a_model_without_a_threshold_judges_nothing_until_one_is_set(uncalibrate
 def test_the_docs_page_renders_every_endpoint_offline(server, browser):
     browser.get(f"{server}/?token={TOKEN}")
     browser.get(f"{server}/docs")                        # Swagger UI from the package, no CDN
-    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 3)
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 6)
     paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
-    assert paths == {"/health", "/model", "/predict"}
+    assert paths == {"/health", "/model", "/predict", "/corrections", "/corrections.zip"}
 
 
 def test_page_without_the_token_gets_a_401_that_says_how(server, browser):
     browser.delete_all_cookies()
     browser.get(f"{server}/")
     assert "open /?token=TOKEN once" in browser.find_element(By.TAG_NAME, "body").text
+
+
+# ----------------------------------------------------------------------------- regions, corrections
+
+DEFECTS = [(150, 20, 50, 20), (10, 100, 25, 16)]     # white boxes on a 320 x 128 image: judged FAIL
+
+
+def _faint_scratch():
+    """480 x 200, dark, with a scratch too faint for the model (brightness 0.39 < 0.5): PASS."""
+    image = np.full((200, 480, 3), 40, np.uint8)
+    image[95:105, 100:380] = 100
+    return image
+
+
+def _screen_box(driver, element):
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                 "return [r.left, r.top, r.width, r.height];", element)
+
+
+def _drag(driver, element, start, end):
+    """Press at ``start``, move to ``end`` in three steps, release (offsets from the centre)."""
+    chain = ActionChains(driver).move_to_element_with_offset(element, *start).click_and_hold()
+    for k in (1, 2, 3):
+        chain.move_to_element_with_offset(element, start[0] + (end[0] - start[0]) * k // 3,
+                                          start[1] + (end[1] - start[1]) * k // 3)
+    chain.release().perform()
+
+
+def test_boxes_are_drawn_and_a_painted_missed_defect_is_saved_with_its_mask(known_server, corrections_folder,
+                                                                         browser, tmp_path):
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{known_server}/?token={TOKEN}")
+    wait.until(lambda d: "prn model" in d.find_element(By.ID, "model-info").text)
+    wait.until(lambda d: "0 corrections" in d.find_element(By.ID, "corrections-info").text)
+    Image.fromarray(drawn((128, 320), DEFECTS)).save(tmp_path / "boxes.png")
+    Image.fromarray(_faint_scratch()).save(tmp_path / "faint.png")
+    browser.find_element(By.ID, "operator").send_keys("ana\t")
+    browser.find_element(By.ID, "files").send_keys(f"{tmp_path / 'boxes.png'}\n{tmp_path / 'faint.png'}")
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 2)
+    boxes_card, faint_card = browser.find_elements(By.CLASS_NAME, "card")
+    assert boxes_card.get_attribute("data-verdict") == "defective" and faint_card.get_attribute("data-verdict") == "good"
+
+    # the regions, boxed over the image where the defects were drawn, in the image's pixels
+    rects = boxes_card.find_elements(By.CSS_SELECTOR, "svg.boxes rect.box")
+    assert sorted(tuple(int(r.get_attribute(k)) for k in ("x", "y", "width", "height")) for r in rects) == sorted(DEFECTS)
+    assert "2 regions" in boxes_card.text and "0 regions" in faint_card.text
+    left, top, width, height = _screen_box(browser, boxes_card.find_element(By.TAG_NAME, "img"))
+    scale = min(width / 320, height / 128)                   # object-fit: contain
+    x0, y0 = left + (width - 320 * scale) / 2, top + (height - 128 * scale) / 2
+    on_screen = {tuple(round(v) for v in _screen_box(browser, r)) for r in rects}
+    want = {tuple(round(v) for v in (x0 + x * scale, y0 + y * scale, w * scale, h * scale)) for x, y, w, h in DEFECTS}
+    assert all(any(max(abs(a - b) for a, b in zip(got, w)) <= 3 for got in on_screen) for w in want)
+
+    # the faint card was judged good: "wrong?" opens the paint mode; brush a stroke, then a box
+    faint_card.find_element(By.CLASS_NAME, "wrong").click()
+    canvas = faint_card.find_element(By.CSS_SELECTOR, "canvas.paint")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    time.sleep(0.2)
+    _drag(browser, canvas, (-150, 0), (150, 0))
+    faint_card.find_element(By.CSS_SELECTOR, "button.tool.box").click()
+    _drag(browser, canvas, (-200, -60), (-160, -30))
+    left, top, width, height = _screen_box(browser, canvas)
+    cx, cy = left + width / 2, top + height / 2
+
+    def pixel(dx, dy):                                      # a screen offset from the centre -> image pixel
+        return int((cx + dx - left) * 480 / width), int((cy + dy - top) * 200 / height)
+
+    faint_card.find_element(By.CLASS_NAME, "save-defect").click()
+    wait.until(lambda d: faint_card.find_elements(By.CLASS_NAME, "saved"))
+    wait.until(lambda d: "1 correction stored" in d.find_element(By.ID, "corrections-info").text)
+
+    (record,) = [json.loads(x) for x in (corrections_folder / "corrections.jsonl").read_text().splitlines()]
+    image = np.asarray(Image.open(corrections_folder / record["image"]))
+    mask = np.asarray(Image.open(corrections_folder / record["mask"])) > 0
+    assert record["image"].startswith("test/missed/faint-") and record["label"] == "defective"
+    np.testing.assert_array_equal(image, _faint_scratch())  # the pixels the model scored
+    assert mask.shape == (200, 480)
+    for t in np.linspace(0, 1, 25):                         # the brushed stroke, end to end
+        x, y = pixel(-150 + 300 * t, 0)
+        assert mask[y, x], (x, y)
+    (bx0, by0), (bx1, by1) = pixel(-198, -58), pixel(-162, -32)
+    assert mask[by0:by1 + 1, bx0:bx1 + 1].all()              # the box, filled
+    assert mask.mean() < 0.2                                 # and not much else
+    assert record["who"]["operator"] == "ana" and record["page"]["verdict"] == "good"
+    assert record["model"]["label"] == "good" and record["upload"]["name"] == "faint.png"
+
+    # the boxes card was judged defective: "wrong?", then save it as good
+    boxes_card.find_element(By.CLASS_NAME, "wrong").click()
+    boxes_card.find_element(By.CLASS_NAME, "save-good").click()
+    wait.until(lambda d: boxes_card.find_elements(By.CLASS_NAME, "saved"))
+    records = [json.loads(x) for x in (corrections_folder / "corrections.jsonl").read_text().splitlines()]
+    assert records[-1]["label"] == "good" and records[-1]["image"].startswith("train/good/boxes-")
+    assert (corrections_folder / records[-1]["image"]).is_file()
+    assert [r["correction"] for r in _csv(browser)] == [f"good ({records[1]['id']})", f"defective ({records[0]['id']})"]
+    link = browser.find_element(By.ID, "corrections-zip")
+    assert link.get_attribute("href").endswith("/corrections.zip") and "disabled" not in link.get_attribute("class")
+
+    shot = tmp_path / "corrections.png"
+    assert browser.save_screenshot(str(shot))
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_name("serve_corrections_test.png"))

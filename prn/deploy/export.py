@@ -24,6 +24,11 @@ ONNX ``metadata_props``; TorchScript the extra file ``prn.json``. ``read_metadat
 Parity with ``prn predict``: the graph's resize is prn's own, so fed the original images it
 gives prn's maps and scores up to the float rounding of the engine (tested to 1e-4 of the map's
 scale on random batches of several sizes, and to 1e-5 on real images).
+
+Defect regions (``Postprocess.regions``: boxes in the image's pixels) are not in the graph, whose
+operators cannot label connected components: a caller resizes ``anomaly_map`` to the image,
+keeps the pixels >= the metadata's ``pixel_threshold`` and labels them, as
+``docs/examples/regions.py`` does with numpy and scipy (docs/deploy.md).
 """
 
 from __future__ import annotations

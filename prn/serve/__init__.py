@@ -56,13 +56,28 @@ def check_binding(host: str, token: str | None) -> None:
                          f"service other machines can reach")
 
 
+def default_corrections_folder(checkpoint: str | Path) -> Path:
+    """Where corrections go unless told: ``RUN/corrections`` for a run folder or a checkpoint in
+    its ``checkpoints/``, else ``corrections/`` beside the checkpoint file."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        return p / "corrections"
+    return (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "corrections"
+
+
 def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: float | None = None,
               token: str | None = None, max_request_bytes: int | None = None,
-              max_pixels: int | None = None, max_images: int | None = None):
-    """Load the model once and return the FastAPI app serving it."""
+              max_pixels: int | None = None, max_images: int | None = None,
+              min_region_area: int | None = None, corrections: str | Path | None | bool = None):
+    """Load the model once and return the FastAPI app serving it.
+
+    ``corrections``: the folder the page's corrections go to (None: ``default_corrections_folder``;
+    False: corrections off, nothing written and no upload kept)."""
     require_dependencies()
     from prn.deploy.predict import Predictor
+    from prn.postprocess import MIN_REGION_AREA
     from prn.serve.app import create_app
+    from prn.serve.corrections import CorrectionStore
     from prn.serve.service import InspectionService, Limits
 
     predictor = Predictor(checkpoint, device=device, threshold=threshold)
@@ -72,7 +87,15 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     # an image over the limit is told what set it: this server's option or the model's config
     source = ("--max-pixels" if max_pixels is not None
               else "the model's max_image_pixels; --max-pixels sets another")
-    return create_app(InspectionService(predictor, limits, pixel_limit_source=source), token=token)
+    store = None
+    if corrections is not False:
+        folder = default_corrections_folder(checkpoint) if corrections in (None, True) else Path(corrections)
+        store = CorrectionStore(folder, {"checkpoint": str(predictor.loaded.path.resolve()),
+                                         "model_kind": predictor.loaded.kind,
+                                         "pixel_threshold": predictor.pixel_threshold})
+    service = InspectionService(predictor, limits, pixel_limit_source=source, corrections=store,
+                                min_region_area=MIN_REGION_AREA if min_region_area is None else min_region_area)
+    return create_app(service, token=token)
 
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000,

@@ -2,13 +2,17 @@
 
 Routes: ``GET /`` (the page, ``static/``), ``POST /predict`` (multipart field ``files``, or
 ``file`` as ``curl -F file=@a.png`` habitually sends, one or several images; ``?overlay=1``,
-``?mask=1``), ``GET /health``, ``GET /model``, and FastAPI's ``/docs`` and ``/openapi.json``.
+``?mask=1``, ``?min_region_area=N``), ``POST /corrections`` (a verdict marked wrong: the
+result's id, its label and, for a missed defect, the painted mask), ``GET /corrections``,
+``GET /corrections.zip``, ``GET /health``, ``GET /model``, and FastAPI's ``/docs`` and
+``/openapi.json``.
 Every error is JSON, ``{"error": "<what is wrong>", "status": N}``. An image that cannot be read
 does not fail a request that holds others: its result is ``{"name": ..., "error": ...}`` (200);
 only a request with no readable image is a 422.
 
 Uploads stay in memory (the body is counted against ``max_request_bytes`` as it arrives, so
-nothing larger is ever held) and nothing a client sends is used as a path. With a token every
+nothing larger is ever held) and nothing a client sends is used as a path. Only a correction
+writes to disk, into the corrections folder (``prn.serve.corrections``). With a token every
 request must carry it: ``Authorization: Bearer TOKEN``, or the cookie that opening
 ``/?token=TOKEN`` once in a browser sets, so the page's own requests carry it too.
 
@@ -18,7 +22,9 @@ request must carry it: ``Authorization: Bearer TOKEN``, or the cookie that openi
 
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -31,11 +37,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.background import BackgroundTask
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import prn
 from prn.errors import DataError
+from prn.serve.corrections import TEXT_MAX_CHARS, CorrectionError, clean_text
 from prn.serve.service import InspectionService, NotCalibratedError, Upload
 
 FIELD = "files"
@@ -96,24 +104,34 @@ async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def read_form(request: Request, limit: int, max_files: int, max_fields: int, what: str,
+                    urlencoded: bool = False):
+    """A multipart form (or, with ``urlencoded``, a plain one), held in memory and refused as soon
+    as its body passes ``limit`` bytes; the caller closes it. ``what`` says what to send, for the
+    415 message."""
+    kind = request.headers.get("content-type", "")
+    if urlencoded and kind.lower().startswith("application/x-www-form-urlencoded"):
+        return await FormParser(request.headers, _bounded(request, limit)).parse()
+    if not kind.lower().startswith("multipart/form-data"):
+        raise HTTPException(415, f"send {what} as multipart/form-data (got content type {kind or 'none'!r})")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {declared} bytes is over the limit of "
+                                 f"{limit} bytes (--max-request-mb)")
+    parser = _InMemoryParser(request.headers, _bounded(request, limit),
+                             max_files=max_files, max_fields=max_fields)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"bad multipart body: {exc.message}") from exc
+
+
 async def read_uploads(request: Request, service: InspectionService) -> list[Upload]:
     """The images of a multipart request (field ``files`` or ``file``), checked against the
     limits."""
     limits = service.limits
-    kind = request.headers.get("content-type", "")
-    if not kind.lower().startswith("multipart/form-data"):
-        raise HTTPException(415, f"send images as multipart/form-data in the field {FIELD!r} "
-                                 f"(got content type {kind or 'none'!r})")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
-        raise HTTPException(413, f"request body of {declared} bytes is over the limit of "
-                                 f"{limits.max_request_bytes} bytes (--max-request-mb)")
-    parser = _InMemoryParser(request.headers, _bounded(request, limits.max_request_bytes),
-                             max_files=limits.max_images, max_fields=limits.max_images)
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise HTTPException(400, f"bad multipart body: {exc.message}") from exc
+    form = await read_form(request, limits.max_request_bytes, limits.max_images, limits.max_images,
+                           f"images in the field {FIELD!r}")
     try:
         uploads = []
         for name, value in form.multi_items():
@@ -145,6 +163,92 @@ MULTIPART_BODY = {"requestBody": {"required": True, "content": {"multipart/form-
     "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
+CORRECTION_FIELDS = ("result", "label", "kind", "mask", "operator", "note", "page_threshold", "page_verdict")
+
+
+async def read_correction(request: Request, service: InspectionService) -> dict:
+    """The fields of a correction form: text fields and at most one file, ``mask``."""
+    form = await read_form(request, service.limits.max_request_bytes, 1, len(CORRECTION_FIELDS),
+                           "a correction (fields result, label and, for a defect, the file mask)",
+                           urlencoded=True)
+    try:
+        fields: dict = {}
+        for name, value in form.multi_items():
+            if name not in CORRECTION_FIELDS:
+                raise HTTPException(400, f"unexpected form field {name!r}; a correction has "
+                                         f"{', '.join(CORRECTION_FIELDS)}")
+            if name in fields:
+                raise HTTPException(400, f"form field {name!r} is given twice")
+            if (name == "mask") != isinstance(value, UploadFile):
+                raise HTTPException(400, f"form field {name!r} must be "
+                                         f"{'a PNG file' if name == 'mask' else 'text'}")
+            fields[name] = await value.read() if name == "mask" else value
+    finally:
+        await form.close()
+    if not fields.get("result"):
+        raise HTTPException(400, "form field 'result' is missing: the id /predict gave the image")
+    return fields
+
+
+def _page_facts(fields: dict) -> dict:
+    """What the page showed when the operator corrected it: its threshold and verdict."""
+    threshold = fields.get("page_threshold")
+    try:
+        threshold = None if threshold in (None, "") else float(threshold)
+    except ValueError:
+        raise HTTPException(400, f"form field 'page_threshold' must be a number, got {threshold!r}") from None
+    verdict = clean_text(fields.get("page_verdict"), "form field 'page_verdict'")
+    return {"threshold": threshold, "verdict": verdict}
+
+
+def add_correction_routes(app: FastAPI, service: InspectionService, guarded: bool) -> None:
+    """POST /corrections, GET /corrections, GET /corrections.zip (prn.serve.corrections)."""
+
+    @app.post("/corrections", status_code=201, openapi_extra=CORRECTION_BODY,
+              summary="Correct a verdict: store the image (and its painted mask) in the corrections folder")
+    async def correct(request: Request):
+        fields = await read_correction(request, service)
+        who = {"operator": clean_text(fields.get("operator"), "form field 'operator'"),
+               "client": request.client.host if request.client else None,
+               "user_agent": (request.headers.get("user-agent") or "")[:TEXT_MAX_CHARS] or None,
+               "token": guarded}
+        details = dict(mask_png=fields.get("mask"), kind=fields.get("kind") or None, who=who,
+                       page=_page_facts(fields), note=clean_text(fields.get("note"), "form field 'note'"))
+        return await run_in_threadpool(service.correct, fields["result"], fields.get("label"), **details)
+
+    @app.get("/corrections", summary="Every correction stored so far, oldest first")
+    async def corrections():
+        store = _store(service)
+        records = await run_in_threadpool(store.records)
+        return {"folder": str(store.folder), "count": len(records), "corrections": records}
+
+    @app.get("/corrections.zip", summary="The corrections folder as a zip (images, masks, records)")
+    async def corrections_zip():
+        store = _store(service)
+        fd, name = tempfile.mkstemp(suffix=".zip")
+        os.close(fd)
+        await run_in_threadpool(store.write_zip, name)
+        return FileResponse(name, media_type="application/zip", filename="prn-corrections.zip",
+                            background=BackgroundTask(os.unlink, name))
+
+
+def _store(service: InspectionService):
+    if service.corrections is None:
+        raise HTTPException(404, "corrections are off on this server (prn serve --no-corrections)")
+    return service.corrections
+
+
+CORRECTION_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["result", "label"],
+    "properties": {"result": {"type": "string", "description": "the id /predict gave the image"},
+                   "label": {"type": "string", "enum": ["good", "defective"]},
+                   "kind": {"type": "string", "description": "defect kind (default missed)"},
+                   "mask": {"type": "string", "format": "binary",
+                            "description": "PNG, white = defect, at the image's size (defective only)"},
+                   "operator": {"type": "string"}, "note": {"type": "string"},
+                   "page_threshold": {"type": "number"}, "page_verdict": {"type": "string"}}}}}}}
+
+
 def create_app(service: InspectionService, *, token: str | None = None) -> FastAPI:
     """The service's app; with ``token`` every request must carry it."""
     app = FastAPI(title="prn inspection service", version=prn.__version__, docs_url=None,
@@ -170,6 +274,10 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
     async def _not_calibrated(request, exc):
         return error(409, str(exc))
 
+    @app.exception_handler(CorrectionError)
+    async def _correction(request, exc):
+        return error(exc.status, str(exc))
+
     @app.exception_handler(Exception)
     async def _internal(request, exc):  # the traceback goes to the server's log, not the client
         return error(500, f"internal error ({type(exc).__name__}); see the server's log")
@@ -190,12 +298,18 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
               openapi_extra=MULTIPART_BODY)
     async def predict(request: Request,
                       overlay: bool = Query(False, description="add a heat-map and contour PNG (base64)"),
-                      mask: bool = Query(False, description="add the binary defect mask PNG (base64)")):
+                      mask: bool = Query(False, description="add the binary defect mask PNG (base64)"),
+                      min_region_area: int | None = Query(
+                          None, ge=1, description="list regions of at least this many pixels "
+                                                  "(default: the server's --min-region-area)")):
         t0 = time.perf_counter()
         uploads = await read_uploads(request, service)
         # decoding, the model and PNG encoding are CPU work: off the event loop
-        results = await run_in_threadpool(service.inspect, uploads, overlay=overlay, mask=mask)
+        results = await run_in_threadpool(service.inspect, uploads, overlay=overlay, mask=mask,
+                                          min_region_area=min_region_area)
         return {"results": results, "milliseconds": (time.perf_counter() - t0) * 1000}
+
+    add_correction_routes(app, service, token is not None)
 
     @app.get("/docs", include_in_schema=False)
     async def docs():

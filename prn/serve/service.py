@@ -11,6 +11,11 @@ the one ``prn predict`` writes to scores.csv for the same file.
 An upload that cannot be read (empty, not an image, truncated, over the pixel limit) gets
 ``{"name": ..., "error": "<why>"}`` in its place and the others are scored; only when none can be
 read does ``inspect`` raise (the first one's DataError).
+
+Each result lists the image's defect regions (``Postprocess.regions``, boxes in its own pixels;
+None without a pixel threshold). With a ``CorrectionStore`` every scored upload is also held in
+memory under the result's ``id`` (``prn.serve.corrections``) so that ``correct`` can store it,
+with the score it got, when an operator says the verdict was wrong.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
 from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
-from prn.postprocess import resize_map
+from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 from prn.report import json_safe
+from prn.serve.corrections import CorrectionError, CorrectionStore, RecentUploads, Scored, new_id
 from prn.viz import contour_overlay, heat_overlay, panel_shape
 
 OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the image's own size
@@ -58,6 +64,10 @@ class Limits:
 class Upload:
     name: str    # the client's file name: shown in results and messages only
     data: bytes
+
+
+# what a correction's record keeps of the result it corrects
+MODEL_FIELDS = ("score", "normalized_score", "prediction", "label", "threshold")
 
 
 class NotCalibratedError(PRNError):
@@ -86,11 +96,18 @@ class InspectionService:
     """
 
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), *,
-                 pixel_limit_source: str = PIXEL_LIMIT_OPTION):
+                 pixel_limit_source: str = PIXEL_LIMIT_OPTION, min_region_area: int = MIN_REGION_AREA,
+                 corrections: CorrectionStore | None = None, recent: RecentUploads | None = None):
         """``pixel_limit_source`` names where ``limits.max_pixels`` came from in the message of an
-        image over it (``prn.serve.build_app`` says whether --max-pixels or the model set it)."""
+        image over it (``prn.serve.build_app`` says whether --max-pixels or the model set it).
+        ``min_region_area``: the smallest region listed unless a request asks for another.
+        ``corrections``: where corrections go (None: corrections are off and no upload is kept);
+        ``recent`` bounds the uploads held for them (default ``RecentUploads()``)."""
         self.predictor, self.limits = predictor, limits
         self.pixel_limit_source = pixel_limit_source
+        self.min_region_area = check_min_area(min_region_area)
+        self.corrections = corrections
+        self.recent = None if corrections is None else (recent if recent is not None else RecentUploads())
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------- describing
@@ -125,6 +142,10 @@ class InspectionService:
                          "python": platform.python_version()},
             "trained_with": _read_json(run_dir / "environment.json") if run_dir else None,
             "limits": asdict(self.limits),
+            "min_region_area": self.min_region_area,
+            "corrections": None if self.corrections is None else {
+                "folder": str(self.corrections.folder), "count": len(self.corrections.records()),
+                "kept_uploads": self.recent.max_items, "kept_megabytes": self.recent.max_bytes // 2**20},
         })
 
     # ------------------------------------------------------------------------- inspecting
@@ -141,10 +162,13 @@ class InspectionService:
                 images.append(exc)
         return images
 
-    def inspect(self, uploads: list[Upload], *, overlay: bool = False, mask: bool = False) -> list[dict]:
+    def inspect(self, uploads: list[Upload], *, overlay: bool = False, mask: bool = False,
+                min_region_area: int | None = None) -> list[dict]:
         """Per upload, in order: name, width, height, score, normalized_score, prediction
-        (1 defective), label, threshold, milliseconds; overlay / mask as base64 PNG when asked.
-        An upload that cannot be read: name, error, milliseconds. None readable: DataError."""
+        (1 defective), label, threshold, regions (None without a pixel threshold), milliseconds,
+        and id when corrections are on; overlay / mask as base64 PNG when asked. An upload that
+        cannot be read: name, error, milliseconds. None readable: DataError."""
+        min_area = check_min_area(self.min_region_area if min_region_area is None else min_region_area)
         if mask and self.predictor.pixel_threshold is None:
             raise NotCalibratedError(f"{self.predictor.loaded.path.name}: the model is not calibrated, "
                                      f"so it has no pixel threshold for masks; run `prn calibrate RUN`")
@@ -174,6 +198,13 @@ class InspectionService:
                 "label": None if r["prediction"] is None else ("defective" if r["prediction"] else "good"),
                 "threshold": r["threshold"],
             }
+            regions = self.predictor.regions(r["map"], min_area)
+            out["regions"] = None if regions is None else [g.as_dict() for g in regions]
+            if self.recent is not None:
+                out = {"id": new_id(), **out}
+                self.recent.add(Scored(out["id"], out["name"], up.data, out["width"], out["height"],
+                                       json_safe({k: out[k] for k in MODEL_FIELDS})
+                                       | {"regions": None if regions is None else len(regions)}))
             if overlay:
                 out["overlay"] = _png_base64(self.overlay(image, r["map"]))
             if mask:
@@ -191,3 +222,13 @@ class InspectionService:
         image, amap = resize_image(image, hw), resize_map(amap, hw)
         post = self.predictor.postprocess
         return contour_overlay(heat_overlay(image, post.display_map(amap)), post.region(amap))
+
+    # ------------------------------------------------------------------------- correcting
+
+    def correct(self, result_id: str, label: str, **details) -> dict:
+        """Store a correction of a result this server scored (``CorrectionStore.save``'s
+        details: mask_png, kind, who, page, note); returns its record."""
+        if self.corrections is None:
+            raise CorrectionError("corrections are off on this server (prn serve --no-corrections)", 404)
+        return self.corrections.save(self.recent.get(result_id), label, max_pixels=self.limits.max_pixels,
+                                     **details)

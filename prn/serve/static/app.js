@@ -1,5 +1,6 @@
-// The page of `prn serve`: upload images, show each with its heat map and verdict, re-judge
-// them with a threshold slider (no new model run), keep the session's results as a CSV.
+// The page of `prn serve`: upload images, show each with its defect regions boxed, its heat map
+// and verdict, re-judge them with a threshold slider (no new model run), keep the session's
+// results as a CSV. Corrections (a verdict marked wrong, a missed defect painted) are correct.js.
 // Plain browser JavaScript, no build step and nothing loaded from elsewhere.
 "use strict";
 
@@ -60,21 +61,52 @@ function setThreshold(value) {
 function verdictText(r) { return r.error ? "NOT READ" : !judged(r) ? "NO THRESHOLD" : defective(r) ? "FAIL" : "PASS"; }
 function verdictWord(r) { return r.error ? "not read" : !judged(r) ? "not judged" : defective(r) ? "defective" : "good"; }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+function boxes(r) {
+  // The regions' boxes over the image, in its own pixels: the SVG's viewBox is the image's size
+  // and it is fitted to the frame as the picture is (object-fit: contain), so they line up.
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "boxes");
+  svg.setAttribute("viewBox", `0 0 ${r.width} ${r.height}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
+  for (const g of r.regions || []) {
+    const rect = document.createElementNS(SVG, "rect");
+    for (const key of ["x", "y", "width", "height"]) rect.setAttribute(key, g[key]);
+    rect.setAttribute("class", "box");
+    rect.setAttribute("vector-effect", "non-scaling-stroke");
+    const title = document.createElementNS(SVG, "title");
+    title.textContent = `${g.width}×${g.height} px at (${g.x}, ${g.y}), area ${g.area} px, peak ${fmt(g.peak, 3)}`;
+    rect.append(title);
+    svg.append(rect);
+  }
+  return svg;
+}
+
+function regionText(r) {
+  if (r.regions === null || r.regions === undefined) return "regions: none without a pixel threshold";
+  return r.regions.length === 1 ? "1 region" : `${r.regions.length} regions`;
+}
+
 function card(r) {
   const article = document.createElement("article");
   article.className = r.error ? "card unread" : "card";
   if (!r.error) article.dataset.score = r.score;
   const pics = document.createElement("div");
   pics.className = "pics";
-  const shown = r.error ? [] : [[r.imageUrl, "image"], [r.overlayUrl, "heat map, defect contour"]];
+  const shown = r.error ? [] : [[r.imageUrl, "image, defect regions"], [r.overlayUrl, "heat map, defect contour"]];
   for (const [src, caption] of shown) {
     const figure = document.createElement("figure");
+    const frame = document.createElement("div");
+    frame.className = "frame";
     const img = document.createElement("img");
     img.src = src;
     img.alt = `${r.name}: ${caption}`;
+    frame.append(img);
+    if (src === r.imageUrl) frame.append(boxes(r));
     const figcaption = document.createElement("figcaption");
     figcaption.textContent = caption;
-    figure.append(img, figcaption);
+    figure.append(frame, figcaption);
     pics.append(figure);
   }
   const facts = document.createElement("div");
@@ -90,9 +122,16 @@ function card(r) {
   const verdict = document.createElement("span");
   verdict.className = "verdict";
   facts.append(name, score, verdict);
+  if (!r.error) {
+    const regions = document.createElement("span");
+    regions.className = "regions";
+    regions.textContent = regionText(r);
+    facts.append(regions);
+  }
   if (r.error) article.append(facts);
   else article.append(pics, facts);
   r.card = article;
+  if (!r.error && r.id && window.prnCorrections) window.prnCorrections.attach(r);
   return article;
 }
 
@@ -208,11 +247,12 @@ function csvCell(value) {
 
 function csvText() {
   const header = ["index", "file", "score", "normalized_score", "verdict", "threshold",
-                  "server_label", "milliseconds", "time", "error"];
+                  "server_label", "regions", "milliseconds", "time", "error", "correction"];
   const lines = [header.join(",")];
   for (const r of state.results) {
     lines.push([r.index, r.name, r.score, r.normalized_score, verdictWord(r), judged(r) ? state.threshold : null,
-                r.label, Math.round(r.milliseconds * 10) / 10, r.time, r.error].map(csvCell).join(","));
+                r.label, r.regions ? r.regions.length : null, Math.round(r.milliseconds * 10) / 10, r.time,
+                r.error, r.correction ? `${r.correction.label} (${r.correction.id})` : null].map(csvCell).join(","));
   }
   return lines.join("\r\n") + "\r\n";
 }
@@ -255,6 +295,7 @@ async function start() {
   updateRange();
   $("threshold-value").textContent = fmt(state.threshold);
   rejudge();
+  if (window.prnCorrections) window.prnCorrections.start(state.model);
 }
 
 $("files").addEventListener("change", async (e) => {
@@ -275,4 +316,6 @@ $("reset").addEventListener("click", () => {
   setThreshold(state.calibrated);
 });
 $("download").addEventListener("click", download);
+// what correct.js needs of the page: the results and how they are judged now
+window.prnPage = { state, say, verdictWord, fmt };
 start();
