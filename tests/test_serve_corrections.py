@@ -176,6 +176,28 @@ def test_a_result_is_corrected_once_and_files_are_never_overwritten(client, tmp_
     assert len(list((tmp_path / "corrections" / "train" / "good").iterdir())) == 4
 
 
+def test_two_saves_of_one_result_at_once_store_it_once(tmp_path):
+    import threading
+    from prn.serve.corrections import CorrectionError, Scored
+    store = CorrectionStore(tmp_path / "c", {})
+    scored = Scored("r1", "a.png", _image(WIDE), 320, 128, {})
+    outcomes, start = [], threading.Barrier(4)
+
+    def save():
+        start.wait()
+        try:
+            outcomes.append(store.save(scored, "good", who={})["id"])
+        except CorrectionError as exc:
+            outcomes.append(exc.status)
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert outcomes.count(409) == 3 and len(outcomes) == 4 and len(store.records()) == 1
+    assert len(list((tmp_path / "c" / "train" / "good").iterdir())) == 1
+
+
 @pytest.mark.parametrize("name, stem", [("../../../etc/passwd", "passwd"), ("..\\..\\boot.ini", "boot"),
                                         ("", "image"), (".hidden.png", "hidden"), ("a b;c$(d).png", "a_b_c_d")])
 def test_an_upload_name_never_becomes_a_path(client, tmp_path, name, stem):

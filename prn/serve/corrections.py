@@ -195,9 +195,7 @@ class CorrectionStore:
         an unknown label or kind, a defect without a painted mask, a good part with one, and a
         result already corrected."""
         label, kind = check_label_and_kind(label, kind)
-        if scored.corrected:
-            raise CorrectionError(f"result {scored.id!r} ({scored.name!r}) was already corrected "
-                                  f"(correction {scored.corrected}); corrections are never overwritten", 409)
+        self._check_not_corrected(scored)
         image = read_image_bytes(scored.data, f"result {scored.id!r}", None)
         mask = None
         if label == "defective":
@@ -207,6 +205,7 @@ class CorrectionStore:
         elif mask_png is not None:
             raise CorrectionError("a good part has no defect to paint: send no field 'mask' with label 'good'")
         with self._lock:
+            self._check_not_corrected(scored)  # again, under the lock: two saves of one result
             correction_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{new_id()[:6]}"
             stem = f"{safe_stem(scored.name)}-{correction_id}"
             sub = Path("train", "good") if label == "good" else Path("test", kind)
@@ -229,6 +228,12 @@ class CorrectionStore:
                 f.write(json.dumps(record) + "\n")
             scored.corrected = correction_id
         return record
+
+    @staticmethod
+    def _check_not_corrected(scored: Scored) -> None:
+        if scored.corrected:
+            raise CorrectionError(f"result {scored.id!r} ({scored.name!r}) was already corrected "
+                                  f"(correction {scored.corrected}); corrections are never overwritten", 409)
 
     def _write_new(self, files: list[tuple[Path, bytes]]) -> None:
         """Create every file exclusively (never overwriting); on failure remove those made."""
