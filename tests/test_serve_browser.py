@@ -193,6 +193,13 @@ def test_a_model_without_a_threshold_judges_nothing_until_one_is_set(uncalibrate
     assert all(r["threshold"] == "" for r in _csv(browser))
     assert "none judged" in browser.find_element(By.CSS_SELECTOR, "#results caption").text
     assert browser.find_element(By.ID, "reset").get_attribute("disabled")
+    card = browser.find_elements(By.CLASS_NAME, "card")[0]
+    assert "regions: none without a pixel threshold" in card.text and not card.find_elements(By.CSS_SELECTOR, "rect.box")
+    card.find_element(By.CLASS_NAME, "wrong").click()           # not judged: either correction is offered
+    assert card.find_element(By.CLASS_NAME, "save-good").is_displayed()
+    assert card.find_element(By.CLASS_NAME, "paint-defect").is_displayed()
+    card.find_element(By.CLASS_NAME, "cancel").click()
+    assert not card.find_elements(By.CLASS_NAME, "panel") and card.find_element(By.CLASS_NAME, "wrong").is_displayed()
     browser.find_element(By.ID, "threshold").send_keys(Keys.HOME)  # the user sets one: now judged
     assert _verdicts(browser) == (["FAIL"] * 2, ["FAIL"] * 2)
 
