@@ -52,11 +52,14 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     part = np.array(["val"] * (len(split.val_normal) + len(split.val_anomalous)) + ["test"] * len(split.test))
     loader = torch.utils.data.DataLoader(ImageDataset(samples, cfg.model.input_hw, cfg.data.max_image_pixels),
                                          batch_size=batch_size)
-    prn_top, res_top, area = [], [], None
+    prn_top, res_top, heads, area = [], [], [], None
     for batch in loader:
         x = batch["image"]
         out = model(x)
         amap = out["anomaly_map"].flatten(1)
+        if getattr(model, "image_head", None) is not None:
+            quarter = model.decoder(model.skips(x), x.shape[-2:], features=True)[1]
+            heads.append(torch.sigmoid(model.image_head(quarter, out["anomaly_map"])).numpy())
         feats = model.encoder(x)
         res = residual_map(model.prototypes.residuals([f.float() for f in feats]), x.shape[-2:]).flatten(1)
         prn_top.append(amap.topk(KEEP, dim=1).values.numpy())
@@ -66,6 +69,8 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
             "kind": np.array([s.defect_type for s in samples]),
             "prn": np.concatenate(prn_top), "res": np.concatenate(res_top), "area": np.array(area),
             "top_k": np.array(cfg.model.top_k)}
+    if heads:
+        data["head"] = np.concatenate(heads)
     cache.parent.mkdir(exist_ok=True)
     np.savez_compressed(cache, **data)
     return data
@@ -83,6 +88,9 @@ def rules(d: dict) -> dict[str, np.ndarray]:
     for share in (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02):
         out[f"top {100 * share:g} % of area"] = topk(d["prn"], round(share * area))
     out["residual top-100 (normal only)"] = topk(d["res"], 100)
+    if "head" in d:
+        out["image head"] = d["head"]
+        out["mean(top-100, head)"] = 0.5 * (out["top-100 (paper)"] + d["head"])
 
     def z(s):  # standardised on the held-out good images, as a fused score would be at fit time
         mu, sd = s[val_good].mean(), s[val_good].std(ddof=1)

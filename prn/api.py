@@ -39,7 +39,7 @@ from prn.runtime import resolve_device
 
 @records_outcome  # status.json: finished, or failed with the error (prn test then says so)
 def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = True,
-        split: Split | None = None, model: str = "prn") -> Path:
+        split: Split | None = None, model: str = "prn", init_from: str | Path | None = None) -> Path:
     """Split the data (A.2), fit the model and calibrate it; returns the run folder.
 
     model: "prn", or one that trains nothing: "prototypes" (PRN's residual map alone) or
@@ -60,16 +60,17 @@ def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = T
     if world.is_main:
         run_dir, split, cfg = start_run(cfg, run_dir, split)
     run_dir, split, cfg = distributed.share_run(run_dir, split, cfg)
-    _fit_and_keep(model, cfg, split, run_dir, progress=progress)
+    _fit_and_keep(model, cfg, split, run_dir, progress=progress, init_from=init_from)
     return run_dir
 
 
 def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, progress: bool,
-                  resume: bool = False) -> None:
+                  resume: bool = False, init_from: str | Path | None = None) -> None:
     """Fit, then on rank 0: calibrate on the fold's outputs the fit computed, and write
     model.pt (with the calibration) and calibration.json."""
     t0 = time.perf_counter()
-    result = registry.fit(kind, cfg, split, run_dir, progress=progress, resume=resume)
+    result = registry.fit(kind, cfg, split, run_dir, progress=progress, resume=resume,
+                          init_from=None if init_from is None else Path(init_from))
     if distributed.is_main():
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
         cal = calibrate_predictions(result.validation, cfg.calibration)
@@ -182,7 +183,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
             threshold: float | None = None, maps: str = "npy", masks: bool = False,
             overlays: int = 0, strict: bool = False, num_workers: int = 0, progress: bool = True,
             device: str | None = None, require_decision: bool = False,
-            min_region_area: int = MIN_REGION_AREA):
+            min_region_area: int = MIN_REGION_AREA, engine: str = "torch"):
     """Score new images into ``out_dir``: ``scores.csv`` (path, score, normalized_score,
     prediction, error, regions), ``regions.jsonl`` (the defect regions of each image, at least
     ``min_region_area`` pixels) and ``maps/<mirrored path>.npy``; see
@@ -191,6 +192,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
     Decisions use the threshold calibrated at fit and stored in the checkpoint (``threshold``
     overrides it), so a bare checkpoint file decides as its run folder does; without either no
     decision is made (``summary.decided`` False), and ``require_decision`` refuses to run then.
+    ``engine`` "onnx" runs the run's exported graph in onnxruntime (``prn.deploy.engine``).
     Returns a PredictSummary (csv path, counts of images, defective ones and unreadable files).
     """
     from prn.deploy.predict import Predictor, predict_folder
@@ -201,7 +203,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
                          f"(prn calibrate RUN) or give one (--threshold T)")
     return predict_folder(predictor, inputs, out_dir, maps=maps, masks=masks, overlays=overlays,
                           strict=strict, num_workers=num_workers, progress=progress,
-                          min_region_area=min_region_area)
+                          min_region_area=min_region_area, engine=engine)
 
 
 # ----------------------------------------------------------------------------- export

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from prn.config import CALIBRATION_TAILS
 from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
-from prn.settings import COMMON_FLAGS, add_config_args, config_from_args  # noqa: F401 (config_from_args: API)
+from prn.settings import COMMON_FLAGS, add_config_args, config_from_args
+
 
 def _flags_resume_would_ignore(args: argparse.Namespace) -> list[str]:
     given = [flag for flag, on in (("--config", args.config), ("--preset", args.preset),
@@ -24,6 +25,21 @@ def _flags_resume_would_ignore(args: argparse.Namespace) -> list[str]:
 def cmd_fit(args) -> None:
     from prn import api, distributed
     from prn.runs import check_run_dir
+    if (args.add_anomalies or args.add_normals) and not args.parent:
+        raise UsageError("--add-anomalies and --add-normals go with --from RUN (the run to retrain)")
+    if args.parent:
+        from prn.retrain import fit_from
+        ignored = [f for f in _flags_resume_would_ignore(args) if f not in ("--run-dir",)]
+        if ignored or args.resume:
+            raise UsageError(f"--from {args.parent} retrains with that run's config and split, so "
+                             f"{', '.join(ignored + (['--resume'] if args.resume else []))} would be ignored; "
+                             f"--add-anomalies, --add-normals, --epochs, --run-dir, --test and --quiet go with --from")
+        run = fit_from(args.parent, add_anomalies=args.add_anomalies, add_normals=args.add_normals,
+                       epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet)
+        print(f"run folder: {run}")
+        if args.test:
+            _print_metrics(api.test(run, progress=not args.quiet))
+        return
     if args.resume:
         ignored = _flags_resume_would_ignore(args)
         if ignored:
@@ -64,7 +80,8 @@ def cmd_predict(args) -> int | None:
     summary = api.predict(args.run, args.input, args.out, threshold=args.threshold, maps=args.maps,
                           masks=args.masks, overlays=args.overlays, strict=args.strict,
                           num_workers=args.workers, progress=not args.quiet, device=args.device,
-                          require_decision=args.fail_on_defect, min_region_area=args.min_region_area)
+                          require_decision=args.fail_on_defect, min_region_area=args.min_region_area,
+                          engine=args.engine)
     judged = (f"{summary.n_defective} judged defective" if summary.decided else
               "no decision made (the model has no calibrated threshold: prn calibrate RUN, or --threshold T)")
     regions = getattr(summary, "regions", None)
@@ -82,6 +99,14 @@ def cmd_predict(args) -> int | None:
               f"in {summary.csv}", file=sys.stderr)
     if args.fail_on_defect and summary.n_defective:
         return ExitStatus.DEFECT  # the exit status a line script acts on (README: exit statuses)
+
+
+def cmd_compare(args) -> None:
+    from prn.retrain import compare, compare_table
+    result = compare(args.run_a, args.run_b, args.data, device=args.device)
+    print(compare_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def cmd_calibrate(args) -> None:
@@ -200,9 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("prn", "patchcore", "prototypes"),
                    help="prn (trained, the default); prototypes: PRN's residual map alone, trains "
                         "nothing; patchcore")
+    p.add_argument("--from", dest="parent", type=Path, metavar="RUN",
+                   help="retrain RUN with the images of --add-anomalies / --add-normals: a new run with "
+                        "RUN's config and split plus them, started from RUN's weights, a shorter schedule "
+                        "(--epochs, default 3); it records its parent in parent.json")
+    p.add_argument("--add-anomalies", type=Path, metavar="DIR",
+                   help="with --from: defects to learn, DIR/test/<kind>/ with ground_truth/<kind>/<stem>_mask.png "
+                        "(or _box.png, or none: a label alone), as prn serve's corrections folder is")
+    p.add_argument("--add-normals", type=Path, metavar="DIR",
+                   help="with --from: good images to learn, DIR/train/good/ (or DIR itself)")
     p.add_argument("--test", action="store_true", help="test on the held-out split afterwards")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="two models' decisions side by side on a labelled folder")
+    p.add_argument("run_a", type=Path, help="run folder or checkpoint .pt (e.g. the model in service)")
+    p.add_argument("run_b", type=Path, help="run folder or checkpoint .pt (e.g. the retrained one)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="labelled images: those under a folder named good or ok are good, the others defective")
+    p.add_argument("--json", type=Path, help="also write every image's scores and decisions as JSON")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("test", help="evaluate a run on its held-out test split")
     p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
@@ -240,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defect regions (regions.jsonl, the regions column) of at least this many "
                         "pixels of the image at its own size (default 1: every region)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0: in process)")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="what runs the model: torch, or onnxruntime on the run's exported graph "
+                        "(RUN/export/model.onnx, exported on first use; needs the export extra)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -66,13 +66,15 @@ def build(kind: str, cfg: PRNConfig, *, pretrained: bool = True) -> nn.Module:
 
 
 def fit(kind: str, cfg: PRNConfig, split, run_dir: Path, *, progress: bool = True,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, init_from: Path | None = None) -> FitResult:
     """Fit a model of ``kind`` on ``split``, in ``run_dir`` (PRN keeps its per-epoch checkpoints
-    there; ``resume`` continues them)."""
+    there; ``resume`` continues them; ``init_from`` starts from a checkpoint's weights)."""
     check_kind(kind)
+    if init_from is not None and kind != "prn":
+        raise PRNError(f"only prn models are retrained from a checkpoint, not {kind}")
     if kind == "prn":
         from prn.train import train
-        result = train(cfg, split, run_dir, resume=resume, progress=progress)
+        result = train(cfg, split, run_dir, resume=resume, progress=progress, init_from=init_from)
         extra = {"selected_epoch": result.epoch, "select_epoch": cfg.training.select_epoch}
         return FitResult(result.model, result.history, result.epoch, result.validation, extra)
     return _fit_unsupervised(kind, cfg, split, progress)

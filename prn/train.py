@@ -148,9 +148,12 @@ class TrainResult:
 
 
 def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
-          progress: bool = True, stop_after_epoch: Callable[[int], bool] | None = None) -> TrainResult:
+          progress: bool = True, stop_after_epoch: Callable[[int], bool] | None = None,
+          init_from: Path | None = None) -> TrainResult:
     """Fit PRN on ``split`` and keep ``run_dir/checkpoints/last.pt`` up to date; the caller
     (``prn.api.fit``) calibrates the returned model and writes ``checkpoints/model.pt``.
+    ``init_from``: a checkpoint whose weights, prototypes included, training starts from (a
+    retraining, ``prn fit --from``): no k-means, the schedule of ``cfg`` from its first epoch.
 
     ``stop_after_epoch(e)`` returning True ends training after epoch ``e`` as if interrupted
     (used by tests of resumption). Under torchrun every rank calls this with the same arguments
@@ -174,6 +177,14 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         model = registry.build("prn", cfg, pretrained=False)
         model.load_state_dict(payload["state_dict"])
         start_epoch, history = payload["epoch"], payload["history"]
+    elif init_from is not None:
+        payload = load_checkpoint(init_from, expect_model="prn")
+        check_compatible(init_from, payload, cfg)
+        model = registry.build("prn", cfg, pretrained=False)
+        model.load_state_dict(payload["state_dict"])
+        start_epoch, history = 0, [{"event": "warm start", "from": str(init_from)}]
+        if main:
+            (run_dir / "metrics.csv").unlink(missing_ok=True)
     else:
         model = registry.build("prn", cfg)
         history = []

@@ -331,3 +331,26 @@ def load_index(cfg: PRNConfig) -> DatasetIndex:
     by_path = attrgetter("image_path")
     return DatasetIndex(cfg.data.dataset, category, cat, sorted(train, key=by_path),
                         sorted(test, key=by_path))
+
+
+def added_images(folder: str | Path, *, normals: bool) -> list[Sample]:
+    """Images to add to a run (``prn fit --from RUN --add-anomalies/--add-normals``), e.g. the
+    operator's corrections of ``prn serve``. Defective ones come from ``folder/test/<kind>/`` with
+    ``ground_truth/<kind>/<stem>_mask.png`` (or ``_box.png``, or nothing: a label alone); good ones
+    from ``folder/train/good/``, or from ``folder`` itself when it has no such sub-folder."""
+    folder = Path(folder).expanduser().absolute()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder of images to add not found")
+    if normals:
+        good = folder / "train" / "good"
+        return _normals(good if good.is_dir() else folder)
+    test = folder / "test"
+    kinds = [d for d in _subdirs(test) if d.name != "good"] if test.is_dir() else []
+    if not kinds:
+        raise DataError(f"{folder}: no defective images to add (expected {test}/<kind>/ with masks in "
+                        f"{folder / 'ground_truth'}/<kind>/<stem>_mask.png, as prn serve's corrections are)")
+    out = []
+    for d in kinds:
+        out += _pair_masks(require_images(d, recursive=False), folder / "ground_truth" / d.name, "_mask",
+                           d.name, loose=True, label_only=True)
+    return sorted(out, key=attrgetter("image_path"))

@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from prn.data.io import read_image, require_images
+from prn.deploy.engine import make_engine
 from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError
 from prn.pipeline import InferencePipeline, forward_model
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
-from prn.preprocess import image_batch, scale
+from prn.preprocess import image_batch
 from prn.report import MAP_FORMATS, ResultWriter
 
 
@@ -100,28 +101,26 @@ class Predictor:
 
 
 class ImageFiles(Dataset):
-    """Files -> {"index", "image" (model input, zeros on error), "hw" (original h, w), "error"}."""
+    """Files -> {"index", "resized" (uint8 (H, W, 3) at the model's input size, zeros on error),
+    "hw" (original h, w), "error"}. Decoding and resizing happen here, in the DataLoader's workers
+    when there are any, while the model runs on the previous batch."""
 
-    def __init__(self, files: list[Path], predictor: Predictor, max_pixels: int, keep_images: bool):
+    def __init__(self, files: list[Path], predictor: Predictor, max_pixels: int):
         self.files, self.predictor, self.max_pixels = files, predictor, max_pixels
-        self.keep_images = keep_images  # the resized uint8 image too, for pictures
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
         h, w = self.predictor.input_hw
-        item = {"index": i, "image": torch.zeros(3, h, w), "hw": torch.zeros(2, dtype=torch.int64),
-                "error": "", "resized": torch.zeros(h, w, 3, dtype=torch.uint8) if self.keep_images else 0}
+        item = {"index": i, "resized": torch.zeros(h, w, 3, dtype=torch.uint8),
+                "hw": torch.zeros(2, dtype=torch.int64), "error": ""}
         try:
             image = read_image(self.files[i], self.max_pixels)
         except DataError as exc:
             item["error"] = str(exc)
             return item
-        small = torch.from_numpy(self.predictor.resize(image))
-        item.update(image=scale(small.permute(2, 0, 1)), hw=torch.tensor(image.shape[:2]))
-        if self.keep_images:
-            item["resized"] = small
+        item.update(resized=torch.from_numpy(self.predictor.resize(image)), hw=torch.tensor(image.shape[:2]))
         return item
 
 
@@ -144,7 +143,7 @@ class PredictSummary:
 def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path, *,
                    maps: str = "npy", masks: bool = False, overlays: int = 0, strict: bool = False,
                    num_workers: int = 0, progress: bool = True,
-                   min_region_area: int = MIN_REGION_AREA) -> PredictSummary:
+                   min_region_area: int = MIN_REGION_AREA, engine: str = "torch") -> PredictSummary:
     """Score an image or a folder of images (at any depth) into ``out_dir``.
 
     maps: "npy" (float32 maps at each image's size, raw model values), "png" (8-bit maps of the
@@ -156,6 +155,9 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     each image's own pixels, at least ``min_region_area`` pixels) go to ``regions.jsonl`` and
     their count to scores.csv's last column, ``regions``; without a calibrated pixel threshold
     the column stays empty and no regions.jsonl is written (``summary.regions`` None).
+
+    engine: "torch" or "onnx" (``prn.deploy.engine``: onnxruntime on the run's exported graph,
+    exported on first use); the decisions are the Predictor's either way.
     """
     min_region_area = check_min_area(min_region_area)
     if maps not in MAP_FORMATS:
@@ -167,7 +169,8 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     files = [inputs] if inputs.is_file() else require_images(inputs, what="input folder")
     root = inputs if inputs.is_dir() else inputs.parent
     overlays = len(files) if overlays < 0 else overlays
-    dataset = ImageFiles(files, predictor, predictor.cfg.data.max_image_pixels, keep_images=overlays > 0)
+    forward = make_engine(predictor, engine, progress)
+    dataset = ImageFiles(files, predictor, predictor.cfg.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")
     n_defective = n_errors = 0
@@ -182,7 +185,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
             scores = np.full(len(batch["error"]), np.nan)
             amaps = None
             if ok:
-                scores_ok, amaps = predictor.forward(batch["image"][ok])
+                scores_ok, amaps = forward(batch["resized"][ok].permute(0, 3, 1, 2).contiguous())
                 scores[ok] = scores_ok
             normalized, predictions = predictor.judge(scores)
             for j, index in enumerate(batch["index"].tolist()):

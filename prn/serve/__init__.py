@@ -80,7 +80,12 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     from prn.serve.corrections import CorrectionStore
     from prn.serve.service import InspectionService, Limits
 
-    predictor = Predictor(checkpoint, device=device, threshold=threshold)
+    def load() -> Predictor:
+        # POST /model/reload calls this again: the same path, re-resolved (a moved 'latest' link
+        # or a replaced checkpoint is picked up), the same device and threshold override
+        return Predictor(checkpoint, device=device, threshold=threshold)
+
+    predictor = load()
     defaults = Limits(max_pixels=predictor.cfg.data.max_image_pixels)
     given = {"max_request_bytes": max_request_bytes, "max_pixels": max_pixels, "max_images": max_images}
     limits = replace(defaults, **{k: v for k, v in given.items() if v is not None})
@@ -93,7 +98,7 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
         store = CorrectionStore(folder, {"checkpoint": str(predictor.loaded.path.resolve()),
                                          "model_kind": predictor.loaded.kind,
                                          "pixel_threshold": predictor.pixel_threshold})
-    service = InspectionService(predictor, limits, pixel_limit_source=source, corrections=store,
+    service = InspectionService(predictor, limits, pixel_limit_source=source, corrections=store, loader=load,
                                 min_region_area=MIN_REGION_AREA if min_region_area is None else min_region_area)
     return create_app(service, token=token)
 

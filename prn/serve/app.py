@@ -42,7 +42,7 @@ from starlette.formparsers import FormParser, MultiPartException, MultiPartParse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import prn
-from prn.errors import DataError
+from prn.errors import DataError, PRNError
 from prn.serve.corrections import TEXT_MAX_CHARS, CorrectionError, clean_text
 from prn.serve.service import InspectionService, NotCalibratedError, Upload
 
@@ -293,6 +293,14 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
     @app.get("/model", summary="The model, its thresholds, versions, metrics and the limits")
     async def model():
         return service.model_info()
+
+    @app.post("/model/reload", summary="Load the model again from the path the server started with "
+                                       "(e.g. after 'latest' was pointed at a retrained run)")
+    async def reload_model():
+        try:
+            return await run_in_threadpool(service.reload)
+        except PRNError as exc:  # nothing was swapped: say so, with why the new one did not load
+            return error(409, f"the model was not reloaded, the one loaded before keeps serving: {exc}")
 
     @app.post("/predict", summary="Score one or several images (multipart field 'files')",
               openapi_extra=MULTIPART_BODY)

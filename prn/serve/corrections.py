@@ -103,8 +103,13 @@ class RecentUploads:
             raise CorrectionError(
                 f"result {result_id!r} is no longer held by the server (it keeps the last "
                 f"{self.max_items} scored images, up to {self.max_bytes // 2**20} MB, until it "
-                f"restarts); upload the image again and correct the new result", 410)
+                f"restarts or reloads its model); upload the image again and correct the new result", 410)
         return scored
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -97,18 +98,43 @@ class InspectionService:
 
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), *,
                  pixel_limit_source: str = PIXEL_LIMIT_OPTION, min_region_area: int = MIN_REGION_AREA,
-                 corrections: CorrectionStore | None = None, recent: RecentUploads | None = None):
+                 corrections: CorrectionStore | None = None, recent: RecentUploads | None = None,
+                 loader: Callable[[], Predictor] | None = None):
         """``pixel_limit_source`` names where ``limits.max_pixels`` came from in the message of an
         image over it (``prn.serve.build_app`` says whether --max-pixels or the model set it).
         ``min_region_area``: the smallest region listed unless a request asks for another.
         ``corrections``: where corrections go (None: corrections are off and no upload is kept);
-        ``recent`` bounds the uploads held for them (default ``RecentUploads()``)."""
+        ``recent`` bounds the uploads held for them (default ``RecentUploads()``).
+        ``loader``: builds the predictor anew for ``reload`` (None: reloading is refused)."""
         self.predictor, self.limits = predictor, limits
         self.pixel_limit_source = pixel_limit_source
         self.min_region_area = check_min_area(min_region_area)
         self.corrections = corrections
         self.recent = None if corrections is None else (recent if recent is not None else RecentUploads())
+        self.loader = loader
         self._lock = threading.Lock()
+
+    def _describe_model_to_corrections(self) -> None:
+        if self.corrections is not None:
+            p = self.predictor
+            self.corrections.model = {"checkpoint": str(p.loaded.path.resolve()), "model_kind": p.loaded.kind,
+                                      "pixel_threshold": p.pixel_threshold}
+
+    def reload(self) -> dict:
+        """Load the model again from where the service was started (e.g. after ``latest`` was
+        pointed at a retrained run) and swap it in between two requests. The new model is loaded
+        before the swap, so a checkpoint that fails to load leaves the old one serving."""
+        if self.loader is None:
+            raise UsageError("this service was built without a loader, so it cannot reload its model; restart it")
+        before = self.predictor.loaded.path.resolve()
+        predictor = self.loader()
+        with self._lock:
+            self.predictor = predictor
+            self._describe_model_to_corrections()
+            if self.recent is not None:
+                self.recent.clear()  # their scores are the old model's: a correction must name the model that erred
+        return {"previous_checkpoint": str(before), "checkpoint": str(predictor.loaded.path.resolve()),
+                "model": self.model_info()}
 
     # ------------------------------------------------------------------------- describing
 

@@ -1,0 +1,128 @@
+"""Where `prn predict` spends its time, and what it reaches end to end, per engine.
+
+    python benchmarks/profile_predict.py RUN FOLDER                  # e.g. a cpu-preset run, KSDD images
+    python benchmarks/profile_predict.py RUN FOLDER --images 200 --skip-e2e
+
+Stages, each timed alone over the same images in the run's batches (median of --repeat): decode
+(prn.data.io.read_image), resize to the model's input (the one pre-process), the encoder alone,
+the whole model in torch, the exported graph in onnxruntime (made on first use), the map resized
+back to the image (resize_map), the defect regions, and writing the map as .npy. End to end:
+`prn predict` in its own process for each engine, with --maps none and npy, --workers 0 and 1:
+images/s over the whole command (start-up included) and its peak RSS (os.wait4). The ratio of
+PRN's forward to its encoder's images/s is printed too. Writes benchmarks/results/profile_predict.json.
+Figures depend on the machine's load: say which when you quote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "profile_predict.json"
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of ``repeat`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
+    """Seconds per image of each stage."""
+    from prn.data.io import read_image
+    from prn.deploy.engine import make_engine
+    from prn.deploy.predict import Predictor
+    from prn.postprocess import resize_map
+    from prn.preprocess import scale
+
+    predictor = Predictor(run, device="cpu")
+    n, bs = len(files), predictor.batch_size
+    images = [read_image(f, predictor.cfg.data.max_image_pixels) for f in files]
+    resized = torch.stack([torch.from_numpy(predictor.resize(im)) for im in images]).permute(0, 3, 1, 2).contiguous()
+    batches = [resized[i:i + bs] for i in range(0, n, bs)]
+    onnx = make_engine(predictor, "onnx")
+    maps = predictor.forward(scale(batches[0]))[1]
+    big = resize_map(maps[0], images[0].shape[:2])
+    out = {
+        "decode": timed(lambda: [read_image(f, predictor.cfg.data.max_image_pixels) for f in files], repeat) / n,
+        "resize": timed(lambda: [predictor.resize(im) for im in images], repeat) / n,
+    }
+    with torch.no_grad():
+        out["encoder"] = timed(lambda: [predictor.model.encoder(scale(b)) for b in batches], repeat) / n
+    out["model torch"] = timed(lambda: [predictor.forward(scale(b)) for b in batches], repeat) / n
+    out["model onnx"] = timed(lambda: [onnx(b) for b in batches], repeat) / n
+    out["map to image size"] = timed(lambda: resize_map(maps[0], images[0].shape[:2]), repeat)
+    if predictor.pixel_threshold is not None:
+        out["regions"] = timed(lambda: predictor.regions(big), repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        out["write .npy"] = timed(lambda: np.save(Path(tmp) / "m.npy", big), repeat)
+    return out
+
+
+def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "prn", "predict", str(run), str(folder), "--out", tmp, "--maps", maps,
+               "--engine", engine, "--workers", str(workers), "--quiet"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if status:
+            raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+        n = sum(1 for _ in open(Path(tmp) / "scores.csv")) - 1
+    return {"engine": engine, "maps": maps, "workers": workers, "images": n, "seconds": wall,
+            "images_per_second": n / wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("folder", type=Path, help="images to predict (every image under it)")
+    ap.add_argument("--images", type=int, default=64, help="images for the per-stage timings")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    from prn.data.io import require_images
+    files = require_images(args.folder, what="image folder")
+    per_image = stages(args.run, files[:args.images], args.repeat)
+    print(f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| stage | ms per image |\n|---|---|")
+    for k, v in per_image.items():
+        print(f"| {k} | {1000 * v:.2f} |")
+    ratio = per_image["encoder"] / per_image["model torch"]
+    print(f"PRN forward / encoder images/s (torch): {ratio:.2f}")
+    rows = []
+    if not args.skip_e2e:
+        print("\n| engine | maps | workers | images | s | images/s | peak RSS MB |\n|---|---|---|---|---|---|---|")
+        for engine in ("torch", "onnx"):
+            for maps in ("none", "npy"):
+                for workers in (0, 1):
+                    r = end_to_end(args.run, args.folder, engine, maps, workers)
+                    rows.append(r)
+                    print(f"| {engine} | {maps} | {workers} | {r['images']} | {r['seconds']:.1f} | "
+                          f"{r['images_per_second']:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"stages_seconds_per_image": per_image, "forward_over_encoder": ratio,
+                                   "end_to_end": rows, "load_average": os.getloadavg(),
+                                   "threads": torch.get_num_threads()}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Mean +- sample standard deviation over split seeds of tested runs, per variant and data set.
+
+    python benchmarks/summarize_runs.py VARIANT_DIR [VARIANT_DIR ...]
+
+Each VARIANT_DIR holds run folders named ``<dataset>_s<seed>`` (as the ablation scripts make them),
+each tested (``results.json``). Prints one markdown row per variant and data set: the paper's four
+metrics, image AP, the oracle's recall at 1 % false rejects, and at the calibrated threshold the
+realised false-reject rate, the recall and the oracle's recall at that rate (all x100), and the
+fit's wall seconds (timings.json).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = (("I", "image_auroc"), ("P", "pixel_auroc"), ("O", "pro"), ("A", "pixel_ap"),
+           ("image AP", "image_ap"), ("R@1% oracle", "recall_at_1%"), ("FRR", "false_reject_rate"),
+           ("recall", "recall"), ("oracle R@FRR", "oracle_recall_at_frr"))
+
+
+def runs_of(variant: Path) -> dict[str, list[tuple[dict, float]]]:
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for run in sorted(variant.iterdir()):
+        m = re.fullmatch(r"(.+)_s(\d+)", run.name)
+        if not m or not (run / "results.json").is_file():
+            continue
+        metrics = next(iter(json.loads((run / "results.json").read_text())["categories"].values()))
+        timings = run / "timings.json"
+        fit = json.loads(timings.read_text()).get("fit_seconds", float("nan")) if timings.is_file() else float("nan")
+        out.setdefault(m.group(1), []).append((metrics, fit))
+    return out
+
+
+def cell(values: list[float], scale: float = 100.0, decimals: int = 1) -> str:
+    v = np.array([x for x in values if x is not None], dtype=float) * scale
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return "-"
+    if v.size == 1:
+        return f"{v[0]:.{decimals}f}"
+    return f"{v.mean():.{decimals}f} +- {v.std(ddof=1):.{decimals}f}"
+
+
+def main(argv: list[str]) -> None:
+    print("| variant | data | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | fit (s) |")
+    print("|---" * (len(COLUMNS) + 4) + "|")
+    for variant in map(Path, argv):
+        for data, rows in sorted(runs_of(variant).items()):
+            cells = [cell([m.get(k) for m, _ in rows]) for _, k in COLUMNS]
+            print(f"| {variant.name} | {data} | {len(rows)} | " + " | ".join(cells)
+                  + f" | {cell([f for _, f in rows], 1.0, 0)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,72 @@
+"""prn predict --engine onnx: onnxruntime on the run's exported graph, against the torch engine."""
+
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from prn import api  # noqa: E402
+from prn.cli import main  # noqa: E402
+from prn.deploy.engine import ensure_exported, make_engine, onnx_file  # noqa: E402
+from prn.deploy.predict import Predictor  # noqa: E402
+from prn.errors import UsageError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(calibrated_run, tmp_path_factory):
+    """A copy (the export written into it stays out of the shared run), exported once: an export
+    checks itself against prn and takes most of a minute on a loaded CPU."""
+    run = shutil.copytree(calibrated_run, tmp_path_factory.mktemp("engine") / "run")
+    ensure_exported(Predictor(run, device="cpu"))
+    return run
+
+
+def _rows(csv_path):
+    with open(csv_path, newline="") as f:
+        return {r["path"]: r for r in csv.DictReader(f)}
+
+
+def test_the_onnx_engine_gives_the_torch_engines_scores_maps_and_decisions(run, demo_root, tmp_path):
+    images = demo_root / "demo" / "test"
+    a = api.predict(run, images, tmp_path / "torch", progress=False)
+    b = api.predict(run, images, tmp_path / "onnx", progress=False, engine="onnx")
+    assert (run / "export" / "model.onnx").is_file()  # made on first use, where prn export puts it
+    ra, rb = _rows(a.csv), _rows(b.csv)
+    assert ra.keys() == rb.keys() and len(ra) == a.n_images > 0
+    span = np.ptp([float(r["score"]) for r in ra.values()]) or 1.0
+    for path, row in ra.items():
+        assert abs(float(row["score"]) - float(rb[path]["score"])) <= 1e-4 * span, path
+        assert row["prediction"] == rb[path]["prediction"] and row["regions"] == rb[path]["regions"]
+        ma = np.load(tmp_path / "torch" / "maps" / (path + ".npy"))
+        mb = np.load(tmp_path / "onnx" / "maps" / (path + ".npy"))
+        assert ma.shape == mb.shape and np.abs(ma - mb).max() <= 1e-4 * max(np.ptp(ma), 1e-6), path
+
+
+def test_the_export_is_reused_and_made_again_when_the_checkpoint_is_newer(run, monkeypatch):
+    import prn.deploy.export
+    predictor = Predictor(run, device="cpu")
+    path = onnx_file(predictor)
+    assert path == run / "export" / "model.onnx" and path.is_file()
+    made = []
+    monkeypatch.setattr(prn.deploy.export, "export", lambda ckpt, fmt, out: made.append((ckpt, fmt, out)) or out)
+    assert ensure_exported(predictor) == path and made == []  # reused
+    ckpt, before = predictor.loaded.path, predictor.loaded.path.stat()
+    later = path.stat().st_mtime + 10
+    os.utime(ckpt, (later, later))  # e.g. prn calibrate rewrote it
+    try:
+        assert ensure_exported(predictor) == path and made == [(ckpt, "onnx", path)]
+    finally:
+        os.utime(ckpt, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_unknown_engine_is_refused_and_the_cli_takes_onnx(run, demo_root, tmp_path, capsys):
+    with pytest.raises(UsageError, match="unknown engine"):
+        make_engine(Predictor(run, device="cpu"), "tensorrt")
+    image = next((demo_root / "demo" / "test" / "good").iterdir())
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "out"), "--engine", "onnx",
+                 "--quiet"]) in (0, None)
+    assert "1 images" in capsys.readouterr().out

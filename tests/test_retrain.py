@@ -1,0 +1,114 @@
+"""A run from an old run and the images the line corrected (prn fit --from), and prn compare."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from prn import api
+from prn.checkpoint import load_checkpoint
+from prn.cli import main
+from prn.data.split import Split
+from prn.errors import DataError, UsageError
+from prn.retrain import compare, compare_table, fit_from, labelled_folder
+
+
+@pytest.fixture
+def corrections(calibrated_run, tmp_path):
+    """Two test defects of the run with their masks (a miss painted by the operator) and one test
+    good image (a false reject), in the layout prn serve writes corrections in."""
+    split = Split.load(calibrated_run / "split.json")
+    folder = tmp_path / "corrections"
+    defects = [s for s in split.test if s.label == 1][:2]
+    for s in defects:
+        (folder / "test" / s.defect_type).mkdir(parents=True, exist_ok=True)
+        (folder / "ground_truth" / s.defect_type).mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.image_path, folder / "test" / s.defect_type / f"fix-{s.image_path.name}")
+        shutil.copy(s.mask_path, folder / "ground_truth" / s.defect_type / f"fix-{s.image_path.stem}_mask.png")
+    good = next(s for s in split.test if s.label == 0)
+    (folder / "train" / "good").mkdir(parents=True)
+    shutil.copy(good.image_path, folder / "train" / "good" / f"fix-{good.image_path.name}")
+    return folder
+
+
+def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrated_run, corrections, tmp_path):
+    run = fit_from(calibrated_run, add_anomalies=corrections, add_normals=corrections, epochs=1,
+                   run_dir=tmp_path / "new", progress=False)
+    old, new = Split.load(calibrated_run / "split.json"), Split.load(run / "split.json")
+    assert len(new.train_anomalous) == len(old.train_anomalous) + 2
+    assert len(new.train_normal) == len(old.train_normal) + 1
+    assert new.val_normal == old.val_normal and new.test == old.test  # copies: the originals stay in test
+    parent = json.loads((run / "parent.json").read_text())
+    assert parent["parent"] == str(calibrated_run.resolve()) and len(parent["added_anomalies"]) == 2
+    assert parent["annotations"] == {"mask": 2, "box": 0, "label": 0}
+    payload = load_checkpoint(run)
+    assert payload["history"][0]["event"] == "warm start" and payload["calibration"] is not None
+    assert payload["config"]["training"]["epochs"] == 1
+    # the prototypes are the old run's: warm-started, no k-means
+    before = load_checkpoint(calibrated_run)["state_dict"]
+    assert all(torch.equal(before[k], v) for k, v in payload["state_dict"].items() if k.startswith("prototypes."))
+    assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
+
+
+def test_fit_from_refuses_what_it_cannot_use(calibrated_run, tmp_path):
+    with pytest.raises(UsageError, match="images to add"):
+        fit_from(calibrated_run)
+    with pytest.raises(UsageError, match="run folder"):
+        fit_from(tmp_path, add_normals=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no defective images to add"):
+        fit_from(calibrated_run, add_anomalies=tmp_path / "empty")
+
+
+def test_compare_puts_both_models_decisions_side_by_side(calibrated_run, demo_root, tmp_path, capsys):
+    folder = demo_root / "demo" / "test"
+    files, labels = labelled_folder(folder)
+    assert labels.sum() == sum("good" not in f.parts for f in files) and 0 < labels.sum() < len(files)
+    result = compare(calibrated_run, calibrated_run, folder, device="cpu")
+    assert len(result["images"]) == len(files) and not any(r["changed"] for r in result["images"])
+    assert result["a"]["recall"] == result["b"]["recall"]
+    assert "0 of" in compare_table(result)
+    assert main(["compare", str(calibrated_run), str(calibrated_run), "--data", str(folder)]) == 0
+    assert "decisions differ" in capsys.readouterr().out
+
+
+def test_serve_reloads_its_model_from_where_it_started(calibrated_run, tmp_path):
+    """POST /model/reload re-reads the served path: a moved link picks up the retrained run; a
+    path that no longer loads leaves the old model serving and says so."""
+    pytest.importorskip("fastapi", reason="prn serve needs the serve extra")
+    from fastapi.testclient import TestClient
+
+    from prn.checkpoint import set_calibration
+    from prn.serve import build_app
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(calibrated_run, retrained, ignore=shutil.ignore_patterns("corrections"))
+    calibration = dict(load_checkpoint(retrained)["calibration"], image_threshold=0.123)
+    set_calibration(retrained, calibration)
+    link = tmp_path / "served"
+    link.symlink_to(calibrated_run)
+    client = TestClient(build_app(link, device="cpu", corrections=tmp_path / "corrections"))
+    before = client.get("/model").json()["image_threshold"]
+    assert before != pytest.approx(0.123)
+
+    link.unlink()
+    link.symlink_to(retrained)
+    assert client.get("/model").json()["image_threshold"] == before  # nothing changes until asked
+    r = client.post("/model/reload")
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"].startswith(str(retrained.resolve()))
+    assert client.get("/model").json()["image_threshold"] == pytest.approx(0.123)
+
+    link.unlink()
+    link.symlink_to(tmp_path / "gone")
+    r = client.post("/model/reload")
+    assert r.status_code == 409 and "keeps serving" in r.json()["error"]
+    assert client.get("/model").json()["image_threshold"] == pytest.approx(0.123)
+
+
+def test_the_cli_refuses_added_images_without_a_run_and_settings_the_run_fixes(calibrated_run, tmp_path, capsys):
+    assert main(["fit", "--add-anomalies", str(tmp_path)]) == 2
+    assert "go with --from RUN" in capsys.readouterr().err
+    assert main(["fit", "--from", str(calibrated_run), "--add-normals", str(tmp_path), "--preset", "cpu"]) == 2
+    assert "--preset would be ignored" in capsys.readouterr().err
