@@ -193,17 +193,26 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
     overrides it), so a bare checkpoint file decides as its run folder does; without either no
     decision is made (``summary.decided`` False), and ``require_decision`` refuses to run then.
     ``engine`` "onnx" runs the run's exported graph in onnxruntime (``prn.deploy.engine``).
+    Under torchrun the input list is shared out by rank and rank 0 merges (``prn.deploy.sharded``).
     Returns a PredictSummary (csv path, counts of images, defective ones and unreadable files).
     """
+    from prn import distributed
     from prn.deploy.predict import Predictor, predict_folder
+    options = dict(maps=maps, masks=masks, overlays=overlays, strict=strict, num_workers=num_workers,
+                   min_region_area=min_region_area, engine=engine)
+    if distributed.world().distributed:
+        if require_decision:
+            raise UsageError("--fail-on-defect is for one process: under torchrun read the prediction "
+                             "column of the merged scores.csv")
+        from prn.deploy.sharded import predict_sharded
+        return predict_sharded(run, inputs, out_dir, device=device, threshold=threshold, progress=progress,
+                               **options)
     predictor = Predictor(run, device=device, threshold=threshold)
     if require_decision and not predictor.postprocess.calibrated:
         raise UsageError(f"{predictor.loaded.path}: the model has no calibrated threshold, so no part "
                          f"would be judged defective and the line would pass them all; calibrate it "
                          f"(prn calibrate RUN) or give one (--threshold T)")
-    return predict_folder(predictor, inputs, out_dir, maps=maps, masks=masks, overlays=overlays,
-                          strict=strict, num_workers=num_workers, progress=progress,
-                          min_region_area=min_region_area, engine=engine)
+    return predict_folder(predictor, inputs, out_dir, progress=progress, **options)
 
 
 # ----------------------------------------------------------------------------- export

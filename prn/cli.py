@@ -76,12 +76,14 @@ def cmd_test(args) -> None:
 
 
 def cmd_predict(args) -> int | None:
-    from prn import api
+    from prn import api, distributed
     summary = api.predict(args.run, args.input, args.out, threshold=args.threshold, maps=args.maps,
                           masks=args.masks, overlays=args.overlays, strict=args.strict,
                           num_workers=args.workers, progress=not args.quiet, device=args.device,
                           require_decision=args.fail_on_defect, min_region_area=args.min_region_area,
                           engine=args.engine)
+    if not distributed.is_main():
+        return None  # rank 0 merged the parts and speaks for the run
     judged = (f"{summary.n_defective} judged defective" if summary.decided else
               "no decision made (the model has no calibrated threshold: prn calibrate RUN, or --threshold T)")
     regions = getattr(summary, "regions", None)

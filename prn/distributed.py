@@ -306,6 +306,16 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device) / dist.get_world_size()
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The sum of ``values`` over the ranks (``values`` itself in one process)."""
+    if not _active():
+        return values
+    out = values.detach().clone().to(_comm_device())
+    with _collective("adding up over the processes"):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(values.device)
+
+
 def report_failure(exc: BaseException) -> None:
     """Under torchrun, write this rank's error where torchrun reads it, so its summary quotes
     the message ("Root Cause") rather than an exit code alone. A rank stopped by another's

@@ -143,7 +143,8 @@ class PredictSummary:
 def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path, *,
                    maps: str = "npy", masks: bool = False, overlays: int = 0, strict: bool = False,
                    num_workers: int = 0, progress: bool = True,
-                   min_region_area: int = MIN_REGION_AREA, engine: str = "torch") -> PredictSummary:
+                   min_region_area: int = MIN_REGION_AREA, engine: str = "torch",
+                   shard: tuple[int, int] = (0, 1)) -> PredictSummary:
     """Score an image or a folder of images (at any depth) into ``out_dir``.
 
     maps: "npy" (float32 maps at each image's size, raw model values), "png" (8-bit maps of the
@@ -158,6 +159,10 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
 
     engine: "torch" or "onnx" (``prn.deploy.engine``: onnxruntime on the run's exported graph,
     exported on first use); the decisions are the Predictor's either way.
+
+    shard (rank, size): score only the files rank, rank + size, ... of the input list, into
+    ``out_dir`` as given (``prn.deploy.sharded`` gives each rank its own folder and merges them);
+    overlays stay those of the first N images of the whole list.
     """
     min_region_area = check_min_area(min_region_area)
     if maps not in MAP_FORMATS:
@@ -169,6 +174,8 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     files = [inputs] if inputs.is_file() else require_images(inputs, what="input folder")
     root = inputs if inputs.is_dir() else inputs.parent
     overlays = len(files) if overlays < 0 else overlays
+    rank, size = shard
+    files = files[rank::size]
     forward = make_engine(predictor, engine, progress)
     dataset = ImageFiles(files, predictor, predictor.cfg.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
@@ -199,7 +206,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                 small = amaps[ok.index(j)]
                 writer.add(path, scores[j], None if normalized is None else normalized[j], pred,
                            small, tuple(batch["hw"][j].tolist()))
-                if index < overlays:
+                if rank + index * size < overlays:
                     title = f"{path.name}  score {scores[j]:.3f}" + (
                         "" if pred is None else ("  DEFECTIVE" if pred else "  good"))
                     writer.overlay(path, batch["resized"][j].numpy(), small, title=title)
