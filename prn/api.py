@@ -73,7 +73,7 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
                           init_from=None if init_from is None else Path(init_from))
     if distributed.is_main():
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
-        cal = calibrate_predictions(result.validation, cfg.calibration)
+        cal = calibrate_predictions(result.validation, cfg.calibration, registry.score_bound(kind))
         registry.save_model(run_dir, kind, cfg, result, cal)
         write_calibration(run_dir, cal)
         if progress:

@@ -44,6 +44,12 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+def score_bound(kind: str) -> float | None:
+    """The largest image score a model kind can give: 1 for PRN (its map is a probability and the
+    image score a mean of map pixels or the head's probability); none for distances."""
+    return 1.0 if kind == "prn" else None
+
+
 def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise PRNError(f"unknown model kind {kind!r}; expected {', '.join(KINDS)}")

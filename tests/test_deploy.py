@@ -53,6 +53,16 @@ def test_the_gumbel_tail_lies_further_out_than_the_normal_on_skewed_scores():
     assert image_threshold(scores, 0.001)[0] > image_threshold(scores, 0.001, tail="normal")[0] > scores.max()
 
 
+def test_a_tail_fitted_past_the_largest_score_a_model_can_give_falls_back_to_the_held_out_maximum():
+    # the held-out scores of a run trained on boxes alone: crowded just under PRN's bound of 1
+    crowded = np.array([0.672, 0.80, 0.91, 0.95, 0.972, 0.981, 0.985, 0.989, 0.9995])
+    unbounded, _ = image_threshold(crowded, 0.01)
+    assert unbounded > 1.0  # would reject nothing a PRN model can score
+    t, method = image_threshold(crowded, 0.01, score_bound=1.0)
+    assert crowded.max() < t < 1.0 and t == pytest.approx(crowded.max()) and "past the largest score" in method
+    assert image_threshold(FEW, 0.01, score_bound=1.0) == image_threshold(FEW, 0.01)  # a bound far away: no change
+
+
 def test_a_threshold_never_rejects_the_held_out_maximum_even_with_identical_scores():
     t, method = image_threshold(np.full(8, 0.3), 0.01)
     assert t > 0.3 and t == pytest.approx(0.3) and "largest" in method

@@ -39,7 +39,8 @@ SOURCE = "held-out normal training images (split.json val_normal)"
 TAILS = CALIBRATION_TAILS
 
 
-def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "gumbel") -> tuple[float, str]:
+def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "gumbel",
+                    score_bound: float | None = None) -> tuple[float, str]:
     """The image threshold for a false-reject rate ``target_fpr`` on good parts, and how it was set.
 
     With enough good parts (n * target_fpr >= 1) it is their empirical (1 - target_fpr) quantile.
@@ -56,6 +57,11 @@ def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "g
     by target_fpr whatever the scores' distribution, as long as they are exchangeable with the
     held-out ones (split conformal prediction). It needs n >= 1 / target_fpr - 1 (99 for 1 %);
     with fewer it is the largest held-out score, whose bound 1 / (n + 1) it says.
+
+    ``score_bound``: the largest score the model can give (1 for PRN, whose map is a probability).
+    A fitted tail at or past it would reject nothing at all; the largest held-out score is taken
+    instead, and the method says so. (Seen on a run trained on boxes alone, whose scores crowd
+    just under 1: the Gumbel fit put the threshold at 1.25.)
     """
     if tail not in TAILS:
         raise UsageError(f"calibration tail must be one of {', '.join(TAILS)}, got {tail!r}")
@@ -80,6 +86,9 @@ def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "g
         fitted = float(gumbel_r.ppf(1.0 - target_fpr, loc, scale))
     else:
         fitted = float(s.mean() + norm.ppf(1.0 - target_fpr) * s.std(ddof=1))
+    if score_bound is not None and fitted >= score_bound:
+        return floor, (f"largest held-out score (the {tail} tail fit, {fitted:.4g}, is past the largest "
+                       f"score the model can give, {score_bound:g})")
     return max(fitted, floor), f"{tail} tail fit (too few images for a quantile)"
 
 
@@ -92,7 +101,8 @@ def pixel_threshold(normal_maps: np.ndarray, pixel_target_fpr: float) -> float:
 
 
 def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=None, *,
-              target_fpr: float = 0.01, pixel_target_fpr: float = 0.001, tail: str = "gumbel") -> dict:
+              target_fpr: float = 0.01, pixel_target_fpr: float = 0.001, tail: str = "gumbel",
+              score_bound: float | None = None) -> dict:
     """Thresholds and normalisation from the held-out fold's outputs.
 
     normal_scores (N,), normal_maps (N, H, W): the good parts; anomalous_* (M,) / (M, H, W):
@@ -105,7 +115,7 @@ def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=
     normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()
     anomalous_scores = np.asarray([] if anomalous_scores is None else anomalous_scores,
                                   dtype=np.float64).ravel()
-    threshold, method = image_threshold(normal_scores, target_fpr, tail)
+    threshold, method = image_threshold(normal_scores, target_fpr, tail, score_bound)
     pix = pixel_threshold(normal_maps, pixel_target_fpr)
     all_scores = np.concatenate([normal_scores, anomalous_scores])
     maps = [np.asarray(normal_maps, dtype=np.float32)]
@@ -157,18 +167,20 @@ def rates_at(labels, scores, threshold: float) -> dict:
             "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle}
 
 
-def calibrate_predictions(preds, cfg: CalibrationConfig) -> dict | None:
+def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | None = None) -> dict | None:
     """Calibrate on the held-out fold's outputs (a ``prn.infer.Predictions``; labels 0 are the
-    good parts), with the calibration section's rates; None when the fold holds no good part."""
+    good parts), with the calibration section's rates; None when the fold holds no good part.
+    score_bound: the model kind's largest score (``prn.registry.score_bound``)."""
     if preds is None or not (preds.labels == 0).any():
         return None
     good = preds.labels == 0
     return calibrate(preds.scores[good], preds.maps[good], preds.scores[~good], preds.maps[~good],
                      target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr,
-                     tail=cfg.calibration_tail)
+                     tail=cfg.calibration_tail, score_bound=score_bound)
 
 
-def calibrate_model(model, cfg, split, *, device, progress: bool = False) -> dict | None:
+def calibrate_model(model, cfg, split, *, device, progress: bool = False,
+                    score_bound: float | None = None) -> dict | None:
     """Score the split's held-out fold with ``model`` (from its files) and calibrate; None when
     the split holds no held-out normal images (then there is nothing to calibrate on)."""
     from prn.infer import predict_samples
@@ -179,7 +191,7 @@ def calibrate_model(model, cfg, split, *, device, progress: bool = False) -> dic
                             batch_size=cfg.runtime.eval_batch_size, device=device,
                             max_pixels=cfg.data.max_image_pixels, progress=progress,
                             precision=cfg.training.precision)
-    return calibrate_predictions(preds, cfg.calibration)
+    return calibrate_predictions(preds, cfg.calibration, score_bound)
 
 
 def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
@@ -210,8 +222,9 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     changes = {k: v for k, v in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr),
                                  ("calibration_tail", tail)) if v is not None}
     cfg = loaded.cfg.replace(**changes) if changes else loaded.cfg
+    from prn.registry import score_bound
     calibration = calibrate_model(loaded.model, cfg, Split.load(split_path), device=loaded.device,
-                                  progress=progress)
+                                  progress=progress, score_bound=score_bound(loaded.kind))
     if changes and (run_dir / "config.yaml").is_file():
         from prn.config import PRNConfig
         PRNConfig.load(run_dir / "config.yaml").replace(**changes).save(run_dir / "config.yaml")
