@@ -11,7 +11,9 @@ uint8) re-implemented in torch, so that it runs inside an exported ONNX / TorchS
 any input size and gives the very pixels training saw. Written by hand because no library does
 this: torch's ``interpolate(antialias=True)`` is the same filter in floating point and differs
 from Pillow by a grey level at some pixels (and so would the exported model from training). Tests
-hold it equal to Pillow, bit for bit, over random sizes, in torch and in onnxruntime.
+hold it equal to Pillow, bit for bit, over random sizes, in torch and in onnxruntime. Outside a
+graph, one image at a time (data, predict, serve), ``resize_image`` calls Pillow itself: the same
+pixels, some fifty times faster than the torch twin on a CPU.
 
     >>> pre = Preprocess((160, 384))
     >>> x = pre(torch.randint(0, 256, (2, 3, 500, 1250), dtype=torch.uint8))   # (2, 3, 160, 384) in [0, 1]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -130,11 +133,12 @@ def image_batch(image: np.ndarray) -> Tensor:
 
 
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """uint8 (h, w, 3) -> uint8 (H, W, 3) with ``Resize`` (the arrays of data and synthesis)."""
+    """uint8 (h, w, 3) -> uint8 (H, W, 3): Pillow's bilinear resize, which ``Resize`` equals bit for
+    bit (tests), run by Pillow (the arrays of data and synthesis, predict and serve)."""
     h, w = as_hw(size)
     if image.shape[:2] == (h, w):
         return image
-    return Resize((h, w))(image_batch(image))[0].permute(1, 2, 0).numpy()
+    return np.asarray(Image.fromarray(np.require(image, np.uint8, ["C"])).resize((w, h), Image.BILINEAR))
 
 
 def to_tensor(image: np.ndarray) -> Tensor:

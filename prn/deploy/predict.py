@@ -28,7 +28,7 @@ from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError
 from prn.pipeline import InferencePipeline, forward_model
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
-from prn.preprocess import image_batch
+from prn.preprocess import resize_image, to_tensor
 from prn.report import MAP_FORMATS, ResultWriter
 
 
@@ -50,12 +50,13 @@ class Predictor:
         self.batch_size = batch_size or self.cfg.runtime.eval_batch_size
 
     def resize(self, image: np.ndarray) -> np.ndarray:
-        """uint8 (h, w, 3) at any size -> uint8 (H, W, 3) at the model's input size."""
-        return self.pipeline.preprocess.resize(image_batch(image))[0].permute(1, 2, 0).numpy()
+        """uint8 (h, w, 3) at any size -> uint8 (H, W, 3) at the model's input size (the pipeline's
+        resize, run by Pillow: ``prn.preprocess.resize_image``)."""
+        return resize_image(image, self.input_hw)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (h, w, 3) at any size -> float32 (3, H, W) model input (the pipeline's pre-process)."""
-        return self.pipeline.preprocess(image_batch(image))[0]
+        return to_tensor(self.resize(image))
 
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """float32 (B, 3, H, W) -> (scores float64 (B,), maps float32 (B, H, W) at the input size)."""
