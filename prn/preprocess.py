@@ -138,7 +138,8 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     h, w = as_hw(size)
     if image.shape[:2] == (h, w):
         return image
-    return np.asarray(Image.fromarray(np.require(image, np.uint8, ["C"])).resize((w, h), Image.BILINEAR))
+    # np.array, not asarray: a writable copy (torch.from_numpy warns on the read-only view)
+    return np.array(Image.fromarray(np.require(image, np.uint8, ["C"])).resize((w, h), Image.BILINEAR))
 
 
 def to_tensor(image: np.ndarray) -> Tensor:
