@@ -28,14 +28,17 @@ def cmd_fit(args) -> None:
     if (args.add_anomalies or args.add_normals) and not args.parent:
         raise UsageError("--add-anomalies and --add-normals go with --from RUN (the run to retrain)")
     if args.parent:
-        from prn.retrain import fit_from
-        ignored = [f for f in _flags_resume_would_ignore(args) if f not in ("--run-dir",)]
+        from prn.retrain import RETRAIN_SECTIONS, fit_from
+        from prn.settings import parse_sets
+        ignored = [f for f in _flags_resume_would_ignore(args) if f != "--run-dir" and not f.startswith("--set")]
         if ignored or args.resume:
             raise UsageError(f"--from {args.parent} retrains with that run's config and split, so "
                              f"{', '.join(ignored + (['--resume'] if args.resume else []))} would be ignored; "
-                             f"--add-anomalies, --add-normals, --epochs, --run-dir, --test and --quiet go with --from")
+                             f"--add-anomalies, --add-normals, --epochs, --set (training and calibration "
+                             f"settings), --run-dir, --test and --quiet go with --from")
         run = fit_from(args.parent, add_anomalies=args.add_anomalies, add_normals=args.add_normals,
-                       epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet)
+                       epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet,
+                       changes=parse_sets(args.set, RETRAIN_SECTIONS))
         print(f"run folder: {run}")
         if args.test:
             _print_metrics(api.test(run, progress=not args.quiet))
@@ -230,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="parent", type=Path, metavar="RUN",
                    help="retrain RUN with the images of --add-anomalies / --add-normals: a new run with "
                         "RUN's config and split plus them, started from RUN's weights, a shorter schedule "
-                        "(--epochs, default 3); it records its parent in parent.json")
+                        "(--epochs, default 3; --set for other training or calibration settings, e.g. "
+                        "lr); it records its parent in parent.json")
     p.add_argument("--add-anomalies", type=Path, metavar="DIR",
                    help="with --from: defects to learn, DIR/test/<kind>/ with ground_truth/<kind>/<stem>_mask.png "
                         "(or _box.png, or none: a label alone), as prn serve's corrections folder is")

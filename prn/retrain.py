@@ -30,12 +30,15 @@ from prn.data.split import Split
 from prn.errors import DataError, UsageError
 
 RETRAIN_EPOCHS = 3  # of the run's steps per epoch: 60 steps for the cpu preset, about a third
+# what a retrain may change: the schedule and the thresholds, never the network or the data
+RETRAIN_SECTIONS = ("training", "calibration")
 
 
 def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
              add_normals: str | Path | None = None, epochs: int | None = None,
-             run_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """A new run from ``parent`` (a run folder) and the added images; returns its folder."""
+             run_dir: str | Path | None = None, progress: bool = True, changes: dict | None = None) -> Path:
+    """A new run from ``parent`` (a run folder) and the added images; returns its folder.
+    ``changes``: fields of RETRAIN_SECTIONS to set on the parent's config (e.g. {"lr": 1e-4})."""
     from prn import api
     from prn.checkpoint import checkpoint_file
 
@@ -57,15 +60,20 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     new_split = dataclasses.replace(
         split, train_anomalous=split.train_anomalous + anomalies, train_normal=split.train_normal + normals,
         test=[s for s in split.test if s.image_path.resolve() not in added], k=split.k + len(anomalies))
-    new_cfg = cfg.replace(epochs=epochs or RETRAIN_EPOCHS,
-                          seen_anomalies=len(new_split.train_anomalous) + len(new_split.val_anomalous))
+    from prn.config import SECTION_OF
+    bad = sorted(k for k in (changes or {}) if SECTION_OF.get(k) not in RETRAIN_SECTIONS)
+    if bad:
+        raise UsageError(f"a retrain keeps the parent's network and data; it may change the "
+                         f"{' and '.join(RETRAIN_SECTIONS)} settings only, not {', '.join(bad)}")
+    new_cfg = cfg.replace(**{**(changes or {}), "epochs": epochs or (changes or {}).get("epochs", RETRAIN_EPOCHS),
+                             "seen_anomalies": len(new_split.train_anomalous) + len(new_split.val_anomalous)})
     run = api.fit(new_cfg, run_dir=run_dir, progress=progress, split=new_split,
                   init_from=checkpoint_file(parent))
     (run / "parent.json").write_text(json.dumps({
         "parent": str(parent.resolve()), "added_anomalies": [str(s.image_path) for s in anomalies],
         "added_normals": [str(s.image_path) for s in normals],
         "annotations": {a: sum(s.annotation == a for s in anomalies) for a in ("mask", "box", "label")},
-        "epochs": new_cfg.training.epochs}, indent=2) + "\n")
+        "epochs": new_cfg.training.epochs, "changes": changes or {}}, indent=2) + "\n")
     return run
 
 

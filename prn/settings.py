@@ -101,23 +101,32 @@ def config_from_args(args: argparse.Namespace, *, notes=None) -> PRNConfig:
         value = getattr(args, name, None)
         if value is not None:
             data[name] = value
-    known = set(SECTION_OF)
-    for item in args.set:
+    data.update(parse_sets(args.set))
+    try:
+        return PRNConfig.from_dict(data)
+    except ValueError as exc:  # the right type but out of range, e.g. image_size 100
+        raise UsageError(str(exc)) from None
+
+
+def parse_sets(items: list[str], sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> {field: value}, each value parsed by its field's type; KEY is
+    a field name or SECTION.KEY. ``sections``: the only sections allowed (None: all)."""
+    known = set(SECTION_OF) if sections is None else {k for k, v in SECTION_OF.items() if v in sections}
+    out = {}
+    for item in items:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().rpartition(".")  # "lr" or "training.lr"
         if not sep or name not in known or (section and SECTION_OF[name] != section):
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of the config fields "
+            where = "" if sections is None else f" of the sections {', '.join(sections)}"
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of the config fields{where} "
                              f"(or SECTION.KEY){hint}: {', '.join(sorted(known))}")
         try:
-            data[name] = parse_field(name, text)
+            out[name] = parse_field(name, text)
         except ValueError as exc:
             raise UsageError(f"--set {item}: {exc}") from None
-    try:
-        return PRNConfig.from_dict(data)
-    except ValueError as exc:  # the right type but out of range, e.g. image_size 100
-        raise UsageError(str(exc)) from None
+    return out
 
 
 # ----------------------------------------------------------------------------- values from text

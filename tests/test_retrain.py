@@ -112,3 +112,12 @@ def test_the_cli_refuses_added_images_without_a_run_and_settings_the_run_fixes(c
     assert "go with --from RUN" in capsys.readouterr().err
     assert main(["fit", "--from", str(calibrated_run), "--add-normals", str(tmp_path), "--preset", "cpu"]) == 2
     assert "--preset would be ignored" in capsys.readouterr().err
+
+
+def test_a_retrain_may_change_the_schedule_and_thresholds_but_not_the_network(calibrated_run, corrections, tmp_path,
+                                                                               capsys):
+    with pytest.raises(UsageError, match="not image_size"):
+        fit_from(calibrated_run, add_normals=corrections, changes={"image_size": 96})
+    assert main(["fit", "--from", str(calibrated_run), "--add-normals", str(corrections),
+                 "--set", "model.top_k=5"]) == 2
+    assert "of the sections training, calibration" in capsys.readouterr().err
