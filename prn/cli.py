@@ -169,7 +169,7 @@ def cmd_serve(args) -> None:
           threshold=args.threshold, max_request_bytes=round(args.max_request_mb * 2**20),
           max_pixels=args.max_pixels, max_images=args.max_images,
           min_region_area=args.min_region_area,
-          corrections=False if args.no_corrections else args.corrections)
+          corrections=False if args.no_corrections else args.corrections, engine=args.engine)
 
 
 def region_area(text: str) -> int:
@@ -380,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-corrections", action="store_true",
                    help="no corrections: the page hides 'wrong?', nothing is ever written to disk")
     p.add_argument("--device")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="what runs the model: torch, or onnxruntime on the run's exported graph")
     p.set_defaults(func=cmd_serve)
     return parser
 

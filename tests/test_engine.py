@@ -70,3 +70,20 @@ def test_an_unknown_engine_is_refused_and_the_cli_takes_onnx(run, demo_root, tmp
     assert main(["predict", str(run), str(image), "--out", str(tmp_path / "out"), "--engine", "onnx",
                  "--quiet"]) in (0, None)
     assert "1 images" in capsys.readouterr().out
+
+
+def test_serve_runs_the_onnx_engine_with_torchs_scores(run, demo_root):
+    pytest.importorskip("fastapi", reason="prn serve needs the serve extra")
+    from fastapi.testclient import TestClient
+
+    from prn.serve import build_app
+    image = next((demo_root / "demo" / "test" / "good").iterdir())
+    scores = {}
+    for engine in ("torch", "onnx"):
+        client = TestClient(build_app(run, device="cpu", engine=engine, corrections=False))
+        assert client.get("/model").json()["engine"] == engine
+        r = client.post("/predict", files=[("files", (image.name, image.read_bytes(), "image/png"))])
+        assert r.status_code == 200, r.text
+        scores[engine] = r.json()["results"][0]
+    assert scores["onnx"]["score"] == pytest.approx(scores["torch"]["score"], abs=1e-4)
+    assert scores["onnx"]["prediction"] == scores["torch"]["prediction"]

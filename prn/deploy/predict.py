@@ -38,7 +38,7 @@ class Predictor:
     image threshold; without either, scores come without predictions."""
 
     def __init__(self, checkpoint: str | Path, *, device: str | None = None,
-                 threshold: float | None = None, batch_size: int | None = None):
+                 threshold: float | None = None, batch_size: int | None = None, engine: str = "torch"):
         self.loaded = load_model(checkpoint, device=device)
         self.model, self.cfg = self.loaded.model, self.loaded.cfg
         self.calibration = self.loaded.calibration
@@ -48,6 +48,9 @@ class Predictor:
         self.pixel_threshold = self.postprocess.pixel_threshold
         self.input_hw = self.pipeline.preprocess.input_hw
         self.batch_size = batch_size or self.cfg.runtime.eval_batch_size
+        # what runs the model on uint8 batches at the input size (prn.deploy.engine): torch or onnx
+        self.engine_name = engine
+        self.engine = make_engine(self, engine)
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (h, w, 3) at any size -> uint8 (H, W, 3) at the model's input size (the pipeline's
@@ -72,7 +75,8 @@ class Predictor:
         results = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
-            scores, maps = self.forward(torch.stack([self.prepare(im) for im in chunk]))
+            batch = torch.stack([torch.from_numpy(self.resize(im)) for im in chunk]).permute(0, 3, 1, 2)
+            scores, maps = self.engine(batch.contiguous())
             normalized, predictions = self.judge(scores)
             for j, image in enumerate(chunk):
                 results.append({
@@ -177,7 +181,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     overlays = len(files) if overlays < 0 else overlays
     rank, size = shard
     files = files[rank::size]
-    forward = make_engine(predictor, engine, progress)
+    forward = predictor.engine if engine == predictor.engine_name else make_engine(predictor, engine, progress)
     dataset = ImageFiles(files, predictor, predictor.cfg.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")

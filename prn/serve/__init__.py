@@ -68,11 +68,13 @@ def default_corrections_folder(checkpoint: str | Path) -> Path:
 def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: float | None = None,
               token: str | None = None, max_request_bytes: int | None = None,
               max_pixels: int | None = None, max_images: int | None = None,
-              min_region_area: int | None = None, corrections: str | Path | None | bool = None):
+              min_region_area: int | None = None, corrections: str | Path | None | bool = None,
+              engine: str = "torch"):
     """Load the model once and return the FastAPI app serving it.
 
     ``corrections``: the folder the page's corrections go to (None: ``default_corrections_folder``;
-    False: corrections off, nothing written and no upload kept)."""
+    False: corrections off, nothing written and no upload kept). ``engine``: "torch" or "onnx"
+    (onnxruntime on the run's exported graph, ``prn.deploy.engine``)."""
     require_dependencies()
     from prn.deploy.predict import Predictor
     from prn.postprocess import MIN_REGION_AREA
@@ -83,7 +85,7 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     def load() -> Predictor:
         # POST /model/reload calls this again: the same path, re-resolved (a moved 'latest' link
         # or a replaced checkpoint is picked up), the same device and threshold override
-        return Predictor(checkpoint, device=device, threshold=threshold)
+        return Predictor(checkpoint, device=device, threshold=threshold, engine=engine)
 
     predictor = load()
     defaults = Limits(max_pixels=predictor.cfg.data.max_image_pixels)

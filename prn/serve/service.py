@@ -157,6 +157,7 @@ class InspectionService:
             "input_size": list(p.input_hw),
             "checkpoint": p.loaded.path.name,
             "device": str(p.loaded.device),
+            "engine": p.engine_name,
             "calibrated": cal is not None,
             "image_threshold": p.threshold,
             "threshold_source": threshold_source,
