@@ -87,3 +87,14 @@ def test_serve_runs_the_onnx_engine_with_torchs_scores(run, demo_root):
         scores[engine] = r.json()["results"][0]
     assert scores["onnx"]["score"] == pytest.approx(scores["torch"]["score"], abs=1e-4)
     assert scores["onnx"]["prediction"] == scores["torch"]["prediction"]
+
+
+def test_decoding_in_worker_processes_gives_the_same_rows(run, demo_root, tmp_path):
+    images = demo_root / "demo" / "test"
+    a = api.predict(run, images, tmp_path / "in_process", progress=False, maps="none")
+    b = api.predict(run, images, tmp_path / "workers", progress=False, maps="none", num_workers=2,
+                    engine="onnx")
+    ra, rb = _rows(a.csv), _rows(b.csv)
+    assert list(ra) == list(rb)  # the input order, whichever worker decoded which image
+    for path in ra:
+        assert abs(float(ra[path]["score"]) - float(rb[path]["score"])) <= 1e-4, path

@@ -108,16 +108,17 @@ class Predictor:
 class ImageFiles(Dataset):
     """Files -> {"index", "resized" (uint8 (H, W, 3) at the model's input size, zeros on error),
     "hw" (original h, w), "error"}. Decoding and resizing happen here, in the DataLoader's workers
-    when there are any, while the model runs on the previous batch."""
+    when there are any, while the model runs on the previous batch; the items hold no model, so
+    workers start light on any platform."""
 
-    def __init__(self, files: list[Path], predictor: Predictor, max_pixels: int):
-        self.files, self.predictor, self.max_pixels = files, predictor, max_pixels
+    def __init__(self, files: list[Path], input_hw: tuple[int, int], max_pixels: int):
+        self.files, self.input_hw, self.max_pixels = files, tuple(input_hw), max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        h, w = self.predictor.input_hw
+        h, w = self.input_hw
         item = {"index": i, "resized": torch.zeros(h, w, 3, dtype=torch.uint8),
                 "hw": torch.zeros(2, dtype=torch.int64), "error": ""}
         try:
@@ -125,7 +126,7 @@ class ImageFiles(Dataset):
         except DataError as exc:
             item["error"] = str(exc)
             return item
-        item.update(resized=torch.from_numpy(self.predictor.resize(image)), hw=torch.tensor(image.shape[:2]))
+        item.update(resized=torch.from_numpy(resize_image(image, self.input_hw)), hw=torch.tensor(image.shape[:2]))
         return item
 
 
@@ -182,7 +183,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     rank, size = shard
     files = files[rank::size]
     forward = predictor.engine if engine == predictor.engine_name else make_engine(predictor, engine, progress)
-    dataset = ImageFiles(files, predictor, predictor.cfg.data.max_image_pixels)
+    dataset = ImageFiles(files, predictor.input_hw, predictor.cfg.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")
     n_defective = n_errors = 0
