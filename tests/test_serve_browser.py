@@ -207,9 +207,9 @@ def test_a_model_without_a_threshold_judges_nothing_until_one_is_set(uncalibrate
 def test_the_docs_page_renders_every_endpoint_offline(server, browser):
     browser.get(f"{server}/?token={TOKEN}")
     browser.get(f"{server}/docs")                        # Swagger UI from the package, no CDN
-    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 6)
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 7)
     paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
-    assert paths == {"/health", "/model", "/predict", "/corrections", "/corrections.zip"}
+    assert paths == {"/health", "/model", "/model/reload", "/predict", "/corrections", "/corrections.zip"}
 
 
 def test_page_without_the_token_gets_a_401_that_says_how(server, browser):

@@ -75,7 +75,9 @@ class Predictor:
         results = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
-            batch = torch.stack([torch.from_numpy(self.resize(im)) for im in chunk]).permute(0, 3, 1, 2)
+            # np.require "W": a decoded image already at the input size may be a read-only view
+            batch = torch.stack([torch.from_numpy(np.require(self.resize(im), requirements=["W"]))
+                                 for im in chunk]).permute(0, 3, 1, 2)
             scores, maps = self.engine(batch.contiguous())
             normalized, predictions = self.judge(scores)
             for j, image in enumerate(chunk):
@@ -126,7 +128,8 @@ class ImageFiles(Dataset):
         except DataError as exc:
             item["error"] = str(exc)
             return item
-        item.update(resized=torch.from_numpy(resize_image(image, self.input_hw)), hw=torch.tensor(image.shape[:2]))
+        small = np.require(resize_image(image, self.input_hw), requirements=["W"])  # see predict_arrays
+        item.update(resized=torch.from_numpy(small), hw=torch.tensor(image.shape[:2]))
         return item
 
 
