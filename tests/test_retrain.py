@@ -45,6 +45,8 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     payload = load_checkpoint(run)
     assert payload["history"][0]["event"] == "warm start" and payload["calibration"] is not None
     assert payload["config"]["training"]["epochs"] == 1
+    parent_lr = load_checkpoint(calibrated_run)["config"]["training"]["lr"]
+    assert payload["config"]["training"]["lr"] == pytest.approx(parent_lr / 10) and parent["changes"]["lr"] == payload["config"]["training"]["lr"]
     # the prototypes are the old run's: warm-started, no k-means
     before = load_checkpoint(calibrated_run)["state_dict"]
     assert all(torch.equal(before[k], v) for k, v in payload["state_dict"].items() if k.startswith("prototypes."))
