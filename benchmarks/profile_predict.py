@@ -8,7 +8,8 @@ Stages, each timed alone over the same images in the run's batches (median of --
 the whole model in torch, the exported graph in onnxruntime (made on first use), the map resized
 back to the image (resize_map), the defect regions, and writing the map as .npy. End to end:
 `prn predict` in its own process for each engine, with --maps none and npy, --workers 0 and 1:
-images/s over the whole command (start-up included) and its peak RSS (os.wait4). The ratio of
+images/s over the whole command (start-up included) and its peak RSS (the process and its
+decoding workers, polled). The ratio of
 PRN's forward to its encoder's images/s is printed too. Writes benchmarks/results/profile_predict.json.
 Figures depend on the machine's load: say which when you quote them.
 """
@@ -76,18 +77,28 @@ def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
 
 
 def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int) -> dict:
+    """`prn predict` in its own process; peak RSS of it and its decoding workers together, polled
+    every 50 ms (os.wait4's ru_maxrss would count the memory this process held when it forked)."""
+    import psutil
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "prn", "predict", str(run), str(folder), "--out", tmp, "--maps", maps,
                "--engine", engine, "--workers", str(workers), "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [root] + root.children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
         wall = time.perf_counter() - t0
-        if status:
+        if proc.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
         n = sum(1 for _ in open(Path(tmp) / "scores.csv")) - 1
     return {"engine": engine, "maps": maps, "workers": workers, "images": n, "seconds": wall,
-            "images_per_second": n / wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+            "images_per_second": n / wall, "peak_rss_mb": peak / 2**20}
 
 
 def main() -> None:
@@ -97,16 +108,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="images for the per-stage timings")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-stages", action="store_true")
     args = ap.parse_args()
     from prn.data.io import require_images
     files = require_images(args.folder, what="image folder")
-    per_image = stages(args.run, files[:args.images], args.repeat)
+    per_image, ratio = {}, float("nan")
+    if not args.skip_stages:
+        per_image = stages(args.run, files[:args.images], args.repeat)
+        ratio = per_image["encoder"] / per_image["model torch"]
     print(f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| stage | ms per image |\n|---|---|")
     for k, v in per_image.items():
         print(f"| {k} | {1000 * v:.2f} |")
-    ratio = per_image["encoder"] / per_image["model torch"]
     print(f"PRN forward / encoder images/s (torch): {ratio:.2f}")
     rows = []
     if not args.skip_e2e:
