@@ -8,8 +8,8 @@ Stages, each timed alone over the same images in the run's batches (median of --
 the whole model in torch, the exported graph in onnxruntime (made on first use), the map resized
 back to the image (resize_map), the defect regions, and writing the map as .npy. End to end:
 `prn predict` in its own process for each engine, with --maps none and npy, --workers 0 and 1:
-images/s over the whole command (start-up included) and its peak RSS (the process and its
-decoding workers, polled). The ratio of
+images/s over the whole command (start-up included) and its peak memory (PSS of the process and
+its decoding workers, polled). The ratio of
 PRN's forward to its encoder's images/s is printed too. Writes benchmarks/results/profile_predict.json.
 Figures depend on the machine's load: say which when you quote them.
 """
@@ -77,8 +77,10 @@ def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
 
 
 def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int) -> dict:
-    """`prn predict` in its own process; peak RSS of it and its decoding workers together, polled
-    every 50 ms (os.wait4's ru_maxrss would count the memory this process held when it forked)."""
+    """`prn predict` in its own process; its peak memory with its decoding workers, polled every
+    0.1 s as the sum of their proportional set sizes (PSS: pages a worker shares with the process
+    that forked it are counted once; os.wait4's ru_maxrss would count the memory this process held
+    when it forked, and a sum of RSS would count shared pages twice)."""
     import psutil
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "prn", "predict", str(run), str(folder), "--out", tmp, "--maps", maps,
@@ -89,16 +91,16 @@ def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int) ->
         while proc.poll() is None:
             try:
                 tree = [root] + root.children(recursive=True)
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                peak = max(peak, sum(p.memory_full_info().pss for p in tree))
             except psutil.Error:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.1)
         wall = time.perf_counter() - t0
         if proc.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
         n = sum(1 for _ in open(Path(tmp) / "scores.csv")) - 1
     return {"engine": engine, "maps": maps, "workers": workers, "images": n, "seconds": wall,
-            "images_per_second": n / wall, "peak_rss_mb": peak / 2**20}
+            "images_per_second": n / wall, "peak_pss_mb": peak / 2**20}
 
 
 def main() -> None:
@@ -124,14 +126,14 @@ def main() -> None:
     print(f"PRN forward / encoder images/s (torch): {ratio:.2f}")
     rows = []
     if not args.skip_e2e:
-        print("\n| engine | maps | workers | images | s | images/s | peak RSS MB |\n|---|---|---|---|---|---|---|")
+        print("\n| engine | maps | workers | images | s | images/s | peak PSS MB |\n|---|---|---|---|---|---|---|")
         for engine in ("torch", "onnx"):
             for maps in ("none", "npy"):
                 for workers in (0, 1):
                     r = end_to_end(args.run, args.folder, engine, maps, workers)
                     rows.append(r)
                     print(f"| {engine} | {maps} | {workers} | {r['images']} | {r['seconds']:.1f} | "
-                          f"{r['images_per_second']:.1f} | {r['peak_rss_mb']:.0f} |", flush=True)
+                          f"{r['images_per_second']:.1f} | {r['peak_pss_mb']:.0f} |", flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"stages_seconds_per_image": per_image, "forward_over_encoder": ratio,
                                    "end_to_end": rows, "load_average": os.getloadavg(),
