@@ -296,16 +296,6 @@ def average_buffers(module: nn.Module, suffixes: tuple[str, ...], exclude: str =
             buf.copy_(mean_over_ranks(buf))
 
 
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values`` over the ranks (``values`` itself in one process)."""
-    if not _active():
-        return values
-    out = values.detach().clone().to(_comm_device())
-    with _collective("averaging over the processes"):
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out.to(values.device) / dist.get_world_size()
-
-
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """The sum of ``values`` over the ranks (``values`` itself in one process)."""
     if not _active():
@@ -314,6 +304,11 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     with _collective("adding up over the processes"):
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(values.device)
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the ranks (``values`` itself in one process)."""
+    return sum_over_ranks(values) / dist.get_world_size() if _active() else values
 
 
 def report_failure(exc: BaseException) -> None:
