@@ -49,8 +49,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: str, port: int, device: str | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "prn.cli", "serve", run, "--host", HOST, "--port", str(port)]
+def start_server(run: str, port: int, device: str | None, engine: str = "torch") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "prn.cli", "serve", run, "--host", HOST, "--port", str(port), "--engine", engine]
     if device:
         cmd += ["--device", device]
     env = {k: v for k, v in os.environ.items() if k != "PRN_SERVE_TOKEN"}
@@ -128,6 +128,7 @@ def main() -> int:
                     help="requests sent the same way first, not measured (default 150)")
     ap.add_argument("--overlay", action="store_true", help="ask for the heat-map overlay, as the page does")
     ap.add_argument("--device", help="the server's --device")
+    ap.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="the server's --engine")
     args = ap.parse_args()
 
     files = find_images(args.images)
@@ -138,7 +139,7 @@ def main() -> int:
     base = f"http://{HOST}:{port}"
     params = {"overlay": 1} if args.overlay else {}
     load_before = os.getloadavg()
-    server = start_server(args.run, port, args.device)
+    server = start_server(args.run, port, args.device, args.engine)
     try:
         wait_healthy(server, base, timeout=180)
         rss_loaded = rss_mb(server.pid)
@@ -179,7 +180,8 @@ def main() -> int:
                     "load_average_after": [round(x, 2) for x in os.getloadavg()],
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
     }
-    out = RESULTS.with_name("serve_load_overlay.json") if args.overlay else RESULTS
+    out = RESULTS.with_name(f"serve_load{'_overlay' if args.overlay else ''}"
+                            f"{'' if args.engine == 'torch' else '_' + args.engine}_c{args.clients}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
