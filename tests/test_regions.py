@@ -212,3 +212,20 @@ def test_docs_deploy_page_shows_the_regions_example_exactly():
     page = (REPO / "docs" / "deploy.md").read_text()
     script = (REPO / "docs" / "examples" / "regions.py").read_text()
     assert f"```python\n{script}```" in page
+
+
+@pytest.mark.parametrize("peak", [0.4999, 0.49999999, 0.5, 0.6])
+def test_a_map_below_the_pixel_threshold_skips_the_resize_and_writes_what_the_resize_would(peak, tmp_path):
+    from prn.report import ResultWriter, below_threshold
+    post = Postprocess(CALIBRATION)  # pixel threshold 0.5
+    amap = np.full((8, 12), 0.1, dtype=np.float32)
+    amap[3, 4] = peak
+    assert below_threshold(amap, post) == (peak < 0.4999 + 1e-6)  # a margin for float rounding
+    lines = {}
+    for maps in ("none", "npy"):  # "npy" always resizes: the reference
+        with ResultWriter(tmp_path / maps, tmp_path, post, maps=maps, regions=True) as w:
+            w.add(tmp_path / "a.png", 0.3, 0.4, 0, amap, (50, 75))
+        lines[maps] = (tmp_path / maps / "regions.jsonl").read_text()
+    assert lines["none"] == lines["npy"]
+    found = json.loads(lines["none"])["regions"]
+    assert (found == []) if peak < 0.5 else (peak < 0.6 or len(found) == 1)
