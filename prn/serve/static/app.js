@@ -317,5 +317,5 @@ $("reset").addEventListener("click", () => {
 });
 $("download").addEventListener("click", download);
 // what correct.js needs of the page: the results and how they are judged now
-window.prnPage = { state, say, verdictWord, fmt };
+window.prnPage = { state, say, verdictWord, fmt, api };
 start();

@@ -16,22 +16,14 @@
     node.append(...children);
     return node;
   };
-  const page = () => window.prnPage;
-
-  async function send(path, options) {
-    const response = await fetch(path, options);
-    let body = null;
-    try { body = await response.json(); } catch (e) { body = null; }
-    if (!response.ok) throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
-    return body;
-  }
+  const page = () => window.prnPage;  // app.js's state and fetch helper (api), loaded after this
 
   // ------------------------------------------------------------------------- the session's list
 
   async function refresh() {
     if (!enabled) return;
     try {
-      const list = await send("corrections");
+      const list = await page().api("corrections");
       const n = list.count;
       document.getElementById("corrections-info").textContent =
         `${n} correction${n === 1 ? "" : "s"} stored in ${list.folder}`;
@@ -224,7 +216,7 @@
     }
     for (const button of panel.querySelectorAll("button")) button.disabled = true;
     try {
-      const record = await send("corrections", { method: "POST", body: form });
+      const record = await page().api("corrections", { method: "POST", body: form });
       r.correction = record;
       r.card.classList.add("corrected");
       r.card.dataset.correction = record.id;
