@@ -55,8 +55,9 @@ def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
     predictor = Predictor(run, device="cpu")
     n, bs = len(files), predictor.batch_size
     images = [read_image(f, predictor.cfg.data.max_image_pixels) for f in files]
-    resized = torch.stack([torch.from_numpy(predictor.resize(im)) for im in images]).permute(0, 3, 1, 2).contiguous()
-    batches = [resized[i:i + bs] for i in range(0, n, bs)]
+    resized = torch.stack([torch.from_numpy(predictor.resize(im)) for im in images])  # (N, H, W, 3), as engines take
+    stacked = [resized[i:i + bs] for i in range(0, n, bs)]
+    batches = [b.permute(0, 3, 1, 2).contiguous() for b in stacked]  # (B, 3, H, W) for the modules
     onnx = make_engine(predictor, "onnx")
     maps = predictor.forward(scale(batches[0]))[1]
     big = resize_map(maps[0], images[0].shape[:2])
@@ -67,7 +68,7 @@ def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
     with torch.no_grad():
         out["encoder"] = timed(lambda: [predictor.model.encoder(scale(b)) for b in batches], repeat) / n
     out["model torch"] = timed(lambda: [predictor.forward(scale(b)) for b in batches], repeat) / n
-    out["model onnx"] = timed(lambda: [onnx(b) for b in batches], repeat) / n
+    out["model onnx"] = timed(lambda: [onnx(b) for b in stacked], repeat) / n
     out["map to image size"] = timed(lambda: resize_map(maps[0], images[0].shape[:2]), repeat)
     if predictor.pixel_threshold is not None:
         out["regions"] = timed(lambda: predictor.regions(big), repeat)

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
                 ss = np.r_[rest, bad]
                 for rule, t in thresholds(fold, args.target_fpr).items():
                     rows.setdefault((rule, f"x{factor}"), []).append(judge(t, rest, yy, ss))
-    print(f"\n| rule | fold | runs x draws | mean FRR % | worst FRR % | mean recall % | oracle recall at FRR % |")
+    print("\n| rule | fold | runs x draws | mean FRR % | worst FRR % | mean recall % | oracle recall at FRR % |")
     print("|---|---|---|---|---|---|---|")
     for (rule, fold), v in sorted(rows.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
         v = np.array(v)

@@ -109,6 +109,16 @@ class Postprocess(nn.Module):
             return None
         return find_regions(amap, self.region(amap), min_area)
 
+    def no_region_possible(self, amap: np.ndarray) -> bool:
+        """Whether no pixel of ``amap`` (at the model's size) can reach the pixel threshold once
+        resized to an image: bilinear values are convex combinations of the map's own, so a map
+        whose largest value is below the threshold (with a margin for float rounding) has no region
+        at any size, and its resize can be skipped. False without a pixel threshold."""
+        if self.pixel_threshold is None:
+            return False
+        t = float(self.map_threshold.item())
+        return float(np.max(amap)) < t - 1e-5 * max(abs(t), 1.0)
+
     def judge(self, scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """float (N,) scores -> (normalised scores float64 (N,), predictions int64 0/1 (N,)), each
         None when there is nothing to judge by."""

@@ -134,11 +134,13 @@ def image_batch(image: np.ndarray) -> Tensor:
 
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """uint8 (h, w, 3) -> uint8 (H, W, 3): Pillow's bilinear resize, which ``Resize`` equals bit for
-    bit (tests), run by Pillow (the arrays of data and synthesis, predict and serve)."""
+    bit (tests), run by Pillow (the arrays of data and synthesis, predict and serve). Always
+    writable, so that ``torch.from_numpy`` takes it without a warning (a decoded image may be a
+    read-only view; one already at the size is copied only then)."""
     h, w = as_hw(size)
     if image.shape[:2] == (h, w):
-        return image
-    # np.array, not asarray: a writable copy (torch.from_numpy warns on the read-only view)
+        return np.require(image, np.uint8, ["W"])
+    # np.array, not asarray: Pillow's array view is read-only
     return np.array(Image.fromarray(np.require(image, np.uint8, ["C"])).resize((w, h), Image.BILINEAR))
 
 

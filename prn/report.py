@@ -216,17 +216,6 @@ REGIONS_FILE = "regions.jsonl"
 MAP_FORMATS = ("npy", "png", "none")
 
 
-def below_threshold(amap, post) -> bool:
-    """Whether no pixel of ``amap`` (at the model's size) can reach the pixel threshold once
-    resized to the image: bilinear values are convex combinations of the map's own, so a map whose
-    largest value is below the threshold (with a margin for float rounding) has no region at any
-    size, and its resize can be skipped. False without a pixel threshold."""
-    if post.pixel_threshold is None:
-        return False
-    t = float(post.map_threshold.item())
-    return float(np.max(amap)) < t - 1e-5 * max(abs(t), 1.0)
-
-
 class ResultWriter:
     """The files of a set of results, written image by image under ``out_dir``, the same for
     ``prn test`` and ``prn predict``:
@@ -299,14 +288,15 @@ class ResultWriter:
                "" if prediction is None else int(prediction), "" if label is None else int(label), ""]
         wanted = self.maps != "none" or self.masks or self._jsonl is not None
         full, found = None, None
-        if amap is not None and wanted and self.maps == "none" and not self.masks and below_threshold(amap, self.post):
-            wanted, found = False, []  # regions only, and none can exist: no map at the image's size
         if amap is not None and wanted:
             if np.ndim(amap) != 2:
                 raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {np.shape(amap)}")
             if hw is None:
                 raise DataError(f"{image_path}: maps, masks and regions need the image's size")
-            full = resize_map(amap, hw)
+            if self.maps == "none" and not self.masks and self.post.no_region_possible(amap):
+                found = []  # regions alone are asked for and none can exist: no map at the image's size
+            else:
+                full = resize_map(amap, hw)
         if self.regions:
             if full is not None and self._jsonl is not None:
                 found = self.post.regions(full, self.min_region_area)

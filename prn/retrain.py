@@ -100,12 +100,21 @@ def compare(run_a: str | Path, run_b: str | Path, folder: str | Path, *, device:
 
     files, labels = labelled_folder(folder)
     out = {"images": [{"path": str(f.relative_to(Path(folder))), "label": int(y)} for f, y in zip(files, labels)]}
-    for name, run in (("a", run_a), ("b", run_b)):
-        predictor = Predictor(run, device=device)
+    runs = {"a": run_a, "b": run_b}
+    predictors = {name: Predictor(run, device=device) for name, run in runs.items()}
+    for name, predictor in predictors.items():
         if not predictor.postprocess.calibrated:
-            raise UsageError(f"{run}: the model has no calibrated threshold, so it decides nothing to compare")
-        scores = np.array([predictor.predict_arrays([read_image(f, predictor.cfg.data.max_image_pixels)])[0]["score"]
-                           for f in files])
+            raise UsageError(f"{runs[name]}: the model has no calibrated threshold, so it decides nothing to compare")
+    # each image read once, a batch at a time, and scored by both models (scores only: no maps)
+    max_pixels = min(p.cfg.data.max_image_pixels for p in predictors.values())
+    step = predictors["a"].batch_size
+    parts: dict[str, list] = {name: [] for name in predictors}
+    for i in range(0, len(files), step):
+        images = [read_image(f, max_pixels) for f in files[i:i + step]]
+        for name, predictor in predictors.items():
+            parts[name].append(predictor.scores(images))
+    for name, run in runs.items():
+        predictor, scores = predictors[name], np.concatenate(parts[name])
         decisions = predictor.judge(scores)[1]
         for row, s, d in zip(out["images"], scores, decisions):
             row[f"score_{name}"], row[f"defective_{name}"] = float(s), int(d)

@@ -216,11 +216,11 @@ def test_docs_deploy_page_shows_the_regions_example_exactly():
 
 @pytest.mark.parametrize("peak", [0.4999, 0.49999999, 0.5, 0.6])
 def test_a_map_below_the_pixel_threshold_skips_the_resize_and_writes_what_the_resize_would(peak, tmp_path):
-    from prn.report import ResultWriter, below_threshold
+    from prn.report import ResultWriter
     post = Postprocess(CALIBRATION)  # pixel threshold 0.5
     amap = np.full((8, 12), 0.1, dtype=np.float32)
     amap[3, 4] = peak
-    assert below_threshold(amap, post) == (peak < 0.4999 + 1e-6)  # a margin for float rounding
+    assert post.no_region_possible(amap) == (peak < 0.4999 + 1e-6)  # a margin for float rounding
     lines = {}
     for maps in ("none", "npy"):  # "npy" always resizes: the reference
         with ResultWriter(tmp_path / maps, tmp_path, post, maps=maps, regions=True) as w:

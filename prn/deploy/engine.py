@@ -10,7 +10,7 @@ same scores and maps within the export's parity tolerance (1e-4 of the map's sca
 
     >>> predictor = Predictor("runs/ksdd/latest")
     >>> forward = make_engine(predictor, "onnx")
-    >>> scores, maps = forward(uint8_batch_nchw)      # as Predictor.forward on the scaled batch
+    >>> scores, maps = forward(uint8_batch_nhwc)      # as Predictor.forward on the scaled batch
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from prn.errors import UsageError
 from prn.preprocess import scale
 
 ENGINES = ("torch", "onnx")
-Engine = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 (B, 3, H, W) -> scores, maps
+Engine = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 (B, H, W, 3) -> scores, maps
 
 
 def onnx_file(predictor) -> Path:
@@ -67,15 +67,16 @@ class OnnxEngine:
         self.names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        out = dict(zip(self.names, self.session.run(None, {"images": images.numpy()})))
+        nchw = images.permute(0, 3, 1, 2).contiguous().numpy()  # the graph's input contract
+        out = dict(zip(self.names, self.session.run(None, {"images": nchw})))
         return out["score"].astype(np.float64), out["anomaly_map"][:, 0]
 
 
 def make_engine(predictor, engine: str = "torch", progress: bool = False) -> Engine:
-    """A function from a uint8 (B, 3, H, W) batch at the model's input size to
-    (scores float64 (B,), maps float32 (B, H, W)), run by ``engine``."""
+    """A function from a uint8 (B, H, W, 3) batch at the model's input size (images as decoded
+    and resized, stacked) to (scores float64 (B,), maps float32 (B, H, W)), run by ``engine``."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
     if engine == "onnx":
         return OnnxEngine(predictor, progress)
-    return lambda images: predictor.forward(scale(images))
+    return lambda images: predictor.forward(scale(images.permute(0, 3, 1, 2).contiguous()))

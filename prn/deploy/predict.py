@@ -69,16 +69,21 @@ class Predictor:
         """(normalised scores, predictions 0/1), each None when there is nothing to judge by."""
         return self.postprocess.judge(scores)
 
+    def _batches(self, images: list[np.ndarray]):
+        """(chunk, scores, maps at the input size) for each batch of uint8 (h, w, 3) images."""
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i:i + self.batch_size]
+            yield chunk, *self.engine(torch.stack([torch.from_numpy(self.resize(im)) for im in chunk]))
+
+    def scores(self, images: list[np.ndarray]) -> np.ndarray:
+        """float64 (N,) image scores of uint8 (h, w, 3) images, without their maps."""
+        return np.concatenate([s for _, s, _ in self._batches(images)]) if images else np.zeros(0)
+
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction",
         "threshold", "map" (float32 at the image's own size)}."""
         results = []
-        for i in range(0, len(images), self.batch_size):
-            chunk = images[i:i + self.batch_size]
-            # np.require "W": a decoded image already at the input size may be a read-only view
-            batch = torch.stack([torch.from_numpy(np.require(self.resize(im), requirements=["W"]))
-                                 for im in chunk]).permute(0, 3, 1, 2)
-            scores, maps = self.engine(batch.contiguous())
+        for chunk, scores, maps in self._batches(images):
             normalized, predictions = self.judge(scores)
             for j, image in enumerate(chunk):
                 results.append({
@@ -128,8 +133,7 @@ class ImageFiles(Dataset):
         except DataError as exc:
             item["error"] = str(exc)
             return item
-        small = np.require(resize_image(image, self.input_hw), requirements=["W"])  # see predict_arrays
-        item.update(resized=torch.from_numpy(small), hw=torch.tensor(image.shape[:2]))
+        item.update(resized=torch.from_numpy(resize_image(image, self.input_hw)), hw=torch.tensor(image.shape[:2]))
         return item
 
 
@@ -147,6 +151,13 @@ class PredictSummary:
     @property
     def images_per_second(self) -> float:
         return self.n_images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def input_files(inputs: Path) -> tuple[list[Path], Path]:
+    """An image or a folder of images (at any depth, sorted) -> (the files, the root their rows
+    and outputs are named from)."""
+    files = [inputs] if inputs.is_file() else require_images(inputs, what="input folder")
+    return files, inputs if inputs.is_dir() else inputs.parent
 
 
 def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path, *,
@@ -180,8 +191,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
         raise CheckpointError(f"{predictor.loaded.path}: --masks needs a calibrated pixel threshold; "
                               f"run `prn calibrate RUN` first")
     inputs, out = Path(inputs), Path(out_dir)
-    files = [inputs] if inputs.is_file() else require_images(inputs, what="input folder")
-    root = inputs if inputs.is_dir() else inputs.parent
+    files, root = input_files(inputs)
     overlays = len(files) if overlays < 0 else overlays
     rank, size = shard
     files = files[rank::size]
@@ -201,7 +211,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
             scores = np.full(len(batch["error"]), np.nan)
             amaps = None
             if ok:
-                scores_ok, amaps = forward(batch["resized"][ok].permute(0, 3, 1, 2).contiguous())
+                scores_ok, amaps = forward(batch["resized"][ok])
                 scores[ok] = scores_ok
             normalized, predictions = predictor.judge(scores)
             for j, index in enumerate(batch["index"].tolist()):

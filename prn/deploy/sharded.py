@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from prn import distributed
-from prn.data.io import require_images
-from prn.deploy.predict import PredictSummary, Predictor, predict_folder
+from prn.deploy.predict import PredictSummary, Predictor, input_files, predict_folder
 from prn.report import REGIONS_FILE, shown_path
 from prn.runtime import resolve_device
 
@@ -63,8 +62,7 @@ def predict_sharded(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
 
 def merge(out: Path, size: int, inputs: Path) -> None:
     """The ranks' parts under ``out`` as one process would have written them."""
-    files = [inputs] if inputs.is_file() else require_images(inputs, what="input folder")
-    root = inputs if inputs.is_dir() else inputs.parent
+    files, root = input_files(inputs)
     order = {shown_path(f, root): i for i, f in enumerate(files)}
     parts = [out / RANK_DIR.format(r) for r in range(size)]
     header, rows, lines = None, [], []

@@ -79,7 +79,7 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     from prn.deploy.predict import Predictor
     from prn.postprocess import MIN_REGION_AREA
     from prn.serve.app import create_app
-    from prn.serve.corrections import CorrectionStore
+    from prn.serve.corrections import CorrectionStore, model_description
     from prn.serve.service import InspectionService, Limits
 
     def load() -> Predictor:
@@ -97,9 +97,7 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     store = None
     if corrections is not False:
         folder = default_corrections_folder(checkpoint) if corrections in (None, True) else Path(corrections)
-        store = CorrectionStore(folder, {"checkpoint": str(predictor.loaded.path.resolve()),
-                                         "model_kind": predictor.loaded.kind,
-                                         "pixel_threshold": predictor.pixel_threshold})
+        store = CorrectionStore(folder, model_description(predictor))
     service = InspectionService(predictor, limits, pixel_limit_source=source, corrections=store, loader=load,
                                 min_region_area=MIN_REGION_AREA if min_region_area is None else min_region_area)
     return create_app(service, token=token)

@@ -179,6 +179,12 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def model_description(predictor) -> dict:
+    """What every correction record says of the model that erred (a ``Predictor``)."""
+    return {"checkpoint": str(predictor.loaded.path.resolve()), "model_kind": predictor.loaded.kind,
+            "pixel_threshold": predictor.pixel_threshold}
+
+
 class CorrectionStore:
     """The corrections folder: files in the MVTec layout and ``corrections.jsonl``. ``model``
     is what every record says of the model (checkpoint, kind, pixel threshold)."""

@@ -39,7 +39,8 @@ from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 from prn.report import json_safe
-from prn.serve.corrections import CorrectionError, CorrectionStore, RecentUploads, Scored, new_id
+from prn.serve.corrections import (CorrectionError, CorrectionStore, RecentUploads, Scored, model_description,
+                                   new_id)
 from prn.viz import contour_overlay, heat_overlay, panel_shape
 
 OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the image's own size
@@ -114,12 +115,6 @@ class InspectionService:
         self.loader = loader
         self._lock = threading.Lock()
 
-    def _describe_model_to_corrections(self) -> None:
-        if self.corrections is not None:
-            p = self.predictor
-            self.corrections.model = {"checkpoint": str(p.loaded.path.resolve()), "model_kind": p.loaded.kind,
-                                      "pixel_threshold": p.pixel_threshold}
-
     def reload(self) -> dict:
         """Load the model again from where the service was started (e.g. after ``latest`` was
         pointed at a retrained run) and swap it in between two requests. The new model is loaded
@@ -130,7 +125,8 @@ class InspectionService:
         predictor = self.loader()
         with self._lock:
             self.predictor = predictor
-            self._describe_model_to_corrections()
+            if self.corrections is not None:
+                self.corrections.model = model_description(predictor)
             if self.recent is not None:
                 self.recent.clear()  # their scores are the old model's: a correction must name the model that erred
         return {"previous_checkpoint": str(before), "checkpoint": str(predictor.loaded.path.resolve()),
