@@ -1,10 +1,12 @@
 """Which image score decides best? An offline study over trained runs (issue "pass/fail").
 
 For each run folder, the model scores its held-out fold (split.json val_*) and its test split once;
-the largest pixels of two maps are kept per image (``study/outputs.npz`` in the run folder):
-PRN's map, and the prototype residual map |F - P*| of the same model's prototypes (a normal-only
-map: PRN's own encoder and prototypes, no learned head). Image-score rules are then computed from
-those pixels, and each rule is judged as the line would use it:
+the largest pixels of these maps are kept per image (``study/outputs.npz`` in the run folder):
+PRN's map; PRN's map averaged with those of the mirrored images, mirrored back (test-time flips:
+left-right, up-down, and all four); the prototype residual map |F - P*| of the same model's
+prototypes (a normal-only map: PRN's own encoder and prototypes, no learned head); and with an
+image head (``image_score`` head or mean), its logit. Image-score rules are then computed from
+those, and each rule is judged as the line would use it:
 
 - image AUROC and AP, per-kind AUROC;
 - recall at 0.1 / 1 / 5 % false rejects with the threshold taken on the test goods (an oracle);
@@ -51,22 +53,29 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     part = np.array(["val"] * (len(split.val_normal) + len(split.val_anomalous)) + ["test"] * len(split.test))
     loader = torch.utils.data.DataLoader(ImageDataset(samples, cfg.model.input_hw, cfg.data.max_image_pixels),
                                          batch_size=batch_size)
-    prn_top, res_top, heads, area = [], [], [], None
+    prn_top, flip_top, vflip_top, flip4_top, res_top, heads, area = [], [], [], [], [], [], None
     for batch in loader:
         x = batch["image"]
         out = model(x)
         amap = out["anomaly_map"].flatten(1)
         if getattr(model, "image_head", None) is not None:
             quarter = model.decoder(model.skips(x), x.shape[-2:], features=True)[1]
-            heads.append(torch.sigmoid(model.image_head(quarter, out["anomaly_map"])).numpy())
+            heads.append(model.image_head(quarter, out["anomaly_map"]).numpy())  # logits
         feats = model.encoder(x)
         res = residual_map(model.prototypes.residuals([f.float() for f in feats]), x.shape[-2:]).flatten(1)
         prn_top.append(amap.topk(KEEP, dim=1).values.numpy())
+        # test-time flips: the maps of the mirrored images, mirrored back, averaged with the map
+        h, v, hv = ([-1], [-2], [-2, -1])
+        fl = {d: model(torch.flip(x, dims=d))["anomaly_map"].flip(dims=d).flatten(1) for d in (tuple(h), tuple(v), tuple(hv))}
+        flip_top.append((0.5 * (amap + fl[(-1,)])).topk(KEEP, dim=1).values.numpy())
+        vflip_top.append((0.5 * (amap + fl[(-2,)])).topk(KEEP, dim=1).values.numpy())
+        flip4_top.append((0.25 * (amap + fl[(-1,)] + fl[(-2,)] + fl[(-2, -1)])).topk(KEEP, dim=1).values.numpy())
         res_top.append(res.topk(KEEP, dim=1).values.numpy())
         area = amap.shape[1]
     data = {"part": part, "label": np.array([s.label for s in samples]),
             "kind": np.array([s.defect_type for s in samples]),
-            "prn": np.concatenate(prn_top), "res": np.concatenate(res_top), "area": np.array(area),
+            "prn": np.concatenate(prn_top), "flip": np.concatenate(flip_top),
+            "vflip": np.concatenate(vflip_top), "flip4": np.concatenate(flip4_top), "res": np.concatenate(res_top), "area": np.array(area),
             "top_k": np.array(cfg.model.top_k)}
     if heads:
         data["head"] = np.concatenate(heads)
@@ -87,9 +96,13 @@ def rules(d: dict) -> dict[str, np.ndarray]:
     for share in (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02):
         out[f"top {100 * share:g} % of area"] = topk(d["prn"], round(share * area))
     out["residual top-100 (normal only)"] = topk(d["res"], 100)
+    out["top-100 of the flip-averaged map"] = topk(d["flip"], 100)
+    out["top-100, vertical flip"] = topk(d["vflip"], 100)
+    out["top-100, 4 flips"] = topk(d["flip4"], 100)
     if "head" in d:
-        out["image head"] = d["head"]
-        out["mean(top-100, head)"] = 0.5 * (out["top-100 (paper)"] + d["head"])
+        out["image head (probability)"] = 1.0 / (1.0 + np.exp(-d["head"]))
+        out["image head (logit)"] = d["head"]
+        out["mean(top-100, head probability)"] = 0.5 * (out["top-100 (paper)"] + out["image head (probability)"])
 
     def z(s):  # standardised on the held-out good images, as a fused score would be at fit time
         mu, sd = s[val_good].mean(), s[val_good].std(ddof=1)
@@ -97,6 +110,8 @@ def rules(d: dict) -> dict[str, np.ndarray]:
     for name in ("top-100 (paper)", "top 0.25 % of area", "top 1 % of area"):
         out[f"z({name}) + z(residual)"] = z(out[name]) + z(out["residual top-100 (normal only)"])
         out[f"max(z({name}), z(residual))"] = np.maximum(z(out[name]), z(out["residual top-100 (normal only)"]))
+    if "head" in d:
+        out["z(top-100) + z(head logit)"] = z(out["top-100 (paper)"]) + z(d["head"])
     return out
 
 

@@ -40,6 +40,8 @@ BACKBONES = ("resnet18", "tf_efficientnet_lite0")
 PRECISIONS = ("32", "bf16", "16")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
+# test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
+TEST_FLIPS = {"none": (), "lr": ((-1,),), "ud": ((-2,),), "all": ((-1,), (-2,), (-2, -1))}
 
 
 def _check(problems: list[str]) -> None:
@@ -127,6 +129,8 @@ class ModelConfig:
                                       # decision head, prn.model.image_head), "mean" (of the two)
     map_sigma: float = 0.0            # ours: Gaussian smoothing of the map (px at the input size) before
                                       # the image score and the pixel metrics; 0: none (the paper's)
+    test_flips: str = "none"          # ours: average the map with those of mirrored copies of the image:
+                                      # "lr" (left-right, 2 passes), "ud", "all" (4 passes); "none" (the paper's)
 
     def __post_init__(self) -> None:
         self.attention_patch_divisors = tuple(int(x) for x in self.attention_patch_divisors)
@@ -150,6 +154,8 @@ class ModelConfig:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         if not 0 <= self.top_k_share < 1:
             problems.append(f"top_k_share must be in [0, 1), got {self.top_k_share}")
+        if self.test_flips not in TEST_FLIPS:
+            problems.append(f"test_flips must be one of {', '.join(TEST_FLIPS)}, got {self.test_flips!r}")
         if self.image_score not in IMAGE_SCORES:
             problems.append(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         _check(problems)

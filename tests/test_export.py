@@ -70,22 +70,24 @@ def calibration_between(scores: np.ndarray) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """{kind: checkpoint path} of calibrated tiny models, plus "prn-uncalibrated"."""
+    """{kind: checkpoint path} of calibrated tiny models, plus "prn-uncalibrated" and
+    "prn-flips" (PRN averaging the maps of its input's four mirrored copies)."""
     folder = tmp_path_factory.mktemp("export")
     normals = uint8_images(6, seed=0).float() / 255
     out = {}
-    for kind in ("prn", "prototypes", "patchcore"):
+    for name, kind, changes in (("prn", "prn", {}), ("prototypes", "prototypes", {}), ("patchcore", "patchcore", {}),
+                                ("prn-flips", "prn", {"test_flips": "all"})):
         torch.manual_seed(0)
-        cfg = tiny_config()
+        cfg = tiny_config(**changes)
         model = build(kind, cfg).eval()
         model.fit([normals]) if kind == "patchcore" else model.fit_prototypes([normals])
         with torch.no_grad():
             scores = InferencePipeline(model, HW)(BATCH7)["score"].numpy()
-        path = folder / f"{kind}.pt"
+        path = folder / f"{name}.pt"
         save_checkpoint(path, model=kind, config=cfg.to_dict(), state_dict=model.state_dict(),
                         calibration=calibration_between(scores))
-        out[kind] = path
-        if kind == "prn":
+        out[name] = path
+        if name == "prn":
             out["prn-uncalibrated"] = save_checkpoint(
                 folder / "prn-uncalibrated.pt", model=kind, config=cfg.to_dict(),
                 state_dict=model.state_dict())
@@ -130,7 +132,8 @@ def assert_parity(got: dict, want: dict, checkpoint) -> None:
 
 # Every kind in both formats. An ONNX export takes 10-20 s of CPU (torch's exporter), so the
 # fast set exports PRN only; the kinds that train nothing are in the slow set.
-CASES = [("prn", "onnx"), ("prn", "torchscript")] + [
+CASES = [("prn", "onnx"), ("prn", "torchscript"), ("prn-flips", "onnx"),
+         pytest.param("prn-flips", "torchscript", marks=pytest.mark.slow)] + [
     pytest.param(kind, fmt, marks=pytest.mark.slow)
     for kind in ("prototypes", "patchcore") for fmt in ("onnx", "torchscript")]
 

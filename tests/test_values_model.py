@@ -425,3 +425,20 @@ def test_the_image_head_scores_from_detached_inputs_and_leaves_the_map_unchanged
     image_logits.sum().backward()   # the image loss reaches the head only
     assert all(p.grad is None for n, p in headed.named_parameters() if not n.startswith("image_head."))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in headed.image_head.parameters())
+
+
+@pytest.mark.parametrize("flips", ["lr", "ud", "all"])
+def test_test_flips_average_the_maps_of_the_mirrored_images_mirrored_back(flips):
+    from prn.model.scoring import top_k_score
+    # Written out by hand here: each mirrored copy's map, computed alone (batch of one image's
+    # copies, not the stacked batch the model uses), mirrored back and averaged with the plain map.
+    x = images(2, seed=22)
+    plain, flipped = build(), build(test_flips=flips)   # same torch seed: the same weights
+    dims = {"lr": [[-1]], "ud": [[-2]], "all": [[-1], [-2], [-2, -1]]}[flips]
+    with torch.no_grad():
+        maps = [plain(x)["anomaly_map"]] + [plain(x.flip(d))["anomaly_map"].flip(d) for d in dims]
+        out = flipped(x)
+    want = torch.stack(maps).mean(dim=0)
+    torch.testing.assert_close(out["anomaly_map"], want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out["anomaly_map"], maps[0], atol=1e-4)   # the flips changed the map
+    torch.testing.assert_close(out["pred_score"], top_k_score(out["anomaly_map"], 10))

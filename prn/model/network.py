@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from prn.config import ModelConfig
+from prn.config import TEST_FLIPS, ModelConfig
 from prn.model.attention import MultiSizeSelfAttention
 from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
@@ -114,7 +114,8 @@ class PRN(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
         """Training: logits (B, 1, H, W), and with an image head (``cfg.image_score`` "head" or
         "mean") the tuple (logits, image logits (B,)). Eval: {"anomaly_map": sigmoid map (B, 1,
-        H, W) in [0, 1], smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: the
+        H, W) in [0, 1], averaged with the maps of mirrored copies of the image (mirrored back)
+        when ``cfg.test_flips`` asks, smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: the
         mean of the map's top ``cfg.top_k`` pixels (or top ``cfg.top_k_share`` of its area), the
         head's probability, or the mean of the two (``cfg.image_score``)."""
         if x.dim() != 4 or x.shape[1] != 3:
@@ -129,8 +130,20 @@ class PRN(nn.Module):
                 return logits
             return logits, self.image_head(quarter, torch.sigmoid(logits.float()))
         with full_precision(x):  # a bfloat16 map would round image scores into ties
-            anomaly_map = smooth_map(torch.sigmoid(logits.float()), self.cfg.map_sigma)
+            probability = torch.sigmoid(logits.float())
+            flips = TEST_FLIPS[self.cfg.test_flips]
+            if flips:
+                probability = (probability + self.flipped_maps(x, flips)) / (1 + len(flips))
+            anomaly_map = smooth_map(probability, self.cfg.map_sigma)
             return {"anomaly_map": anomaly_map, "pred_score": self.image_score(anomaly_map, quarter)}
+
+    def flipped_maps(self, x: Tensor, flips: tuple[tuple[int, ...], ...]) -> Tensor:
+        """The sum of the probability maps of ``x`` mirrored along each of ``flips`` (dims),
+        each mirrored back: one forward pass over the mirrored copies stacked in one batch."""
+        b = x.shape[0]
+        mirrored = torch.cat([x.flip(dims) for dims in flips]).contiguous(memory_format=torch.channels_last)
+        maps = torch.sigmoid(self.decoder(self.skips(mirrored), x.shape[-2:]).float())
+        return sum(maps[i * b:(i + 1) * b].flip(dims) for i, dims in enumerate(flips))
 
     def image_score(self, anomaly_map: Tensor, quarter: Tensor | None) -> Tensor:
         """(B,) scores of eval maps (B, 1, H, W) by ``cfg.image_score``."""
