@@ -31,8 +31,10 @@ from prn.data.datasets import load_training_arrays, load_validation
 from prn.infer import validate
 from prn.model.loss import prn_loss
 from prn.preprocess import batches_of
+from prn.precision import autocast
 from prn.presets import PRESETS
 from prn.runs import make_split, resolve_input_size
+from prn.runtime import release_memory
 from prn.train import make_optimizer
 
 
@@ -65,6 +67,8 @@ def main() -> None:
     model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=0)
     kmeans_s = time.perf_counter() - t0
     memory["prototypes fitted"] = rss_mb()
+    release_memory()  # as prn.train does after k-means
+    memory["released"] = rss_mb()
     data = TrainingSet(normals, AnomalyGenerator(cfg, seen, cfg.data.resolved_category_kind,
                                                  gray=all(is_gray(n) for n in normals[:8])), cfg)
     sampler = iter(BalancedBatchSampler(len(normals), cfg, seed=0, epoch=0, steps=args.steps + 1))
@@ -78,16 +82,18 @@ def main() -> None:
         images = torch.stack([i["image"] for i in items]).contiguous(memory_format=torch.channels_last)
         masks = torch.stack([i["mask"] for i in items])
         t.append(time.perf_counter())
-        with torch.no_grad():
+        cpu = torch.device("cpu")
+        with torch.no_grad(), autocast(cpu, cfg.training.precision):
             feats = model.encoder(images)
         t.append(time.perf_counter())
         with torch.no_grad():
             raw = model.prototypes.residuals([f.float() for f in feats])
         t.append(time.perf_counter())
-        maps = model.fuse_features(feats)
-        res = model.fuse_residuals(raw)
-        maps = model.fuse_attention(model.attention([torch.cat([m, r], 1) for m, r in zip(maps, res)]))
-        logits = model.decoder(maps, images.shape[-2:])
+        with autocast(cpu, cfg.training.precision):  # as prn.train.forward_loss runs the network
+            maps = model.fuse_features(feats)
+            res = model.fuse_residuals(raw)
+            maps = model.fuse_attention(model.attention([torch.cat([m, r], 1) for m, r in zip(maps, res)]))
+            logits = model.decoder(maps, images.shape[-2:])
         t.append(time.perf_counter())
         loss, _ = prn_loss(logits, masks, cfg.training)
         t.append(time.perf_counter())
@@ -103,16 +109,18 @@ def main() -> None:
     memory["training"] = rss_mb()
     val = load_validation(cfg, split)
     t0 = time.perf_counter()
-    validate(model, val, torch.device("cpu"), cfg.runtime.eval_batch_size)
+    validate(model, val, torch.device("cpu"), cfg.runtime.eval_batch_size, cfg.training.precision)
     val_s = time.perf_counter() - t0
     memory["validated"] = rss_mb()
     per_step = {k: float(np.mean(v)) for k, v in stages.items()}
     total = sum(per_step.values())
     result = {"input_hw": list(cfg.model.input_hw), "threads": args.threads, "steps": args.steps,
+              "precision": cfg.training.precision,
               "n_normal": len(normals), "load_seconds": load_s, "kmeans_seconds": kmeans_s,
               "validation_seconds": val_s, "n_validation": len(val.samples),
               "step_seconds": per_step, "step_total": total, "rss_mb": memory}
-    print(f"input {cfg.model.input_hw}, {args.threads} threads, {len(normals)} normal images")
+    print(f"input {cfg.model.input_hw}, {args.threads} threads, {len(normals)} normal images, "
+          f"precision {cfg.training.precision}")
     print(f"load {load_s:.1f} s, k-means {kmeans_s:.1f} s, one validation pass ({len(val.samples)} images) {val_s:.1f} s")
     print("| stage | seconds per step | share |\n|---|---|---|")
     for k, v in per_step.items():

@@ -33,7 +33,7 @@ from prn.precision import check_precision
 from prn.report import ResultWriter, result_picture, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
 from prn.runs import records_outcome
-from prn.runtime import resolve_device
+from prn.runtime import release_memory, resolve_device
 
 # ----------------------------------------------------------------------------- fit
 
@@ -71,6 +71,7 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
     t0 = time.perf_counter()
     result = registry.fit(kind, cfg, split, run_dir, progress=progress, resume=resume,
                           init_from=None if init_from is None else Path(init_from))
+    release_memory()  # training's batches and gradients, before calibration and a test
     if distributed.is_main():
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
         cal = calibrate_predictions(result.validation, cfg.calibration, registry.score_bound(kind))

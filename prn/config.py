@@ -222,6 +222,8 @@ class TrainingConfig:
     focal_weight: float = 5.0         # lambda in Eq. 5
     image_loss_weight: float = 1.0    # ours: weight of the image head's BCE beside Eq. 5 (with a head)
     weak_loss_weight: float = 1.0     # ours: weight of the loss of defects known by a label or a box
+    top_k_loss_weight: float = 0.0    # ours: weight of the image-level loss on the map's top-k pixels
+                                      # (prn.model.loss.top_k_loss); 0: off (the paper's)
     grad_clip: float = 1.0            # max grad norm; 0 disables (ours, for stability)
     seed: int = 0                     # training randomness and k-means
     precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA);
@@ -245,6 +247,8 @@ class TrainingConfig:
             problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.seen_fraction <= 0.5:
             problems.append(f"seen_fraction must be in [0, 0.5], got {self.seen_fraction}")
+        if self.top_k_loss_weight < 0:
+            problems.append(f"top_k_loss_weight must be >= 0, got {self.top_k_loss_weight}")
         if self.select_epoch not in ("last", "best"):
             problems.append(f"select_epoch must be last or best, got {self.select_epoch!r}")
         if self.precision not in PRECISIONS:

@@ -39,15 +39,16 @@ from prn.data.datasets import load_training_arrays, load_validation
 from prn.data.split import Split
 from prn.errors import TrainingError
 from prn.infer import Predictions, validate
-from prn.model.loss import prn_loss, weak_loss
+from prn.model.loss import prn_loss, top_k_loss, weak_loss
 from prn.model.network import PRN
 from prn.precision import autocast, check_precision, grad_scaler
 from prn.preprocess import batches_of
-from prn.runtime import loader_workers, resolve_device, seed_everything
+from prn.runtime import loader_workers, release_memory, resolve_device, seed_everything
 
 
-# the per-epoch means in metrics.csv: the total, Eq. 5's parts, the image head's and weak labels' losses
-LOSS_TERMS = ("loss", "smooth_l1", "focal", "image", "weak")
+# the per-epoch means in metrics.csv: the total, Eq. 5's parts, the image head's, weak labels' and
+# the top-k image loss
+LOSS_TERMS = ("loss", "smooth_l1", "focal", "image", "weak", "top_k")
 
 
 def param_groups(model: PRN, weight_decay: float) -> list[dict]:
@@ -86,7 +87,8 @@ def forward_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
     float32 over the pixels of ``weight`` (all by default). Defects known by a label or a box
     alone (``weak``) add ``weak_loss`` weighted by cfg.training.weak_loss_weight (parts["weak"]);
     an image head adds its BCE on the images' ``labels`` (default: a mask with any pixel is
-    defective) weighted by cfg.training.image_loss_weight (parts["image"])."""
+    defective) weighted by cfg.training.image_loss_weight (parts["image"]); the top-k image loss
+    (``top_k_loss``) is weighted by cfg.training.top_k_loss_weight (parts["top_k"])."""
     with autocast(device, cfg.training.precision):
         out = net(images)
     logits, image_logits = out if isinstance(out, tuple) else (out, None)
@@ -95,6 +97,10 @@ def forward_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
         extra = weak_loss(logits, masks, weak, cfg.model.top_k)
         loss = loss + cfg.training.weak_loss_weight * extra
         parts["weak"] = extra.detach()
+    if cfg.training.top_k_loss_weight > 0:
+        extra = top_k_loss(logits, masks, torch.zeros(len(masks)) if weak is None else weak, cfg.model.top_k)
+        loss = loss + cfg.training.top_k_loss_weight * extra
+        parts["top_k"] = extra.detach()
     if image_logits is not None:
         if labels is None:
             labels = (masks.flatten(1).amax(dim=1) > 0.5).float()
@@ -127,8 +133,9 @@ def val_score(record: dict) -> float:
 
 def append_metrics(path: Path, record: dict) -> None:
     """One row per epoch in the run folder's metrics.csv (header from the first row)."""
+    # top_k last: a run resumed from a metrics.csv written before it keeps its columns in place
     keys = ["epoch", "steps", "seconds", "lr", "loss", "smooth_l1", "focal", "image", "weak",
-            "val_image_auroc", "val_pixel_auroc", "val_pixel_ap"]
+            "val_image_auroc", "val_pixel_auroc", "val_pixel_ap", "top_k"]
     new = not path.is_file()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -192,6 +199,7 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             t0 = time.perf_counter()
             model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=cfg.training.seed)
             history = [{"event": "prototypes", "seconds": time.perf_counter() - t0}]
+            release_memory()  # k-means' copies of the features, before training's activations
             (run_dir / "metrics.csv").unlink(missing_ok=True)
         distributed.share_buffers(model, ("prototypes.",))
         start_epoch = 0
@@ -265,7 +273,7 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             distributed.average_buffers(model, ("running_mean", "running_var"))
         record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
         record.update({k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())
-                       if k in ("loss", "smooth_l1", "focal") or v})  # image, weak: when trained
+                       if k in ("loss", "smooth_l1", "focal") or v})  # image, weak, top_k: when trained
         if val is not None:
             scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
             record.update(scores)

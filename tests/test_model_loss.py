@@ -67,3 +67,47 @@ def test_prn_loss_is_near_zero_for_a_confident_correct_map():
 def test_prn_loss_refuses_maps_of_different_shapes():
     with pytest.raises(ValueError, match="shape"):
         prn_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5), PRNConfig())
+
+
+def test_top_k_loss_pushes_the_top_pixels_outside_a_defect_down_and_inside_it_up():
+    from prn.model.loss import top_k_loss
+    sig = torch.sigmoid
+    logits = torch.full((3, 1, 8, 8), -3.0)
+    mask = torch.zeros(3, 1, 8, 8)
+    logits[0, 0, 4, 4] = 2.0                          # image 0: normal, one bright pixel
+    mask[1, 0, :2, :2] = 1                            # image 1: a defect of 4 pixels...
+    logits[1, 0, :2, :2] = 1.0                        # ...moderately high inside
+    logits[1, 0, 7, 7] = 0.0                          # and one pixel outside at 0.5
+    logits[2, 0, 0, 0] = 5.0                          # image 2: known by a label alone (weak): not counted
+    weak = torch.tensor([0.0, 0.0, 1.0])
+    got = top_k_loss(logits, mask, weak, top_k=2)
+    # written out: per image, BCE of the top-2 mean outside (target 0), and inside (target 1)
+    out0 = (sig(torch.tensor(2.0)) + sig(torch.tensor(-3.0))) / 2
+    out1 = (sig(torch.tensor(0.0)) + sig(torch.tensor(-3.0))) / 2
+    in1 = sig(torch.tensor(1.0))
+    want = (-torch.log(1 - out0) - torch.log(1 - out1) - torch.log(in1)) / 2
+    assert torch.allclose(got, want)
+    # brighter false positives on the normal image cost more; a brighter defect costs less
+    brighter = logits.clone()
+    brighter[0, 0, 4, 4] = 4.0
+    assert top_k_loss(brighter, mask, weak, top_k=2) > got
+    brighter = logits.clone()
+    brighter[1, 0, :2, :2] = 3.0
+    assert top_k_loss(brighter, mask, weak, top_k=2) < got
+    assert top_k_loss(logits, mask, torch.ones(3), top_k=2) == 0   # every image weak: nothing
+
+
+def test_top_k_loss_weight_adds_the_loss_to_the_training_loss():
+    from prn.model.loss import top_k_loss
+    from prn.train import forward_loss
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, generator=g)
+    masks = (torch.rand(2, 1, 8, 8, generator=g) > 0.9).float()
+    net = lambda x: logits  # noqa: E731  (a stand-in network)
+    cfg = PRNConfig(top_k=3)
+    base, parts = forward_loss(net, torch.zeros(2, 3, 8, 8), masks, cfg, torch.device("cpu"))
+    assert "top_k" not in parts
+    cfg = PRNConfig(top_k=3, top_k_loss_weight=0.5)
+    total, parts = forward_loss(net, torch.zeros(2, 3, 8, 8), masks, cfg, torch.device("cpu"))
+    extra = top_k_loss(logits, masks, torch.zeros(2), 3)
+    assert torch.allclose(total, base + 0.5 * extra) and torch.allclose(parts["top_k"], extra)

@@ -54,6 +54,14 @@ def prn_loss(logits: Tensor, mask: Tensor, cfg: TrainingConfig,
     return total, {"smooth_l1": smooth_l1.detach(), "focal": focal.detach()}
 
 
+def _top_k_mean(prob: Tensor, region: Tensor, k: int) -> Tensor:
+    """Per image, the mean of the ``k`` largest of ``prob`` (B, N) over the pixels of ``region``
+    (B, N) bool; a region smaller than k pixels counts its own pixels only. (B,)."""
+    top = prob.masked_fill(~region, -1.0).topk(min(k, prob.shape[1]), dim=1).values
+    counted = top >= 0
+    return (top.clamp_min(0) * counted).sum(1) / counted.sum(1).clamp_min(1)
+
+
 def weak_loss(logits: Tensor, region: Tensor, weak: Tensor, top_k: int) -> Tensor:
     """For defects known only by an image label or a loose box (multiple-instance learning): the
     mean probability of the map's ``top_k`` pixels inside the region (the box; anywhere for a
@@ -65,8 +73,27 @@ def weak_loss(logits: Tensor, region: Tensor, weak: Tensor, top_k: int) -> Tenso
     prob = torch.sigmoid(logits[pick].float()).flatten(1)
     inside = region[pick].flatten(1) > 0.5
     inside = inside | ~inside.any(dim=1, keepdim=True)  # no region: the whole image
-    k = min(top_k, prob.shape[1])
-    top = prob.masked_fill(~inside, -1.0).topk(k, dim=1).values
-    counted = top >= 0  # a region smaller than k pixels: its own pixels only
-    mean = (top.clamp_min(0) * counted).sum(1) / counted.sum(1)
-    return -torch.log(mean.clamp_min(1e-6)).mean()
+    return -torch.log(_top_k_mean(prob, inside, top_k).clamp_min(1e-6)).mean()
+
+
+def top_k_loss(logits: Tensor, mask: Tensor, weak: Tensor, top_k: int) -> Tensor:
+    """The image score itself as a training target (ours): Eq. 5 weighs every pixel alike, so a
+    few bright pixels on a good part cost it almost nothing, yet they are what the top-k image
+    score (Sec. 3.5) reads. On every image annotated pixel by pixel (``weak`` 0: the normal
+    images, the generated anomalies and the seen anomalies with a mask), the mean of the map's
+    ``top_k`` pixels outside the defect should be 0 and, where there is a defect, the mean of its
+    ``top_k`` pixels inside it should be 1: binary cross-entropy of each, summed, averaged over
+    the images. Defects known by a label or a box alone have ``weak_loss``.
+    logits, mask: (B, 1, H, W); weak: (B,). A float scalar."""
+    pick = weak <= 0.5
+    if not bool(pick.any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    prob = torch.sigmoid(logits[pick].float()).flatten(1)
+    inside = mask[pick].flatten(1) > 0.5
+    outside = _top_k_mean(prob, ~inside, top_k)
+    loss = -torch.log((1 - outside).clamp_min(1e-6)).mean()
+    defect = inside.any(dim=1)
+    if bool(defect.any()):
+        within = _top_k_mean(prob[defect], inside[defect], top_k)
+        loss = loss + -torch.log(within.clamp_min(1e-6)).sum() / len(prob)
+    return loss
