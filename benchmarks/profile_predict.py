@@ -2,6 +2,7 @@
 
     python benchmarks/profile_predict.py RUN FOLDER                  # e.g. a cpu-preset run, KSDD images
     python benchmarks/profile_predict.py RUN FOLDER --images 200 --skip-e2e
+    python benchmarks/profile_predict.py RUN FOLDER --cases torch:none:0 onnx:npy:1 --out OUT.json
 
 Stages, each timed alone over the same images in the run's batches (median of --repeat): decode
 (prn.data.io.read_image), resize to the model's input (the one pre-process), the encoder alone,
@@ -112,6 +113,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-stages", action="store_true")
+    ap.add_argument("--cases", nargs="+", metavar="ENGINE:MAPS:WORKERS",
+                    help="end-to-end cases to run (default: torch and onnx x maps none and npy x workers 0 and 1)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     from prn.data.io import require_images
     files = require_images(args.folder, what="image folder")
@@ -128,15 +132,15 @@ def main() -> None:
     rows = []
     if not args.skip_e2e:
         print("\n| engine | maps | workers | images | s | images/s | peak PSS MB |\n|---|---|---|---|---|---|---|")
-        for engine in ("torch", "onnx"):
-            for maps in ("none", "npy"):
-                for workers in (0, 1):
-                    r = end_to_end(args.run, args.folder, engine, maps, workers)
-                    rows.append(r)
-                    print(f"| {engine} | {maps} | {workers} | {r['images']} | {r['seconds']:.1f} | "
-                          f"{r['images_per_second']:.1f} | {r['peak_pss_mb']:.0f} |", flush=True)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"stages_seconds_per_image": per_image, "forward_over_encoder": ratio,
+        cases = args.cases or [f"{e}:{m}:{w}" for e in ("torch", "onnx") for m in ("none", "npy") for w in (0, 1)]
+        for case in cases:
+            engine, maps, workers = case.split(":")
+            r = end_to_end(args.run, args.folder, engine, maps, int(workers))
+            rows.append(r)
+            print(f"| {engine} | {maps} | {workers} | {r['images']} | {r['seconds']:.1f} | "
+                  f"{r['images_per_second']:.1f} | {r['peak_pss_mb']:.0f} |", flush=True)
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"stages_seconds_per_image": per_image, "forward_over_encoder": ratio,
                                    "end_to_end": rows, "load_average": os.getloadavg(),
                                    "threads": torch.get_num_threads()}, indent=1) + "\n")
 

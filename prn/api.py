@@ -29,7 +29,7 @@ from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
 from prn.metrics import compute_all, decision_metrics
 from prn.postprocess import MIN_REGION_AREA, Postprocess
-from prn.precision import check_precision
+from prn.precision import check_precision, resolve_precision
 from prn.report import ResultWriter, result_picture, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
 from prn.runs import records_outcome
@@ -52,6 +52,7 @@ def fit(cfg: PRNConfig, *, run_dir: str | Path | None = None, progress: bool = T
     registry.check_kind(model)
     world, device = distributed.setup(resolve_device(cfg.runtime.device))
     if model == "prn":  # before any folder is made
+        cfg = cfg.replace(precision=resolve_precision(cfg.training.precision, device))  # "auto", fixed
         check_precision(cfg.training.precision, device)
         distributed.check_batch(cfg.training.batch_size, world)
     elif world.distributed:

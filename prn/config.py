@@ -37,7 +37,7 @@ MVTEC_OBJECTS = (
 
 DATASETS = ("mvtec", "btad", "dagm", "ksdd2", "folder", "demo")
 BACKBONES = ("resnet18", "tf_efficientnet_lite0")
-PRECISIONS = ("32", "bf16", "16")  # prn.precision
+PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 # test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
@@ -226,8 +226,9 @@ class TrainingConfig:
                                       # (prn.model.loss.top_k_loss); 0: off (the paper's)
     grad_clip: float = 1.0            # max grad norm; 0 disables (ours, for stability)
     seed: int = 0                     # training randomness and k-means
-    precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA);
-                                      # test, calibration and predict infer at the run's precision
+    precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA),
+                                      # "auto": bf16 where the device computes it natively, else 32, fixed
+                                      # when the run starts; test, calibration and predict infer at the run's
     select_epoch: str = "last"        # "last", or "best": the epoch with the best validation score
                                       # (pixel AP + image AUROC on the held-out fold, never test data)
 

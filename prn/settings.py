@@ -41,7 +41,9 @@ COMMON_FLAGS = {
     "seed": dict(type=int),
     "device": dict(help="auto, cpu, cuda, cuda:N"),
     "precision": dict(choices=PRECISIONS,
-                      help="32 (default); bf16: autocast, CUDA or CPU; 16: autocast and loss scaling, CUDA"),
+                      help="32 (default); bf16: autocast, CUDA or CPU; 16: autocast and loss scaling, CUDA; "
+                           "auto: bf16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 or AMX), "
+                           "else 32"),
     "output_dir": dict(help="where run folders are made (default runs/)"),
     "texture_dir": dict(help="DTD-like folder of textures for heterologous anomalies"),
     "target_fpr": dict(type=float, help="calibration: share of held-out good parts rejected (default 0.01)"),

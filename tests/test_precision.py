@@ -1,4 +1,6 @@
-"""`--precision {32,bf16,16}`: autocast where it runs, float32 where rounding would change results."""
+"""`--precision {32,bf16,16,auto}`: autocast where it runs, float32 where rounding would change results."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ def test_float16_training_needs_cuda_and_unknown_precisions_are_refused():
         check_precision("16", CPU)
     with pytest.raises(UsageError, match="precision must be one of"):
         check_precision("8", CPU)
-    with pytest.raises(ValueError, match="precision must be 32, bf16 or 16"):
+    with pytest.raises(ValueError, match="precision must be 32, bf16, 16 or auto"):
         PRNConfig(precision="fp8")
     assert PRNConfig(precision=16).training.precision == "16"  # YAML reads `precision: 16` as a number
 
@@ -110,3 +112,23 @@ def test_cli_precision_flag_sets_the_config_and_16_on_the_cpu_is_a_usage_error(t
     assert status == ExitStatus.USAGE
     assert "precision 16 (float16 with loss scaling) needs CUDA" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    from prn import precision as prec
+    cpu = torch.device("cpu")
+    for flags, want in ((set(), "32"), ({"avx512f", "avx512bw"}, "32"), ({"avx512_bf16"}, "bf16"),
+                        ({"amx_bf16", "amx_tile"}, "bf16")):
+        monkeypatch.setattr(prec, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        assert prec.resolve_precision("auto", cpu) == want
+        assert prec.resolve_precision("32", cpu) == "32" and prec.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(prec, "_cpu_flags", lambda: frozenset())
+    assert isinstance(prec.autocast(cpu, "auto"), contextlib.nullcontext)   # float32 there
+
+
+def test_fit_writes_the_precision_auto_resolved_to(demo_root, tiny_config, tmp_path, monkeypatch):
+    from prn import precision as prec
+    monkeypatch.setattr(prec, "_cpu_flags", lambda: frozenset())
+    cfg = tiny_config(demo_root, tmp_path, precision="auto", epochs=1, steps_per_epoch=1)
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    assert PRNConfig.load(run / "config.yaml").training.precision == "32"
