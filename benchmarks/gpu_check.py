@@ -107,7 +107,7 @@ def ddp(sizes: dict, work: Path, timeout: float) -> dict:
                     backbone_weights="random", seen_anomalies=3, device=sizes["device"], output_dir=str(work),
                     **d)
     cfg.save(work / "config.yaml")
-    out = {"config": {k: cfg.to_dict()[k] for k in ("backbone", "image_size", "batch_size", "epochs",
+    out = {"config": {k: cfg.flat()[k] for k in ("backbone", "image_size", "batch_size", "epochs",
                                                        "steps_per_epoch", "device")}}
     commands = {"one_process": [sys.executable, "-m", "prn"],
                 "two_processes": [sys.executable, "-m", "torch.distributed.run", "--standalone",
