@@ -76,13 +76,13 @@ def main() -> None:
     stages = {k: [] for k in ("batch", "encoder", "prototypes", "fusion+attention+decoder", "loss",
                               "backward", "optimizer")}
     model.train()
+    cpu = torch.device("cpu")
     for step in range(args.steps + 1):
         t = [time.perf_counter()]
         items = [data[key] for key in next(sampler)]
         images = torch.stack([i["image"] for i in items]).contiguous(memory_format=torch.channels_last)
         masks = torch.stack([i["mask"] for i in items])
         t.append(time.perf_counter())
-        cpu = torch.device("cpu")
         with torch.no_grad(), autocast(cpu, cfg.training.precision):
             feats = model.encoder(images)
         t.append(time.perf_counter())

@@ -229,6 +229,7 @@ class TrainingConfig:
     precision: str = "32"             # ours: "32", "bf16" (autocast) or "16" (autocast, loss scaling; CUDA),
                                       # "auto": bf16 where the device computes it natively, else 32, fixed
                                       # when the run starts; test, calibration and predict infer at the run's
+                                      # precision
     select_epoch: str = "last"        # "last", or "best": the epoch with the best validation score
                                       # (pixel AP + image AUROC on the held-out fold, never test data)
 

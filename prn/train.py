@@ -98,7 +98,7 @@ def forward_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
         loss = loss + cfg.training.weak_loss_weight * extra
         parts["weak"] = extra.detach()
     if cfg.training.top_k_loss_weight > 0:
-        extra = top_k_loss(logits, masks, torch.zeros(len(masks)) if weak is None else weak, cfg.model.top_k)
+        extra = top_k_loss(logits, masks, masks.new_zeros(len(masks)) if weak is None else weak, cfg.model.top_k)
         loss = loss + cfg.training.top_k_loss_weight * extra
         parts["top_k"] = extra.detach()
     if image_logits is not None:
