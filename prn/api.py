@@ -75,7 +75,8 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
     release_memory()  # training's batches and gradients, before calibration and a test
     if distributed.is_main():
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
-        cal = calibrate_predictions(result.validation, cfg.calibration, registry.score_bound(kind))
+        cal = calibrate_predictions(result.validation, cfg.calibration, registry.score_bound(kind),
+                                    cfg.training.precision)
         registry.save_model(run_dir, kind, cfg, result, cal)
         write_calibration(run_dir, cal)
         if progress:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from prn.config import CALIBRATION_TAILS
+from prn.config import CALIBRATION_TAILS, PRECISIONS
 from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
 from prn.settings import COMMON_FLAGS, add_config_args, config_from_args
 
@@ -117,7 +117,7 @@ def cmd_compare(args) -> None:
 def cmd_calibrate(args) -> None:
     from prn.deploy.calibrate import calibrate_run
     cal = calibrate_run(args.run, target_fpr=args.target_fpr, pixel_target_fpr=args.pixel_target_fpr,
-                        tail=args.tail, device=args.device, progress=not args.quiet)
+                        tail=args.tail, device=args.device, precision=args.precision, progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-region-area", type=region_area, default=1, metavar="PIXELS",
                    help="defect regions (regions.jsonl, the regions column) of at least this many "
                         "pixels of the image at its own size (default 1: every region)")
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0: in process)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0: in process, "
+                   "the next batch decoded in a thread while the model runs)")
     p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
                    help="what runs the model: torch, or onnxruntime on the run's exported graph "
                         "(RUN/export/model.onnx, exported on first use; needs the export extra)")
@@ -306,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", choices=CALIBRATION_TAILS,
                    help="distribution fitted to the held-out scores when they are too few for a "
                         "quantile (default: the config's, gumbel)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="infer at this precision from now on (test, predict, serve): the held-out fold is "
+                        "scored at it; auto: bf16 where the device computes it natively "
+                        "(default: the run's training precision)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -160,6 +160,13 @@ class ModelConfig:
             problems.append(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         _check(problems)
 
+    def k_of(self, height: int, width: int) -> int:
+        """k of the top-k image score for a map of height x width: top_k, or top_k_share of its
+        pixels. The score and the losses on it (top-k, weak) all take k from here."""
+        if self.top_k_share > 0:
+            return max(1, round(self.top_k_share * height * width))
+        return self.top_k
+
     @property
     def input_hw(self) -> tuple[int, int]:
         """(height, width) of the network's input."""
@@ -210,6 +217,8 @@ class TrainingConfig:
     batch_size: int = 64              # split 2:1:1 into normal / extended / simulated
     seen_fraction: float = 0.0        # ours: share of each batch that is the real seen anomalies, mildly
                                       # augmented; taken from the extended and simulated slots
+    added_seen_share: float = 0.0     # ours: share of those slots drawn from the seen anomalies a retrain
+                                      # added (prn fit --from); 0: every seen anomaly alike
     steps_per_epoch: int = 0          # 0: one pass over the normal images
     lr: float = 1e-4
     weight_decay: float = 1e-2
@@ -249,6 +258,8 @@ class TrainingConfig:
             problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.seen_fraction <= 0.5:
             problems.append(f"seen_fraction must be in [0, 0.5], got {self.seen_fraction}")
+        if not 0 <= self.added_seen_share < 1:
+            problems.append(f"added_seen_share must be in [0, 1), got {self.added_seen_share}")
         if self.top_k_loss_weight < 0:
             problems.append(f"top_k_loss_weight must be >= 0, got {self.top_k_loss_weight}")
         if self.select_epoch not in ("last", "best"):

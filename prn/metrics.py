@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 # MVTec AD's evaluation script labels regions with a full 3x3 structure: 8-connectivity.
 REGION_STRUCTURE = np.ones((3, 3), dtype=bool)
@@ -46,6 +45,7 @@ def image_auroc(labels, scores) -> float:
     y, s = _image_arrays(labels, scores)
     if y.all() or not y.any():
         return math.nan
+    from sklearn.metrics import roc_auc_score  # in the functions: predict and serve never need sklearn
     return float(roc_auc_score(y, s))
 
 
@@ -54,6 +54,7 @@ def image_ap(labels, scores) -> float:
     y, s = _image_arrays(labels, scores)
     if y.all() or not y.any():
         return math.nan
+    from sklearn.metrics import average_precision_score
     return float(average_precision_score(y, s))
 
 
@@ -99,6 +100,7 @@ def f1_max(labels, scores) -> tuple[float, float]:
     y, s = _image_arrays(labels, scores)
     if not y.any():
         return math.nan, math.nan
+    from sklearn.metrics import precision_recall_curve
     precision, recall, thresholds = precision_recall_curve(y, s)
     # The last (precision 1, recall 0) point has no threshold; its F1 is 0 anyway.
     precision, recall = precision[:-1], recall[:-1]

@@ -179,19 +179,27 @@ def find_regions(amap: np.ndarray, mask: np.ndarray, min_area: int = MIN_REGION_
     amap, mask = np.asarray(amap, dtype=np.float32), np.asarray(mask, dtype=bool)
     if amap.ndim != 2 or amap.shape != mask.shape:
         raise ValueError(f"regions need a 2-D map and a mask of its shape, got {amap.shape} and {mask.shape}")
-    labels, n = ndimage.label(mask, structure=REGION_STRUCTURE)
-    if n == 0:
+    # Components are found within the rows and columns the mask touches (a defect is a small part
+    # of an image at its own size), and each one's peak and mean from its pixels alone:
+    # ndimage.maximum / mean over the whole labelled map took 20+ ms per 500 x 1250 map.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         return []
-    index = np.arange(1, n + 1)
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    peaks = ndimage.maximum(amap, labels, index)
-    means = ndimage.mean(amap.astype(np.float64), labels, index)
+    top, left = int(rows[0]), int(cols[0])
+    crop = (slice(top, int(rows[-1]) + 1), slice(left, int(cols[-1]) + 1))
+    labels, n = ndimage.label(mask[crop], structure=REGION_STRUCTURE)
+    inside = labels > 0
+    which, values = labels[inside] - 1, amap[crop][inside]
+    areas = np.bincount(which, minlength=n)
+    means = np.bincount(which, weights=values.astype(np.float64), minlength=n) / areas
+    peaks = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(peaks, which, values)
     regions = []
     for k, box in enumerate(ndimage.find_objects(labels)):
         if areas[k] < min_area:
             continue
-        rows, cols = box
-        regions.append(Region(x=int(cols.start), y=int(rows.start), width=int(cols.stop - cols.start),
-                              height=int(rows.stop - rows.start), area=int(areas[k]),
+        r, c = box
+        regions.append(Region(x=left + int(c.start), y=top + int(r.start), width=int(c.stop - c.start),
+                              height=int(r.stop - r.start), area=int(areas[k]),
                               peak=float(peaks[k]), mean=float(means[k])))
     return sorted(regions, key=lambda r: (-r.peak, r.y, r.x))

@@ -35,6 +35,8 @@ RETRAIN_EPOCHS = 3  # of the run's steps per epoch: 60 steps for the cpu preset,
 # KolektorSDD run); at a tenth it did not (97 %), and BSData agreed (69 against 66 %).
 # Chosen after seeing those test figures (one split of each set; BENCHMARKS.md).
 RETRAIN_LR_DIVISOR = 10.0
+# Share of the seen-anomaly slots given to the added defects (the rest to the run's own seen ones)
+RETRAIN_ADDED_SHARE = 0.5
 # what a retrain may change: the schedule and the thresholds, never the network or the data
 RETRAIN_SECTIONS = ("training", "calibration")
 
@@ -63,15 +65,18 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     if not anomalies and not normals:
         raise DataError(f"{add_anomalies or add_normals}: every image there is already in {parent}'s training data")
     added = {s.image_path.resolve() for s in anomalies + normals}
+    # only this retrain's images count as added: an earlier retrain's are ordinary training data now
+    mark = lambda samples, flag: [dataclasses.replace(s, added=flag) for s in samples]  # noqa: E731
     new_split = dataclasses.replace(
-        split, train_anomalous=split.train_anomalous + anomalies, train_normal=split.train_normal + normals,
+        split, train_anomalous=mark(split.train_anomalous, False) + mark(anomalies, True),
+        train_normal=mark(split.train_normal, False) + mark(normals, True),
         test=[s for s in split.test if s.image_path.resolve() not in added], k=split.k + len(anomalies))
     from prn.config import SECTION_OF
     bad = sorted(k for k in (changes or {}) if SECTION_OF.get(k) not in RETRAIN_SECTIONS)
     if bad:
         raise UsageError(f"a retrain keeps the parent's network and data; it may change the "
                          f"{' and '.join(RETRAIN_SECTIONS)} settings only, not {', '.join(bad)}")
-    changes = {"lr": cfg.training.lr / RETRAIN_LR_DIVISOR, **(changes or {})}
+    changes = {"lr": cfg.training.lr / RETRAIN_LR_DIVISOR, "added_seen_share": RETRAIN_ADDED_SHARE, **(changes or {})}
     new_cfg = cfg.replace(**{**changes, "epochs": epochs or changes.get("epochs", RETRAIN_EPOCHS),
                              "seen_anomalies": len(new_split.train_anomalous) + len(new_split.val_anomalous)})
     run = api.fit(new_cfg, run_dir=run_dir, progress=progress, split=new_split,

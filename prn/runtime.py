@@ -6,6 +6,9 @@ import ctypes
 import ctypes.util
 import gc
 import random
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -35,6 +38,26 @@ def loader_workers(requested: int, device: torch.device) -> int:
     if device.type == "cuda":
         return min(8, max(1, per_rank - 1))
     return min(2, per_rank)
+
+
+_END = object()
+
+
+def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
+    """The items of ``items`` in order, the next ``depth`` of them made in one thread meanwhile.
+    Decoding and resizing (Pillow) release the GIL, so the next batch is read while the model
+    runs on this one, without worker processes. Written here: a DataLoader reads ahead only in
+    worker processes, and torch has no thread-based equivalent. An error raised making an item is
+    raised here, at that item."""
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        pending = deque(pool.submit(next, it, _END) for _ in range(max(1, depth)))
+        while True:
+            item = pending.popleft().result()
+            if item is _END:
+                return
+            pending.append(pool.submit(next, it, _END))
+            yield item
 
 
 def seed_everything(seed: int) -> None:

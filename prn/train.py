@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from prn import distributed, registry
-from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, is_gray
+from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, is_gray, seen_draw_weights
 from prn.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from prn.config import PRNConfig
 from prn.data.datasets import load_training_arrays, load_validation
@@ -94,11 +94,12 @@ def forward_loss(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
     logits, image_logits = out if isinstance(out, tuple) else (out, None)
     loss, parts = prn_loss(logits, masks, cfg.training, weight)
     if weak is not None and bool((weak > 0.5).any()):
-        extra = weak_loss(logits, masks, weak, cfg.model.top_k)
+        extra = weak_loss(logits, masks, weak, cfg.model.k_of(*logits.shape[-2:]))
         loss = loss + cfg.training.weak_loss_weight * extra
         parts["weak"] = extra.detach()
     if cfg.training.top_k_loss_weight > 0:
-        extra = top_k_loss(logits, masks, masks.new_zeros(len(masks)) if weak is None else weak, cfg.model.top_k)
+        extra = top_k_loss(logits, masks, masks.new_zeros(len(masks)) if weak is None else weak,
+                           cfg.model.k_of(*logits.shape[-2:]))
         loss = loss + cfg.training.top_k_loss_weight * extra
         parts["top_k"] = extra.detach()
     if image_logits is not None:
@@ -217,7 +218,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
 
     generator = AnomalyGenerator(cfg, seen, cfg.data.resolved_category_kind,
                                  texture_dir=cfg.synthesis.texture_dir or None,
-                                 gray=all(is_gray(n) for n in normals[:8]))
+                                 gray=all(is_gray(n) for n in normals[:8]),
+                                 seen_weights=seen_draw_weights(split.train_anomalous, cfg.training.added_seen_share))
     dataset = TrainingSet(normals, generator, cfg)
     steps_per_epoch = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.training.seed, epoch=0))
     total_steps = steps_per_epoch * cfg.training.epochs

@@ -9,7 +9,9 @@ from torchvision.transforms.v2 import functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet
+from types import SimpleNamespace
+
+from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, seen_draw_weights
 from prn.anomalies.show import show_anomalies
 from prn.anomalies.target_areas import foreground_mask
 from prn.config import PRNConfig
@@ -95,6 +97,23 @@ def test_seen_anomalies_with_empty_masks_are_ignored():
     image, _ = seen_anomalies(1)[0]
     gen = AnomalyGenerator(config(), [(image, np.zeros((S, S), bool))], "texture")
     assert not gen.can_extend
+
+
+def test_a_retrains_added_anomalies_fill_their_share_of_the_seen_slots():
+    samples = [SimpleNamespace(added=a) for a in (False, False, False, True)]
+    weights = seen_draw_weights(samples, 0.5)
+    assert weights == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    assert seen_draw_weights(samples, 0.0) is None and seen_draw_weights(samples[:3], 0.5) is None
+    # the added one is told apart by its annotation (a box): about half the draws, not a quarter
+    seen = [(*item, "mask") for item in seen_anomalies(3)] + [(*seen_anomalies(1)[0], "box")]
+    gen = AnomalyGenerator(config(), seen, "texture", seen_weights=weights)
+    r = rng(3)
+    share = np.mean([gen._seen_as_itself(r)[2] == "box" for _ in range(400)])
+    assert 0.42 < share < 0.58
+    uniform = AnomalyGenerator(config(), seen, "texture")
+    assert uniform.seen_p is None and 0.17 < np.mean([uniform._seen_as_itself(r)[2] == "box" for _ in range(400)]) < 0.33
+    with pytest.raises(ValueError, match="seen_weights"):
+        AnomalyGenerator(config(), seen, "texture", seen_weights=[1.0])
 
 
 def test_with_both_simulated_kinds_off_simulated_slots_become_extended():

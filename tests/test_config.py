@@ -29,6 +29,7 @@ def test_config_round_trips_through_yaml(tmp_path):
     (dict(dataset="coco"), "dataset"), (dict(image_size=100), "image_size"),
     (dict(batch_size=6), "batch_size"), (dict(beta_max=1.0), "beta"),
     (dict(prototype_ratio=0), "prototype_ratio"), (dict(seen_anomalies=-1), "seen_anomalies"),
+    (dict(added_seen_share=1.0), "added_seen_share"),
 ])
 def test_invalid_settings_are_refused_with_the_field_named(change, words):
     with pytest.raises(ValueError, match=words):

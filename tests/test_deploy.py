@@ -6,11 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from prn import api
 from prn.checkpoint import load_checkpoint
 from prn.cli import main
+from prn.config import PRNConfig
 from prn.data.split import Split
 from prn.deploy.calibrate import calibrate, image_threshold, pixel_threshold, rates_at
 from prn.deploy.predict import Predictor, predict_folder
@@ -296,6 +298,29 @@ def test_calibrate_verb_sets_a_new_target_rate_and_writes_it_back(run, tmp_path,
     assert "target_fpr: 0.3" in text and "calibration_tail: normal" in text
 
 
+def test_calibrating_at_bf16_makes_every_inference_of_the_run_bf16(run, tmp_path, capsys):
+    from prn.data.io import read_image
+    from prn.deploy.loading import load_model
+    from prn.deploy.predict import Predictor
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    assert load_checkpoint(work)["calibration"]["precision"] == "32"  # fit records its own
+    split_images = [read_image(s.image_path) for s in Split.load(work / "split.json").test[:3]]
+    before = Predictor(work).scores(split_images)
+    assert main(["calibrate", str(work), "--precision", "bf16", "--quiet"]) == 0
+    cal = load_checkpoint(work)["calibration"]
+    assert cal["precision"] == "bf16" and load_model(work).cfg.training.precision == "bf16"
+    assert PRNConfig.load(work / "config.yaml").training.precision == "32"  # the training's, kept
+    predictor = Predictor(work)
+    after = predictor.scores(split_images)
+    # the same weights under bfloat16 autocast: close to float32, not equal, and what predict now gives
+    batch = torch.stack([predictor.prepare(im) for im in split_images])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = predictor.model(batch)["pred_score"].double().numpy()
+    assert not np.array_equal(before, after) and np.allclose(after, want, atol=1e-6)
+    assert np.allclose(before, after, atol=0.1)
+
+
 def test_patchcore_and_prototype_runs_are_calibrated_too(demo_root, tiny_config, tmp_path):
     for kind in ("patchcore", "prototypes"):
         cfg = tiny_config(demo_root, tmp_path / kind, val_normal_min=3)
@@ -321,3 +346,24 @@ def test_conformal_threshold_bounds_the_expected_false_reject_rate_and_says_when
     assert t > 49 and "too few" in method and "1/51" in method
     cal = calibrate(np.arange(50, dtype=float), np.zeros((1, 2, 2)), tail="conformal")
     assert cal["frr_bound"] == pytest.approx(1 / 51)
+
+
+def test_read_ahead_keeps_the_order_makes_items_in_its_thread_and_raises_at_the_bad_item():
+    import threading
+    from prn.runtime import read_ahead
+    made_in = []
+
+    def items():
+        for i in range(5):
+            made_in.append(threading.current_thread().name)
+            if i == 3:
+                raise ValueError("item 3 is broken")
+            yield i
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for item in read_ahead(items()):
+            got.append(item)
+    assert got == [0, 1, 2]
+    assert made_in and all(name.startswith("read-ahead") for name in made_in)
+    assert list(read_ahead(range(7), depth=3)) == list(range(7)) and list(read_ahead([])) == []

@@ -98,3 +98,14 @@ def test_decoding_in_worker_processes_gives_the_same_rows(run, demo_root, tmp_pa
     assert list(ra) == list(rb)  # the input order, whichever worker decoded which image
     for path in ra:
         assert abs(float(ra[path]["score"]) - float(rb[path]["score"])) <= 1e-4, path
+
+
+def test_the_onnx_engine_warns_when_the_run_infers_below_float32(run, monkeypatch, capsys):
+    import prn.deploy.engine as engine
+    monkeypatch.setattr(engine, "OnnxEngine", lambda predictor, progress: "session")  # no export needed
+    predictor = Predictor(run)
+    assert make_engine(predictor, "onnx") == "session" and "warning" not in capsys.readouterr().err
+    predictor.cfg = predictor.cfg.replace(precision="bf16")  # as after prn calibrate --precision bf16
+    make_engine(predictor, "onnx")
+    err = capsys.readouterr().err
+    assert "float32" in err and "bf16" in err and "prn calibrate RUN --precision 32" in err

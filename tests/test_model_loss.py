@@ -111,3 +111,16 @@ def test_top_k_loss_weight_adds_the_loss_to_the_training_loss():
     total, parts = forward_loss(net, torch.zeros(2, 3, 8, 8), masks, cfg, torch.device("cpu"))
     extra = top_k_loss(logits, masks, torch.zeros(2), 3)
     assert torch.allclose(total, base + 0.5 * extra) and torch.allclose(parts["top_k"], extra)
+
+
+def test_the_top_k_loss_takes_k_as_the_image_score_does_with_top_k_share():
+    from prn.model.loss import top_k_loss
+    from prn.train import forward_loss
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 1, 10, 10, generator=g)
+    masks = (torch.rand(2, 1, 10, 10, generator=g) > 0.8).float()
+    cfg = PRNConfig(top_k=3, top_k_share=0.2, top_k_loss_weight=1.0)
+    assert cfg.model.k_of(10, 10) == 20 and PRNConfig(top_k=3).model.k_of(10, 10) == 3
+    _, parts = forward_loss(lambda x: logits, torch.zeros(2, 3, 10, 10), masks, cfg, torch.device("cpu"))
+    assert torch.allclose(parts["top_k"], top_k_loss(logits, masks, torch.zeros(2), 20))
+    assert not torch.allclose(parts["top_k"], top_k_loss(logits, masks, torch.zeros(2), 3))

@@ -42,15 +42,32 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     parent = json.loads((run / "parent.json").read_text())
     assert parent["parent"] == str(calibrated_run.resolve()) and len(parent["added_anomalies"]) == 2
     assert parent["annotations"] == {"mask": 2, "box": 0, "label": 0}
+    # the split says which images this retrain added, and they get their share of the seen slots
+    assert [s.added for s in new.train_anomalous] == [False] * len(old.train_anomalous) + [True, True]
+    assert [s.added for s in new.train_normal][-1] and not any(s.added for s in new.train_normal[:-1])
     payload = load_checkpoint(run)
     assert payload["history"][0]["event"] == "warm start" and payload["calibration"] is not None
     assert payload["config"]["training"]["epochs"] == 1
+    assert payload["config"]["training"]["added_seen_share"] == 0.5 == parent["changes"]["added_seen_share"]
     parent_lr = load_checkpoint(calibrated_run)["config"]["training"]["lr"]
     assert payload["config"]["training"]["lr"] == pytest.approx(parent_lr / 10) and parent["changes"]["lr"] == payload["config"]["training"]["lr"]
     # the prototypes are the old run's: warm-started, no k-means
     before = load_checkpoint(calibrated_run)["state_dict"]
     assert all(torch.equal(before[k], v) for k, v in payload["state_dict"].items() if k.startswith("prototypes."))
     assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
+
+
+def test_a_second_retrain_counts_only_its_own_images_as_added(calibrated_run, corrections, tmp_path):
+    first = fit_from(calibrated_run, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "first", progress=False)
+    more = tmp_path / "more"
+    (more / "train" / "good").mkdir(parents=True)
+    shutil.copy(next(corrections.glob("train/good/*")), more / "train" / "good" / "again.png")
+    second = fit_from(first, add_normals=more, epochs=1, run_dir=tmp_path / "second", progress=False,
+                      changes={"added_seen_share": 0.0})
+    split = Split.load(second / "split.json")
+    assert not any(s.added for s in split.train_anomalous)
+    assert [s.image_path.name for s in split.train_normal if s.added] == ["again.png"]
+    assert load_checkpoint(second)["config"]["training"]["added_seen_share"] == 0.0
 
 
 def test_fit_from_refuses_what_it_cannot_use(calibrated_run, tmp_path):

@@ -364,7 +364,7 @@ def test_the_model_runs_one_request_at_a_time_off_the_event_loop(predictor, uplo
     original = predictor.predict_arrays
     lock = threading.Lock()
 
-    def slow(images):
+    def slow(images, **kwargs):
         with lock:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
@@ -372,7 +372,7 @@ def test_the_model_runs_one_request_at_a_time_off_the_event_loop(predictor, uplo
         time.sleep(0.02)
         with lock:
             inside[0] -= 1
-        return original(images)
+        return original(images, **kwargs)
 
     monkeypatch.setattr(predictor, "predict_arrays", slow)
     with TestClient(create_app(InspectionService(predictor))) as c:

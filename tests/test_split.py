@@ -1,5 +1,6 @@
 """prn.data.split: the supervised few-shot protocol (paper A.2)."""
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -132,6 +133,11 @@ def test_split_survives_a_json_round_trip(tmp_path):
     loaded = Split.load(tmp_path / "split.json")
     assert loaded == split
     assert isinstance(loaded.test[0].image_path, Path)
+    # a retrain's added images keep their mark; the others write no field for it
+    marked = dataclasses.replace(split, train_anomalous=[dataclasses.replace(split.train_anomalous[0], added=True)])
+    marked.save(tmp_path / "marked.json")
+    assert Split.load(tmp_path / "marked.json").train_anomalous[0].added
+    assert "added" not in (tmp_path / "split.json").read_text()
 
 
 def test_summary_counts_the_lists():

@@ -66,7 +66,9 @@ class AnomalyGenerator:
     region (a box gives a loose EA, annotated "box"); every one can fill a "seen" slot as itself.
     category_kind: "object" (target areas on the estimated foreground),
     "texture" (anywhere) or "auto" (cfg.data.resolved_category_kind). texture_dir: overrides
-    cfg.synthesis.texture_dir ("" or None: procedural textures).
+    cfg.synthesis.texture_dir ("" or None: procedural textures). seen_weights: how often each
+    seen anomaly fills a "seen" slot, relative to the others (None: all alike); a retrain gives
+    the defects it adds a fixed share of those slots (``seen_draw_weights``).
 
     EA are available when enabled and at least one seen anomaly has a defect; a request for an
     unavailable kind is served by the other (``generate``). With nothing available at all the
@@ -74,13 +76,17 @@ class AnomalyGenerator:
     """
 
     def __init__(self, cfg: PRNConfig, seen: Sequence[tuple[np.ndarray, np.ndarray]], category_kind: str,
-                 texture_dir: str | None = None, gray: bool | None = None):
+                 texture_dir: str | None = None, gray: bool | None = None,
+                 seen_weights: Sequence[float] | None = None):
         kind = cfg.data.resolved_category_kind if category_kind == "auto" else category_kind
         if kind not in ("object", "texture"):
             raise ValueError(f"category_kind must be 'object' or 'texture', got {category_kind!r}")
         self.cfg = cfg
         self.category_kind = kind
         self.seen = []  # (image, mask, annotation)
+        if seen_weights is not None and (len(seen_weights) != len(seen) or min(seen_weights, default=1) < 0):
+            raise ValueError(f"seen_weights must be {len(seen)} weights >= 0, got {list(seen_weights)}")
+        kept_weights = []
         for j, item in enumerate(seen):
             image, mask, annotation = item if len(item) == 3 else (*item, "mask")
             _check_image(image, f"seen anomaly {j}")
@@ -91,6 +97,11 @@ class AnomalyGenerator:
                 raise ValueError(f"seen anomaly {j}: annotation must be one of {ANNOTATIONS}, got {annotation!r}")
             if mask.any() or annotation == "label":
                 self.seen.append((image, mask, annotation))
+                kept_weights.append(1.0 if seen_weights is None else float(seen_weights[j]))
+        total = sum(kept_weights)
+        # None keeps the uniform draw's random stream (runs before weights existed replay exactly)
+        self.seen_p = (None if seen_weights is None or total <= 0
+                       else np.asarray(kept_weights) / total)
         self.sources = [s for s in self.seen if s[2] != "label"]  # what EA can cut a defect from
 
         enabled = {"extended": cfg.synthesis.extended_anomalies and bool(self.sources),
@@ -202,7 +213,8 @@ class AnomalyGenerator:
     def _seen_as_itself(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
         if not self.seen:
             raise ValueError("there are no seen anomalies")
-        image, mask, annotation = self.seen[int(rng.integers(len(self.seen)))]
+        j = int(rng.integers(len(self.seen))) if self.seen_p is None else int(rng.choice(len(self.seen), p=self.seen_p))
+        image, mask, annotation = self.seen[j]
         return (*mild_augment(image, mask, rng), annotation)
 
     def generate(self, kind: str, normal: np.ndarray, rng: np.random.Generator,
@@ -283,6 +295,17 @@ class TrainingSet(Dataset):
         return {"image": to_tensor(image),  # the one uint8 -> [0, 1] conversion of inference
                 "mask": mask_t, "kind": kind, "weight": weight,
                 "label": torch.tensor(label), "weak": torch.tensor(float(annotation != "mask"))}
+
+
+def seen_draw_weights(samples: Sequence, share: float) -> list[float] | None:
+    """Weights for drawing seen anomalies: the ``added`` ones (a retrain's corrections) together
+    ``share`` of the draws, the others the rest, each alike within its group. None (uniform) when
+    share is 0 or the samples are not of two groups."""
+    added = [bool(getattr(s, "added", False)) for s in samples]
+    n_added = sum(added)
+    if share <= 0 or n_added in (0, len(added)):
+        return None
+    return [share / n_added if a else (1 - share) / (len(added) - n_added) for a in added]
 
 
 def item_seed(seed: int, epoch: int, batch: int, slot: int) -> int:

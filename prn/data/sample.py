@@ -15,7 +15,8 @@ class Sample:
     mask_path: None for defect-free images (their mask is all zeros) and for defects known by
     their label alone. annotation: what the mask says of a defective image (ANNOTATIONS): "mask",
     its pixels; "box", a region that holds the defect, loosely (its unmarked part may be good);
-    "label", nothing beyond the image being defective (no mask file).
+    "label", nothing beyond the image being defective (no mask file). added: the image came into
+    the run with a retrain (``prn fit --from``), an operator's correction.
     """
 
     image_path: Path
@@ -23,6 +24,7 @@ class Sample:
     label: int
     defect_type: str
     annotation: str = "mask"
+    added: bool = False
 
     @property
     def pixel_exact(self) -> bool:
@@ -38,12 +40,15 @@ class Sample:
         }
         if self.annotation != "mask":
             out["annotation"] = self.annotation
+        if self.added:
+            out["added"] = True
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sample":
         return cls(Path(d["image"]), None if d.get("mask") is None else Path(d["mask"]),
-                   int(d["label"]), str(d["defect_type"]), str(d.get("annotation", "mask")))
+                   int(d["label"]), str(d["defect_type"]), str(d.get("annotation", "mask")),
+                   bool(d.get("added", False)))
 
 
 ANNOTATIONS = ("mask", "box", "label")

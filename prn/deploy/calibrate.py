@@ -28,7 +28,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import gumbel_r, norm
 
 from prn.config import CALIBRATION_TAILS, CalibrationConfig
 from prn.errors import DataError, PRNError, UsageError
@@ -81,6 +80,7 @@ def image_threshold(normal_scores: np.ndarray, target_fpr: float, tail: str = "g
     floor = float(np.nextafter(s[-1], np.inf))
     if s.size < 2 or s[-1] == s[0]:
         return floor, "largest held-out score (too few distinct scores to fit a tail)"
+    from scipy.stats import gumbel_r, norm  # here: scipy.stats costs predict's start-up 0.3-0.5 s
     if tail == "gumbel":
         loc, scale = gumbel_r.fit(s)
         fitted = float(gumbel_r.ppf(1.0 - target_fpr, loc, scale))
@@ -167,22 +167,28 @@ def rates_at(labels, scores, threshold: float) -> dict:
             "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle}
 
 
-def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | None = None) -> dict | None:
+def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | None = None,
+                          precision: str | None = None) -> dict | None:
     """Calibrate on the held-out fold's outputs (a ``prn.infer.Predictions``; labels 0 are the
     good parts), with the calibration section's rates; None when the fold holds no good part.
-    score_bound: the model kind's largest score (``prn.registry.score_bound``)."""
+    score_bound: the model kind's largest score (``prn.registry.score_bound``). precision: what
+    the outputs were computed at, recorded (the run then infers at it)."""
     if preds is None or not (preds.labels == 0).any():
         return None
     good = preds.labels == 0
-    return calibrate(preds.scores[good], preds.maps[good], preds.scores[~good], preds.maps[~good],
-                     target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr,
-                     tail=cfg.calibration_tail, score_bound=score_bound)
+    calibration = calibrate(preds.scores[good], preds.maps[good], preds.scores[~good], preds.maps[~good],
+                            target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr,
+                            tail=cfg.calibration_tail, score_bound=score_bound)
+    if precision is not None:
+        calibration["precision"] = precision
+    return calibration
 
 
 def calibrate_model(model, cfg, split, *, device, progress: bool = False,
                     score_bound: float | None = None) -> dict | None:
-    """Score the split's held-out fold with ``model`` (from its files) and calibrate; None when
-    the split holds no held-out normal images (then there is nothing to calibrate on)."""
+    """Score the split's held-out fold with ``model`` (from its files) at cfg.training.precision
+    and calibrate; None when the split holds no held-out normal images (then there is nothing to
+    calibrate on). The calibration records that precision: the run then infers at it."""
     from prn.infer import predict_samples
 
     if not split.val_normal:
@@ -191,7 +197,7 @@ def calibrate_model(model, cfg, split, *, device, progress: bool = False,
                             batch_size=cfg.runtime.eval_batch_size, device=device,
                             max_pixels=cfg.data.max_image_pixels, progress=progress,
                             precision=cfg.training.precision)
-    return calibrate_predictions(preds, cfg.calibration, score_bound)
+    return calibrate_predictions(preds, cfg.calibration, score_bound, cfg.training.precision)
 
 
 def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
@@ -202,12 +208,15 @@ def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
 
 def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   pixel_target_fpr: float | None = None, tail: str | None = None,
-                  device: str | None = None,
+                  device: str | None = None, precision: str | None = None,
                   progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
-    split holds no held-out normal images. ``tail`` overrides cfg.calibration.calibration_tail."""
+    split holds no held-out normal images. ``tail`` overrides cfg.calibration.calibration_tail.
+    ``precision`` ("32", "bf16", "16", "auto"): score the fold, and so infer from then on, at this
+    precision instead of the run's (bf16 where the CPU computes it natively halves the model's time;
+    the figures in BENCHMARKS.md); recorded in the calibration, config.yaml keeps the training's."""
     from prn.checkpoint import set_calibration
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -222,6 +231,11 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     changes = {k: v for k, v in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr),
                                  ("calibration_tail", tail)) if v is not None}
     cfg = loaded.cfg.replace(**changes) if changes else loaded.cfg
+    if precision is not None:
+        from prn.precision import check_precision, resolve_precision
+        precision = resolve_precision(precision, loaded.device)
+        check_precision(precision, loaded.device)
+        cfg = cfg.replace(precision=precision)
     from prn.registry import score_bound
     calibration = calibrate_model(loaded.model, cfg, Split.load(split_path), device=loaded.device,
                                   progress=progress, score_bound=score_bound(loaded.kind))

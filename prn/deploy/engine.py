@@ -15,6 +15,7 @@ same scores and maps within the export's parity tolerance (1e-4 of the map's sca
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -78,5 +79,11 @@ def make_engine(predictor, engine: str = "torch", progress: bool = False) -> Eng
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
     if engine == "onnx":
+        precision = predictor.cfg.training.precision
+        if precision != "32":
+            print(f"prn: warning: the exported graph computes in float32, but this run infers, and was "
+                  f"calibrated, at precision {precision}; its scores can differ a little from those its "
+                  f"thresholds were set on (prn calibrate RUN --precision 32 sets them for float32)",
+                  file=sys.stderr)
         return OnnxEngine(predictor, progress)
     return lambda images: predictor.forward(scale(images.permute(0, 3, 1, 2).contiguous()))

@@ -50,4 +50,9 @@ def load_model(checkpoint: str | Path, *, device: str | None = None) -> LoadedMo
                               f"{str(exc).splitlines()[0]}") from exc
     dev = resolve_device(cfg.runtime.device)
     model.eval().to(dev)
-    return LoadedModel(model, cfg, kind, payload.get("calibration"), path, dev)
+    calibration = payload.get("calibration")
+    if calibration and calibration.get("precision"):
+        # the thresholds hold for scores at the precision they were set at (prn calibrate
+        # --precision), so every inference runs at it; the training section keeps no other use here
+        cfg = cfg.replace(precision=calibration["precision"])
+    return LoadedModel(model, cfg, kind, calibration, path, dev)

@@ -30,6 +30,7 @@ from prn.pipeline import InferencePipeline, forward_model
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 from prn.preprocess import resize_image, to_tensor
 from prn.report import MAP_FORMATS, ResultWriter
+from prn.runtime import read_ahead
 
 
 class Predictor:
@@ -79,9 +80,10 @@ class Predictor:
         """float64 (N,) image scores of uint8 (h, w, 3) images, without their maps."""
         return np.concatenate([s for _, s, _ in self._batches(images)]) if images else np.zeros(0)
 
-    def predict_arrays(self, images: list[np.ndarray]) -> list[dict]:
+    def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction",
-        "threshold", "map" (float32 at the image's own size)}."""
+        "threshold", "map" (float32 at the image's own size; at the model's input size with
+        ``full_size=False``, for a caller that resizes it later, e.g. outside a lock)}."""
         results = []
         for chunk, scores, maps in self._batches(images):
             normalized, predictions = self.judge(scores)
@@ -91,7 +93,7 @@ class Predictor:
                     "normalized_score": None if normalized is None else float(normalized[j]),
                     "prediction": None if predictions is None else int(predictions[j]),
                     "threshold": self.threshold,
-                    "map": resize_map(maps[j], image.shape[:2]),
+                    "map": resize_map(maps[j], image.shape[:2]) if full_size else maps[j],
                 })
         return results
 
@@ -203,7 +205,9 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     t0 = time.perf_counter()
     with ResultWriter(out, root, predictor.postprocess, maps=maps, masks=masks, regions=True,
                       min_region_area=min_region_area) as writer:
-        for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        # in process, the next batch is decoded in a thread while the model runs on this one
+        batches = read_ahead(loader) if num_workers == 0 else loader
+        for batch in tqdm(batches, total=len(loader), desc="predict", disable=not progress, leave=False):
             ok = [k for k, e in enumerate(batch["error"]) if not e]
             if strict and len(ok) < len(batch["error"]):
                 bad = next(e for e in batch["error"] if e)

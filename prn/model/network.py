@@ -147,10 +147,7 @@ class PRN(nn.Module):
 
     def image_score(self, anomaly_map: Tensor, quarter: Tensor | None) -> Tensor:
         """(B,) scores of eval maps (B, 1, H, W) by ``cfg.image_score``."""
-        k = self.cfg.top_k
-        if self.cfg.top_k_share > 0:
-            k = max(1, round(self.cfg.top_k_share * anomaly_map.shape[-2] * anomaly_map.shape[-1]))
-        top = top_k_score(anomaly_map, k)
+        top = top_k_score(anomaly_map, self.cfg.k_of(*anomaly_map.shape[-2:]))
         if self.image_head is None:
             return top
         head = torch.sigmoid(self.image_head(quarter, anomaly_map))

@@ -202,7 +202,7 @@ class InspectionService:
             raise next(d for d in decoded if isinstance(d, DataError))
         t_decoded = time.perf_counter()
         with self._lock:
-            raw = iter(self.predictor.predict_arrays(images))
+            raw = iter(self.predictor.predict_arrays(images, full_size=False))  # maps resized below, unlocked
         model_ms = (time.perf_counter() - t_decoded) * 1000 / len(images)
         decode_ms = (t_decoded - t0) * 1000 / len(uploads)
         results = []
@@ -213,6 +213,7 @@ class InspectionService:
                 continue
             r = next(raw)
             t_pic = time.perf_counter()
+            r["map"] = resize_map(r["map"], image.shape[:2])
             out = {
                 "name": up.name[:NAME_MAX_CHARS],
                 "width": int(image.shape[1]), "height": int(image.shape[0]),
