@@ -1,8 +1,8 @@
 """Does a float32-trained run decide the same when it infers in bfloat16?
 
 For each run: its test split scored twice by the same weights, at the run's own precision and
-under bfloat16 autocast (what ``prn predict --precision bf16`` and ``prn serve --precision bf16``
-do), then the four metrics, image AUROC, and the false-reject rate and recall at the run's
+under bfloat16 autocast (how test, predict and serve run it after ``prn calibrate RUN --precision
+bf16``), then the four metrics, image AUROC, and the false-reject rate and recall at the run's
 calibrated threshold (calibrated at the run's own precision) for each, and the largest change of
 an image score. Nothing is chosen here; figures go to BENCHMARKS.md with the machine and load.
 

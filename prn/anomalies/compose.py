@@ -298,10 +298,10 @@ class TrainingSet(Dataset):
 
 
 def seen_draw_weights(samples: Sequence, share: float) -> list[float] | None:
-    """Weights for drawing seen anomalies: the ``added`` ones (a retrain's corrections) together
+    """Weights for drawing seen anomalies (``Sample``s): the ``added`` ones (a retrain's corrections) together
     ``share`` of the draws, the others the rest, each alike within its group. None (uniform) when
     share is 0 or the samples are not of two groups."""
-    added = [bool(getattr(s, "added", False)) for s in samples]
+    added = [bool(s.added) for s in samples]
     n_added = sum(added)
     if share <= 0 or n_added in (0, len(added)):
         return None
