@@ -60,6 +60,35 @@ def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
             yield item
 
 
+class ModelThread:
+    """One long-lived thread that runs every torch computation of a server: loading the model,
+    its forward passes, the maps resized back to the images.
+
+    Why: PyTorch's CPU kernels run on OpenMP, and every thread that starts a parallel region keeps
+    a team of OpenMP worker threads of its own. Once there are more such threads than cores (the
+    main thread loaded the model, request threads run it), libgomp stops letting its workers spin
+    between parallel regions, and every small operator of a forward pass waits for them to wake:
+    the model ran 1.5-2x slower when called from a request thread than from the thread that loaded
+    it (BENCHMARKS.md). Keeping torch in one thread keeps one team. Calls are serialised, so this
+    is also the model's lock. Written here: no library offers a thread to pin torch work to."""
+
+    def __init__(self, name: str = "prn-model", torch_threads: int | None = None):
+        """``torch_threads``: torch's threads in this process, set from the model thread (None:
+        torch's default). 1 where another engine runs the model (onnxruntime has its own threads,
+        and torch's team spinning beside them, for the maps' resizes, slowed it down)."""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        if torch_threads is not None:
+            self.run(torch.set_num_threads, torch_threads)
+
+    def run(self, fn, /, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in the model thread, after the calls before it; its result, or
+        its exception raised here."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

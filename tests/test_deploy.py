@@ -367,3 +367,19 @@ def test_read_ahead_keeps_the_order_makes_items_in_its_thread_and_raises_at_the_
     assert got == [0, 1, 2]
     assert made_in and all(name.startswith("read-ahead") for name in made_in)
     assert list(read_ahead(range(7), depth=3)) == list(range(7)) and list(read_ahead([])) == []
+
+
+def test_the_model_thread_runs_every_call_in_one_thread_of_its_own_and_raises_there_errors_here():
+    import threading
+    from prn.runtime import ModelThread
+    mt = ModelThread(torch_threads=1)
+    try:
+        names = {mt.run(lambda: threading.current_thread().name) for _ in range(3)}
+        assert len(names) == 1 and next(iter(names)).startswith("prn-model")
+        assert mt.run(lambda a, b=0: a + b, 2, b=3) == 5
+        assert mt.run(torch.get_num_threads) == 1  # torch's threads set in that thread
+        with pytest.raises(ValueError, match="broken"):
+            mt.run(lambda: (_ for _ in ()).throw(ValueError("broken")))
+        assert mt.run(lambda: 7) == 7  # still serving after an error
+    finally:
+        mt.close()

@@ -102,7 +102,7 @@ def test_decoding_in_worker_processes_gives_the_same_rows(run, demo_root, tmp_pa
 
 def test_the_onnx_engine_warns_when_the_run_infers_below_float32(run, monkeypatch, capsys):
     import prn.deploy.engine as engine
-    monkeypatch.setattr(engine, "OnnxEngine", lambda predictor, progress: "session")  # no export needed
+    monkeypatch.setattr(engine, "OnnxEngine", lambda predictor, progress, threads: "session")  # no export needed
     predictor = Predictor(run)
     assert make_engine(predictor, "onnx") == "session" and "warning" not in capsys.readouterr().err
     predictor.cfg = predictor.cfg.replace(precision="bf16")  # as after prn calibrate --precision bf16

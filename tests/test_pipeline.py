@@ -74,6 +74,19 @@ def test_every_caller_gives_the_same_score_map_and_decision(calibrated_run, fram
     served = InspectionService(predictor).inspect(uploads)
     for i, result in enumerate(served):
         assert abs(result["score"] - test.scores[i]) <= TOL and result["prediction"] == decisions[i]
+    # regions as prn predict finds them on the map at the image's size (serve skips resizing a map
+    # none of whose pixels reaches the pixel threshold): at the calibrated threshold, and at one
+    # that the first image's map crosses
+    found = []
+    for cut in (None, float(np.median(arrays[0]["map"]))):
+        if cut is not None:
+            predictor.postprocess.map_threshold.fill_(cut)
+        served = InspectionService(predictor).inspect(uploads)
+        for i, result in enumerate(served):
+            boxes = [(r.x, r.y, r.width, r.height, r.area) for r in predictor.regions(arrays[i]["map"])]
+            assert [(r["x"], r["y"], r["width"], r["height"], r["area"]) for r in result["regions"]] == boxes
+            found.append(len(boxes))
+    assert 0 in found and max(found) > 0  # both maps without regions and with
 
     # the pipeline module that is exported, fed each original frame
     pipeline = InferencePipeline(model, cfg.model.input_hw, predictor.calibration).eval()

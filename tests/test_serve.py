@@ -424,3 +424,32 @@ def test_missing_serve_packages_are_named_with_the_install_command(monkeypatch, 
         require_dependencies()
     assert main(["serve", str(calibrated_run)]) == 1
     assert "prn[serve]" in capsys.readouterr().err
+
+
+def test_the_model_is_loaded_run_and_reloaded_in_one_model_thread(calibrated_run, uploads, monkeypatch):
+    import prn.deploy.predict as predict_module
+    import prn.serve.service as service_module
+    threads = {"load": [], "forward": [], "resize": []}
+
+    class Recording(Predictor):
+        def __init__(self, *args, **kwargs):
+            threads["load"].append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+        def predict_arrays(self, *args, **kwargs):
+            threads["forward"].append(threading.current_thread().name)
+            return super().predict_arrays(*args, **kwargs)
+
+    def resize_map(*args):
+        threads["resize"].append(threading.current_thread().name)
+        return real_resize(*args)
+    real_resize = service_module.resize_map
+    monkeypatch.setattr(predict_module, "Predictor", Recording)
+    monkeypatch.setattr(service_module, "resize_map", resize_map)
+    with TestClient(build_app(calibrated_run, corrections=False)) as c:
+        for overlay in (0, 1):
+            assert "score" in _one(c, uploads["wide.png"], overlay=overlay)
+        assert c.post("/model/reload").status_code == 200
+    assert len(threads["load"]) == 2 and len(threads["forward"]) == 2 and threads["resize"]
+    names = {n for v in threads.values() for n in v}
+    assert len(names) == 1 and names.pop().startswith("prn-model")

@@ -51,16 +51,17 @@ def ensure_exported(predictor, progress: bool = False) -> Path:
 
 
 class OnnxEngine:
-    """onnxruntime on the run's exported graph, with as many threads as torch is given."""
+    """onnxruntime on the run's exported graph, with ``threads`` threads (default: as many as
+    torch is given)."""
 
-    def __init__(self, predictor, progress: bool = False):
+    def __init__(self, predictor, progress: bool = False, threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise UsageError("--engine onnx needs onnxruntime: pip install 'prn[export]'") from exc
         self.path = ensure_exported(predictor, progress)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         providers = ["CPUExecutionProvider"]
         if predictor.loaded.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -73,9 +74,10 @@ class OnnxEngine:
         return out["score"].astype(np.float64), out["anomaly_map"][:, 0]
 
 
-def make_engine(predictor, engine: str = "torch", progress: bool = False) -> Engine:
+def make_engine(predictor, engine: str = "torch", progress: bool = False, threads: int | None = None) -> Engine:
     """A function from a uint8 (B, H, W, 3) batch at the model's input size (images as decoded
-    and resized, stacked) to (scores float64 (B,), maps float32 (B, H, W)), run by ``engine``."""
+    and resized, stacked) to (scores float64 (B,), maps float32 (B, H, W)), run by ``engine``.
+    ``threads``: onnxruntime's (default: torch's); torch's own are set with ``torch.set_num_threads``."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
     if engine == "onnx":
@@ -85,5 +87,5 @@ def make_engine(predictor, engine: str = "torch", progress: bool = False) -> Eng
                   f"calibrated, at precision {precision}; its scores can differ a little from those its "
                   f"thresholds were set on (prn calibrate RUN --precision 32 sets them for float32)",
                   file=sys.stderr)
-        return OnnxEngine(predictor, progress)
+        return OnnxEngine(predictor, progress, threads)
     return lambda images: predictor.forward(scale(images.permute(0, 3, 1, 2).contiguous()))

@@ -36,10 +36,12 @@ from prn.runtime import read_ahead
 class Predictor:
     """A loaded model inside its pipeline (``prn.pipeline.InferencePipeline``: the one pre-process,
     the model, the post-process holding the calibration). ``threshold`` overrides the calibrated
-    image threshold; without either, scores come without predictions."""
+    image threshold; without either, scores come without predictions. ``engine_threads``:
+    onnxruntime's threads for the onnx engine (default: as many as torch is given)."""
 
     def __init__(self, checkpoint: str | Path, *, device: str | None = None,
-                 threshold: float | None = None, batch_size: int | None = None, engine: str = "torch"):
+                 threshold: float | None = None, batch_size: int | None = None, engine: str = "torch",
+                 engine_threads: int | None = None):
         self.loaded = load_model(checkpoint, device=device)
         self.model, self.cfg = self.loaded.model, self.loaded.cfg
         self.calibration = self.loaded.calibration
@@ -51,7 +53,7 @@ class Predictor:
         self.batch_size = batch_size or self.cfg.runtime.eval_batch_size
         # what runs the model on uint8 batches at the input size (prn.deploy.engine): torch or onnx
         self.engine_name = engine
-        self.engine = make_engine(self, engine)
+        self.engine = make_engine(self, engine, threads=engine_threads)
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (h, w, 3) at any size -> uint8 (H, W, 3) at the model's input size (the pipeline's

@@ -78,16 +78,23 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
     require_dependencies()
     from prn.deploy.predict import Predictor
     from prn.postprocess import MIN_REGION_AREA
+    from prn.runtime import ModelThread
     from prn.serve.app import create_app
     from prn.serve.corrections import CorrectionStore, model_description
     from prn.serve.service import InspectionService, Limits
 
+    import torch
+    threads = torch.get_num_threads()
+
     def load() -> Predictor:
         # POST /model/reload calls this again: the same path, re-resolved (a moved 'latest' link
         # or a replaced checkpoint is picked up), the same device and threshold override
-        return Predictor(checkpoint, device=device, threshold=threshold, engine=engine)
+        return Predictor(checkpoint, device=device, threshold=threshold, engine=engine, engine_threads=threads)
 
-    predictor = load()
+    # the model is loaded, run and reloaded in one thread (prn.runtime.ModelThread: torch is slower
+    # called from many threads than from one)
+    model_thread = ModelThread(torch_threads=1 if engine == "onnx" else None)
+    predictor = model_thread.run(load)
     defaults = Limits(max_pixels=predictor.cfg.data.max_image_pixels)
     given = {"max_request_bytes": max_request_bytes, "max_pixels": max_pixels, "max_images": max_images}
     limits = replace(defaults, **{k: v for k, v in given.items() if v is not None})
@@ -99,7 +106,8 @@ def build_app(checkpoint: str | Path, *, device: str | None = None, threshold: f
         folder = default_corrections_folder(checkpoint) if corrections in (None, True) else Path(corrections)
         store = CorrectionStore(folder, model_description(predictor))
     service = InspectionService(predictor, limits, pixel_limit_source=source, corrections=store, loader=load,
-                                min_region_area=MIN_REGION_AREA if min_region_area is None else min_region_area)
+                                min_region_area=MIN_REGION_AREA if min_region_area is None else min_region_area,
+                                model_thread=model_thread)
     return create_app(service, token=token)
 
 
