@@ -5,7 +5,9 @@ the largest pixels of these maps are kept per image (``study/outputs.npz`` in th
 PRN's map; PRN's map averaged with those of the mirrored images, mirrored back (test-time flips:
 left-right, up-down, and all four); the prototype residual map |F - P*| of the same model's
 prototypes (a normal-only map: PRN's own encoder and prototypes, no learned head); and with an
-image head (``image_score`` head or mean), its logit. Image-score rules are then computed from
+image head (``image_score`` head or mean), its logit; and the map averaged over square windows of
+WINDOWS pixels (the mean of a window, as a small defect covers one, rather than of the top pixels
+wherever they lie). Image-score rules are then computed from
 those, and each rule is judged as the line would use it:
 
 - image AUROC and AP, per-kind AUROC;
@@ -38,6 +40,7 @@ from prn.metrics import image_auroc, oracle_threshold, recall_at, decision_metri
 from prn.model.prototypes import residual_map
 
 KEEP = 4096  # largest pixels kept per map: enough for top-k up to ~7 % of a 384 x 160 map
+WINDOWS = (3, 5, 9, 15)  # sides of the square windows the map is averaged over
 
 
 @torch.no_grad()
@@ -45,7 +48,9 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     """Scores the run's held-out fold and test split; caches study/outputs.npz in the run."""
     cache = run / "study" / "outputs.npz"
     if cache.is_file():
-        return dict(np.load(cache, allow_pickle=False))
+        data = dict(np.load(cache, allow_pickle=False))
+        if all(f"window{w}" in data for w in WINDOWS):
+            return data
     loaded = load_model(run, device="cpu")
     model, cfg = loaded.model, loaded.cfg
     split = Split.load(run / "split.json")
@@ -54,6 +59,7 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     loader = torch.utils.data.DataLoader(ImageDataset(samples, cfg.model.input_hw, cfg.data.max_image_pixels),
                                          batch_size=batch_size)
     prn_top, flip_top, vflip_top, flip4_top, res_top, heads, area = [], [], [], [], [], [], None
+    windows = {w: [] for w in WINDOWS}
     for batch in loader:
         x = batch["image"]
         out = model(x)
@@ -71,12 +77,15 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
         vflip_top.append((0.5 * (amap + fl[(-2,)])).topk(KEEP, dim=1).values.numpy())
         flip4_top.append((0.25 * (amap + fl[(-1,)] + fl[(-2,)] + fl[(-2, -1)])).topk(KEEP, dim=1).values.numpy())
         res_top.append(res.topk(KEEP, dim=1).values.numpy())
+        for w in WINDOWS:  # stride 1, no padding: every window lies inside the map
+            pooled = torch.nn.functional.avg_pool2d(out["anomaly_map"], w, stride=1)
+            windows[w].append(pooled.flatten(1).topk(KEEP, dim=1).values.numpy())
         area = amap.shape[1]
     data = {"part": part, "label": np.array([s.label for s in samples]),
             "kind": np.array([s.defect_type for s in samples]),
             "prn": np.concatenate(prn_top), "flip": np.concatenate(flip_top),
             "vflip": np.concatenate(vflip_top), "flip4": np.concatenate(flip4_top), "res": np.concatenate(res_top), "area": np.array(area),
-            "top_k": np.array(cfg.model.top_k)}
+            "top_k": np.array(cfg.model.top_k), **{f"window{w}": np.concatenate(v) for w, v in windows.items()}}
     if heads:
         data["head"] = np.concatenate(heads)
     cache.parent.mkdir(exist_ok=True)
@@ -95,6 +104,9 @@ def rules(d: dict) -> dict[str, np.ndarray]:
     out = {"top-100 (paper)": topk(d["prn"], 100), "max": topk(d["prn"], 1), "top-10": topk(d["prn"], 10)}
     for share in (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02):
         out[f"top {100 * share:g} % of area"] = topk(d["prn"], round(share * area))
+    for w in WINDOWS:
+        out[f"max of the {w} x {w} window mean"] = topk(d[f"window{w}"], 1)
+        out[f"top-100 of the {w} x {w} window mean"] = topk(d[f"window{w}"], 100)
     out["residual top-100 (normal only)"] = topk(d["res"], 100)
     out["top-100 of the flip-averaged map"] = topk(d["flip"], 100)
     out["top-100, vertical flip"] = topk(d["vflip"], 100)
