@@ -73,12 +73,17 @@ class ModelThread:
     is also the model's lock. Written here: no library offers a thread to pin torch work to."""
 
     def __init__(self, name: str = "prn-model", torch_threads: int | None = None):
-        """``torch_threads``: torch's threads in this process, set from the model thread (None:
-        torch's default). 1 where another engine runs the model (onnxruntime has its own threads,
-        and torch's team spinning beside them, for the maps' resizes, slowed it down)."""
+        """``torch_threads``: torch's threads in the model thread alone (None: torch's default).
+        1 where another engine runs the model (onnxruntime has its own threads, and torch's team
+        spinning beside them, for the maps' resizes, slowed it down)."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         if torch_threads is not None:
-            self.run(torch.set_num_threads, torch_threads)
+            # torch.set_num_threads sets the calling thread's OpenMP threads and also the default
+            # that threads started later take when they first call torch: set it in the model
+            # thread once torch has initialised there, then give the default back
+            previous = torch.get_num_threads()
+            self.run(lambda: (torch.get_num_threads(), torch.set_num_threads(torch_threads)))
+            torch.set_num_threads(previous)
 
     def run(self, fn, /, *args, **kwargs):
         """``fn(*args, **kwargs)`` in the model thread, after the calls before it; its result, or

@@ -371,15 +371,23 @@ def test_read_ahead_keeps_the_order_makes_items_in_its_thread_and_raises_at_the_
 
 def test_the_model_thread_runs_every_call_in_one_thread_of_its_own_and_raises_there_errors_here():
     import threading
+    from concurrent.futures import ThreadPoolExecutor
     from prn.runtime import ModelThread
+    before = torch.get_num_threads()
+    threads = max(2, before)
+    torch.set_num_threads(threads)  # so that one thread differs from the default even on one core
     mt = ModelThread(torch_threads=1)
     try:
         names = {mt.run(lambda: threading.current_thread().name) for _ in range(3)}
         assert len(names) == 1 and next(iter(names)).startswith("prn-model")
         assert mt.run(lambda a, b=0: a + b, 2, b=3) == 5
-        assert mt.run(torch.get_num_threads) == 1  # torch's threads set in that thread
+        assert mt.run(torch.get_num_threads) == 1  # torch's threads set in that thread alone:
+        assert torch.get_num_threads() == threads  # not in this one,
+        with ThreadPoolExecutor(1) as later:  # nor in threads started later
+            assert later.submit(torch.get_num_threads).result() == threads
         with pytest.raises(ValueError, match="broken"):
             mt.run(lambda: (_ for _ in ()).throw(ValueError("broken")))
         assert mt.run(lambda: 7) == 7  # still serving after an error
     finally:
         mt.close()
+        torch.set_num_threads(before)
