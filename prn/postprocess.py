@@ -119,6 +119,14 @@ class Postprocess(nn.Module):
         t = float(self.map_threshold.item())
         return float(np.max(amap)) < t - 1e-5 * max(abs(t), 1.0)
 
+    def map_for(self, amap: np.ndarray, hw: tuple[int, int], regions_only: bool) -> np.ndarray | None:
+        """``amap`` (at the model's size) at the image's size (``resize_map``), or None when only
+        its regions are wanted and none can exist (``no_region_possible``): then the resize, the
+        costliest step of a map's post-process, is skipped. ``prn predict`` and ``prn serve`` alike."""
+        if regions_only and self.no_region_possible(amap):
+            return None
+        return resize_map(amap, hw)
+
     def judge(self, scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """float (N,) scores -> (normalised scores float64 (N,), predictions int64 0/1 (N,)), each
         None when there is nothing to judge by."""

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from prn.errors import DataError
-from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
+from prn.postprocess import MIN_REGION_AREA, check_min_area
 
 # (column, results key, scale, decimals)
 COLUMNS = (
@@ -293,10 +293,9 @@ class ResultWriter:
                 raise DataError(f"{image_path}: anomaly map must be 2-D (H, W), got shape {np.shape(amap)}")
             if hw is None:
                 raise DataError(f"{image_path}: maps, masks and regions need the image's size")
-            if self.maps == "none" and not self.masks and self.post.no_region_possible(amap):
+            full = self.post.map_for(amap, hw, regions_only=self.maps == "none" and not self.masks)
+            if full is None:
                 found = []  # regions alone are asked for and none can exist: no map at the image's size
-            else:
-                full = resize_map(amap, hw)
         if self.regions:
             if full is not None and self._jsonl is not None:
                 found = self.post.regions(full, self.min_region_area)

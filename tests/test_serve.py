@@ -428,6 +428,7 @@ def test_missing_serve_packages_are_named_with_the_install_command(monkeypatch, 
 
 def test_the_model_is_loaded_run_and_reloaded_in_one_model_thread(calibrated_run, uploads, monkeypatch):
     import prn.deploy.predict as predict_module
+    import prn.postprocess as postprocess_module
     import prn.serve.service as service_module
     threads = {"load": [], "forward": [], "resize": []}
 
@@ -445,7 +446,8 @@ def test_the_model_is_loaded_run_and_reloaded_in_one_model_thread(calibrated_run
         return real_resize(*args)
     real_resize = service_module.resize_map
     monkeypatch.setattr(predict_module, "Predictor", Recording)
-    monkeypatch.setattr(service_module, "resize_map", resize_map)
+    monkeypatch.setattr(service_module, "resize_map", resize_map)  # the pictures' resize
+    monkeypatch.setattr(postprocess_module, "resize_map", resize_map)  # the regions' (Postprocess.map_for)
     with TestClient(build_app(calibrated_run, corrections=False)) as c:
         for overlay in (0, 1):
             assert "score" in _one(c, uploads["wide.png"], overlay=overlay)

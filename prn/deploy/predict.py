@@ -85,7 +85,7 @@ class Predictor:
     def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction",
         "threshold", "map" (float32 at the image's own size; at the model's input size with
-        ``full_size=False``, for a caller that resizes it later, e.g. outside a lock)}."""
+        ``full_size=False``, for a caller that resizes only what it needs: ``Postprocess.map_for``)}."""
         results = []
         for chunk, scores, maps in self._batches(images):
             normalized, predictions = self.judge(scores)

@@ -250,12 +250,10 @@ class InspectionService:
         of whose pixels reaches the pixel threshold is not resized when no picture or mask needs
         it (it can have no region; its "map" is None), as in ``prn predict``."""
         predictor = self.predictor
-        post = predictor.postprocess
         raw = predictor.predict_arrays(images, full_size=False)
         pictures = []
         for image, r in zip(images, raw):
-            skip = not (overlay or mask) and post.no_region_possible(r["map"])
-            r["map"] = None if skip else resize_map(r["map"], image.shape[:2])
+            r["map"] = predictor.postprocess.map_for(r["map"], image.shape[:2], regions_only=not (overlay or mask))
             pictures.append(self.overlay(image, r["map"], predictor) if overlay else None)
         return predictor, raw, pictures
 
