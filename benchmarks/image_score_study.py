@@ -38,6 +38,7 @@ from prn.deploy.calibrate import image_threshold
 from prn.deploy.loading import load_model
 from prn.metrics import image_auroc, oracle_threshold, recall_at, decision_metrics
 from prn.model.prototypes import residual_map
+from prn.tiling import from_tiles, to_tiles
 
 KEEP = 4096  # largest pixels kept per map: enough for top-k up to ~7 % of a 384 x 160 map
 WINDOWS = (3, 5, 9, 15)  # sides of the square windows the map is averaged over
@@ -67,8 +68,10 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
         if getattr(model, "image_head", None) is not None:
             quarter = model.decoder(model.skips(x), x.shape[-2:], features=True)[1]
             heads.append(model.image_head(quarter, out["anomaly_map"]).numpy())  # logits
-        feats = model.encoder(x)
-        res = residual_map(model.prototypes.residuals([f.float() for f in feats]), x.shape[-2:]).flatten(1)
+        t = cfg.model.tiles  # prototypes of a tiled run are those of its tiles
+        feats = model.encoder(to_tiles(x, t))
+        res = residual_map(model.prototypes.residuals([f.float() for f in feats]), cfg.model.tile_hw)
+        res = from_tiles(res, t).flatten(1)
         prn_top.append(amap.topk(KEEP, dim=1).values.numpy())
         # test-time flips: the maps of the mirrored images, mirrored back, averaged with the map
         h, v, hv = ([-1], [-2], [-2, -1])

@@ -131,6 +131,9 @@ class ModelConfig:
                                       # the image score and the pixel metrics; 0: none (the paper's)
     test_flips: str = "none"          # ours: average the map with those of mirrored copies of the image:
                                       # "lr" (left-right, 2 passes), "ud", "all" (4 passes); "none" (the paper's)
+    tiles: int = 1                    # ours: the resized image (image_size / image_hw) is cut into tiles x tiles
+                                      # tiles; the network sees one tile at a time, trains on tiles and
+                                      # stitches their maps (small defects at a larger input, same step cost)
 
     def __post_init__(self) -> None:
         self.attention_patch_divisors = tuple(int(x) for x in self.attention_patch_divisors)
@@ -139,13 +142,17 @@ class ModelConfig:
         problems = []
         if self.backbone not in BACKBONES:
             problems.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.image_size < 32 or self.image_size % 32:
-            problems.append(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.tiles < 1:
+            problems.append(f"tiles must be >= 1, got {self.tiles}")
+        step = 32 * max(1, self.tiles)  # every tile's side a multiple of 32, as the network needs
+        if self.image_size < step or self.image_size % step:
+            problems.append(f"image_size must be a multiple of {step} and >= {step}"
+                            f"{' (32 per tile)' if self.tiles > 1 else ''}, got {self.image_size}")
         if not 0 < self.prototype_ratio <= 1:
             problems.append(f"prototype_ratio must be in (0, 1], got {self.prototype_ratio}")
         if len(self.image_hw) != 2 or (any(self.image_hw) and (
-                min(self.image_hw) < 32 or any(v % 32 for v in self.image_hw))):
-            problems.append(f"image_hw must be (0, 0) or two multiples of 32 >= 32, got {self.image_hw}")
+                min(self.image_hw) < step or any(v % step for v in self.image_hw))):
+            problems.append(f"image_hw must be (0, 0) or two multiples of {step} >= {step}, got {self.image_hw}")
         if not 0 <= self.output_bias_prior < 1:
             problems.append(f"output_bias_prior must be in [0, 1), got {self.output_bias_prior}")
         if self.map_sigma < 0:
@@ -158,6 +165,8 @@ class ModelConfig:
             problems.append(f"test_flips must be one of {', '.join(TEST_FLIPS)}, got {self.test_flips!r}")
         if self.image_score not in IMAGE_SCORES:
             problems.append(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
+        elif self.image_score != "top_k" and self.tiles > 1:
+            problems.append(f"image_score {self.image_score!r} needs the whole image in one pass; use tiles 1 or image_score top_k")
         _check(problems)
 
     def k_of(self, height: int, width: int) -> int:
@@ -169,8 +178,15 @@ class ModelConfig:
 
     @property
     def input_hw(self) -> tuple[int, int]:
-        """(height, width) of the network's input."""
+        """(height, width) that images are resized to: the network's input, or with ``tiles`` > 1
+        the whole that is cut into tiles of ``tile_hw``."""
         return tuple(self.image_hw) if any(self.image_hw) else (self.image_size, self.image_size)
+
+    @property
+    def tile_hw(self) -> tuple[int, int]:
+        """(height, width) of what the network sees in one pass: ``input_hw`` / ``tiles``."""
+        h, w = self.input_hw
+        return h // self.tiles, w // self.tiles
 
 
 @dataclass

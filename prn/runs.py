@@ -130,12 +130,14 @@ def make_split(cfg: PRNConfig) -> Split:
 
 def resolve_input_size(cfg: PRNConfig, split: Split) -> PRNConfig:
     """With cfg.model.keep_aspect, fix image_hw from the first training image: the long side
-    image_size, the short side scaled alike and rounded to a multiple of 32 (at least 32)."""
+    image_size, the short side scaled alike and rounded to a multiple of 32 (at least 32; of 32 per
+    tile with ``tiles``)."""
     if not cfg.model.keep_aspect or any(cfg.model.image_hw):
         return cfg
     h, w = original_hw(split.train_normal[0])
     long = max(h, w)
-    short = max(32, int(round(min(h, w) * cfg.model.image_size / long / 32)) * 32)
+    step = 32 * cfg.model.tiles
+    short = max(step, int(round(min(h, w) * cfg.model.image_size / long / step)) * step)
     hw = (cfg.model.image_size, short) if h >= w else (short, cfg.model.image_size)
     return cfg.replace(image_hw=hw)
 

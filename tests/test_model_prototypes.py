@@ -150,3 +150,23 @@ def test_residuals_of_maps_of_another_size_raise():
 def test_kmeans_is_reproducible_for_a_seed(k, seed):
     feats = torch.rand(12, 2, 3, 3, generator=torch.Generator().manual_seed(7))
     assert torch.equal(kmeans_prototypes(feats, k, seed=seed), kmeans_prototypes(feats, k, seed=seed))
+
+
+def test_fitting_over_batches_gives_the_prototypes_of_all_their_maps_clustered_at_once():
+    """fit_prototypes keeps the features as flat arrays, scale by scale, and lets k-means centre
+    them in place: the centres must be those of k-means on the concatenated maps."""
+    from prn.model.prototypes import fit_prototypes
+
+    class Encoder(torch.nn.Module):  # three fixed "scales" of a batch: deterministic features
+        def forward(self, x):
+            return [x.repeat(1, 2, 1, 1), x[..., ::2, ::2], x[..., ::4, ::4] * 3]
+
+    batches = [torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    module = Prototypes()
+    fit_prototypes(Encoder(), module, batches, ratio=0.25, max_iter=30, seed=2)
+    feats = [torch.cat(s) for s in zip(*(Encoder()(b) for b in batches))]
+    for name, f in zip(module.names, feats):
+        assert torch.equal(getattr(module, name), kmeans_prototypes(f, 3, max_iter=30, seed=2))
+    whole = Prototypes()
+    fit_prototypes(Encoder(), whole, batches, ratio=1.0)  # K = N: every map is a prototype
+    assert torch.equal(whole.p2, feats[1])

@@ -29,7 +29,8 @@ from prn.anomalies.target_areas import foreground_mask, sample_target_area
 from prn.anomalies.textures import TextureSource
 from prn.config import PRNConfig
 from prn.data.sample import ANNOTATIONS
-from prn.preprocess import to_tensor
+from prn.preprocess import resize_image, to_tensor
+from prn.tiling import tile_at, tile_of_pixel
 
 STRATEGIES = ("extended", "heterologous", "homologous")
 KINDS = ("normal", "extended", "simulated", "seen")
@@ -114,7 +115,7 @@ class AnomalyGenerator:
                              "homologous anomalies are off. Enable heterologous_anomalies or "
                              "homologous_anomalies, or extended_anomalies with seen_anomalies > 0")
         texture_dir = cfg.synthesis.texture_dir if texture_dir is None else texture_dir
-        self.textures = (TextureSource(texture_dir or None, max(cfg.model.input_hw), cfg.data.max_image_pixels)
+        self.textures = (TextureSource(texture_dir or None, max(cfg.model.tile_hw), cfg.data.max_image_pixels)
                          if cfg.synthesis.heterologous_anomalies else None)
         # Textures in colour on gray parts would be anomalies no gray camera can show.
         # gray: whether the normal images are gray (the caller knows them); else judged from the seen ones.
@@ -171,6 +172,7 @@ class AnomalyGenerator:
         beta = float(rng.uniform(cfg.synthesis.beta_min, cfg.synthesis.beta_max))
         if strategy == "extended":
             seen_image, seen_mask, annotation = self.sources[int(rng.integers(len(self.sources)))]
+            seen_image, seen_mask = self.tile_of(seen_image, seen_mask, rng)
             if seen_image.shape != normal.shape:
                 raise ValueError(f"seen anomaly of shape {seen_image.shape} cannot extend onto a normal "
                                  f"image of shape {normal.shape}; resize both to image_size")
@@ -215,7 +217,23 @@ class AnomalyGenerator:
             raise ValueError("there are no seen anomalies")
         j = int(rng.integers(len(self.seen))) if self.seen_p is None else int(rng.choice(len(self.seen), p=self.seen_p))
         image, mask, annotation = self.seen[j]
+        image, mask = self.tile_of(image, mask, rng)
         return (*mild_augment(image, mask, rng), annotation)
+
+    def tile_of(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """With cfg.model.tiles > 1, the grid tile of a seen anomaly that holds one of its defect
+        pixels, drawn at random; a defect known by its label alone (empty mask) is shrunk whole to
+        a tile's size instead, since no tile is known to hold it. Unchanged with one tile."""
+        t = self.cfg.model.tiles
+        if t == 1:
+            return image, mask
+        if not mask.any():
+            h, w = image.shape[0] // t, image.shape[1] // t
+            return resize_image(image, (h, w)), np.zeros((h, w), bool)
+        ys, xs = np.nonzero(mask)
+        k = int(rng.integers(len(ys)))
+        row, col = tile_of_pixel(mask.shape, t, int(ys[k]), int(xs[k]))
+        return tile_at(image, t, row, col), tile_at(mask, t, row, col)
 
     def generate(self, kind: str, normal: np.ndarray, rng: np.random.Generator,
                  foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -255,7 +273,9 @@ class TrainingSet(Dataset):
     image label or a loose box (the loss then asks the map's top pixels, inside the box or
     anywhere, to be high: ``prn.model.loss.weak_loss``)}. A box's inside does not count in the
     pixel loss (its unmarked part may be good), its outside does; a label alone counts no pixel.
-    Normal items are the images unchanged, with an all-zero mask.
+    Normal items are the images unchanged, with an all-zero mask. With cfg.model.tiles > 1 the
+    normal images are whole (``input_hw``) and each item is made on one tile of the grid, drawn by
+    its seed (``prn.tiling``), so S x S is ``tile_hw``.
     """
 
     def __init__(self, normals: Sequence[np.ndarray], generator: AnomalyGenerator, cfg: PRNConfig):
@@ -281,11 +301,17 @@ class TrainingSet(Dataset):
     def __getitem__(self, key: tuple[str, int, int]) -> dict:
         kind, i, seed = key
         normal = self.normals[i]
+        foreground = self.foreground(i) if kind != "normal" else None
+        t = self.cfg.model.tiles
+        rng = np.random.default_rng(seed)
+        if t > 1:  # one tile of the grid, at random (prn.tiling)
+            row, col = (int(v) for v in rng.integers(t, size=2))
+            normal = np.ascontiguousarray(tile_at(normal, t, row, col))
+            foreground = None if foreground is None else tile_at(foreground, t, row, col)
         if kind == "normal":
             image, mask, annotation = normal, np.zeros(normal.shape[:2], bool), "mask"
         elif kind in ("extended", "simulated", "seen"):
-            rng = np.random.default_rng(seed)
-            image, mask, kind, annotation = self.generator.generate_annotated(kind, normal, rng, self.foreground(i))
+            image, mask, kind, annotation = self.generator.generate_annotated(kind, normal, rng, foreground)
         else:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         mask_t = torch.from_numpy(mask)[None].float()

@@ -19,7 +19,7 @@ the plain U-Net baseline whose skips are the encoder features.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from prn.model.image_head import ImageHead
 from prn.model.prototypes import Prototypes, fit_prototypes
 from prn.model.scoring import smooth_map, top_k_score
 from prn.precision import full_precision
+from prn.tiling import from_tiles, to_tiles
 
 
 class PRN(nn.Module):
@@ -87,8 +88,16 @@ class PRN(nn.Module):
         """
         if self.prototypes is None:
             return
-        fit_prototypes(self.encoder, self.prototypes, batches, self.cfg.prototype_ratio,
-                       self.cfg.kmeans_max_iter, seed)
+        t, ratio = self.cfg.tiles, self.cfg.prototype_ratio
+        if t > 1:
+            # Prototypes of the grid's tiles; K stays ratio x the number of images (k-means' cost
+            # grows with K times the number of tiles, so K per tile would cost t^4 times as much).
+            # Tiles go to the encoder in chunks of the batch's size: t^2 times its activations at
+            # once would be the fit's peak.
+            images = (b["image"] if isinstance(b, Mapping) else b for b in batches)
+            batches = (chunk for x in images for chunk in to_tiles(x, t).split(len(x)))
+            ratio = ratio / (t * t)
+        fit_prototypes(self.encoder, self.prototypes, batches, ratio, self.cfg.kmeans_max_iter, seed)
 
     def skips(self, x: Tensor) -> list[Tensor]:
         """x: float32 (B, 3, H, W) in [0, 1] -> skip maps (B, skip_channels[j], H/r_j, W/r_j)."""
@@ -117,10 +126,15 @@ class PRN(nn.Module):
         H, W) in [0, 1], averaged with the maps of mirrored copies of the image (mirrored back)
         when ``cfg.test_flips`` asks, smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: the
         mean of the map's top ``cfg.top_k`` pixels (or top ``cfg.top_k_share`` of its area), the
-        head's probability, or the mean of the two (``cfg.image_score``)."""
+        head's probability, or the mean of the two (``cfg.image_score``). With ``cfg.tiles`` > 1 an
+        eval input is cut into tiles that pass one by one in a batch, and their maps are put back
+        together before smoothing and scoring; training batches are tiles already."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"PRN expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)
+        tiles = 1 if self.training else self.cfg.tiles  # training batches are tiles already
+        if tiles > 1:
+            x = to_tiles(x, tiles).contiguous(memory_format=torch.channels_last)
         if self.image_head is None:
             logits, quarter = self.decoder(self.skips(x), x.shape[-2:]), None
         else:
@@ -134,6 +148,7 @@ class PRN(nn.Module):
             flips = TEST_FLIPS[self.cfg.test_flips]
             if flips:
                 probability = (probability + self.flipped_maps(x, flips)) / (1 + len(flips))
+            probability = from_tiles(probability, tiles)
             anomaly_map = smooth_map(probability, self.cfg.map_sigma)
             return {"anomaly_map": anomaly_map, "pred_score": self.image_score(anomaly_map, quarter)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,20 +36,25 @@ def kmeans_prototypes(features: Tensor, k: int, max_iter: int = 300, seed: int =
     features: float (N, c, h, w). Returns float32 (k, c, h, w) on the device of ``features``.
     With k >= N there is nothing to cluster: every map is a prototype (Table 6's 100%).
     """
-    from sklearn.cluster import KMeans
-
     n = features.shape[0]
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k >= n:
         return features.detach().float().clone()
-    flat = features.detach().float().reshape(n, -1).cpu().numpy()
+    flat = features.detach().float().reshape(n, -1).cpu().numpy().copy()
+    return _kmeans(flat, k, max_iter, seed).reshape(k, *features.shape[1:]).to(features.device)
+
+
+def _kmeans(flat: np.ndarray, k: int, max_iter: int, seed: int) -> Tensor:
+    """k-means centres of the rows of float32 (N, D) ``flat`` (N > k), float32 (k, D). ``flat`` is
+    centred in place and put back (copy_x=False: no second copy of what can be gigabytes)."""
+    from sklearn.cluster import KMeans
+
     # k-means++ seeding starts from K of the normal maps, as the paper does (Sec. 3.1), but
     # samples them spread out, so one run does not leave two seeds inside one cluster.
-    km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=max_iter, random_state=seed)
+    km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=max_iter, random_state=seed, copy_x=False)
     km.fit(flat)
-    centres = torch.from_numpy(km.cluster_centers_).float()
-    return centres.reshape(k, *features.shape[1:]).to(features.device)
+    return torch.from_numpy(km.cluster_centers_).float()
 
 
 def nearest_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
@@ -138,25 +144,35 @@ class Prototypes(nn.Module):
 
 @torch.no_grad()
 def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable[Tensor | Mapping],
-                   ratio: float, max_iter: int = 300, seed: int = 0) -> list[Tensor]:
+                   ratio: float, max_iter: int = 300, seed: int = 0) -> None:
     """Cluster the ``encoder`` features of normal images into ``prototypes`` (Sec. 3.1).
 
     batches: float32 (B, 3, H, W) in [0, 1] (or dicts holding one under "image").
-    K = ceil(ratio * number of images), per scale. Returns the features, float32 (N, c_j, h_j, w_j)
-    per scale on the CPU.
+    K = ceil(ratio * number of images), per scale. The features are kept once, as flat float32
+    arrays, and each scale's are let go once it is clustered: the features of every normal image
+    are the fit's largest allocation.
     """
     device = next(iter(encoder.buffers()), torch.empty(0)).device
-    per_scale: list[list[Tensor]] = [[] for _ in prototypes.names]
+    per_scale: list[list[np.ndarray]] = [[] for _ in prototypes.names]
+    shapes: list[tuple[int, ...]] = []
     for batch in batches:
         images = batch["image"] if isinstance(batch, Mapping) else batch
-        for store, f in zip(per_scale, encoder(images.to(device))):
-            store.append(f.float().cpu())
+        feats = encoder(images.to(device))
+        shapes = [tuple(f.shape[1:]) for f in feats]
+        for store, f in zip(per_scale, feats):
+            store.append(f.float().reshape(len(f), -1).cpu().numpy())
+        del feats
     if not per_scale[0]:
         raise ValueError("fitting prototypes needs at least one batch of normal images")
-    feats = [torch.cat(store) for store in per_scale]
-    k = num_prototypes(len(feats[0]), ratio)
-    prototypes.set([kmeans_prototypes(f, k, max_iter, seed) for f in feats])
-    return feats
+    centres = []
+    for store, shape in zip(per_scale, shapes):
+        flat = np.concatenate(store)
+        store.clear()
+        k = num_prototypes(len(flat), ratio)
+        c = torch.from_numpy(flat.copy()) if k >= len(flat) else _kmeans(flat, k, max_iter, seed)
+        del flat
+        centres.append(c.reshape(-1, *shape))
+    prototypes.set(centres)
 
 
 def residual_map(residuals: list[Tensor], size: tuple[int, int]) -> Tensor:
