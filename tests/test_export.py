@@ -193,7 +193,7 @@ def test_onnx_file_holds_the_metadata_and_a_dynamic_uint8_input(checkpoints, exp
     calibration = torch.load(checkpoints["prn"], weights_only=True)["calibration"]
     assert props["model_kind"] == "prn" and props["backbone"] == "resnet18"
     assert (int(props["input_height"]), int(props["input_width"])) == HW
-    assert props["prn_version"] == __import__("prn").__version__
+    assert props["prn_version"] == __import__("prn").__version__ and props["tiles"] == "1"
     assert float(props["image_threshold"]) == calibration["image_threshold"]
     assert json.loads(props["calibration"]) == calibration
     assert props == read_metadata(path)

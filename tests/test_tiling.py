@@ -124,8 +124,9 @@ def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, dem
     for i, p in enumerate(frames):
         assert abs(rows[f"{p.parent.name}_{p.name}"] - test.scores[i]) <= TOL
     pytest.importorskip("onnxruntime")
-    from prn.deploy.export import export, run_exported
+    from prn.deploy.export import export, read_metadata, run_exported
     path = export(tiled_run, "onnx", tmp_path / "model.onnx")
+    assert read_metadata(path)["tiles"] == "2"
     for i, p in enumerate(frames):
         got = run_exported(path, np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)[None].copy())
         assert abs(float(got["score"][0]) - test.scores[i]) <= TOL
