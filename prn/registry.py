@@ -60,6 +60,8 @@ def build(kind: str, cfg: PRNConfig, *, pretrained: bool = True) -> nn.Module:
     """An empty model of ``kind``; ``pretrained=False`` skips the encoder's ImageNet weights (a
     checkpoint will supply them)."""
     check_kind(kind)
+    if kind != "prn" and cfg.model.tiles > 1:
+        raise PRNError(f"tiles are PRN's (model.tiles {cfg.model.tiles}); {kind} sees the whole image: use tiles 1")
     if kind == "prn":
         from prn.model.network import PRN
         model = cfg.model if pretrained else cfg.replace(backbone_weights="random").model

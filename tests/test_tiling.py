@@ -131,3 +131,11 @@ def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, dem
         got = run_exported(path, np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)[None].copy())
         assert abs(float(got["score"][0]) - test.scores[i]) <= TOL
         np.testing.assert_allclose(got["anomaly_map"][0, 0], test.maps[i], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("kind", ["patchcore", "prototypes"])
+def test_the_baselines_refuse_tiles_rather_than_ignore_them(kind):
+    from prn import registry
+    from prn.errors import PRNError
+    with pytest.raises(PRNError, match="tiles are PRN's"):
+        registry.build(kind, PRNConfig(image_size=128, tiles=2, backbone_weights="random"))
