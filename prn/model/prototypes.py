@@ -36,18 +36,19 @@ def kmeans_prototypes(features: Tensor, k: int, max_iter: int = 300, seed: int =
     features: float (N, c, h, w). Returns float32 (k, c, h, w) on the device of ``features``.
     With k >= N there is nothing to cluster: every map is a prototype (Table 6's 100%).
     """
-    n = features.shape[0]
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if k >= n:
-        return features.detach().float().clone()
-    flat = features.detach().float().reshape(n, -1).cpu().numpy().copy()
-    return _kmeans(flat, k, max_iter, seed).reshape(k, *features.shape[1:]).to(features.device)
+    # a copy: _kmeans centres its input in place
+    flat = features.detach().float().reshape(features.shape[0], -1).cpu().numpy().copy()
+    return _kmeans(flat, k, max_iter, seed).reshape(-1, *features.shape[1:]).to(features.device)
 
 
 def _kmeans(flat: np.ndarray, k: int, max_iter: int, seed: int) -> Tensor:
-    """k-means centres of the rows of float32 (N, D) ``flat`` (N > k), float32 (k, D). ``flat`` is
-    centred in place and put back (copy_x=False: no second copy of what can be gigabytes)."""
+    """k-means centres of the rows of float32 (N, D) ``flat``: float32 (min(k, N), D); with k >= N
+    every row is a centre (``flat`` itself, not copied). ``flat`` is centred in place and put back
+    (copy_x=False: no second copy of what can be gigabytes)."""
+    if k >= len(flat):
+        return torch.from_numpy(flat)
     from sklearn.cluster import KMeans
 
     # k-means++ seeding starts from K of the normal maps, as the paper does (Sec. 3.1), but
@@ -169,9 +170,8 @@ def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable
         flat = np.concatenate(store)
         store.clear()
         k = num_prototypes(len(flat), ratio)
-        c = torch.from_numpy(flat.copy()) if k >= len(flat) else _kmeans(flat, k, max_iter, seed)
+        centres.append(_kmeans(flat, k, max_iter, seed).reshape(-1, *shape))
         del flat
-        centres.append(c.reshape(-1, *shape))
     prototypes.set(centres)
 
 
