@@ -48,9 +48,11 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     payload = load_checkpoint(run)
     assert payload["history"][0]["event"] == "warm start" and payload["calibration"] is not None
     assert payload["config"]["training"]["epochs"] == 1
-    assert payload["config"]["training"]["added_seen_share"] == 0.5 == parent["changes"]["added_seen_share"]
+    # the retrain's recipe: its batches' anomaly slots all real defects, most of them the added ones
+    assert payload["config"]["training"]["added_seen_share"] == 0.75 == parent["changes"]["added_seen_share"]
+    assert payload["config"]["training"]["seen_fraction"] == 0.5 == parent["changes"]["seen_fraction"]
     parent_lr = load_checkpoint(calibrated_run)["config"]["training"]["lr"]
-    assert payload["config"]["training"]["lr"] == pytest.approx(parent_lr / 10) and parent["changes"]["lr"] == payload["config"]["training"]["lr"]
+    assert payload["config"]["training"]["lr"] == pytest.approx(parent_lr * 0.3) and parent["changes"]["lr"] == payload["config"]["training"]["lr"]
     # the prototypes are the old run's: warm-started, no k-means
     before = load_checkpoint(calibrated_run)["state_dict"]
     assert all(torch.equal(before[k], v) for k, v in payload["state_dict"].items() if k.startswith("prototypes."))
@@ -68,6 +70,17 @@ def test_a_second_retrain_counts_only_its_own_images_as_added(calibrated_run, co
     assert not any(s.added for s in split.train_anomalous)
     assert [s.image_path.name for s in split.train_normal if s.added] == ["again.png"]
     assert load_checkpoint(second)["config"]["training"]["added_seen_share"] == 0.0
+
+
+def test_a_retrain_adding_only_good_images_keeps_the_parents_batches(calibrated_run, corrections, tmp_path):
+    goods = tmp_path / "goods"
+    (goods / "train" / "good").mkdir(parents=True)
+    shutil.copy(next(corrections.glob("train/good/*")), goods / "train" / "good" / "ok.png")
+    run = fit_from(calibrated_run, add_normals=goods, epochs=1, run_dir=tmp_path / "new", progress=False)
+    before = load_checkpoint(calibrated_run)["config"]["training"]["seen_fraction"]
+    assert before < 0.5  # else the test could not tell
+    assert load_checkpoint(run)["config"]["training"]["seen_fraction"] == before
+    assert "seen_fraction" not in json.loads((run / "parent.json").read_text())["changes"]
 
 
 def test_fit_from_refuses_what_it_cannot_use(calibrated_run, tmp_path):
