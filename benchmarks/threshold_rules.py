@@ -5,7 +5,7 @@
 
 For each run, the image score (mean of the map's top-k pixels, k from the run's config) of its
 held-out good images sets a threshold by each rule of ``prn.deploy.calibrate.image_threshold``
-(gumbel, normal, conformal) and by the bare largest held-out score; the test split then gives the
+(gumbel, gumbel_logit, normal, conformal) and by the bare largest held-out score; the test split then gives the
 realised false-reject rate (FRR) on its good parts, the recall on its defects, and the recall an
 oracle threshold (taken on the test scores) gets at that same realised FRR. One markdown row per
 run and rule, then the means and the worst FRR over the runs.
@@ -34,8 +34,9 @@ def top_k_of(run: Path) -> int:
     return int(cfg.get("model", cfg).get("top_k", 100))
 
 
-def thresholds(val: np.ndarray, target: float) -> dict[str, float]:
-    out = {tail: image_threshold(val, target, tail)[0] for tail in TAILS}
+def thresholds(val: np.ndarray, target: float, score_bound: float | None = 1.0) -> dict[str, float]:
+    """Each rule's threshold; score_bound 1: PRN's scores (probabilities), as calibration uses it."""
+    out = {tail: image_threshold(val, target, tail, score_bound=score_bound)[0] for tail in TAILS}
     out["largest"] = float(np.nextafter(val.max(), np.inf))
     return out
 

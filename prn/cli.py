@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-target-fpr", type=float, help="share of good pixels marked (default 0.001)")
     p.add_argument("--tail", choices=CALIBRATION_TAILS,
                    help="distribution fitted to the held-out scores when they are too few for a "
-                        "quantile (default: the config's, gumbel)")
+                        "quantile (default: the config's, gumbel; gumbel_logit fits it to the scores' "
+                        "logits, PRN only)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="infer at this precision from now on (test, predict, serve): the held-out fold is "
                         "scored at it; auto: bf16 where the device computes it natively "

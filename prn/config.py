@@ -38,7 +38,7 @@ MVTEC_OBJECTS = (
 DATASETS = ("mvtec", "btad", "dagm", "ksdd2", "folder", "demo")
 BACKBONES = ("resnet18", "tf_efficientnet_lite0")
 PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
-CALIBRATION_TAILS = ("gumbel", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
+CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 # test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
 TEST_FLIPS = {"none": (), "lr": ((-1,),), "ud": ((-2,),), "all": ((-1,), (-2,), (-2, -1))}
@@ -307,7 +307,8 @@ class CalibrationConfig:
     """Decisions (ours; prn.deploy.calibrate): set on the held-out normal fold, never on test data."""
     target_fpr: float = 0.01          # image threshold: this share of good parts is rejected
     pixel_target_fpr: float = 0.001   # pixel threshold (masks, contours): this share of good pixels is marked
-    calibration_tail: str = "gumbel"  # with too few held-out images for a quantile: "gumbel" or "normal" fit
+    calibration_tail: str = "gumbel"  # with too few held-out images for a quantile: a "gumbel" fit (on the
+    #                                   scores or, "gumbel_logit", their logits), a "normal" fit, or "conformal"
 
     def __post_init__(self) -> None:
         problems = []

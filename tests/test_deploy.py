@@ -65,6 +65,30 @@ def test_a_tail_fitted_past_the_largest_score_a_model_can_give_falls_back_to_the
     assert image_threshold(FEW, 0.01, score_bound=1.0) == image_threshold(FEW, 0.01)  # a bound far away: no change
 
 
+def test_the_logit_gumbel_tail_is_a_gumbel_fitted_to_the_logits_and_only_for_probabilities():
+    from scipy.stats import gumbel_r
+    scores = 1 / (1 + np.exp(-np.random.default_rng(5).gumbel(-2.5, 0.6, size=28)))
+    t, method = image_threshold(scores, 0.01, tail="gumbel_logit", score_bound=1.0)
+    logits = np.log(scores / (1 - scores))
+    assert t == pytest.approx(1 / (1 + np.exp(-gumbel_r.ppf(0.99, *gumbel_r.fit(logits)))), rel=1e-6)
+    assert scores.max() < t < 1.0 and "gumbel_logit tail" in method
+    for bound, values in ((None, scores), (1.0, scores * 3)):  # a distance, or scores past 1
+        with pytest.raises(PRNError, match="probabilities"):
+            image_threshold(values, 0.01, tail="gumbel_logit", score_bound=bound)
+
+
+def test_on_scores_whose_logits_are_gumbel_the_logit_fit_keeps_near_its_target_and_the_plain_fit_does_not():
+    # good parts' PRN scores pile up near 0 with a long right tail; 28 held out, as on KolektorSDD
+    rng = np.random.default_rng(0)
+    population = 1 / (1 + np.exp(-rng.gumbel(-2.5, 0.6, size=50_000)))
+    realised = {"gumbel": [], "gumbel_logit": []}
+    for _ in range(100):
+        held_out = 1 / (1 + np.exp(-rng.gumbel(-2.5, 0.6, size=28)))
+        for tail, rates in realised.items():
+            rates.append(np.mean(population >= image_threshold(held_out, 0.01, tail, score_bound=1.0)[0]))
+    assert np.mean(realised["gumbel_logit"]) < 0.015 < 0.02 < np.mean(realised["gumbel"])
+
+
 def test_a_threshold_never_rejects_the_held_out_maximum_even_with_identical_scores():
     t, method = image_threshold(np.full(8, 0.3), 0.01)
     assert t > 0.3 and t == pytest.approx(0.3) and "largest" in method
