@@ -83,6 +83,19 @@ def test_a_retrain_adding_only_good_images_keeps_the_parents_batches(calibrated_
     assert "seen_fraction" not in json.loads((run / "parent.json").read_text())["changes"]
 
 
+def test_a_retrain_trains_corrections_known_by_their_label_alone(calibrated_run, corrections, tmp_path):
+    # the operator marked the verdict wrong but painted nothing: no mask beside the images
+    for mask in (corrections / "ground_truth").rglob("*.png"):
+        mask.unlink()
+    run = fit_from(calibrated_run, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "new", progress=False)
+    parent = json.loads((run / "parent.json").read_text())
+    assert parent["annotations"] == {"mask": 0, "box": 0, "label": 2}
+    payload = load_checkpoint(run)
+    assert payload["config"]["training"]["seen_fraction"] == 0.5  # every anomaly slot a real defect
+    epoch = next(r for r in payload["history"] if "epoch" in r)
+    assert epoch["weak"] > 0  # the label-only corrections were trained, by the weak loss
+
+
 def test_fit_from_refuses_what_it_cannot_use(calibrated_run, tmp_path):
     with pytest.raises(UsageError, match="images to add"):
         fit_from(calibrated_run)
