@@ -19,7 +19,7 @@ the plain U-Net baseline whose skips are the encoder features.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
 from prn.model.fusion import MultiScaleFusion
 from prn.model.image_head import ImageHead
-from prn.model.prototypes import Prototypes, fit_prototypes
+from prn.model.prototypes import Prototypes, batch_images, fit_prototypes
 from prn.model.scoring import smooth_map, top_k_score
 from prn.precision import full_precision
 from prn.tiling import from_tiles, to_tiles
@@ -94,7 +94,7 @@ class PRN(nn.Module):
             # grows with K times the number of tiles, so K per tile would cost t^4 times as much).
             # Tiles go to the encoder in chunks of the batch's size: t^2 times its activations at
             # once would be the fit's peak.
-            images = (b["image"] if isinstance(b, Mapping) else b for b in batches)
+            images = (batch_images(b) for b in batches)
             batches = (chunk for x in images for chunk in to_tiles(x, t).split(len(x)))
             ratio = ratio / (t * t)
         fit_prototypes(self.encoder, self.prototypes, batches, ratio, self.cfg.kmeans_max_iter, seed)

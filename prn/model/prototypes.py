@@ -143,6 +143,11 @@ class Prototypes(nn.Module):
         return ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
 
 
+def batch_images(batch: Tensor | Mapping) -> Tensor:
+    """The images of a batch given as a tensor or as a dict holding them under "image"."""
+    return batch["image"] if isinstance(batch, Mapping) else batch
+
+
 @torch.no_grad()
 def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable[Tensor | Mapping],
                    ratio: float, max_iter: int = 300, seed: int = 0) -> None:
@@ -157,8 +162,7 @@ def fit_prototypes(encoder: nn.Module, prototypes: Prototypes, batches: Iterable
     per_scale: list[list[np.ndarray]] = [[] for _ in prototypes.names]
     shapes: list[tuple[int, ...]] = []
     for batch in batches:
-        images = batch["image"] if isinstance(batch, Mapping) else batch
-        feats = encoder(images.to(device))
+        feats = encoder(batch_images(batch).to(device))
         shapes = [tuple(f.shape[1:]) for f in feats]
         for store, f in zip(per_scale, feats):
             store.append(f.float().reshape(len(f), -1).cpu().numpy())
