@@ -8,7 +8,9 @@ training) and times, over ``--steps`` steps of 16 images, each stage of a step i
 process: making the batch (decode is done once before: the arrays are in memory; this is the
 synthesis), the encoder, the prototype residuals, the rest of the network (fusion, attention,
 decoder), the loss, backward, the optimiser step. Also times k-means on the normal images and one
-validation pass, and reports the process's resident memory after each phase. The figures are
+validation pass, and reports the process's resident memory after each phase, its peak while
+training (the allocator's share of it moves with glibc's settings, e.g. MALLOC_MMAP_THRESHOLD_ in
+the environment), and what autograd saves for backward in one step, by module. The figures are
 those of one process with ``--threads`` threads; ``prn fit`` makes the batches in DataLoader
 workers beside the model (the share "batch" then overlaps the rest).
 """
@@ -16,7 +18,9 @@ workers beside the model (the share "batch" then overlaps the rest).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -40,6 +44,35 @@ from prn.train import make_optimizer
 
 def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def saved_for_backward(model, images, depth: int = 2) -> dict[str, float]:
+    """MB of the tensors autograd keeps for backward in one forward pass, by the module (its first
+    ``depth`` name parts) that saved them; each storage counted once."""
+    stack, sizes, seen = [], collections.Counter(), set()
+    hooks = []
+    for name, module in model.named_modules():
+        tag = ".".join(name.split(".")[:depth]) or "(model)"
+        hooks.append(module.register_forward_pre_hook(lambda m, a, tag=tag: stack.append(tag) and None))
+        hooks.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            sizes[stack[-1] if stack else "(outside modules)"] += key[1] / 2**20
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images)
+    for h in hooks:
+        h.remove()
+    return dict(sizes.most_common())
 
 
 def main() -> None:
@@ -107,6 +140,8 @@ def main() -> None:
             for name, a, b in zip(stages, t, t[1:]):
                 stages[name].append(b - a)
     memory["training"] = rss_mb()
+    memory["peak while training"] = peak_mb()
+    saved = saved_for_backward(model, images)
     val = load_validation(cfg, split)
     t0 = time.perf_counter()
     validate(model, val, torch.device("cpu"), cfg.runtime.eval_batch_size, cfg.training.precision)
@@ -118,7 +153,8 @@ def main() -> None:
               "precision": cfg.training.precision,
               "n_normal": len(normals), "load_seconds": load_s, "kmeans_seconds": kmeans_s,
               "validation_seconds": val_s, "n_validation": len(val.samples),
-              "step_seconds": per_step, "step_total": total, "rss_mb": memory}
+              "step_seconds": per_step, "step_total": total, "rss_mb": memory,
+              "saved_for_backward_mb": saved}
     print(f"input {cfg.model.input_hw}, {args.threads} threads, {len(normals)} normal images, "
           f"precision {cfg.training.precision}")
     print(f"load {load_s:.1f} s, k-means {kmeans_s:.1f} s, one validation pass ({len(val.samples)} images) {val_s:.1f} s")
@@ -127,6 +163,8 @@ def main() -> None:
         print(f"| {k} | {v:.3f} | {100 * v / total:.0f} % |")
     print(f"| total | {total:.3f} | |")
     print("resident memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    print(f"saved for backward in one step: {sum(saved.values()):.0f} MB; "
+          + ", ".join(f"{k} {v:.0f}" for k, v in saved.items() if v >= 1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

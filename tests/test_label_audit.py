@@ -1,0 +1,56 @@
+"""benchmarks/label_audit.py: a blind sheet of the highest-scoring and random good test images."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_audit.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("label_audit", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sheet_mixes_the_top_goods_with_random_ones_and_reveal_counts_the_judgments(calibrated_run, tmp_path,
+                                                                                   capsys):
+    audit = load_script()
+    with open(calibrated_run / "predictions" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    goods = sorted((r for r in rows if r["label"] == "0"), key=lambda r: -float(r["score"]))
+    out = tmp_path / "audit"
+    audit.sheet(calibrated_run, out, top=1, n_random=2, seed=0)
+    key = json.loads((out / "key.json").read_text())["crops"]
+    assert [c["number"] for c in key] == [1, 2, 3]
+    top = [c for c in key if c["group"] == "top"]
+    assert [c["path"] for c in top] == [goods[0]["path"]]
+    assert {c["path"] for c in key if c["group"] == "random"} <= {r["path"] for r in goods[1:]}
+    for c in key:  # the crop is centred on a point of the original image
+        with Image.open(_image(calibrated_run, c["path"])) as im:
+            assert 0 <= c["peak_xy"][0] <= im.width and 0 <= c["peak_xy"][1] <= im.height
+    with Image.open(out / "sheet.png") as sheet:
+        assert sheet.size == (audit.COLUMNS * audit.SHOWN, audit.SHOWN)
+
+    (out / "judged.txt").write_text("1 yes\n2 no\n")
+    with pytest.raises(SystemExit, match="1 of the 3 crops are not judged"):
+        audit.reveal(out, None)
+    (out / "judged.txt").write_text("1 yes\n2 maybe\n3 no\n")
+    with pytest.raises(SystemExit, match="not 'NUMBER yes|no|unsure'"):
+        audit.reveal(out, None)
+    top_number = top[0]["number"]
+    (out / "judged.txt").write_text("".join(f"{n} {'yes' if n == top_number else 'no'}\n" for n in (1, 2, 3)))
+    audit.reveal(out, None)
+    shown = capsys.readouterr().out
+    assert "| top | 1 | 1 | 0 | 0 |" in shown and "| random | 2 | 0 | 0 | 2 |" in shown
+    assert "without the 1 goods judged defective" in shown
+
+
+def _image(run, path):
+    from prn.data.split import Split
+    return next(s.image_path for s in Split.load(Path(run) / "split.json").test if s.image_path.name == Path(path).name)
