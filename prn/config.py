@@ -41,6 +41,9 @@ PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 # test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
+# seen_fraction at which every anomaly slot of the 2:1:1 batch is a real seen anomaly (no synthetic
+# ones): the last final_real_epochs of a fit, and a retrain with added defects (prn.retrain)
+ALL_REAL_SEEN_FRACTION = 0.5
 TEST_FLIPS = {"none": (), "lr": ((-1,),), "ud": ((-2,),), "all": ((-1,), (-2,), (-2, -1))}
 
 
@@ -235,6 +238,8 @@ class TrainingConfig:
                                       # augmented; taken from the extended and simulated slots
     added_seen_share: float = 0.0     # ours: share of those slots drawn from the seen anomalies a retrain
                                       # added (prn fit --from); 0: every seen anomaly alike
+    final_real_epochs: int = 0        # ours: the last N epochs fill every anomaly slot with the real seen
+                                      # anomalies (seen_fraction 0.5, no synthetic ones); 0: off
     steps_per_epoch: int = 0          # 0: one pass over the normal images
     lr: float = 1e-4
     weight_decay: float = 1e-2
@@ -274,6 +279,8 @@ class TrainingConfig:
             problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.seen_fraction <= 0.5:
             problems.append(f"seen_fraction must be in [0, 0.5], got {self.seen_fraction}")
+        if self.final_real_epochs < 0:
+            problems.append(f"final_real_epochs must be >= 0, got {self.final_real_epochs}")
         if not 0 <= self.added_seen_share < 1:
             problems.append(f"added_seen_share must be in [0, 1), got {self.added_seen_share}")
         if self.top_k_loss_weight < 0:
@@ -290,6 +297,13 @@ class TrainingConfig:
     def batch_composition(self) -> tuple[int, int, int]:
         quarter = self.batch_size // 4
         return 2 * quarter, quarter, quarter
+
+    def at_epoch(self, epoch: int) -> "TrainingConfig":
+        """The settings epoch ``epoch`` (from 0) draws its batches with: in the last
+        ``final_real_epochs`` every anomaly slot is a real seen anomaly."""
+        if self.final_real_epochs and epoch >= self.epochs - self.final_real_epochs:
+            return dataclasses.replace(self, seen_fraction=ALL_REAL_SEEN_FRACTION)
+        return self
 
     @property
     def batch_slots(self) -> tuple[int, int, int, int]:
@@ -414,7 +428,7 @@ class PRNConfig:
 
     def replace(self, **changes: Any) -> "PRNConfig":
         """A copy with ``changes``: field names, ``section.field`` keys or whole sections."""
-        return PRNConfig(**{s: getattr(self, s) for s in SECTIONS}, **changes)
+        return PRNConfig(**{**{s: getattr(self, s) for s in SECTIONS}, **changes})
 
     def flat(self) -> dict[str, Any]:
         """{field name: value} over every section (tuples as lists, as in YAML)."""

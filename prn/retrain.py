@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prn.config import PRNConfig
+from prn.config import ALL_REAL_SEEN_FRACTION, PRNConfig
 from prn.data.io import require_images
 from prn.data.layouts import added_images
 from prn.data.split import Split
@@ -39,7 +39,7 @@ RETRAIN_EPOCHS = 3  # of the run's steps per epoch: 60 steps for the cpu preset,
 # recall 82-84 % against 74-80 %, at 1.2 % false rejects against 0.6-1.2 %). Chosen after seeing
 # those test figures.
 RETRAIN_LR_FACTOR = 0.3
-RETRAIN_SEEN_FRACTION = 0.5
+RETRAIN_SEEN_FRACTION = ALL_REAL_SEEN_FRACTION
 RETRAIN_ADDED_SHARE = 0.75
 # what a retrain may change: the schedule and the thresholds, never the network or the data
 RETRAIN_SECTIONS = ("training", "calibration")
@@ -81,7 +81,9 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     if bad:
         raise UsageError(f"a retrain keeps the parent's network and data; it may change the "
                          f"{' and '.join(RETRAIN_SECTIONS)} settings only, not {', '.join(bad)}")
-    recipe = {"lr": cfg.training.lr * RETRAIN_LR_FACTOR, "added_seen_share": RETRAIN_ADDED_SHARE}
+    # the retrain's batches are its own recipe's throughout (a parent's final all-real epochs included)
+    recipe = {"lr": cfg.training.lr * RETRAIN_LR_FACTOR, "added_seen_share": RETRAIN_ADDED_SHARE,
+              "final_real_epochs": 0}
     if anomalies:  # a retrain that only adds good images keeps the parent's batches
         recipe["seen_fraction"] = max(cfg.training.seen_fraction, RETRAIN_SEEN_FRACTION)
     changes = {**recipe, **(changes or {})}

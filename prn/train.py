@@ -241,8 +241,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     if not resume and main:
         checkpoint(0)  # prototypes are the costly part of epoch 0: keep them even if stopped now
     for epoch in range(start_epoch, cfg.training.epochs):
-        sampler = BalancedBatchSampler(len(normals), cfg, seed=cfg.training.seed, epoch=epoch,
-                                       rank=world.rank, world_size=world.size)
+        sampler = BalancedBatchSampler(len(normals), cfg.replace(training=cfg.training.at_epoch(epoch)),
+                                       seed=cfg.training.seed, epoch=epoch, rank=world.rank, world_size=world.size)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         net.train()

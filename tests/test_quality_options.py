@@ -37,6 +37,32 @@ def test_seen_slots_are_taken_from_the_anomaly_slots_and_keep_the_batch_size():
     assert sum(PRNConfig(batch_size=64, seen_fraction=0.1).training.batch_slots) == 64
 
 
+def test_the_final_real_epochs_fill_every_anomaly_slot_with_seen_anomalies():
+    training = PRNConfig(batch_size=16, seen_fraction=0.125, epochs=10, final_real_epochs=3).training
+    assert [training.at_epoch(e).batch_slots for e in (0, 6, 7, 9)] == [(8, 3, 3, 2), (8, 3, 3, 2),
+                                                                        (8, 0, 0, 8), (8, 0, 0, 8)]
+    assert PRNConfig(epochs=2, final_real_epochs=5).training.at_epoch(0).batch_slots[1:3] == (0, 0)
+    assert PRNConfig(epochs=2).training.at_epoch(1) == PRNConfig(epochs=2).training
+
+
+def test_a_fit_draws_its_final_epochs_from_the_real_seen_anomalies(demo_root, tiny_config, tmp_path, monkeypatch):
+    import prn.train
+    kinds = {}
+
+    class Recording(prn.train.BalancedBatchSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                kinds.setdefault(self.epoch, set()).update(kind for kind, _, _ in batch)
+                yield batch
+
+    monkeypatch.setattr(prn.train, "BalancedBatchSampler", Recording)
+    cfg = tiny_config(demo_root, tmp_path, seen_anomalies=3, val_anomalies=0, seen_fraction=0.125,
+                      epochs=3, final_real_epochs=1)
+    api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    assert kinds == {0: {"normal", "extended", "simulated", "seen"}, 1: {"normal", "extended", "simulated", "seen"},
+                     2: {"normal", "seen"}}
+
+
 def test_input_size_is_square_unless_image_hw_is_set():
     assert PRNConfig(image_size=128).model.input_hw == (128, 128)
     assert PRNConfig(image_size=128, image_hw=(320, 128)).model.input_hw == (320, 128)
@@ -47,7 +73,8 @@ def test_input_size_is_square_unless_image_hw_is_set():
 @pytest.mark.parametrize("change", [dict(optimizer="sgd"), dict(lr_schedule="step"), dict(map_sigma=-1),
                                     dict(seen_fraction=0.9), dict(select_epoch="first"),
                                     dict(output_bias_prior=1.0), dict(gray_textures="maybe"),
-                                    dict(perlin_min_scale=3, perlin_max_scale=3), dict(target_size=(0.5, 0.2))])
+                                    dict(perlin_min_scale=3, perlin_max_scale=3), dict(target_size=(0.5, 0.2)),
+                                    dict(final_real_epochs=-1)])
 def test_new_settings_refuse_values_outside_their_range(change):
     with pytest.raises(ValueError, match="invalid PRN config"):
         PRNConfig(**change)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 from prn import api
 from prn.checkpoint import load_checkpoint
@@ -76,10 +77,17 @@ def test_a_retrain_adding_only_good_images_keeps_the_parents_batches(calibrated_
     goods = tmp_path / "goods"
     (goods / "train" / "good").mkdir(parents=True)
     shutil.copy(next(corrections.glob("train/good/*")), goods / "train" / "good" / "ok.png")
-    run = fit_from(calibrated_run, add_normals=goods, epochs=1, run_dir=tmp_path / "new", progress=False)
+    # a parent whose fit ended on all-real epochs: the retrain's batches are the parent's main ones
+    parent = tmp_path / "parent"
+    shutil.copytree(calibrated_run, parent)
+    config = yaml.safe_load((parent / "config.yaml").read_text())
+    config["training"]["final_real_epochs"] = 2
+    (parent / "config.yaml").write_text(yaml.safe_dump(config))
+    run = fit_from(parent, add_normals=goods, epochs=1, run_dir=tmp_path / "new", progress=False)
     before = load_checkpoint(calibrated_run)["config"]["training"]["seen_fraction"]
     assert before < 0.5  # else the test could not tell
     assert load_checkpoint(run)["config"]["training"]["seen_fraction"] == before
+    assert load_checkpoint(run)["config"]["training"]["final_real_epochs"] == 0
     assert "seen_fraction" not in json.loads((run / "parent.json").read_text())["changes"]
 
 
