@@ -1,0 +1,31 @@
+"""benchmarks/calibration_augment.py: thresholds from held-out good images and views of them."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_augment.py"
+
+
+def test_the_plain_rule_is_the_fits_threshold_and_the_views_are_seeded(calibrated_run, tmp_path):
+    out = tmp_path / "rules.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(calibrated_run), "--views", "3", "--json", str(out)],
+                   check=True, capture_output=True, text=True)
+    rules = {r["rule"]: r for r in json.loads(out.read_text())}
+    assert set(rules) == {"plain", "pooled", "worst view"}
+    calibration = json.loads((calibrated_run / "calibration.json").read_text())
+    assert rules["plain"]["threshold"] == pytest.approx(calibration["image_threshold"], rel=1e-5)
+    assert all(0 <= r["frr"] <= 1 and 0 <= r["recall"] <= 1 for r in rules.values())
+
+    spec = importlib.util.spec_from_file_location("calibration_augment", SCRIPT)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    plain, viewed, _ = study.held_out_scores(calibrated_run, 3, seed=0)
+    np.testing.assert_allclose(np.sort(plain), np.sort(calibration["normal_scores"]), rtol=1e-5)
+    assert viewed.shape == (len(plain), 3) and not np.allclose(viewed, plain[:, None])  # the views differ
+    np.testing.assert_array_equal(study.held_out_scores(calibrated_run, 3, seed=0)[1], viewed)
