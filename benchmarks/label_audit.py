@@ -47,6 +47,16 @@ def read_scores(path: Path) -> list[dict]:
     return rows
 
 
+def sample_of(samples: list, path: str):
+    """The sample scores.csv's ``path`` names: a path under the data root (file names repeat
+    across folders, e.g. MVTec's 000.png), or absolute."""
+    for s in samples:
+        posix = s.image_path.as_posix()
+        if posix == path or posix.endswith("/" + path):
+            return s
+    raise SystemExit(f"{path}: in scores.csv but not among the split's good test images")
+
+
 def sheet(run: Path, out: Path, top: int, n_random: int, seed: int) -> None:
     rows = read_scores(run / "predictions" / "scores.csv")
     goods = sorted((r for r in rows if r["label"] == "0"), key=lambda r: -float(r["score"]))
@@ -56,8 +66,8 @@ def sheet(run: Path, out: Path, top: int, n_random: int, seed: int) -> None:
     picked += [(r, "random") for r in random.Random(seed).sample(goods[top:], n_random)]
     random.Random(seed + 1).shuffle(picked)
     loaded = load_model(run, device="cpu")
-    by_name = {s.image_path.name: s for s in Split.load(run / "split.json").test}
-    samples = [by_name[Path(r["path"]).name] for r, _ in picked]
+    test_goods = [s for s in Split.load(run / "split.json").test if s.label == 0]
+    samples = [sample_of(test_goods, r["path"]) for r, _ in picked]
     preds = predict_samples(loaded.model, samples, loaded.cfg.model.input_hw,
                             batch_size=loaded.cfg.runtime.eval_batch_size, precision=loaded.cfg.training.precision)
     rows_n = -(-len(picked) // COLUMNS)

@@ -40,10 +40,10 @@ BACKBONES = ("resnet18", "tf_efficientnet_lite0")
 PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
-# test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
 # seen_fraction at which every anomaly slot of the 2:1:1 batch is a real seen anomaly (no synthetic
 # ones): the last final_real_epochs of a fit, and a retrain with added defects (prn.retrain)
 ALL_REAL_SEEN_FRACTION = 0.5
+# test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
 TEST_FLIPS = {"none": (), "lr": ((-1,),), "ud": ((-2,),), "all": ((-1,), (-2,), (-2, -1))}
 
 

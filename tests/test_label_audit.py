@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from prn.data.split import Split
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_audit.py"
 
 
@@ -32,7 +34,7 @@ def test_sheet_mixes_the_top_goods_with_random_ones_and_reveal_counts_the_judgme
     assert [c["path"] for c in top] == [goods[0]["path"]]
     assert {c["path"] for c in key if c["group"] == "random"} <= {r["path"] for r in goods[1:]}
     for c in key:  # the crop is centred on a point of the original image
-        with Image.open(_image(calibrated_run, c["path"])) as im:
+        with Image.open(audit.sample_of(Split.load(calibrated_run / "split.json").test, c["path"]).image_path) as im:
             assert 0 <= c["peak_xy"][0] <= im.width and 0 <= c["peak_xy"][1] <= im.height
     with Image.open(out / "sheet.png") as sheet:
         assert sheet.size == (audit.COLUMNS * audit.SHOWN, audit.SHOWN)
@@ -51,6 +53,11 @@ def test_sheet_mixes_the_top_goods_with_random_ones_and_reveal_counts_the_judgme
     assert "without the 1 goods judged defective" in shown
 
 
-def _image(run, path):
-    from prn.data.split import Split
-    return next(s.image_path for s in Split.load(Path(run) / "split.json").test if s.image_path.name == Path(path).name)
+def test_images_are_found_by_their_path_where_file_names_repeat(tmp_path):
+    from prn.data.sample import Sample
+    audit = load_script()
+    samples = [Sample(tmp_path / "test" / kind / "000.png", None, 0, "good") for kind in ("crack", "good")]
+    assert audit.sample_of(samples, "test/good/000.png") is samples[1]
+    assert audit.sample_of(samples, (tmp_path / "test" / "crack" / "000.png").as_posix()) is samples[0]
+    with pytest.raises(SystemExit, match="not among the split's good test images"):
+        audit.sample_of(samples, "test/good/001.png")
