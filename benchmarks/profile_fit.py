@@ -8,9 +8,10 @@ training) and times, over ``--steps`` steps of 16 images, each stage of a step i
 process: making the batch (decode is done once before: the arrays are in memory; this is the
 synthesis), the encoder, the prototype residuals, the rest of the network (fusion, attention,
 decoder), the loss, backward, the optimiser step. Also times k-means on the normal images and one
-validation pass, and reports the process's resident memory after each phase, its peak while
-training (the allocator's share of it moves with glibc's settings, e.g. MALLOC_MMAP_THRESHOLD_ in
-the environment), and what autograd saves for backward in one step, by module. The figures are
+validation pass, and reports the process's resident memory after each phase, its peak up to the
+end of training (the allocator's share of it moves with glibc's settings, e.g.
+MALLOC_MMAP_THRESHOLD_ in the environment), and what autograd saves for backward in one step, by
+module. The figures are
 those of one process with ``--threads`` threads; ``prn fit`` makes the batches in DataLoader
 workers beside the model (the share "batch" then overlaps the rest).
 """
@@ -140,8 +141,9 @@ def main() -> None:
             for name, a, b in zip(stages, t, t[1:]):
                 stages[name].append(b - a)
     memory["training"] = rss_mb()
-    memory["peak while training"] = peak_mb()
-    saved = saved_for_backward(model, images)
+    memory["peak up to now"] = peak_mb()  # k-means' peak, where it is higher (tiled runs), included
+    with autocast(cpu, cfg.training.precision):
+        saved = saved_for_backward(model, images)
     val = load_validation(cfg, split)
     t0 = time.perf_counter()
     validate(model, val, torch.device("cpu"), cfg.runtime.eval_batch_size, cfg.training.precision)
