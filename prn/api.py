@@ -146,6 +146,8 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     post = Postprocess(loaded.calibration)
     if post.calibrated:  # what the line would do at the stored threshold
         metrics.update(rates_at(preds.labels, preds.scores, post.threshold))
+        if loaded.calibration.get("target_fpr") is not None:
+            metrics["target_fpr"] = float(loaded.calibration["target_fpr"])
     kinds = [s.defect_type for s in preds.samples]
     metrics.update(decision_metrics(preds.labels, preds.scores, kinds, post.threshold))
     name = category_name(cfg)

@@ -184,7 +184,11 @@ def region_area(text: str) -> int:
 
 
 def _print_metrics(metrics: dict) -> None:
+    from prn.deploy.calibrate import threshold_warning
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
+    warning = threshold_warning(metrics)
+    if warning:
+        print(f"prn test: warning: {warning}", file=sys.stderr)
 
 
 EXIT_STATUSES = """exit statuses:

@@ -153,6 +153,9 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
         t = _number(m.get("threshold"))
         lines.append(f"| {name} | {'-' if math.isnan(t) else f'{t:.4g}'} | "
                      + " | ".join(pct(m.get(k)) for _, k in DECISION_COLUMNS) + " |")
+    from prn.deploy.calibrate import threshold_warning
+    warnings = [(name, threshold_warning(m)) for name, m in results.items()]
+    lines += [f"\n**{name}**: {text}." for name, text in warnings if text]
     kinds = [(name, k[6:-1], m[k], m.get(f"recall[{k[6:-1]}]")) for name, m in results.items()
              for k in m if k.startswith("auroc[")]
     if kinds:

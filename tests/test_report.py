@@ -158,3 +158,24 @@ def test_mean_metrics_skips_nan_and_missing_values():
     mean = report.mean_metrics({"a": {"pro": 0.5, "x": float("nan")}, "b": {"pro": 0.7}})
     assert mean["pro"] == pytest.approx(0.6)
     assert math.isnan(mean["x"])
+
+
+def test_a_threshold_that_rejected_more_than_twice_its_target_is_said_in_results_and_on_stderr(tmp_path, capsys):
+    from prn.cli import _print_metrics
+    from prn.deploy.calibrate import rates_at, threshold_warning
+    goods = np.linspace(0, 0.5, 69)
+    labels, scores = np.r_[np.zeros(69), np.ones(5)], np.r_[goods, np.full(5, 0.9)]
+    between = lambda i: (goods[-i - 1] + goods[-i]) / 2  # noqa: E731 (i goods at or above it)
+    held = {**rates_at(labels, scores, between(2)), "target_fpr": 0.01, "image_ap": 1.0}  # 2 of 69: 2.9 %
+    kept = {**rates_at(labels, scores, between(1)), "target_fpr": 0.01, "image_ap": 1.0}  # 1 of 69: 1.4 %
+    assert held["false_rejects"] == 2 and kept["false_rejects"] == 1
+    assert "2.9 % of these good parts (2), more than twice its 1 % target" in threshold_warning(held)
+    assert threshold_warning(kept) is None
+    assert threshold_warning({"false_reject_rate": 0.5}) is None  # no target known: nothing to compare
+    md = report.write_results(tmp_path / "a", {"parts": held}, title="t")["md"].read_text()
+    assert "**parts**: the calibrated threshold rejected 2.9 %" in md
+    assert "more than twice" not in report.write_results(tmp_path / "b", {"parts": kept}, title="t")["md"].read_text()
+    _print_metrics(held)
+    assert "prn test: warning: the calibrated threshold rejected 2.9 %" in capsys.readouterr().err
+    _print_metrics(kept)
+    assert "warning" not in capsys.readouterr().err

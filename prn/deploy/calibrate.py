@@ -183,6 +183,20 @@ def rates_at(labels, scores, threshold: float) -> dict:
             "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle}
 
 
+def threshold_warning(metrics: dict) -> str | None:
+    """A line of warning when the calibrated threshold rejected more than twice its target's share of
+    a test set's good parts (``metrics``: ``rates_at``'s keys and ``target_fpr``), else None. The
+    threshold holds only as far as the held-out good images are like these parts, and a line
+    should hear when they were not before it trusts the threshold."""
+    frr, target = metrics.get("false_reject_rate"), metrics.get("target_fpr")
+    if frr is None or target is None or not frr > 2 * target:
+        return None
+    return (f"the calibrated threshold rejected {100 * frr:.1f} % of these good parts "
+            f"({metrics.get('false_rejects', '?')}), more than twice its {100 * target:g} % target: the "
+            "held-out good images it was set on score lower than these; check it on good parts of the "
+            "line and set it again (prn calibrate RUN --target-fpr R, or --threshold T)")
+
+
 def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | None = None,
                           precision: str | None = None) -> dict | None:
     """Calibrate on the held-out fold's outputs (a ``prn.infer.Predictions``; labels 0 are the
