@@ -23,7 +23,6 @@ on its good parts and recall on its defects. Nothing is chosen here; it prints e
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -33,9 +32,10 @@ from torchvision.transforms import v2
 
 from prn.data.datasets import load_sample
 from prn.data.split import Split
-from prn.deploy.calibrate import image_threshold
+from prn.deploy.calibrate import image_threshold, rates_at
 from prn.deploy.loading import load_model
 from prn.preprocess import to_tensor
+from threshold_tails import test_labels_and_scores  # benchmarks/ is the script's folder, so on sys.path
 
 
 def line_views(hw: tuple[int, int]) -> v2.Transform:
@@ -65,13 +65,6 @@ def held_out_scores(run: Path, views: int, seed: int) -> tuple[np.ndarray, np.nd
     return np.array(plain), np.array(viewed), cfg.calibration.calibration_tail
 
 
-def judge(run: Path, threshold: float) -> tuple[float, float]:
-    rows = list(csv.DictReader((run / "predictions" / "scores.csv").open()))
-    good = np.array([float(r["score"]) for r in rows if r["label"] == "0"])
-    bad = np.array([float(r["score"]) for r in rows if r["label"] == "1"])
-    return float((good >= threshold).mean()), float((bad >= threshold).mean())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+")
@@ -85,11 +78,13 @@ def main() -> None:
     print("| run | rule | threshold | FRR % | recall % |\n|---|---|---|---|---|")
     for run in args.runs:
         plain, viewed, tail = held_out_scores(run, args.views, args.seed)
+        labels, test_scores = test_labels_and_scores(run)
         rules = {"plain": plain, "pooled": np.concatenate([plain, viewed.ravel()]),
                  "worst view": np.maximum(plain, viewed.max(axis=1))}
         for rule, scores in rules.items():
             threshold, _ = image_threshold(scores, args.target_fpr, tail, score_bound=1.0)
-            frr, recall = judge(run, threshold)
+            rates = rates_at(labels, test_scores, threshold)
+            frr, recall = rates["false_reject_rate"], rates["recall"]
             results.append({"run": str(run), "rule": rule, "threshold": threshold, "frr": frr, "recall": recall})
             print(f"| {run.parent.name}/{run.name} | {rule} | {threshold:.4f} | {100 * frr:.1f} | {100 * recall:.1f} |")
     print("\n| rule | runs | mean FRR % | runs over 2x target | worst FRR % | mean recall % |\n|---|---|---|---|---|---|")

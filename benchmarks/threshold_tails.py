@@ -29,6 +29,14 @@ import yaml
 from threshold_rules import thresholds  # benchmarks/ is the script's folder, so on sys.path
 
 
+def test_labels_and_scores(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) of a run's labelled test split, from ``predictions/scores.csv`` (rows with
+    a label and a score: unreadable images have neither)."""
+    with (run / "predictions" / "scores.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("label") in ("0", "1") and r.get("score")]
+    return np.array([int(r["label"]) for r in rows]), np.array([float(r["score"]) for r in rows])
+
+
 def runs_under(folders: list[Path]):
     """(data set name, held-out good scores, test labels, test scores) of each PRN run found."""
     for folder in folders:
@@ -42,10 +50,7 @@ def runs_under(folders: list[Path]):
             held_out = np.asarray((json.loads(cal.read_text()) or {}).get("normal_scores") or [], float)
             if len(held_out) < 2 or cfg.get("model", {}).get("image_score", "top_k") == "head":
                 continue  # nothing to fit, or the image head's scores crowd at 1
-            with scores_csv.open() as f:
-                rows = [r for r in csv.DictReader(f) if r.get("label") in ("0", "1") and r.get("score")]
-            y = np.array([int(r["label"]) for r in rows])
-            s = np.array([float(r["score"]) for r in rows])
+            y, s = test_labels_and_scores(run)
             if (y == 0).any() and (y == 1).any():
                 yield Path(cfg["data"]["root"]).name or "data", held_out, y, s
 

@@ -12,7 +12,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_augment.py"
 
 
-def test_the_plain_rule_is_the_fits_threshold_and_the_views_are_seeded(calibrated_run, tmp_path):
+def test_the_plain_rule_is_the_fits_threshold_and_the_views_are_seeded(calibrated_run, tmp_path, monkeypatch):
     out = tmp_path / "rules.json"
     subprocess.run([sys.executable, str(SCRIPT), str(calibrated_run), "--views", "3", "--json", str(out)],
                    check=True, capture_output=True, text=True)
@@ -22,6 +22,7 @@ def test_the_plain_rule_is_the_fits_threshold_and_the_views_are_seeded(calibrate
     assert rules["plain"]["threshold"] == pytest.approx(calibration["image_threshold"], rel=1e-5)
     assert all(0 <= r["frr"] <= 1 and 0 <= r["recall"] <= 1 for r in rules.values())
 
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its folder on sys.path
     spec = importlib.util.spec_from_file_location("calibration_augment", SCRIPT)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
