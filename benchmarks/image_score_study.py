@@ -7,7 +7,10 @@ left-right, up-down, and all four); the prototype residual map |F - P*| of the s
 prototypes (a normal-only map: PRN's own encoder and prototypes, no learned head); and with an
 image head (``image_score`` head or mean), its logit; and the map averaged over square windows of
 WINDOWS pixels (the mean of a window, as a small defect covers one, rather than of the top pixels
-wherever they lie). Image-score rules are then computed from
+wherever they lie); and the map judged against where good parts light up: less the per-pixel largest
+value of the training good images' maps (widened by a 5-pixel maximum filter, for parts that sit a
+little off), and standardised per pixel by those maps' mean and deviation (smoothed, sigma 2).
+Image-score rules are then computed from
 those, and each rule is judged as the line would use it:
 
 - image AUROC and AP, per-kind AUROC;
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter, maximum_filter
 
 from prn.data.datasets import ImageDataset
 from prn.data.split import Split
@@ -42,6 +46,28 @@ from prn.tiling import from_tiles, to_tiles
 
 KEEP = 4096  # largest pixels kept per map: enough for top-k up to ~7 % of a 384 x 160 map
 WINDOWS = (3, 5, 9, 15)  # sides of the square windows the map is averaged over
+POSITION_KEYS = ("less_train_max", "train_z")
+
+
+def position_stats(maps: np.ndarray) -> dict[str, np.ndarray]:
+    """From the training good images' maps (N, H, W): what each pixel of a map is judged against."""
+    maps = maps.astype(np.float64)
+    return {"max": maximum_filter(maps.max(axis=0), size=5).astype(np.float32),
+            "mean": gaussian_filter(maps.mean(axis=0), 2).astype(np.float32),
+            "sd": gaussian_filter(maps.std(axis=0), 2).astype(np.float32)}
+
+
+def position_maps(maps: torch.Tensor, stats: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """(B, H, W) maps -> the same maps less the training goods' largest value at each pixel, and
+    standardised per pixel (the deviation floored at 0.02: goods' maps are near 0 almost everywhere)."""
+    t = {k: torch.from_numpy(v) for k, v in stats.items()}
+    return {"less_train_max": maps - t["max"], "train_z": (maps - t["mean"]) / (t["sd"] + 0.02)}
+
+
+def largest(maps: torch.Tensor) -> np.ndarray:
+    """The KEEP largest pixels of each map (all of a smaller map's), largest first."""
+    flat = maps.flatten(1)
+    return flat.topk(min(KEEP, flat.shape[1]), dim=1).values.numpy()
 
 
 @torch.no_grad()
@@ -50,17 +76,21 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     cache = run / "study" / "outputs.npz"
     if cache.is_file():
         data = dict(np.load(cache, allow_pickle=False))
-        if all(f"window{w}" in data for w in WINDOWS):
+        if all(f"window{w}" in data for w in WINDOWS) and all(k in data for k in POSITION_KEYS):
             return data
     loaded = load_model(run, device="cpu")
     model, cfg = loaded.model, loaded.cfg
     split = Split.load(run / "split.json")
+    train = torch.utils.data.DataLoader(ImageDataset(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels),
+                                        batch_size=batch_size)
+    stats = position_stats(np.concatenate([model(b["image"])["anomaly_map"][:, 0].numpy() for b in train]))
     samples = split.val_normal + split.val_anomalous + split.test
     part = np.array(["val"] * (len(split.val_normal) + len(split.val_anomalous)) + ["test"] * len(split.test))
     loader = torch.utils.data.DataLoader(ImageDataset(samples, cfg.model.input_hw, cfg.data.max_image_pixels),
                                          batch_size=batch_size)
     prn_top, flip_top, vflip_top, flip4_top, res_top, heads, area = [], [], [], [], [], [], None
     windows = {w: [] for w in WINDOWS}
+    position = {k: [] for k in POSITION_KEYS}
     for batch in loader:
         x = batch["image"]
         out = model(x)
@@ -72,23 +102,26 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
         feats = model.encoder(to_tiles(x, t))
         res = residual_map(model.prototypes.residuals([f.float() for f in feats]), cfg.model.tile_hw)
         res = from_tiles(res, t).flatten(1)
-        prn_top.append(amap.topk(KEEP, dim=1).values.numpy())
+        prn_top.append(largest(amap))
         # test-time flips: the maps of the mirrored images, mirrored back, averaged with the map
         h, v, hv = ([-1], [-2], [-2, -1])
         fl = {d: model(torch.flip(x, dims=d))["anomaly_map"].flip(dims=d).flatten(1) for d in (tuple(h), tuple(v), tuple(hv))}
-        flip_top.append((0.5 * (amap + fl[(-1,)])).topk(KEEP, dim=1).values.numpy())
-        vflip_top.append((0.5 * (amap + fl[(-2,)])).topk(KEEP, dim=1).values.numpy())
-        flip4_top.append((0.25 * (amap + fl[(-1,)] + fl[(-2,)] + fl[(-2, -1)])).topk(KEEP, dim=1).values.numpy())
-        res_top.append(res.topk(KEEP, dim=1).values.numpy())
+        flip_top.append(largest(0.5 * (amap + fl[(-1,)])))
+        vflip_top.append(largest(0.5 * (amap + fl[(-2,)])))
+        flip4_top.append(largest(0.25 * (amap + fl[(-1,)] + fl[(-2,)] + fl[(-2, -1)])))
+        res_top.append(largest(res))
         for w in WINDOWS:  # stride 1, no padding: every window lies inside the map
             pooled = torch.nn.functional.avg_pool2d(out["anomaly_map"], w, stride=1)
-            windows[w].append(pooled.flatten(1).topk(KEEP, dim=1).values.numpy())
+            windows[w].append(largest(pooled))
+        for k, m in position_maps(out["anomaly_map"][:, 0], stats).items():
+            position[k].append(largest(m))
         area = amap.shape[1]
     data = {"part": part, "label": np.array([s.label for s in samples]),
             "kind": np.array([s.defect_type for s in samples]),
             "prn": np.concatenate(prn_top), "flip": np.concatenate(flip_top),
             "vflip": np.concatenate(vflip_top), "flip4": np.concatenate(flip4_top), "res": np.concatenate(res_top), "area": np.array(area),
-            "top_k": np.array(cfg.model.top_k), **{f"window{w}": np.concatenate(v) for w, v in windows.items()}}
+            "top_k": np.array(cfg.model.top_k), **{f"window{w}": np.concatenate(v) for w, v in windows.items()},
+            **{k: np.concatenate(v) for k, v in position.items()}}
     if heads:
         data["head"] = np.concatenate(heads)
     cache.parent.mkdir(exist_ok=True)
@@ -111,6 +144,8 @@ def rules(d: dict) -> dict[str, np.ndarray]:
         out[f"max of the {w} x {w} window mean"] = topk(d[f"window{w}"], 1)
         out[f"top-100 of the {w} x {w} window mean"] = topk(d[f"window{w}"], 100)
     out["residual top-100 (normal only)"] = topk(d["res"], 100)
+    out["top-100 of the map less the training goods' largest"] = topk(d["less_train_max"], 100)
+    out["top-100 of the map standardised per pixel on the training goods"] = topk(d["train_z"], 100)
     out["top-100 of the flip-averaged map"] = topk(d["flip"], 100)
     out["top-100, vertical flip"] = topk(d["vflip"], 100)
     out["top-100, 4 flips"] = topk(d["flip4"], 100)

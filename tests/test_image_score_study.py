@@ -1,0 +1,52 @@
+"""benchmarks/image_score_study.py: every rule computed from a run's maps, and the position rules
+(a map judged against where the training good parts light up)."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "image_score_study.py"
+
+
+@pytest.fixture
+def study(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its folder on sys.path
+    spec = importlib.util.spec_from_file_location("image_score_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_spot_where_good_parts_light_up_counts_less_than_the_same_spot_elsewhere(study):
+    goods = np.zeros((20, 32, 32), np.float32)
+    goods[:, 4, 4] = np.linspace(0.5, 0.7, 20)  # every good part is bright at one place (an edge, a mark)
+    stats = study.position_stats(goods)
+    assert stats["max"][6, 6] == pytest.approx(0.7)  # widened over the 5 x 5 around it
+    assert stats["max"][20, 20] == 0
+    there, elsewhere = torch.zeros(2, 32, 32), torch.zeros(2, 32, 32)
+    there[:, 4, 4], elsewhere[:, 20, 20] = 0.8, 0.8
+    for key, maps in study.position_maps(torch.cat([there, elsewhere]), stats).items():
+        assert maps[0].max() < maps[2].max(), key
+    # where goods are all 0 the standardised map is the map over the floor of the deviation
+    z = study.position_maps(elsewhere, stats)["train_z"]
+    assert z[0, 20, 20] == pytest.approx(0.8 / 0.02, rel=1e-3)
+
+
+def test_the_study_judges_every_rule_on_a_run(study, calibrated_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)  # the study caches its outputs in the run folder
+    out = tmp_path / "rules.json"
+    assert study.main([str(run), "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    paper = table["top-100 (paper)"][str(run)]
+    scores = json.loads((run / "calibration.json").read_text())
+    assert 0 <= paper["calibrated_frr"] <= 1 and "image_auroc" in paper and scores["normal_scores"]
+    for rule in ("top-100 of the map less the training goods' largest",
+                 "top-100 of the map standardised per pixel on the training goods"):
+        assert set(table[rule][str(run)]) == set(paper)
+    assert (run / "study" / "outputs.npz").is_file()
