@@ -44,8 +44,7 @@ def test_the_study_judges_every_rule_on_a_run(study, calibrated_run, tmp_path):
     assert study.main([str(run), "--json", str(out)]) == 0
     table = json.loads(out.read_text())
     paper = table["top-100 (paper)"][str(run)]
-    scores = json.loads((run / "calibration.json").read_text())
-    assert 0 <= paper["calibrated_frr"] <= 1 and "image_auroc" in paper and scores["normal_scores"]
+    assert 0 <= paper["calibrated_frr"] <= 1 and 0 <= paper["image_auroc"] <= 1
     for rule in ("top-100 of the map less the training goods' largest",
                  "top-100 of the map standardised per pixel on the training goods"):
         assert set(table[rule][str(run)]) == set(paper)
