@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 
 from prn.data.datasets import load_sample
 from prn.data.split import Split
+from prn import registry
 from prn.deploy.calibrate import image_threshold, rates_at
 from prn.deploy.loading import load_model
 from prn.preprocess import to_tensor
@@ -82,7 +83,7 @@ def main() -> None:
         rules = {"plain": plain, "pooled": np.concatenate([plain, viewed.ravel()]),
                  "worst view": np.maximum(plain, viewed.max(axis=1))}
         for rule, scores in rules.items():
-            threshold, _ = image_threshold(scores, args.target_fpr, tail, score_bound=1.0)
+            threshold, _ = image_threshold(scores, args.target_fpr, tail, score_bound=registry.score_bound("prn"))
             rates = rates_at(labels, test_scores, threshold)
             frr, recall = rates["false_reject_rate"], rates["recall"]
             results.append({"run": str(run), "rule": rule, "threshold": threshold, "frr": frr, "recall": recall})
