@@ -36,12 +36,14 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter, maximum_filter
 
+from prn.config import PRNConfig
 from prn.data.datasets import ImageDataset
 from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold
 from prn.deploy.loading import load_model
 from prn.metrics import image_auroc, oracle_threshold, recall_at, decision_metrics
 from prn.model.prototypes import residual_map
+from prn.registry import score_bound
 from prn.tiling import from_tiles, to_tiles
 
 KEEP = 4096  # largest pixels kept per map: enough for top-k up to ~7 % of a 384 x 160 map
@@ -165,11 +167,17 @@ def rules(d: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def judge(d: dict, scores: np.ndarray, target: float) -> dict:
+def judge(d: dict, scores: np.ndarray, target: float, tail: str = "gumbel") -> dict:
+    """One rule's figures on the test split, its threshold set on the held-out good images with
+    the run's calibration tail, as fit calibrates. Rules whose scores are not probabilities
+    (z-scores, logits) have no score bound, and a logit tail is not defined for them: Gumbel."""
     test = d["part"] == "test"
     y, s, kinds = d["label"][test], scores[test], d["kind"][test]
     val_good = scores[(d["part"] == "val") & (d["label"] == 0)]
-    t, _ = image_threshold(val_good, target, "gumbel")
+    probability = bool(np.all((scores >= 0) & (scores <= 1)))
+    if tail == "gumbel_logit" and not probability:
+        tail = "gumbel"
+    t, _ = image_threshold(val_good, target, tail, score_bound=score_bound("prn") if probability else None)
     realised = float(np.mean(s[y == 0] >= t))
     row = {"image_auroc": image_auroc(y, s), **decision_metrics(y, s, kinds, t),
            "calibrated_frr": realised, "calibrated_recall": recall_at(y, s, t),
@@ -186,8 +194,9 @@ def main(argv=None) -> int:
     table: dict[str, dict[str, dict]] = {}
     for run in args.runs:
         d = outputs(run)
+        tail = PRNConfig.load(run / "config.yaml").calibration.calibration_tail
         for name, scores in rules(d).items():
-            table.setdefault(name, {})[str(run)] = judge(d, scores, args.target_fpr)
+            table.setdefault(name, {})[str(run)] = judge(d, scores, args.target_fpr, tail)
     keys = ("image_auroc", "image_ap", "recall_at_0.1%", "recall_at_1%", "recall_at_5%",
             "calibrated_frr", "calibrated_recall", "oracle_recall_at_realised")
     print("| rule | " + " | ".join(keys) + " |")

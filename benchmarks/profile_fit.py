@@ -13,7 +13,9 @@ end of training (the allocator's share of it moves with glibc's settings, e.g.
 MALLOC_MMAP_THRESHOLD_ in the environment), and what autograd saves for backward in one step, by
 module. The figures are
 those of one process with ``--threads`` threads; ``prn fit`` makes the batches in DataLoader
-workers beside the model (the share "batch" then overlaps the rest).
+workers beside the model (the share "batch" then overlaps the rest). Like the ``prn`` command it
+runs under tcmalloc where the machine has it (prn.allocator; ``PRN_ALLOCATOR=system`` for glibc's),
+and says which.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import json
 import resource
 import time
 from pathlib import Path
+
+from prn import allocator
+
+if __name__ == "__main__":  # before torch is loaded, as the prn command does
+    allocator.reexec_with_tcmalloc()
 
 import numpy as np
 import psutil
@@ -152,13 +159,13 @@ def main() -> None:
     per_step = {k: float(np.mean(v)) for k, v in stages.items()}
     total = sum(per_step.values())
     result = {"input_hw": list(cfg.model.input_hw), "threads": args.threads, "steps": args.steps,
-              "precision": cfg.training.precision,
+              "precision": cfg.training.precision, "allocator": allocator.in_use(),
               "n_normal": len(normals), "load_seconds": load_s, "kmeans_seconds": kmeans_s,
               "validation_seconds": val_s, "n_validation": len(val.samples),
               "step_seconds": per_step, "step_total": total, "rss_mb": memory,
               "saved_for_backward_mb": saved}
     print(f"input {cfg.model.input_hw}, {args.threads} threads, {len(normals)} normal images, "
-          f"precision {cfg.training.precision}")
+          f"precision {cfg.training.precision}, allocator {result['allocator']}")
     print(f"load {load_s:.1f} s, k-means {kmeans_s:.1f} s, one validation pass ({len(val.samples)} images) {val_s:.1f} s")
     print("| stage | seconds per step | share |\n|---|---|---|")
     for k, v in per_step.items():

@@ -27,6 +27,7 @@ import yaml
 
 from prn.deploy.calibrate import TAILS, image_threshold
 from prn.metrics import oracle_threshold, recall_at
+from prn.registry import score_bound
 
 
 def top_k_of(run: Path) -> int:
@@ -34,9 +35,10 @@ def top_k_of(run: Path) -> int:
     return int(cfg.get("model", cfg).get("top_k", 100))
 
 
-def thresholds(val: np.ndarray, target: float, score_bound: float | None = 1.0) -> dict[str, float]:
-    """Each rule's threshold; score_bound 1: PRN's scores (probabilities), as calibration uses it."""
-    out = {tail: image_threshold(val, target, tail, score_bound=score_bound)[0] for tail in TAILS}
+def thresholds(val: np.ndarray, target: float, bound: float | None = score_bound("prn")) -> dict[str, float]:
+    """Each rule's threshold; ``bound``: the largest score the model can give, PRN's by default
+    (these runs are PRN's), taken from prn.registry as fit's calibration takes it."""
+    out = {tail: image_threshold(val, target, tail, score_bound=bound)[0] for tail in TAILS}
     out["largest"] = float(np.nextafter(val.max(), np.inf))
     return out
 

@@ -3,9 +3,7 @@
     torchrun --nproc_per_node 2 -m prn fit --dataset mvtec --root /data/mvtec --category bottle
 """
 
-import sys
-
-from prn.cli import main
+from prn.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

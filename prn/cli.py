@@ -41,7 +41,7 @@ def cmd_fit(args) -> None:
                        changes=parse_sets(args.set, RETRAIN_SECTIONS))
         print(f"run folder: {run}")
         if args.test:
-            _print_metrics(api.test(run, progress=not args.quiet))
+            _print_metrics(api.test(run, progress=not args.quiet), "fit")
         return
     if args.resume:
         ignored = _flags_resume_would_ignore(args)
@@ -66,7 +66,7 @@ def cmd_fit(args) -> None:
         return  # rank 0 reports and tests
     print(f"run folder: {run}")
     if args.test:
-        _print_metrics(api.test(run, progress=not args.quiet))
+        _print_metrics(api.test(run, progress=not args.quiet), "fit")
 
 
 def cmd_test(args) -> None:
@@ -75,7 +75,7 @@ def cmd_test(args) -> None:
     overlays = args.overlays if args.overlays >= 0 else sys.maxsize
     metrics = api.test(args.run, out_dir=args.out, save_maps=args.save_maps, overlays=overlays,
                        progress=not args.quiet, device=args.device)
-    _print_metrics(metrics)
+    _print_metrics(metrics, "test")
 
 
 def cmd_predict(args) -> int | None:
@@ -121,7 +121,7 @@ def cmd_calibrate(args) -> None:
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
-    _print_metrics(cal)
+    _print_metrics(cal, "calibrate")
 
 
 def cmd_export(args) -> None:
@@ -183,12 +183,13 @@ def region_area(text: str) -> int:
     return n
 
 
-def _print_metrics(metrics: dict) -> None:
+def _print_metrics(metrics: dict, verb: str) -> None:
+    """The figures as JSON, and the threshold's warning prefixed with the verb that was run."""
     from prn.deploy.calibrate import threshold_warning
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
     warning = threshold_warning(metrics)
     if warning:
-        print(f"prn test: warning: {warning}", file=sys.stderr)
+        print(f"prn {verb}: warning: {warning}", file=sys.stderr)
 
 
 EXIT_STATUSES = """exit statuses:
@@ -419,5 +420,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(status or ExitStatus.OK)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``prn`` command and ``python -m prn``: under tcmalloc where the machine has it
+    (prn.allocator; it must be chosen before torch is loaded), then ``main``."""
+    from prn.allocator import reexec_with_tcmalloc
+    try:
+        reexec_with_tcmalloc()
+    except UsageError as exc:  # PRN_ALLOCATOR misspelt, or tcmalloc asked for and absent
+        print(f"prn: error: {exc}", file=sys.stderr)
+        sys.exit(int(exc.exit_status))
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

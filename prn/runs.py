@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prn import __version__
+from prn import __version__, allocator
 from prn.config import PRNConfig
 from prn.data.datasets import original_hw
 from prn.data.layouts import load_index
@@ -117,6 +117,7 @@ def environment() -> dict:
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
         "numpy": np.__version__, "cuda": torch.version.cuda,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "allocator": allocator.in_use(),
     }
 
 

@@ -49,3 +49,21 @@ def test_the_study_judges_every_rule_on_a_run(study, calibrated_run, tmp_path):
                  "top-100 of the map standardised per pixel on the training goods"):
         assert set(table[rule][str(run)]) == set(paper)
     assert (run / "study" / "outputs.npz").is_file()
+
+
+def test_each_rule_is_judged_at_the_threshold_the_runs_own_tail_sets(study):
+    from prn.deploy.calibrate import image_threshold
+    rng = np.random.default_rng(0)
+    n_val, n_test = 30, 200
+    part = np.array(["val"] * n_val + ["test"] * n_test)
+    label = np.r_[np.zeros(n_val), np.zeros(n_test - 20), np.ones(20)].astype(int)
+    d = {"part": part, "label": label, "kind": np.where(label == 1, "crack", "good")}
+    scores = np.r_[rng.beta(2, 20, n_val + n_test - 20), rng.beta(8, 4, 20)]
+    test_goods = scores[(part == "test") & (label == 0)]
+    for tail in ("gumbel", "gumbel_logit", "conformal", "normal"):
+        t, _ = image_threshold(scores[:n_val], 0.01, tail, score_bound=1.0)
+        row = study.judge(d, scores, 0.01, tail)
+        assert row["calibrated_frr"] == pytest.approx(np.mean(test_goods >= t)), tail
+    # a score that is not a probability (a z-score) has no logit: the Gumbel tail judges it
+    z = (scores - scores[:n_val].mean()) / scores[:n_val].std()
+    assert study.judge(d, z, 0.01, "gumbel_logit") == study.judge(d, z, 0.01, "gumbel")

@@ -175,7 +175,9 @@ def test_a_threshold_that_rejected_more_than_twice_its_target_is_said_in_results
     md = report.write_results(tmp_path / "a", {"parts": held}, title="t")["md"].read_text()
     assert "**parts**: the calibrated threshold rejected 2.9 %" in md
     assert "more than twice" not in report.write_results(tmp_path / "b", {"parts": kept}, title="t")["md"].read_text()
-    _print_metrics(held)
+    _print_metrics(held, "test")
     assert "prn test: warning: the calibrated threshold rejected 2.9 %" in capsys.readouterr().err
-    _print_metrics(kept)
+    _print_metrics(held, "fit")  # `prn fit --test` names its own verb
+    assert "prn fit: warning: the calibrated threshold rejected 2.9 %" in capsys.readouterr().err
+    _print_metrics(kept, "test")
     assert "warning" not in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """End-to-end behaviour of fit / resume / test / predict on a tiny synthetic dataset."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -73,6 +74,8 @@ def test_run_folder_records_config_split_versions_and_results(demo_root, tiny_co
     assert PRNConfig.load(run / "config.yaml") == cfg
     env = (run / "environment.json").read_text()
     assert torch.__version__ in env and "torchvision" in env
+    from prn.allocator import in_use
+    assert json.loads(env)["allocator"] == in_use()  # this process's: pytest is not re-executed
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["n_test"] == 4 + 6 - 2
     assert len(list((run / "images").glob("*.png"))) == 2
 
