@@ -2,14 +2,16 @@
 
 glibc's malloc keeps the freed blocks of a training step's many tensor sizes in a fragmented heap,
 so a float32 `cpu` fit peaks about 350 MB above what it holds (BENCHMARKS.md, "Where a float32
-fit's memory peaks"). tcmalloc reuses them by size class: the same fit peaked at 1.98 GB instead of
-2.34-2.41 GB and was no slower (BENCHMARKS.md, "tcmalloc"). An allocator can only be chosen when a
+fit's memory peaks"). tcmalloc reuses them by size class: float32 fits of both development sets
+peaked at 1.80-1.92 GiB instead of 2.23-2.30 GiB, trained faster and gave the same figures
+(BENCHMARKS.md, "tcmalloc"). An allocator can only be chosen when a
 process starts (``LD_PRELOAD``), so the command line re-executes itself once, before torch is
 imported, with the library preloaded, as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu
 --enable-tcmalloc``) does. Nothing here imports torch.
 
 ``PRN_ALLOCATOR``: ``auto`` (default: tcmalloc if found, else the system's), ``tcmalloc`` (fail
-if not found) or ``system`` (never re-execute). Debian and Ubuntu ship the library as
+if not found) or ``system`` (never re-execute). An allocator the user preloads already (jemalloc,
+mimalloc, tcmalloc in ``LD_PRELOAD``) is kept. Debian and Ubuntu ship the library as
 ``libtcmalloc-minimal4``.
 """
 
@@ -25,6 +27,7 @@ from prn.errors import UsageError
 
 CHOICES = ("auto", "tcmalloc", "system")
 LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # the minimal build first: no heap profiler
+ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # preloaded by a user, they are kept
 # tcmalloc reports every allocation over 1 GiB on stderr; a fit's large k-means arrays are normal.
 QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
@@ -42,8 +45,8 @@ def find_tcmalloc() -> str | None:
 
 def preload_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
     """The environment to re-execute under, or None to run on as is: ``PRN_ALLOCATOR`` is
-    ``system``, no library was found under ``auto``, or the library is preloaded already (the
-    re-executed process; also a user's own ``LD_PRELOAD``)."""
+    ``system``, no library was found under ``auto``, or an allocator is preloaded already (the
+    re-executed process, or the user's own choice in ``LD_PRELOAD``)."""
     choice = environ.get("PRN_ALLOCATOR", "auto")
     if choice not in CHOICES:
         raise UsageError(f"PRN_ALLOCATOR must be one of {', '.join(CHOICES)}, got {choice!r}")
@@ -56,7 +59,7 @@ def preload_environment(environ: Mapping[str, str], library: str | None) -> dict
                              "PRN_ALLOCATOR=auto runs on the system's allocator instead")
         return None
     preloaded = environ.get("LD_PRELOAD", "")
-    if any(Path(p).name.startswith("libtcmalloc") for p in preloaded.replace(":", " ").split()):
+    if any(allocator_of(p) for p in preloaded.replace(":", " ").split()):
         return None
     env = {**QUIET, **environ}
     env["LD_PRELOAD"] = f"{library}:{preloaded}" if preloaded else library
@@ -75,10 +78,16 @@ def reexec_with_tcmalloc() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def allocator_of(path: str) -> str | None:
+    """The allocator a shared library is ("tcmalloc", "jemalloc", "mimalloc"), or None."""
+    name = Path(path).name
+    return next((a for a in ALLOCATORS if name.startswith(f"lib{a}")), None)
+
+
 def in_use() -> str:
-    """"tcmalloc" when this process runs on it, else "system" (recorded in environment.json)."""
+    """The preloaded allocator this process runs on, else "system" (recorded in environment.json)."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().split()
     except OSError:
         return "system"
-    return "tcmalloc" if "libtcmalloc" in maps else "system"
+    return next((a for a in map(allocator_of, maps) if a), "system")

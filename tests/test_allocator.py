@@ -21,6 +21,8 @@ def test_tcmalloc_is_preloaded_once_and_only_when_found_and_wanted():
     # the re-executed process (or a user who preloads it already) runs on
     assert preload_environment({"LD_PRELOAD": f"/usr/lib/{LIB}"}, LIB) is None
     assert preload_environment({"LD_PRELOAD": "/opt/libx.so /usr/lib/libtcmalloc.so.4"}, LIB) is None
+    # so is an allocator the user chose
+    assert preload_environment({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, LIB) is None
     # a user's threshold for tcmalloc's reports wins
     assert preload_environment({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"}, LIB)[
         "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"
