@@ -1,5 +1,6 @@
 """prn.allocator: the command line re-executes itself once under tcmalloc where the machine has it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,16 @@ def test_the_command_line_names_the_problem_when_the_allocator_asked_for_is_abse
     bad = subprocess.run([sys.executable, "-m", "prn", "--version"], env={**env, "PRN_ALLOCATOR": "mimalloc"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("prn: error: PRN_ALLOCATOR must be one of")
+
+
+def test_a_fit_started_as_the_command_records_the_allocator_it_ran_on(demo_root, tiny_config, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    tiny_config(demo_root, tmp_path, epochs=1).save(config)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    for allocator, expected in (("auto", "tcmalloc" if find_tcmalloc() else "system"), ("system", "system")):
+        run = tmp_path / f"run_{allocator}"
+        done = subprocess.run([sys.executable, "-m", "prn", "fit", "--config", str(config), "--run-dir", str(run),
+                               "--quiet"], env={**env, "PRN_ALLOCATOR": allocator, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads((run / "environment.json").read_text())["allocator"] == expected, allocator
