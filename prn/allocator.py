@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from prn.errors import UsageError
@@ -43,15 +43,18 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def preload_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
+def preload_environment(environ: Mapping[str, str],
+                        find: Callable[[], str | None] = find_tcmalloc) -> dict[str, str] | None:
     """The environment to re-execute under, or None to run on as is: ``PRN_ALLOCATOR`` is
-    ``system``, no library was found under ``auto``, or an allocator is preloaded already (the
-    re-executed process, or the user's own choice in ``LD_PRELOAD``)."""
+    ``system``, ``find`` found no library under ``auto``, or an allocator is preloaded already (the
+    re-executed process, or the user's own choice in ``LD_PRELOAD``). ``find`` is called only when
+    the choice needs it (a miss costs the loader's search, ~20 ms a name)."""
     choice = environ.get("PRN_ALLOCATOR", "auto")
     if choice not in CHOICES:
         raise UsageError(f"PRN_ALLOCATOR must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice == "system":
         return None
+    library = find()
     if library is None:
         if choice == "tcmalloc":
             raise UsageError("PRN_ALLOCATOR=tcmalloc, but no tcmalloc library was found "
@@ -70,7 +73,7 @@ def reexec_with_tcmalloc() -> None:
     """Replace this process by the same command under tcmalloc, when ``preload_environment``
     asks for it; returns only when it does not. Called by the command line before it imports
     torch; the process keeps its id, so torchrun and shells see the same process."""
-    env = preload_environment(os.environ, find_tcmalloc())
+    env = preload_environment(os.environ)
     if env is None or "torch" in sys.modules:  # too late to change the allocator of this process
         return
     sys.stdout.flush()
