@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset and a config small enough for CPU tests."""
 
+import importlib.util
+
 import pytest
 
 from prn.config import PRNConfig
@@ -11,6 +13,18 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     make_demo_dataset(root, seed=0, n_train=12, n_test_good=4, n_test_defect=6, size=64)
     return root
+
+
+def load_script(path, monkeypatch=None):
+    """A script that is not a module of the package (benchmarks/, tools/), imported from its file.
+    With ``monkeypatch`` its folder goes first on sys.path for the test, as when it runs as a
+    script: it may import the scripts beside it."""
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tiny_config(root, out, **kw):

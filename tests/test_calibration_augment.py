@@ -1,6 +1,5 @@
 """benchmarks/calibration_augment.py: thresholds from held-out good images and views of them."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_augment.py"
 
@@ -22,10 +22,7 @@ def test_the_plain_rule_is_the_fits_threshold_and_the_views_are_seeded(calibrate
     assert rules["plain"]["threshold"] == pytest.approx(calibration["image_threshold"], rel=1e-5)
     assert all(0 <= r["frr"] <= 1 and 0 <= r["recall"] <= 1 for r in rules.values())
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its folder on sys.path
-    spec = importlib.util.spec_from_file_location("calibration_augment", SCRIPT)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_script(SCRIPT, monkeypatch)
     plain, viewed, _ = study.held_out_scores(calibrated_run, 3, seed=0)
     np.testing.assert_allclose(np.sort(plain), np.sort(calibration["normal_scores"]), rtol=1e-5)
     assert viewed.shape == (len(plain), 3) and not np.allclose(viewed, plain[:, None])  # the views differ

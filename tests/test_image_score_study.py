@@ -1,7 +1,6 @@
 """benchmarks/image_score_study.py: every rule computed from a run's maps, and the position rules
 (a map judged against where the training good parts light up)."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,17 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "image_score_study.py"
 
 
 @pytest.fixture
 def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its folder on sys.path
-    spec = importlib.util.spec_from_file_location("image_score_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, monkeypatch)
 
 
 def test_a_spot_where_good_parts_light_up_counts_less_than_the_same_spot_elsewhere(study):

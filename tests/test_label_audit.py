@@ -1,28 +1,21 @@
 """benchmarks/label_audit.py: a blind sheet of the highest-scoring and random good test images."""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from conftest import load_script
 
 from prn.data.split import Split
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_audit.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("label_audit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sheet_mixes_the_top_goods_with_random_ones_and_reveal_counts_the_judgments(calibrated_run, tmp_path,
                                                                                    capsys):
-    audit = load_script()
+    audit = load_script(SCRIPT)
     with open(calibrated_run / "predictions" / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     goods = sorted((r for r in rows if r["label"] == "0"), key=lambda r: -float(r["score"]))
@@ -55,7 +48,7 @@ def test_sheet_mixes_the_top_goods_with_random_ones_and_reveal_counts_the_judgme
 
 def test_images_are_found_by_their_path_where_file_names_repeat(tmp_path):
     from prn.data.sample import Sample
-    audit = load_script()
+    audit = load_script(SCRIPT)
     samples = [Sample(tmp_path / "test" / kind / "000.png", None, 0, "good") for kind in ("crack", "good")]
     assert audit.sample_of(samples, "test/good/000.png") is samples[1]
     assert audit.sample_of(samples, (tmp_path / "test" / "crack" / "000.png").as_posix()) is samples[0]
