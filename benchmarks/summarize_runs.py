@@ -11,6 +11,7 @@ fit's wall seconds (timings.json).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -47,9 +48,16 @@ def cell(values: list[float], scale: float = 100.0, decimals: int = 1) -> str:
 
 
 def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="+", type=Path, metavar="VARIANT_DIR",
+                    help="a folder of tested runs named <dataset>_s<seed>")
+    args = ap.parse_args(argv)
+    for variant in args.variants:
+        if not variant.is_dir():
+            ap.error(f"{variant}: not a folder")
     print("| variant | data | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | fit (s) |")
     print("|---" * (len(COLUMNS) + 4) + "|")
-    for variant in map(Path, argv):
+    for variant in args.variants:
         for data, rows in sorted(runs_of(variant).items()):
             cells = [cell([m.get(k) for m, _ in rows]) for _, k in COLUMNS]
             print(f"| {variant.name} | {data} | {len(rows)} | " + " | ".join(cells)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,11 @@ def test_the_command_line_names_the_problem_when_the_allocator_asked_for_is_abse
     bad = subprocess.run([sys.executable, "-m", "prn", "--version"], env={**env, "PRN_ALLOCATOR": "mimalloc"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("prn: error: PRN_ALLOCATOR must be one of")
+    # benchmarks/profile_fit.py chooses its allocator the same way and says so the same way
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_fit.py"
+    bad = subprocess.run([sys.executable, str(script), "--root", "unused"], env={**env, "PRN_ALLOCATOR": "mimalloc"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("profile_fit.py: error: PRN_ALLOCATOR must be one of")
 
 
 def test_a_fit_started_as_the_command_records_the_allocator_it_ran_on(demo_root, tiny_config, tmp_path):

@@ -3,7 +3,6 @@ names besides torch and torchvision, each pin inside pyproject's range (so an up
 known break and the lock agree), and README's install line and .ci/run both install with it and
 the same torch pins as tools/test_newest.sh, which installs without it."""
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,9 +83,7 @@ def test_readme_and_ci_install_with_the_lock_and_the_same_torch_pins():
 
 
 def test_the_lock_tool_lists_where_an_environment_differs(tmp_path):
-    spec = importlib.util.spec_from_file_location("lock_constraints", ROOT / "tools" / "lock_constraints.py")
-    lock_constraints = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lock_constraints)
+    lock_constraints = load_script(ROOT / "tools" / "lock_constraints.py")
     here = lock_constraints.closure()
     if "pytest" not in here:
         pytest.skip("prn is not installed with its [dev] extra here")

@@ -1,28 +1,22 @@
 """benchmarks/throughput.py and benchmarks/gpu_check.py, on the CPU at tiny sizes: the GPU check
 must work the first time a session is lent a GPU, so every part it can run here is run here."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load(name):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))  # gpu_check imports throughput beside it
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load(name, monkeypatch):
+    return load_script(BENCHMARKS / f"{name}.py", monkeypatch)  # gpu_check imports throughput beside it
 
 
-def test_throughput_measures_training_and_inference_per_precision():
-    throughput = load("throughput")
+def test_throughput_measures_training_and_inference_per_precision(monkeypatch):
+    throughput = load("throughput", monkeypatch)
     result = throughput.measure("cpu", "tf_efficientnet_lite0", 64, train_batch=4, train_steps=1,
                                 infer_batches=[1, 2], infer_repeats=1, precisions=["32", "bf16", "16"])
     # float16 trains on CUDA only, so the CPU run leaves it out rather than failing
@@ -32,8 +26,8 @@ def test_throughput_measures_training_and_inference_per_precision():
     assert "| train | bf16 | 4 |" in throughput.markdown(result)
 
 
-def test_a_training_step_changes_the_weights_it_is_timed_on():
-    throughput = load("throughput")
+def test_a_training_step_changes_the_weights_it_is_timed_on(monkeypatch):
+    throughput = load("throughput", monkeypatch)
     model, cfg = throughput.make_model("tf_efficientnet_lite0", 64, torch.device("cpu"))
     before = [p.detach().clone() for p in model.trainable_parameters()]
     throughput.train_throughput(model, cfg, torch.device("cpu"), "32", batch=2, steps=1)
@@ -42,8 +36,8 @@ def test_a_training_step_changes_the_weights_it_is_timed_on():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_the_gpu_check_dry_run_writes_every_part_to_one_json_file(tmp_path):
-    gpu_check = load("gpu_check")
+def test_the_gpu_check_dry_run_writes_every_part_to_one_json_file(tmp_path, monkeypatch):
+    gpu_check = load("gpu_check", monkeypatch)
     out = tmp_path / "gpu_check.json"
     report = gpu_check.main(["--cpu", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

@@ -5,7 +5,6 @@ by prn predict (regions.jsonl, the regions column); the same from the exported g
 with docs/examples/regions.py."""
 
 import csv
-import importlib.util
 import json
 import shutil
 import sys
@@ -20,6 +19,7 @@ from prn.deploy.predict import Predictor, predict_folder
 from prn.postprocess import Postprocess, Region, find_regions, resize_map
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import load_script  # noqa: E402
 from fake_models import CALIBRATION, brightness_predictor, drawn, region_boxes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,10 +174,7 @@ def test_predicts_regions_are_the_post_process_regions_of_its_maps(calibrated_ru
 # ----------------------------------------------------------------------------- without prn
 
 def _example():
-    spec = importlib.util.spec_from_file_location("regions_example", REPO / "docs" / "examples" / "regions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "docs" / "examples" / "regions.py")
 
 
 @pytest.mark.parametrize("hw", [(100, 250), (250, 90), (64, 64), (40, 30)])

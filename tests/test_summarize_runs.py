@@ -1,0 +1,35 @@
+"""benchmarks/summarize_runs.py: the mean +- sd rows of BENCHMARKS.md's seed tables."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize_runs.py"
+
+
+def make_run(folder: Path, image_auroc: float, fit_seconds: float) -> None:
+    folder.mkdir(parents=True)
+    metrics = {"image_auroc": image_auroc, "pixel_auroc": 0.99, "recall": None}
+    (folder / "results.json").write_text(json.dumps({"categories": {"c": metrics}}))
+    (folder / "timings.json").write_text(json.dumps({"fit_seconds": fit_seconds}))
+
+
+def test_one_row_per_variant_and_set_with_the_seeds_mean_and_sd(tmp_path, capsys):
+    variant = tmp_path / "lr"
+    make_run(variant / "bsdata_s0", 0.97, 300)
+    make_run(variant / "bsdata_s1", 0.99, 500)
+    make_run(variant / "kolektorsdd_s0", 0.995, 400)
+    (variant / "kolektorsdd_s1").mkdir()  # not tested: left out
+    load_script(SCRIPT).main([str(variant)])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| lr |")]
+    assert rows[0].startswith("| lr | bsdata | 2 | 98.0 +- 1.4 | 99.0 +- 0.0 | - |")
+    assert rows[0].endswith("| 400 +- 141 |")
+    assert rows[1].startswith("| lr | kolektorsdd | 1 | 99.5 | 99.0 | - |") and rows[1].endswith("| 400 |")
+
+
+def test_a_missing_folder_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_script(SCRIPT).main([str(tmp_path / "nowhere")])
+    assert "nowhere: not a folder" in capsys.readouterr().err
