@@ -5,8 +5,9 @@
 Each VARIANT_DIR holds run folders named ``<dataset>_s<seed>`` (as the ablation scripts make them),
 each tested (``results.json``). Prints one markdown row per variant and data set: the paper's four
 metrics, image AP, the oracle's recall at 1 % false rejects, and at the calibrated threshold the
-realised false-reject rate, the recall and the oracle's recall at that rate (all x100), and the
-fit's wall seconds (timings.json).
+realised false-reject rate, the recall and the oracle's recall at that rate (all x100), the
+test's milliseconds per image (the paper's T; measured under whatever else ran) and the fit's wall
+seconds (timings.json).
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ def main(argv: list[str]) -> None:
     for variant in args.variants:
         if not variant.is_dir():
             ap.error(f"{variant}: not a folder")
-    print("| variant | data | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | fit (s) |")
-    print("|---" * (len(COLUMNS) + 4) + "|")
+    print("| variant | data | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | T (ms) | fit (s) |")
+    print("|---" * (len(COLUMNS) + 5) + "|")
     for variant in args.variants:
         for data, rows in sorted(runs_of(variant).items()):
             cells = [cell([m.get(k) for m, _ in rows]) for _, k in COLUMNS]
+            ms = cell([m.get("seconds_per_image") for m, _ in rows], 1000.0, 0)
             print(f"| {variant.name} | {data} | {len(rows)} | " + " | ".join(cells)
-                  + f" | {cell([f for _, f in rows], 1.0, 0)} |")
+                  + f" | {ms} | {cell([f for _, f in rows], 1.0, 0)} |")
 
 
 if __name__ == "__main__":

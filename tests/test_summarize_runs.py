@@ -11,7 +11,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize_runs
 
 def make_run(folder: Path, image_auroc: float, fit_seconds: float) -> None:
     folder.mkdir(parents=True)
-    metrics = {"image_auroc": image_auroc, "pixel_auroc": 0.99, "recall": None}
+    metrics = {"image_auroc": image_auroc, "pixel_auroc": 0.99, "recall": None, "seconds_per_image": 0.05}
     (folder / "results.json").write_text(json.dumps({"categories": {"c": metrics}}))
     (folder / "timings.json").write_text(json.dumps({"fit_seconds": fit_seconds}))
 
@@ -25,8 +25,8 @@ def test_one_row_per_variant_and_set_with_the_seeds_mean_and_sd(tmp_path, capsys
     load_script(SCRIPT).main([str(variant)])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| lr |")]
     assert rows[0].startswith("| lr | bsdata | 2 | 98.0 +- 1.4 | 99.0 +- 0.0 | - |")
-    assert rows[0].endswith("| 400 +- 141 |")
-    assert rows[1].startswith("| lr | kolektorsdd | 1 | 99.5 | 99.0 | - |") and rows[1].endswith("| 400 |")
+    assert rows[0].endswith("| 50 +- 0 | 400 +- 141 |")
+    assert rows[1].startswith("| lr | kolektorsdd | 1 | 99.5 | 99.0 | - |") and rows[1].endswith("| 50 | 400 |")
 
 
 def test_a_missing_folder_is_named(tmp_path, capsys):
