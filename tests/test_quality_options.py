@@ -90,6 +90,12 @@ def test_the_paper_preset_keeps_the_papers_optimiser():
     assert (cfg.training.optimizer, cfg.training.lr, cfg.training.weight_decay, cfg.training.lr_schedule, cfg.model.map_sigma) == ("adam", 1e-4, 1e-2, "constant", 0.0)
 
 
+def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention():
+    cpu, fast = PRNConfig().replace(**PRESETS["cpu"]), PRNConfig().replace(**PRESETS["cpu-fast"])
+    assert cpu.model.use_attention and not fast.model.use_attention
+    assert fast.replace(use_attention=True).to_dict() == cpu.to_dict()
+
+
 # ---------------------------------------------------------------- split
 
 
