@@ -24,19 +24,13 @@ import argparse
 import collections
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 from prn import allocator
-from prn.errors import UsageError
 
 if __name__ == "__main__":  # before torch is loaded, as the prn command does
-    try:
-        allocator.reexec_with_tcmalloc()
-    except UsageError as exc:  # PRN_ALLOCATOR misspelt, or tcmalloc asked for and absent
-        print(f"profile_fit.py: error: {exc}", file=sys.stderr)
-        sys.exit(int(exc.exit_status))
+    allocator.reexec_for_command("profile_fit.py")
 
 import numpy as np
 import psutil

@@ -81,6 +81,17 @@ def reexec_with_tcmalloc() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def reexec_for_command(prog: str) -> None:
+    """``reexec_with_tcmalloc`` for a command line (``prn``, the benchmark scripts): a bad
+    ``PRN_ALLOCATOR`` (misspelt, or tcmalloc asked for and absent) ends the process with one line,
+    ``PROG: error: ...``, and the usage exit status instead of a traceback."""
+    try:
+        reexec_with_tcmalloc()
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(int(exc.exit_status))
+
+
 def allocator_of(path: str) -> str | None:
     """The allocator a shared library is ("tcmalloc", "jemalloc", "mimalloc"), or None."""
     name = Path(path).name

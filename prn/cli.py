@@ -423,12 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``prn`` command and ``python -m prn``: under tcmalloc where the machine has it
     (prn.allocator; it must be chosen before torch is loaded), then ``main``."""
-    from prn.allocator import reexec_with_tcmalloc
-    try:
-        reexec_with_tcmalloc()
-    except UsageError as exc:  # PRN_ALLOCATOR misspelt, or tcmalloc asked for and absent
-        print(f"prn: error: {exc}", file=sys.stderr)
-        sys.exit(int(exc.exit_status))
+    from prn.allocator import reexec_for_command
+    reexec_for_command("prn")
     sys.exit(main())
 
 

@@ -31,16 +31,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "optimizer": "adamw", "weight_decay": 1e-4, "lr_schedule": "cosine", "warmup_fraction": 0.05,
             "output_bias_prior": 0.01, "seen_fraction": 0.125, "aug1_prob": 0.5, "aug2_max_angle": 45.0,
             "ea_clip_to_target": False, "top_k_loss_weight": 0.01, "perlin_min_scale": 3},
-    # The cpu preset without the multi-size self-attention (MSA): Table 4's "U-Net+MP+MF" row.
-    # Over 3 split seeds of both sets it matched or beat the cpu preset on image AUROC and the
-    # maps (KolektorSDD 99.9 / 99.2 / 95.4 / 71.6 against 99.7 / 98.9 / 92.6 / 68.5, BSData 97.6 /
-    # 99.8 / 97.5 / 80.0 against 97.5 / 99.7 / 97.4 / 79.4) in two thirds of the fit time; its
-    # calibrated threshold rejected 4 of 69 good parts on one KolektorSDD split (the preset 2), and
-    # the paper found MSA worth +0.5 image AUROC on MVTec AD, so it is not the default
-    # (BENCHMARKS.md, "The paper's ablations"; chosen after seeing those test figures).
-    "cpu-fast": {"use_attention": False},
     # The cpu preset before issue 9, kept so its ablation row can be re-run.
     "cpu-v1": {"epochs": 8, "batch_size": 16, "steps_per_epoch": 20, "lr": 1e-3,
                "backbone": "tf_efficientnet_lite0", "image_size": 256},
 }
-PRESETS["cpu-fast"] = {**PRESETS["cpu"], **PRESETS["cpu-fast"]}  # the cpu preset and its one change
+# The cpu preset without the multi-size self-attention (MSA): Table 4's "U-Net+MP+MF" row.
+# Over 3 split seeds of both sets it matched or beat the cpu preset on image AUROC and the
+# maps (KolektorSDD 99.9 / 99.2 / 95.4 / 71.6 against 99.7 / 98.9 / 92.6 / 68.5, BSData 97.6 /
+# 99.8 / 97.5 / 80.0 against 97.5 / 99.7 / 97.4 / 79.4) in two thirds of the fit time; its
+# calibrated threshold rejected 4 of 69 good parts on one KolektorSDD split (the preset 2), and
+# the paper found MSA worth +0.5 image AUROC on MVTec AD, so it is not the default
+# (BENCHMARKS.md, "The paper's ablations"; chosen after seeing those test figures).
+PRESETS["cpu-fast"] = {**PRESETS["cpu"], "use_attention": False}
