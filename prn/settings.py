@@ -60,8 +60,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run); a preset "
                                                "and flags given with it override its values")
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="budget preset: paper (GPU), cpu, or cpu-fast (cpu without the attention, two "
-                        "thirds of the fit time); overrides --config, flags override it")
+                   help="budget preset: paper (GPU), cpu, or cpu-fast (cpu without the attention, in "
+                        "bfloat16 where native: about half the fit time); overrides --config, flags override it")
     for name, kw in COMMON_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

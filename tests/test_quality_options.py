@@ -90,10 +90,21 @@ def test_the_paper_preset_keeps_the_papers_optimiser():
     assert (cfg.training.optimizer, cfg.training.lr, cfg.training.weight_decay, cfg.training.lr_schedule, cfg.model.map_sigma) == ("adam", 1e-4, 1e-2, "constant", 0.0)
 
 
-def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention():
+def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention_in_native_precision():
     cpu, fast = PRNConfig().replace(**PRESETS["cpu"]), PRNConfig().replace(**PRESETS["cpu-fast"])
     assert cpu.model.use_attention and not fast.model.use_attention
-    assert fast.replace(use_attention=True).to_dict() == cpu.to_dict()
+    assert (cpu.training.precision, fast.training.precision) == ("32", "auto")
+    assert fast.replace(use_attention=True, precision="32").to_dict() == cpu.to_dict()
+
+
+def test_the_precision_flag_keeps_float32_under_the_fast_preset():
+    import argparse
+    from prn.settings import add_config_args, config_from_args
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    assert config_from_args(parser.parse_args(["--preset", "cpu-fast"])).training.precision == "auto"
+    cfg = config_from_args(parser.parse_args(["--preset", "cpu-fast", "--precision", "32"]))
+    assert (cfg.training.precision, cfg.model.use_attention) == ("32", False)
 
 
 # ---------------------------------------------------------------- split
