@@ -116,6 +116,12 @@ def test_preset_overrides_config_file_flags_override_preset_and_set_comes_last(t
                       "--set", "epochs=4", "--set", "training.epochs=5").training.epochs == 5
 
 
+def test_the_precision_flag_keeps_float32_under_the_fast_preset():
+    assert fit_config("--preset", "cpu-fast").training.precision == "auto"
+    cfg = fit_config("--preset", "cpu-fast", "--precision", "32")
+    assert (cfg.training.precision, cfg.model.use_attention) == ("32", False)
+
+
 def test_a_preset_alone_or_a_file_alone_prints_no_note(tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({"root": "data", "epochs": 10}))  # what the cpu preset sets too

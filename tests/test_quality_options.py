@@ -97,16 +97,6 @@ def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention_in_native_preci
     assert fast.replace(use_attention=True, precision="32").to_dict() == cpu.to_dict()
 
 
-def test_the_precision_flag_keeps_float32_under_the_fast_preset():
-    import argparse
-    from prn.settings import add_config_args, config_from_args
-    parser = argparse.ArgumentParser()
-    add_config_args(parser)
-    assert config_from_args(parser.parse_args(["--preset", "cpu-fast"])).training.precision == "auto"
-    cfg = config_from_args(parser.parse_args(["--preset", "cpu-fast", "--precision", "32"]))
-    assert (cfg.training.precision, cfg.model.use_attention) == ("32", False)
-
-
 # ---------------------------------------------------------------- split
 
 
