@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", type=Path, help="run folder or checkpoint .pt (e.g. the model in service)")
     p.add_argument("run_b", type=Path, help="run folder or checkpoint .pt (e.g. the retrained one)")
     p.add_argument("--data", type=Path, required=True,
-                   help="labelled images: those under a folder named good or ok are good, the others defective")
+                   help="labelled images: those under a folder named good or ok are good, the others defective "
+                        "(masks under ground_truth/ left out: a corrections folder is one)")
     p.add_argument("--json", type=Path, help="also write every image's scores and decisions as JSON")
     p.add_argument("--device")
     p.set_defaults(func=cmd_compare)

@@ -100,9 +100,15 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
 
 
 def labelled_folder(folder: str | Path) -> tuple[list[Path], np.ndarray]:
-    """Every image under ``folder`` and its label: 0 under a folder named good or ok, else 1."""
-    files = require_images(Path(folder), what="labelled folder")
-    labels = np.array([0 if {"good", "ok"} & {p.lower() for p in f.parent.parts} else 1 for f in files])
+    """Every image under ``folder`` and its label: 0 under a folder named good or ok (below
+    ``folder``: where the folder itself lives does not count), else 1. Masks in a ``ground_truth``
+    folder (the MVTec layout's, as in a corrections folder) are not images to judge: left out."""
+    folder = Path(folder)
+    inner = lambda f: {p.lower() for p in f.relative_to(folder).parts[:-1]}  # noqa: E731
+    files = [f for f in require_images(folder, what="labelled folder") if "ground_truth" not in inner(f)]
+    if not files:
+        raise DataError(f"{folder}: labelled folder holds only masks (under ground_truth/), no images to judge")
+    labels = np.array([0 if {"good", "ok"} & inner(f) else 1 for f in files])
     return files, labels
 
 

@@ -126,6 +126,22 @@ def test_compare_puts_both_models_decisions_side_by_side(calibrated_run, demo_ro
     assert "decisions differ" in capsys.readouterr().out
 
 
+def test_a_corrections_folder_is_a_labelled_folder_without_its_masks(corrections, tmp_path):
+    """prn compare OLD NEW --data RUN/corrections: the missed defects count as defective, the
+    false rejects as good, and the painted masks beside them are not judged as images."""
+    files, labels = labelled_folder(corrections)
+    assert len(files) == 3 and not any(f.name.endswith("_mask.png") for f in files)
+    assert labels.sum() == 2 and all(("good" in f.parts) == (y == 0) for f, y in zip(files, labels))
+    # where the folder itself lives does not label its images: only the folders below it do
+    inside_ok = tmp_path / "ok" / "labelled"
+    shutil.copytree(corrections, inside_ok)
+    assert labelled_folder(inside_ok)[1].tolist() == labels.tolist()
+    masks_only = tmp_path / "masks_only"
+    shutil.copytree(corrections / "ground_truth", masks_only / "ground_truth")
+    with pytest.raises(DataError, match="only masks"):
+        labelled_folder(masks_only)
+
+
 def test_serve_reloads_its_model_from_where_it_started(calibrated_run, tmp_path):
     """POST /model/reload re-reads the served path: a moved link picks up the retrained run; a
     path that no longer loads leaves the old model serving and says so."""
