@@ -148,6 +148,10 @@ def compare(run_a: str | Path, run_b: str | Path, folder: str | Path, *, device:
     return out
 
 
+def _percent(rate: float, kind: str) -> str:
+    return f"- (no {kind} images)" if np.isnan(rate) else f"{100 * rate:.1f} %"
+
+
 def compare_table(result: dict) -> str:
     """The comparison as text: the images whose decision changed, then each model's rates."""
     lines = [f"{'image':40s} label  A score  A  B score  B"]
@@ -159,6 +163,6 @@ def compare_table(result: dict) -> str:
     for name in ("a", "b"):
         m = result[name]
         lines.append(f"{name.upper()}: {m['run']}: threshold {m['threshold']:.4g}, false rejects "
-                     f"{100 * m['false_reject_rate']:.1f} %, recall {100 * m['recall']:.1f} %")
+                     f"{_percent(m['false_reject_rate'], 'good')}, recall {_percent(m['recall'], 'defective')}")
     lines.append(f"{changed} of {len(result['images'])} decisions differ")
     return "\n".join(lines)

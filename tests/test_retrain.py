@@ -142,6 +142,16 @@ def test_a_corrections_folder_is_a_labelled_folder_without_its_masks(corrections
         labelled_folder(masks_only)
 
 
+def test_compare_says_which_rate_a_folder_cannot_give():
+    """A folder of defects alone (the five corrections) has no false-reject rate: said, not nan."""
+    row = {"path": "test/missed/a.png", "label": 1, "score_a": 0.2, "defective_a": 0, "score_b": 0.6,
+           "defective_b": 1, "changed": True}
+    rates = {"run": "r", "threshold": 0.5, "false_reject_rate": float("nan")}
+    table = compare_table({"images": [row], "a": {**rates, "recall": 0.0}, "b": {**rates, "recall": 1.0}})
+    assert "nan" not in table and table.count("false rejects - (no good images)") == 2
+    assert "recall 0.0 %" in table and "recall 100.0 %" in table and "1 of 1 decisions differ" in table
+
+
 def test_serve_reloads_its_model_from_where_it_started(calibrated_run, tmp_path):
     """POST /model/reload re-reads the served path: a moved link picks up the retrained run; a
     path that no longer loads leaves the old model serving and says so."""
