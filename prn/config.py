@@ -131,7 +131,9 @@ class ModelConfig:
     image_score: str = "top_k"        # "top_k" (the paper's), "head" (ours: a learned image-level
                                       # decision head, prn.model.image_head), "mean" (of the two)
     map_sigma: float = 0.0            # ours: Gaussian smoothing of the map (px at the input size) before
-                                      # the image score and the pixel metrics; 0: none (the paper's)
+                                      # the pixel metrics, regions and pictures; 0: none (the paper's)
+    score_smoothed: bool = True       # ours: the image score from the smoothed map (true) or from the
+                                      # map before smoothing (false: PatchCore scores before its blur)
     test_flips: str = "none"          # ours: average the map with those of mirrored copies of the image:
                                       # "lr" (left-right, 2 passes), "ud", "all" (4 passes); "none" (the paper's)
     tiles: int = 1                    # ours: the resized image (image_size / image_hw) is cut into tiles x tiles

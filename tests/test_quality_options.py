@@ -97,6 +97,16 @@ def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention_in_native_preci
     assert fast.replace(use_attention=True, precision="32").to_dict() == cpu.to_dict()
 
 
+def test_the_cpu_presets_smooth_the_map_but_score_the_map_before_it():
+    """The paper's default scores and draws one unsmoothed map; the cpu presets smooth what is
+    drawn and measured, and keep the paper's image score."""
+    paper = PRNConfig().replace(**PRESETS["paper"])
+    assert (paper.model.map_sigma, paper.model.score_smoothed) == (0.0, True)
+    for name in ("cpu", "cpu-fast"):
+        cfg = PRNConfig().replace(**PRESETS[name])
+        assert cfg.model.map_sigma > 0 and cfg.model.score_smoothed is False
+
+
 # ---------------------------------------------------------------- split
 
 

@@ -4,6 +4,7 @@ Shape tests pass for a PRN that computes its prototypes and throws them away; th
 The model is tiny (random EfficientNet-Lite0 encoder, 64 px, one attention block).
 """
 
+import dataclasses
 import math
 import re
 
@@ -329,6 +330,20 @@ def test_map_sigma_smooths_the_eval_map_and_the_score_follows_it():
     torch.testing.assert_close(b["pred_score"], want)
 
 
+def test_a_map_smoothed_for_localisation_alone_keeps_the_score_of_the_map_before_it():
+    """score_smoothed false: the map (pixel metrics, regions, pictures) is smoothed, the image
+    score is the top-k of the unsmoothed map, as with no smoothing at all."""
+    from prn.model.scoring import smooth_map, top_k_score
+    x = images(2, seed=10)
+    sharp = build(top_k=5)
+    smooth = build(top_k=5, map_sigma=1.5, score_smoothed=False)
+    with torch.no_grad():
+        a, b = sharp(x), smooth(x)
+    torch.testing.assert_close(b["anomaly_map"], smooth_map(a["anomaly_map"], 1.5))
+    torch.testing.assert_close(b["pred_score"], a["pred_score"])
+    assert not torch.allclose(b["pred_score"], top_k_score(b["anomaly_map"], 5))
+
+
 def test_top_k_score_is_the_mean_of_the_k_largest_pixels_capped_at_the_map_size():
     from prn.model.scoring import top_k_score
     amap = torch.tensor([[[[0.1, 0.9], [0.5, 0.3]]]])
@@ -339,6 +354,7 @@ def test_top_k_score_is_the_mean_of_the_k_largest_pixels_capped_at_the_map_size(
 def test_prototype_residual_map_is_the_residual_map_of_the_nearest_prototypes():
     from prn.baselines.prototype_map import PrototypeResidualMap
     from prn.model.prototypes import residual_map
+    from prn.model.scoring import smooth_map, top_k_score
     cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=SIZE,
                     prototype_ratio=1.0, top_k=10)
     torch.manual_seed(0)
@@ -352,6 +368,12 @@ def test_prototype_residual_map_is_the_residual_map_of_the_nearest_prototypes():
     torch.testing.assert_close(out["anomaly_map"], want)
     assert out["anomaly_map"][0].max() < 1e-4 < out["anomaly_map"][1].min()  # a normal image scores 0
     assert out["pred_score"][0] < out["pred_score"][1]
+    # smoothed for localisation alone, the map changes and the score stays the unsmoothed map's
+    model.cfg = dataclasses.replace(cfg.model, map_sigma=1.5, score_smoothed=False)
+    with torch.no_grad():
+        smoothed = model(x)
+    torch.testing.assert_close(smoothed["anomaly_map"], smooth_map(want, 1.5))
+    torch.testing.assert_close(smoothed["pred_score"], top_k_score(want, 10))
 
 
 def test_smooth_map_smooths_for_any_positive_sigma():

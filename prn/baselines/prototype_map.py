@@ -44,8 +44,10 @@ class PrototypeResidualMap(nn.Module):
         feats = self.encoder(x)
         with full_precision(x):
             res = self.prototypes.residuals([f.float() for f in feats])
-            anomaly_map = smooth_map(residual_map(res, x.shape[-2:]), self.cfg.map_sigma)
-        return {"anomaly_map": anomaly_map, "pred_score": top_k_score(anomaly_map, self.cfg.top_k)}
+            raw = residual_map(res, x.shape[-2:])
+            anomaly_map = smooth_map(raw, self.cfg.map_sigma)
+        scored = anomaly_map if self.cfg.score_smoothed else raw  # as PRN's option
+        return {"anomaly_map": anomaly_map, "pred_score": top_k_score(scored, self.cfg.top_k)}
 
 
 def build_prototype_map(cfg, *, pretrained: bool = True) -> PrototypeResidualMap:

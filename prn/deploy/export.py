@@ -114,6 +114,7 @@ def metadata(loaded, fmt: str) -> dict[str, str]:
         "outputs": ",".join(OUTPUT_NAMES if cal is not None else OUTPUT_NAMES[:2]),
         "map": "PRN: probability per pixel in [0, 1]; prototypes, patchcore: distance >= 0",
         "map_sigma": repr(float(cfg.model.map_sigma)), "top_k": str(cfg.model.top_k),
+        "score_smoothed": "true" if cfg.model.score_smoothed else "false",
         "tiles": str(cfg.model.tiles),  # the graph cuts its input into tiles x tiles itself
         "dataset": cfg.data.dataset, "category": str(cfg.data.category),
         "checkpoint": loaded.path.name,

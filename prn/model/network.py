@@ -124,7 +124,8 @@ class PRN(nn.Module):
         """Training: logits (B, 1, H, W), and with an image head (``cfg.image_score`` "head" or
         "mean") the tuple (logits, image logits (B,)). Eval: {"anomaly_map": sigmoid map (B, 1,
         H, W) in [0, 1], averaged with the maps of mirrored copies of the image (mirrored back)
-        when ``cfg.test_flips`` asks, smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: the
+        when ``cfg.test_flips`` asks, smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: of
+        the smoothed map, or of the map before smoothing with ``cfg.score_smoothed`` false, the
         mean of the map's top ``cfg.top_k`` pixels (or top ``cfg.top_k_share`` of its area), the
         head's probability, or the mean of the two (``cfg.image_score``). With ``cfg.tiles`` > 1 an
         eval input is cut into tiles that pass one by one in a batch, and their maps are put back
@@ -150,7 +151,8 @@ class PRN(nn.Module):
                 probability = (probability + self.flipped_maps(x, flips)) / (1 + len(flips))
             probability = from_tiles(probability, tiles)
             anomaly_map = smooth_map(probability, self.cfg.map_sigma)
-            return {"anomaly_map": anomaly_map, "pred_score": self.image_score(anomaly_map, quarter)}
+            scored = anomaly_map if self.cfg.score_smoothed else probability
+            return {"anomaly_map": anomaly_map, "pred_score": self.image_score(scored, quarter)}
 
     def flipped_maps(self, x: Tensor, flips: tuple[tuple[int, ...], ...]) -> Tensor:
         """The sum of the probability maps of ``x`` mirrored along each of ``flips`` (dims),
