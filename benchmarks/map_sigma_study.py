@@ -10,7 +10,7 @@ measured from its raw map too.
 Nothing here chooses anything on test data by itself: it prints every sigma; which one a preset
 uses is a decision stated in BENCHMARKS.md with these figures.
 
-    python benchmarks/map_sigma_study.py RUN [RUN ...] [--sigmas 0 1 1.5 2] [--json out.json]
+    python benchmarks/map_sigma_study.py RUN [RUN ...] [--sigmas 0 1 1.5 2] [--json out.json] [--device D]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from prn.metrics import compute_all
 from prn.model.scoring import smooth_map, top_k_score
 
 
-def study(run: Path, sigmas: list[float]) -> list[dict]:
-    loaded = load_model(run, device="cpu")
+def study(run: Path, sigmas: list[float], device: str | None = None) -> list[dict]:
+    loaded = load_model(run, device=device)
     model, cfg = loaded.model, loaded.cfg
     model.cfg = dataclasses.replace(model.cfg, map_sigma=0.0)  # the raw map; each sigma below smooths it
     _, preds = evaluate(model, cfg, Split.load(run / "split.json").test)
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="run folders (with split.json and a checkpoint)")
     ap.add_argument("--sigmas", nargs="+", type=float, default=[0.0, 1.0, 1.5, 2.0])
     ap.add_argument("--json", type=Path, help="also write every row as JSON")
+    ap.add_argument("--device", help="cpu, cuda, ... (default: this machine's)")
     args = ap.parse_args(argv)
     if any(s < 0 for s in args.sigmas):
         ap.error("--sigmas must be >= 0")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | sigma | I (score before smoothing) | I (score of the smoothed map) | P | O | A |")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
-        for r in study(run, args.sigmas):
+        for r in study(run, args.sigmas, args.device):
             rows.append(r)
             print(f"| {run} | {r['sigma']:g} | " + " | ".join(f"{100 * r[key]:.2f}" for key in (
                 "image_auroc", "image_auroc_smoothed_score", "pixel_auroc", "pro", "pixel_ap")) + " |", flush=True)

@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "map_sigma_study.p
 def test_the_study_smooths_the_raw_map_of_a_run_for_each_sigma(calibrated_run, tmp_path, monkeypatch, capsys):
     study = load_script(SCRIPT, monkeypatch)
     out = tmp_path / "rows.json"
-    assert study.main([str(calibrated_run), "--sigmas", "0", "2", "--json", str(out)]) == 0
+    assert study.main([str(calibrated_run), "--sigmas", "0", "2", "--json", str(out), "--device", "cpu"]) == 0
     rows = json.loads(out.read_text())
     assert [r["sigma"] for r in rows] == [0, 2]
     raw, smooth = rows
