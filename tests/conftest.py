@@ -53,3 +53,12 @@ def calibrated_run(demo_root, tmp_path_factory):
     run = api.fit(cfg, run_dir=out / "run", progress=False)
     api.test(run, progress=False, overlays=0)
     return run
+
+
+@pytest.fixture(scope="session")
+def calibrated_run_onnx(calibrated_run, tmp_path_factory):
+    """calibrated_run exported to ONNX once for the tests that hold the graph against prn (an
+    export checks itself against prn and takes most of a minute here); copy it, never change it."""
+    pytest.importorskip("onnxruntime")
+    from prn.deploy.export import export
+    return export(calibrated_run, "onnx", tmp_path_factory.mktemp("calibrated_onnx") / "model.onnx")

@@ -98,11 +98,10 @@ def test_every_caller_gives_the_same_score_map_and_decision(calibrated_run, fram
         assert bool(out["prediction"][0]) == bool(decisions[i])
 
 
-def test_the_exported_graph_gives_the_same_scores_and_maps_as_prn(calibrated_run, frames, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from prn.deploy.export import export, run_exported
+def test_the_exported_graph_gives_the_same_scores_and_maps_as_prn(calibrated_run, calibrated_run_onnx, frames):
+    from prn.deploy.export import run_exported
     predictor = Predictor(calibrated_run, device="cpu")
-    path = export(calibrated_run, "onnx", tmp_path / "model.onnx")
+    path = calibrated_run_onnx
     test = predict_samples(predictor.model, [Sample(p, None, 0, "good") for p in frames],
                            predictor.cfg.model.input_hw, device="cpu")
     normalized, decisions = predictor.judge(test.scores)
