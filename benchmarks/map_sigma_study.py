@@ -37,13 +37,14 @@ def study(run: Path, sigmas: list[float], device: str | None = None) -> list[dic
     _, preds = evaluate(model, cfg, Split.load(run / "split.json").test)
     exact, k = preds.pixel_exact, cfg.model.top_k
     raw = torch.from_numpy(preds.maps)[:, None]
+    before = float(compute_all(preds.labels, preds.scores)["image_auroc"])  # the same for every sigma
     rows = []
     for sigma in sigmas:
         maps = smooth_map(raw, sigma)
         scores = top_k_score(maps, k).double().numpy()
         m = compute_all(preds.labels, scores, preds.masks[exact], maps[:, 0].numpy()[exact])
         rows.append({"run": str(run), "sigma": sigma, "image_auroc_smoothed_score": m["image_auroc"],
-                     "image_auroc": float(compute_all(preds.labels, preds.scores)["image_auroc"]),
+                     "image_auroc": before,
                      "pixel_auroc": m["pixel_auroc"], "pro": m["pro"], "pixel_ap": m["pixel_ap"]})
     return rows
 

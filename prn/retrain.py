@@ -104,11 +104,12 @@ def labelled_folder(folder: str | Path) -> tuple[list[Path], np.ndarray]:
     ``folder``: where the folder itself lives does not count), else 1. Masks in a ``ground_truth``
     folder (the MVTec layout's, as in a corrections folder) are not images to judge: left out."""
     folder = Path(folder)
-    inner = lambda f: {p.lower() for p in f.relative_to(folder).parts[:-1]}  # noqa: E731
-    files = [f for f in require_images(folder, what="labelled folder") if "ground_truth" not in inner(f)]
+    below = {f: {p.lower() for p in f.relative_to(folder).parts[:-1]}
+             for f in require_images(folder, what="labelled folder")}
+    files = [f for f, names in below.items() if "ground_truth" not in names]
     if not files:
         raise DataError(f"{folder}: labelled folder holds only masks (under ground_truth/), no images to judge")
-    labels = np.array([0 if {"good", "ok"} & inner(f) else 1 for f in files])
+    labels = np.array([0 if {"good", "ok"} & below[f] else 1 for f in files])
     return files, labels
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from prn.config import ModelConfig
 from prn.model.backbone import Encoder, create_encoder
 from prn.model.prototypes import Prototypes, fit_prototypes, residual_map
-from prn.model.scoring import smooth_map, top_k_score
+from prn.model.scoring import smoothed_and_scored, top_k_score
 from prn.precision import full_precision
 
 
@@ -44,9 +44,7 @@ class PrototypeResidualMap(nn.Module):
         feats = self.encoder(x)
         with full_precision(x):
             res = self.prototypes.residuals([f.float() for f in feats])
-            raw = residual_map(res, x.shape[-2:])
-            anomaly_map = smooth_map(raw, self.cfg.map_sigma)
-        scored = anomaly_map if self.cfg.score_smoothed else raw  # as PRN's option
+            anomaly_map, scored = smoothed_and_scored(residual_map(res, x.shape[-2:]), self.cfg)
         return {"anomaly_map": anomaly_map, "pred_score": top_k_score(scored, self.cfg.top_k)}
 
 

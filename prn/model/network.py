@@ -31,7 +31,7 @@ from prn.model.decoder import Decoder
 from prn.model.fusion import MultiScaleFusion
 from prn.model.image_head import ImageHead
 from prn.model.prototypes import Prototypes, batch_images, fit_prototypes
-from prn.model.scoring import smooth_map, top_k_score
+from prn.model.scoring import smoothed_and_scored, top_k_score
 from prn.precision import full_precision
 from prn.tiling import from_tiles, to_tiles
 
@@ -150,8 +150,7 @@ class PRN(nn.Module):
             if flips:
                 probability = (probability + self.flipped_maps(x, flips)) / (1 + len(flips))
             probability = from_tiles(probability, tiles)
-            anomaly_map = smooth_map(probability, self.cfg.map_sigma)
-            scored = anomaly_map if self.cfg.score_smoothed else probability
+            anomaly_map, scored = smoothed_and_scored(probability, self.cfg)
             return {"anomaly_map": anomaly_map, "pred_score": self.image_score(scored, quarter)}
 
     def flipped_maps(self, x: Tensor, flips: tuple[tuple[int, ...], ...]) -> Tensor:

@@ -1,8 +1,9 @@
 """Anomaly maps to image scores (Sec. 3.5), shared by every model kind.
 
 ``smooth_map`` is the one Gaussian smoothing of maps in prn (PRN's optional ``map_sigma``, the
-prototype map's, and PatchCore's sigma 4); ``top_k_score`` is the paper's image score, the mean of
-a map's largest pixels.
+prototype map's, and PatchCore's sigma 4); ``smoothed_and_scored`` applies a model section's
+``map_sigma`` and ``score_smoothed`` to a map; ``top_k_score`` is the paper's image score, the mean
+of a map's largest pixels.
 
     >>> amap = smooth_map(torch.rand(2, 1, 64, 64), sigma=4.0)
     >>> top_k_score(amap, 100).shape
@@ -22,6 +23,13 @@ def smooth_map(anomaly_map: Tensor, sigma: float) -> Tensor:
         return anomaly_map
     k = 2 * int(4 * sigma + 0.5) + 1
     return gaussian_blur(anomaly_map, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def smoothed_and_scored(raw: Tensor, cfg) -> tuple[Tensor, Tensor]:
+    """(the map smoothed by ``cfg.map_sigma``, the map the image score is taken from: that one,
+    or ``raw`` when ``cfg.score_smoothed`` is false) for (B, 1, H, W) maps and a model section."""
+    anomaly_map = smooth_map(raw, cfg.map_sigma)
+    return anomaly_map, (anomaly_map if cfg.score_smoothed else raw)
 
 
 def top_k_score(anomaly_map: Tensor, top_k: int) -> Tensor:
