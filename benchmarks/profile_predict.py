@@ -9,8 +9,9 @@ Stages, each timed alone over the same images in the run's batches (median of --
 the whole model in torch, the exported graph in onnxruntime (made on first use), the map resized
 back to the image (resize_map), the defect regions, and writing the map as .npy. End to end:
 `prn predict` in its own process for each engine, with --maps none and npy, --workers 0 and 1:
-images/s over the whole command (start-up included) and its peak memory (PSS of the process and
-its decoding workers, polled). The ratio of
+images/s over the whole command (start-up included) and its peak memory: PSS of the process and
+its decoding workers, polled, and the predicting process's own working peak RSS (VmHWM read before
+the interpreter's shutdown, whose teardown of torch's libraries adds ~130 MB of RSS). The ratio of
 PRN's forward to its encoder's images/s is printed too. Writes benchmarks/results/profile_predict.json.
 Figures depend on the machine's load: say which when you quote them.
 """
@@ -78,15 +79,31 @@ def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
     return out
 
 
-def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int) -> dict:
+# `python -m prn` (tcmalloc where found, then the command), then the process's own resident-size
+# high-water mark as its last line on stderr, read before the interpreter shuts down: at exit this
+# torch build's libraries page in another ~130 MB for their teardown (`import torch` alone: 520 MB
+# working, 647 MB by time -v), which os.wait4's ru_maxrss would count.
+PREDICT_THEN_PEAK = """import sys
+from prn.allocator import reexec_for_command
+reexec_for_command("prn")
+from prn.cli import main
+code = main(sys.argv[1:])
+hwm = next((l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")), "0")
+print("VmHWM_KiB", hwm, file=sys.stderr)
+sys.exit(code)"""
+
+
+def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int, batch: int | None = None) -> dict:
     """`prn predict` in its own process; its peak memory with its decoding workers, polled every
     0.1 s as the sum of their proportional set sizes (PSS: pages a worker shares with the process
     that forked it are counted once; os.wait4's ru_maxrss would count the memory this process held
-    when it forked, and a sum of RSS would count shared pages twice)."""
+    when it forked, and a sum of RSS would count shared pages twice); and the predicting process's
+    own peak resident size while it works (VmHWM before exit; Linux)."""
     import psutil
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "prn", "predict", str(run), str(folder), "--out", tmp, "--maps", maps,
+        cmd = [sys.executable, "-c", PREDICT_THEN_PEAK, "predict", str(run), str(folder), "--out", tmp, "--maps", maps,
                "--engine", engine, "--workers", str(workers), "--quiet"]
+        cmd += ["--batch-size", str(batch)] if batch else []
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         root, peak = psutil.Process(proc.pid), 0
@@ -98,11 +115,14 @@ def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int) ->
                 pass
             time.sleep(0.1)
         wall = time.perf_counter() - t0
+        err = proc.stderr.read().decode()
         if proc.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"prn {' '.join(cmd[3:])} failed: {err[-2000:]}")
         n = sum(1 for _ in open(Path(tmp) / "scores.csv")) - 1
-    return {"engine": engine, "maps": maps, "workers": workers, "images": n, "seconds": wall,
-            "images_per_second": n / wall, "peak_pss_mb": peak / 2**20}
+    hwm = [line.split()[1] for line in err.splitlines() if line.startswith("VmHWM_KiB")]
+    return {"engine": engine, "maps": maps, "workers": workers, "batch": batch, "images": n, "seconds": wall,
+            "images_per_second": n / wall, "peak_pss_mb": peak / 2**20,
+            "peak_rss_mib": int(hwm[0]) / 1024 if hwm and int(hwm[0]) else None}
 
 
 def main() -> None:
@@ -113,8 +133,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-stages", action="store_true")
-    ap.add_argument("--cases", nargs="+", metavar="ENGINE:MAPS:WORKERS",
-                    help="end-to-end cases to run (default: torch and onnx x maps none and npy x workers 0 and 1)")
+    ap.add_argument("--cases", nargs="+", metavar="ENGINE:MAPS:WORKERS[:BATCH]",
+                    help="end-to-end cases to run (default: torch and onnx x maps none and npy x workers 0 "
+                         "and 1, at predict's default batch size)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     from prn.data.io import require_images
@@ -131,14 +152,15 @@ def main() -> None:
     print(f"PRN forward / encoder images/s (torch): {ratio:.2f}")
     rows = []
     if not args.skip_e2e:
-        print("\n| engine | maps | workers | images | s | images/s | peak PSS MB |\n|---|---|---|---|---|---|---|")
+        print("\n| engine | maps | workers | batch | images | s | images/s | peak PSS MB | working peak RSS MiB |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         cases = args.cases or [f"{e}:{m}:{w}" for e in ("torch", "onnx") for m in ("none", "npy") for w in (0, 1)]
         for case in cases:
-            engine, maps, workers = case.split(":")
-            r = end_to_end(args.run, args.folder, engine, maps, int(workers))
+            engine, maps, workers, *batch = case.split(":")
+            r = end_to_end(args.run, args.folder, engine, maps, int(workers), int(batch[0]) if batch else None)
             rows.append(r)
-            print(f"| {engine} | {maps} | {workers} | {r['images']} | {r['seconds']:.1f} | "
-                  f"{r['images_per_second']:.1f} | {r['peak_pss_mb']:.0f} |", flush=True)
+            print(f"| {engine} | {maps} | {workers} | {r['batch'] or 'default'} | {r['images']} | {r['seconds']:.1f} | "
+                  f"{r['images_per_second']:.1f} | {r['peak_pss_mb']:.0f} | {r['peak_rss_mib'] or 0:.0f} |", flush=True)
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps({"stages_seconds_per_image": per_image, "forward_over_encoder": ratio,
                                    "end_to_end": rows, "load_average": os.getloadavg(),

@@ -188,7 +188,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
             threshold: float | None = None, maps: str = "npy", masks: bool = False,
             overlays: int = 0, strict: bool = False, num_workers: int = 0, progress: bool = True,
             device: str | None = None, require_decision: bool = False,
-            min_region_area: int = MIN_REGION_AREA, engine: str = "torch"):
+            min_region_area: int = MIN_REGION_AREA, engine: str = "torch", batch_size: int | None = None):
     """Score new images into ``out_dir``: ``scores.csv`` (path, score, normalized_score,
     prediction, error, regions), ``regions.jsonl`` (the defect regions of each image, at least
     ``min_region_area`` pixels) and ``maps/<mirrored path>.npy``; see
@@ -198,6 +198,8 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
     overrides it), so a bare checkpoint file decides as its run folder does; without either no
     decision is made (``summary.decided`` False), and ``require_decision`` refuses to run then.
     ``engine`` "onnx" runs the run's exported graph in onnxruntime (``prn.deploy.engine``).
+    ``batch_size``: images per forward pass (default the runtime section's ``eval_batch_size``);
+    the peak memory grows with it.
     Under torchrun the input list is shared out by rank and rank 0 merges (``prn.deploy.sharded``).
     Returns a PredictSummary (csv path, counts of images, defective ones and unreadable files).
     """
@@ -211,8 +213,8 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
                              "column of the merged scores.csv")
         from prn.deploy.sharded import predict_sharded
         return predict_sharded(run, inputs, out_dir, device=device, threshold=threshold, progress=progress,
-                               **options)
-    predictor = Predictor(run, device=device, threshold=threshold)
+                               batch_size=batch_size, **options)
+    predictor = Predictor(run, device=device, threshold=threshold, batch_size=batch_size)
     if require_decision and not predictor.postprocess.calibrated:
         raise UsageError(f"{predictor.loaded.path}: the model has no calibrated threshold, so no part "
                          f"would be judged defective and the line would pass them all; calibrate it "

@@ -84,7 +84,7 @@ def cmd_predict(args) -> int | None:
                           masks=args.masks, overlays=args.overlays, strict=args.strict,
                           num_workers=args.workers, progress=not args.quiet, device=args.device,
                           require_decision=args.fail_on_defect, min_region_area=args.min_region_area,
-                          engine=args.engine)
+                          engine=args.engine, batch_size=args.batch_size)
     if not distributed.is_main():
         return None  # rank 0 merged the parts and speaks for the run
     judged = (f"{summary.n_defective} judged defective" if summary.decided else
@@ -172,15 +172,20 @@ def cmd_serve(args) -> None:
           corrections=False if args.no_corrections else args.corrections, engine=args.engine)
 
 
-def region_area(text: str) -> int:
-    """--min-region-area N: pixels of the image at its own size, a whole number >= 1."""
+def positive_int(text: str, what: str = "a whole number") -> int:
+    """A whole number >= 1 (--batch-size), refused by argparse with the text given."""
     try:
         n = int(text)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what} >= 1, got {text!r}")
     return n
+
+
+def region_area(text: str) -> int:
+    """--min-region-area N: pixels of the image at its own size, a whole number >= 1."""
+    return positive_int(text, "a whole number of pixels")
 
 
 def _print_metrics(metrics: dict, verb: str) -> None:
@@ -299,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
                    help="what runs the model: torch, or onnxruntime on the run's exported graph "
                         "(RUN/export/model.onnx, exported on first use; needs the export extra)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="images per forward pass (default: eval_batch_size, 8); the peak memory "
+                        "grows with it")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -12,11 +12,11 @@ from PIL import Image
 from prn import api
 from prn.checkpoint import load_checkpoint
 from prn.cli import main
-from prn.config import PRNConfig
+from prn.config import PRNConfig, RuntimeConfig
 from prn.data.split import Split
 from prn.deploy.calibrate import calibrate, image_threshold, pixel_threshold, rates_at
 from prn.deploy.predict import Predictor, predict_folder
-from prn.errors import PRNError
+from prn.errors import PRNError, UsageError
 from prn.infer import predict_samples
 from prn.postprocess import Postprocess
 
@@ -231,6 +231,31 @@ def test_predict_matches_the_models_own_output_batch_by_batch(run, images, tmp_p
     for row, d, f in zip(rows, direct, files):
         assert float(row["score"]) == pytest.approx(d["score"], abs=1e-6)
         np.testing.assert_allclose(np.load(tmp_path / "maps" / f"{f.name}.npy"), d["map"], atol=1e-6)
+
+
+def test_batch_size_flag_changes_the_batches_not_the_scores_and_refuses_zero(run, images, tmp_path, capsys,
+                                                                             monkeypatch):
+    seen, real = [], Predictor.__init__
+
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        seen.append(self.batch_size)
+    monkeypatch.setattr(Predictor, "__init__", spy)
+    for name, extra in (("default", []), ("one", ["--batch-size", "1"])):
+        assert main(["predict", str(run), str(images), "--out", str(tmp_path / name), "--maps", "none",
+                     "--quiet", *extra]) == 0
+    monkeypatch.undo()
+    assert seen == [RuntimeConfig().eval_batch_size, 1]  # the runtime section's, then the flag's
+    a, b = _rows(tmp_path / "default" / "scores.csv"), _rows(tmp_path / "one" / "scores.csv")
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) > 1
+    for ra, rb in zip(a, b):
+        assert float(ra["score"]) == pytest.approx(float(rb["score"]), abs=1e-5)
+        assert ra["prediction"] == rb["prediction"]
+    with pytest.raises(SystemExit):
+        main(["predict", str(run), str(images), "--batch-size", "0"])
+    assert "--batch-size: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="batch_size must be >= 1"):
+        Predictor(run, batch_size=0)
 
 
 def test_masks_and_png_maps_follow_the_pixel_threshold(run, images, tmp_path):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from prn.data.io import read_image, require_images
 from prn.deploy.engine import make_engine
 from prn.deploy.loading import load_model
-from prn.errors import CheckpointError, DataError, PRNError
+from prn.errors import CheckpointError, DataError, PRNError, UsageError
 from prn.pipeline import InferencePipeline, forward_model
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 from prn.preprocess import resize_image, to_tensor
@@ -50,6 +50,8 @@ class Predictor:
         self.threshold = self.postprocess.threshold
         self.pixel_threshold = self.postprocess.pixel_threshold
         self.input_hw = self.pipeline.preprocess.input_hw
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size or self.cfg.runtime.eval_batch_size
         # what runs the model on uint8 batches at the input size (prn.deploy.engine): torch or onnx
         self.engine_name = engine

@@ -32,12 +32,13 @@ RANK_DIR = ".rank-{}"
 
 
 def predict_sharded(run: str | Path, inputs: str | Path, out_dir: str | Path, *, device: str | None = None,
-                    threshold: float | None = None, progress: bool = True, **options) -> PredictSummary:
+                    threshold: float | None = None, progress: bool = True, batch_size: int | None = None,
+                    **options) -> PredictSummary:
     """This rank's share of ``predict_folder``; rank 0 merges and returns the whole run's summary,
     the others their part's. ``options``: those of ``predict_folder``."""
     t0 = time.perf_counter()
     w, dev = distributed.setup(resolve_device(device or "auto"))
-    predictor = Predictor(run, device=str(dev), threshold=threshold)
+    predictor = Predictor(run, device=str(dev), threshold=threshold, batch_size=batch_size)
     if options.get("engine") == "onnx":
         from prn.deploy.engine import ensure_exported
         if w.rank == 0:
