@@ -30,12 +30,18 @@ from prn.metrics import compute_all
 from prn.model.scoring import smooth_map, top_k_score
 
 
+SMOOTHED_KINDS = ("prn", "prototypes")  # the models that smooth their own map (map_sigma)
+
+
 def study(run: Path, sigmas: list[float], device: str | None = None) -> list[dict]:
     loaded = load_model(run, device=device)
+    if loaded.kind not in SMOOTHED_KINDS:
+        raise SystemExit(f"{run}: a {loaded.kind} run; the study needs a PRN or prototype-map run "
+                         f"(map_sigma is theirs; PatchCore blurs with its own fixed sigma)")
     model, cfg = loaded.model, loaded.cfg
     model.cfg = dataclasses.replace(model.cfg, map_sigma=0.0)  # the raw map; each sigma below smooths it
     _, preds = evaluate(model, cfg, Split.load(run / "split.json").test)
-    exact, k = preds.pixel_exact, cfg.model.top_k
+    exact, k = preds.pixel_exact, cfg.model.k_of(*preds.maps.shape[-2:])
     raw = torch.from_numpy(preds.maps)[:, None]
     before = float(compute_all(preds.labels, preds.scores)["image_auroc"])  # the same for every sigma
     rows = []

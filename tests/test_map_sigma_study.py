@@ -1,5 +1,6 @@
 """benchmarks/map_sigma_study.py: pixel metrics of a run's test maps smoothed after the fact."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,3 +32,12 @@ def test_the_study_refuses_what_is_not_a_run(tmp_path, monkeypatch):
         study.main([str(tmp_path)])
     with pytest.raises(SystemExit):
         study.main([str(tmp_path), "--sigmas", "-1"])
+
+
+def test_the_study_names_a_run_whose_model_does_not_smooth_its_own_map(calibrated_run, monkeypatch):
+    study = load_script(SCRIPT, monkeypatch)
+    real = study.load_model
+    monkeypatch.setattr(study, "load_model", lambda run, device=None: dataclasses.replace(
+        real(run, device=device), kind="patchcore"))
+    with pytest.raises(SystemExit, match="a patchcore run; the study needs a PRN or prototype-map run"):
+        study.main([str(calibrated_run), "--device", "cpu"])
