@@ -79,18 +79,18 @@ def stages(run: Path, files: list[Path], repeat: int) -> dict[str, float]:
     return out
 
 
-# `python -m prn` (tcmalloc where found, then the command), then the process's own resident-size
-# high-water mark as its last line on stderr, read before the interpreter shuts down: at exit this
-# torch build's libraries page in another ~130 MB for their teardown (`import torch` alone: 520 MB
-# working, 647 MB by time -v), which os.wait4's ru_maxrss would count.
-PREDICT_THEN_PEAK = """import sys
-from prn.allocator import reexec_for_command
-reexec_for_command("prn")
-from prn.cli import main
-code = main(sys.argv[1:])
-hwm = next((l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")), "0")
-print("VmHWM_KiB", hwm, file=sys.stderr)
-sys.exit(code)"""
+# The `prn` command's own entry point, and at exit (atexit runs before the interpreter shuts down)
+# the process's resident-size high-water mark on stderr: the shutdown's teardown of this torch
+# build's libraries pages in another ~130 MB (`import torch` alone: 520 MB working, 647 MB by
+# time -v), which os.wait4's ru_maxrss would count.
+PREDICT_THEN_PEAK = """import atexit, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("VmHWM_KiB", line.split()[1], file=sys.stderr)
+atexit.register(peak)
+from prn.cli import entry
+entry()"""
 
 
 def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int, batch: int | None = None) -> dict:
@@ -122,7 +122,7 @@ def end_to_end(run: Path, folder: Path, engine: str, maps: str, workers: int, ba
     hwm = [line.split()[1] for line in err.splitlines() if line.startswith("VmHWM_KiB")]
     return {"engine": engine, "maps": maps, "workers": workers, "batch": batch, "images": n, "seconds": wall,
             "images_per_second": n / wall, "peak_pss_mb": peak / 2**20,
-            "peak_rss_mib": int(hwm[0]) / 1024 if hwm and int(hwm[0]) else None}
+            "peak_rss_mib": int(hwm[0]) / 1024 if hwm else None}
 
 
 def main() -> None:
