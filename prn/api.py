@@ -104,8 +104,9 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = T
 # ----------------------------------------------------------------------------- loading
 
 def load_model(checkpoint: str | Path, *, device: str | None = None):
-    """(model in eval mode on its device, PRNConfig) from a run folder or a .pt file
-    (``prn.deploy.loading.load_model`` gives the calibration too)."""
+    """(model in eval mode on its device, PRNConfig) from a run folder or a .pt file, for
+    inference: where it infers in float32 its batch norms are folded into their convolutions
+    (``prn.deploy.loading.load_model`` gives the calibration too, and ``fold=False``)."""
     loaded = load_model_full(checkpoint, device=device)
     return loaded.model, loaded.cfg
 

@@ -81,13 +81,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
+def infers_in_float32(device: torch.device, precision: str) -> bool:
+    """Whether inference at ``precision`` on ``device`` runs in plain float32 (no autocast)."""
+    precision = resolve_precision(precision, device)
+    return precision == "32" or (precision == "16" and device.type != "cuda")
+
+
 def inference_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """As ``autocast``, but float16 falls back to float32 off CUDA: a model trained in float16 on
     a GPU still predicts on a CPU (slower, not different)."""
-    precision = resolve_precision(precision, device)
-    if precision == "32" or (precision == "16" and device.type != "cuda"):
+    if infers_in_float32(device, precision):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=_DTYPES[resolve_precision(precision, device)])
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -165,7 +165,9 @@ def test_fit_calibrates_on_the_held_out_good_images_only(run):
     model, cfg = api.load_model(run)
     preds = predict_samples(model, split.val_normal, cfg.model.input_hw, device="cpu")
     expected, _ = image_threshold(preds.scores, cfg.calibration.target_fpr, cfg.calibration.calibration_tail)
-    assert cal["image_threshold"] == pytest.approx(expected, rel=1e-9)
+    # fit scored the fold with its trained modules, the loaded model has its batch norms folded
+    # (prn.model.folding): the same to float32 rounding
+    assert cal["image_threshold"] == pytest.approx(expected, rel=1e-5)
     assert cal["pixel_threshold"] == pytest.approx(pixel_threshold(preds.maps, cfg.calibration.pixel_target_fpr), rel=1e-6)
     # calibration.json holds what the checkpoint holds: numbers approximately, the fold's score
     # lists element by element, the rest exactly (pytest 9.2's approx refuses nested dicts)

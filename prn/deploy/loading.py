@@ -1,5 +1,9 @@
 """A trained model as the line uses it: the network in eval mode, its config and its calibration,
-from a run folder or a bare checkpoint file copied anywhere (everything needed is in the file)."""
+from a run folder or a bare checkpoint file copied anywhere (everything needed is in the file).
+
+Where it infers in float32, its batch norms are folded into their convolutions
+(``prn.model.folding``): the same outputs to float32 rounding, faster. Under bfloat16 or float16
+autocast they are left as trained, so scores stay those the run's thresholds were set on."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from prn import registry
 from prn.checkpoint import checkpoint_file, load_checkpoint
 from prn.config import PRNConfig
 from prn.errors import CheckpointError, PRNError
+from prn.model.folding import fold_batch_norms
+from prn.precision import infers_in_float32
 from prn.runtime import resolve_device
 
 
@@ -23,13 +29,15 @@ class LoadedModel:
     calibration: dict | None # prn.deploy.calibrate's thresholds; None for an uncalibrated checkpoint
     path: Path               # the checkpoint file read
     device: torch.device
+    folded: int = 0          # batch norms folded into their convolutions (prn.model.folding)
 
 
-def load_model(checkpoint: str | Path, *, device: str | None = None) -> LoadedModel:
+def load_model(checkpoint: str | Path, *, device: str | None = None, fold: bool = True) -> LoadedModel:
     """Load a run folder's kept weights (``checkpoints/model.pt``) or any checkpoint file. The
     checkpoint's config has no runtime section (device, workers...): this machine's defaults
     apply, with ``device`` if given. Flat configs of checkpoints written before the config had
-    sections load too."""
+    sections load too. ``fold``: fold the batch norms where inference is float32 (the model is
+    then for inference only; ``fold=False`` keeps the trained modules)."""
     path = checkpoint_file(checkpoint)
     payload = load_checkpoint(path)
     try:
@@ -55,4 +63,8 @@ def load_model(checkpoint: str | Path, *, device: str | None = None) -> LoadedMo
         # the thresholds hold for scores at the precision they were set at (prn calibrate
         # --precision), so every inference runs at it; the training section keeps no other use here
         cfg = cfg.replace(precision=calibration["precision"])
-    return LoadedModel(model, cfg, kind, calibration, path, dev)
+    folded = 0
+    if fold and infers_in_float32(dev, cfg.training.precision):
+        example = torch.rand(1, 3, *cfg.model.input_hw, generator=torch.Generator().manual_seed(0)).to(dev)
+        folded = fold_batch_norms(model, example)
+    return LoadedModel(model, cfg, kind, calibration, path, dev, folded)
