@@ -11,7 +11,8 @@ graph tracer cannot follow (the attention's patch sizes depend on the input's sh
 ``Conv2d`` child immediately followed, in registration order, by a ``BatchNorm2d`` child of its
 width. That holds for every block of prn's networks, torchvision's ResNet-18 and timm's
 EfficientNet; since it is a rule about how modules are written, not a fact about them, the folded
-model is checked against the original on an example input and everything is put back if they differ.
+model is checked against the original on an example input and everything is put back if they differ
+(as it would be on a GPU whose convolutions round to TF32, a check this project has not run).
 
     >>> n = fold_batch_norms(model.eval(), torch.rand(1, 3, 384, 160))
 """
