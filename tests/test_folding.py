@@ -111,3 +111,17 @@ def test_a_run_that_infers_in_bfloat16_keeps_its_batch_norms(calibrated_run, tmp
     loaded = load_model(path)
     assert loaded.cfg.training.precision == "bf16" and loaded.folded == 0
     assert any(isinstance(m, nn.BatchNorm2d) for m in loaded.model.modules())
+
+
+def test_the_resnet18_encoder_folds_as_torchvision_builds_it():
+    from prn.model.backbone import create_encoder
+    enc = create_encoder("resnet18", weights="random").eval()
+    _randomise_norms(enc)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        before = enc(x)
+    # the stem, two per block of layer1..3 (6 blocks), and the two down-sampling shortcuts
+    assert fold_batch_norms(enc, x[:1]) == 15
+    with torch.no_grad():
+        for a, b in zip(before, enc(x)):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
