@@ -13,6 +13,7 @@ Every run folder holds ``config.yaml``, ``split.json`` (the exact file lists), `
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
 from prn.data.sample import Sample
 from prn.data.split import Split
-from prn.deploy.calibrate import calibrate_predictions, rates_at, write_calibration
+from prn.deploy.calibrate import calibrate_predictions, rates_at, suspect_warning, write_calibration
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
@@ -79,6 +80,9 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
                                     cfg.training.precision)
         registry.save_model(run_dir, kind, cfg, result, cal)
         write_calibration(run_dir, cal)
+        warning = suspect_warning(cal)
+        if warning:
+            print(f"prn fit: warning: {warning}", file=sys.stderr)
         if progress:
             print(f"threshold {cal['image_threshold']:.4g} at {100 * cal['target_fpr']:g} % false rejects "
                   f"({cal['n_normal']} held-out good parts, {cal['method']})" if cal else
