@@ -65,7 +65,7 @@ def test_fit_warns_with_the_suspect_held_out_file(demo_root, tiny_config, tmp_pa
                   run_dir=tmp_path / "run", progress=False)
     err = capsys.readouterr().err
     first = Split.load(run / "split.json").val_normal[0].image_path
-    assert f"prn fit: warning: 1 held-out good image(s) score far above the other" in err
+    assert "prn fit: warning: 1 held-out good image(s) score far above the other" in err
     assert str(first) in err
     assert (run / "calibration.json").read_text().count(str(first)) == 1
 
