@@ -124,9 +124,9 @@ def suspect_normals(normal_scores) -> list[dict]:
 
     Why: the image threshold is set by the top of these scores, so one good image that is not
     good (an unannotated defect, a part from another station) moves it for every part after it;
-    on BSData two of the three top-scoring good test images showed pits (BENCHMARKS.md, "Are the
-    highest-scoring good parts good?"). Nothing is left out here: the engineer looks at the image
-    and decides (``prn calibrate RUN`` again after moving it)."""
+    on one BSData split two of the three held-out images this names show pits, one of them the
+    threshold itself (BENCHMARKS.md, "Suspect held-out good images"). Nothing is left out here: the
+    engineer looks at the image and decides (``prn calibrate RUN`` again after moving it)."""
     s = np.asarray(normal_scores, dtype=np.float64).ravel()
     order = np.argsort(s, kind="stable")
     out = []
