@@ -21,6 +21,26 @@ def test_encoder_stays_in_eval_mode_when_the_model_trains():
     assert not enc.body.training
 
 
+def test_inference_runs_the_encoder_a_few_images_at_a_time_with_the_same_features():
+    """Eval mode feeds the body EVAL_CHUNK images at a time (predict's peak memory), training
+    mode the whole batch; the features are those of one pass over all the images."""
+    from prn.model.backbone import EVAL_CHUNK
+
+    enc = create_encoder("tf_efficientnet_lite0", "random").eval()
+    sizes = []
+    enc.body.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    x = torch.rand(2 * EVAL_CHUNK + 1, 3, 64, 96)
+    chunked = enc(x)
+    assert sizes == [EVAL_CHUNK, EVAL_CHUNK, 1]
+    enc.train()
+    sizes.clear()
+    whole = enc(x)
+    assert sizes == [x.shape[0]]
+    assert [f.shape for f in chunked] == [f.shape for f in whole]
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
     """The shipped weights, paired by position and fed [-1, 1] inputs, know ImageNet classes."""
     import timm

@@ -32,6 +32,11 @@ class BackboneWeightsError(PRNError, RuntimeError):
     exit_status = ExitStatus.MODEL  # a model file, like a checkpoint
 
 
+# Images the frozen encoder takes at a time at inference: 4 peaks ~90 MiB lower than 8 and runs
+# the encoder within 3 % of its speed (BENCHMARKS.md, "The encoder four images at a time").
+EVAL_CHUNK = 4
+
+
 class Encoder(nn.Module):
     """A frozen feature extractor: ``forward(x[B,3,H,W] in [0,1]) -> [F1, F2, F3]``."""
 
@@ -56,9 +61,24 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.training or _tracing() or x.shape[0] <= EVAL_CHUNK:
+            return self._features(x)
+        # Inference in chunks: the early stages at 1/2 scale hold ~12 MB an image per tensor
+        # (Lite0's expanded blocks and their 'same' padding copies), which set predict's peak at
+        # 8 images a pass; the features returned are a few MB. Training steps keep the whole
+        # batch (their peak is the backward's, BENCHMARKS.md "Where a float32 fit's memory peaks").
+        parts = [self._features(chunk) for chunk in x.split(EVAL_CHUNK)]
+        return [torch.cat(tap) for tap in zip(*parts)]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x - self.mean) / self.std
         out = self.body(x)
         return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _tracing() -> bool:
+    """Exporting or compiling: the graph keeps the batch dimension whole (and dynamic)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
