@@ -29,7 +29,7 @@ def test_inference_runs_the_encoder_a_few_images_at_a_time_with_the_same_feature
     enc = create_encoder("tf_efficientnet_lite0", "random").eval()
     sizes = []
     enc.body.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
-    x = torch.rand(2 * EVAL_CHUNK + 1, 3, 64, 96)
+    x = torch.rand(2 * EVAL_CHUNK + 1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     chunked = enc(x)
     assert sizes == [EVAL_CHUNK, EVAL_CHUNK, 1]
     enc.train()
@@ -37,8 +37,8 @@ def test_inference_runs_the_encoder_a_few_images_at_a_time_with_the_same_feature
     whole = enc(x)
     assert sizes == [x.shape[0]]
     assert [f.shape for f in chunked] == [f.shape for f in whole]
-    for a, b in zip(chunked, whole):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(chunked, whole):  # float32 rounding of convolutions run at another batch size
+        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
 def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
