@@ -312,6 +312,18 @@ def test_smooth_map_is_a_gaussian_truncated_at_four_sigma():
     torch.testing.assert_close(out.sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("sigma", [1.0, 1.5, 4.0])
+def test_smooth_map_in_two_passes_equals_torchvisions_gaussian_blur(sigma):
+    """The same kernel and reflected border as torchvision's 2-D blur, at a non-square size."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from prn.model.scoring import smooth_map
+    amap = torch.rand(3, 1, 48, 37, generator=torch.Generator().manual_seed(1))
+    k = 2 * int(4 * sigma + 0.5) + 1
+    torch.testing.assert_close(smooth_map(amap, sigma), gaussian_blur(amap, [k, k], [sigma, sigma]),
+                               rtol=0, atol=2e-6)
+
+
 def test_smooth_map_with_sigma_zero_returns_the_map_unchanged():
     from prn.model.scoring import smooth_map
     amap = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
