@@ -25,7 +25,7 @@ def smooth_map(anomaly_map: Tensor, sigma: float) -> Tensor:
     Written here as two 1-D passes because torchvision's ``gaussian_blur`` (the same kernel and
     border) convolves with the k x k outer product: 81 taps a pixel at sigma 1 instead of 18, 3.4 %
     of the `cpu` preset's forward pass (BENCHMARKS.md, "The map smoothed in two passes"). The
-    outputs agree to float32 rounding (tests/test_model_layers.py)."""
+    outputs agree to float32 rounding (tests/test_values_model.py)."""
     if sigma <= 0:
         return anomaly_map
     k = 2 * int(4 * sigma + 0.5) + 1
