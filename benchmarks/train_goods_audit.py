@@ -89,7 +89,8 @@ def sheet(out: Path, n_random: int, seed: int) -> None:
     rows = json.loads((out / "oof.json").read_text())
     rng = random.Random(seed)
     picked = [(r, "flagged") for r in rows if r["above"]]
-    picked += [(r, "random") for r in rng.sample([r for r in rows if not r["above"]], n_random)]
+    unflagged = [r for r in rows if not r["above"]]
+    picked += [(r, "random") for r in rng.sample(unflagged, min(n_random, len(unflagged)))]
     rng.shuffle(picked)
     predictors = {h: Predictor(out / f"half_{h}") for h in HALVES}
     board = Image.new("RGB", (COLUMNS * SHOWN, -(-len(picked) // COLUMNS) * SHOWN), "black")
