@@ -70,23 +70,37 @@ def sheet(run: Path, out: Path, top: int, n_random: int, seed: int) -> None:
     samples = [sample_of(test_goods, r["path"]) for r, _ in picked]
     preds = predict_samples(loaded.model, samples, loaded.cfg.model.input_hw,
                             batch_size=loaded.cfg.runtime.eval_batch_size, precision=loaded.cfg.training.precision)
-    rows_n = -(-len(picked) // COLUMNS)
-    board = Image.new("RGB", (COLUMNS * SHOWN, rows_n * SHOWN), "black")
-    key = []
+    tiles, key = [], []
     for i, ((row, group), sample, amap) in enumerate(zip(picked, samples, preds.maps)):
         image = Image.open(sample.image_path).convert("RGB")
         y, x = np.unravel_index(int(amap.argmax()), amap.shape)
         cx, cy = (x + 0.5) * image.width / amap.shape[1], (y + 0.5) * image.height / amap.shape[0]
         box = [int(cx - CROP / 2), int(cy - CROP / 2), int(cx + CROP / 2), int(cy + CROP / 2)]
-        tile = image.crop(box).resize((SHOWN, SHOWN))
-        ImageDraw.Draw(tile).text((6, 6), str(i + 1), fill=(255, 40, 40))
-        board.paste(tile, ((i % COLUMNS) * SHOWN, (i // COLUMNS) * SHOWN))
+        tiles.append(image.crop(box))
         key.append({"number": i + 1, "path": row["path"], "group": group, "score": float(row["score"]),
                     "peak_xy": [round(cx), round(cy)]})
     out.mkdir(parents=True, exist_ok=True)
-    board.save(out / "sheet.png")
+    numbered_sheet(tiles).save(out / "sheet.png")
     (out / "key.json").write_text(json.dumps({"run": str(run), "seed": seed, "crops": key}, indent=1) + "\n")
     print(f"{out / 'sheet.png'}: {len(key)} crops; write {out / 'judged.txt'} before opening key.json")
+
+
+def numbered_sheet(crops: list[Image.Image]) -> Image.Image:
+    """The crops enlarged to SHOWN x SHOWN, numbered 1, 2, ... in red, COLUMNS to a row."""
+    board = Image.new("RGB", (COLUMNS * SHOWN, -(-len(crops) // COLUMNS) * SHOWN), "black")
+    for i, crop in enumerate(crops):
+        tile = crop.resize((SHOWN, SHOWN))
+        ImageDraw.Draw(tile).text((6, 6), str(i + 1), fill=(255, 40, 40))
+        board.paste(tile, ((i % COLUMNS) * SHOWN, (i // COLUMNS) * SHOWN))
+    return board
+
+
+def print_judgments(crops: list[dict], judged: dict[int, str], groups: tuple[str, ...]) -> None:
+    """The markdown table of how many crops of each group were judged yes / unsure / no."""
+    print("| group | crops | defect visible | unsure | none |\n|---|---|---|---|---|")
+    for group in groups:
+        answers = [judged[c["number"]] for c in crops if c["group"] == group]
+        print(f"| {group} | {len(answers)} | " + " | ".join(str(answers.count(a)) for a in ANSWERS) + " |")
 
 
 def read_judgments(path: Path, n: int) -> dict[int, str]:
@@ -107,10 +121,7 @@ def reveal(out: Path, scores: Path | None) -> None:
     key = json.loads((out / "key.json").read_text())
     crops = key["crops"]
     judged = read_judgments(out / "judged.txt", len(crops))
-    print("| group | crops | defect visible | unsure | none |\n|---|---|---|---|---|")
-    for group in ("top", "random"):
-        answers = [judged[c["number"]] for c in crops if c["group"] == group]
-        print(f"| {group} | {len(answers)} | " + " | ".join(str(answers.count(a)) for a in ANSWERS) + " |")
+    print_judgments(crops, judged, ("top", "random"))
     rows = read_scores(scores or Path(key["run"]) / "predictions" / "scores.csv")
     flagged = {Path(c["path"]).name for c in crops if judged[c["number"]] == "yes"}
     labels = np.array([int(r["label"]) for r in rows])

@@ -32,9 +32,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from label_audit import ANSWERS, COLUMNS, CROP, SHOWN, read_judgments
+from label_audit import CROP, numbered_sheet, print_judgments, read_judgments
 from prn import api
 from prn.config import PRNConfig
 from prn.data.io import read_image
@@ -93,8 +93,7 @@ def sheet(out: Path, n_random: int, seed: int) -> None:
     picked += [(r, "random") for r in rng.sample(unflagged, min(n_random, len(unflagged)))]
     rng.shuffle(picked)
     predictors = {h: Predictor(out / f"half_{h}") for h in HALVES}
-    board = Image.new("RGB", (COLUMNS * SHOWN, -(-len(picked) // COLUMNS) * SHOWN), "black")
-    key = []
+    tiles, key = [], []
     for i, (row, group) in enumerate(picked):
         image = read_image(row["path"])
         amap = predictors[row["model"]].predict_arrays([image])[0]["map"]  # at the image's own size
@@ -102,23 +101,16 @@ def sheet(out: Path, n_random: int, seed: int) -> None:
         # the crop kept inside the photo, so that each tile is all image
         x0 = int(np.clip(cx - CROP // 2, 0, max(0, image.shape[1] - CROP)))
         y0 = int(np.clip(cy - CROP // 2, 0, max(0, image.shape[0] - CROP)))
-        tile = Image.fromarray(image[y0:y0 + CROP, x0:x0 + CROP])
-        tile = tile.resize((SHOWN, SHOWN))
-        ImageDraw.Draw(tile).text((6, 6), str(i + 1), fill=(255, 40, 40))
-        board.paste(tile, ((i % COLUMNS) * SHOWN, (i // COLUMNS) * SHOWN))
+        tiles.append(Image.fromarray(image[y0:y0 + CROP, x0:x0 + CROP]))
         key.append({"number": i + 1, "path": row["path"], "group": group, "score": row["score"]})
-    board.save(out / "sheet.png")
+    numbered_sheet(tiles).save(out / "sheet.png")
     (out / "key.json").write_text(json.dumps({"seed": seed, "crops": key}, indent=1) + "\n")
     print(f"{out / 'sheet.png'}: {len(key)} crops; write {out / 'judged.txt'} before opening key.json")
 
 
 def reveal(out: Path) -> None:
     crops = json.loads((out / "key.json").read_text())["crops"]
-    judged = read_judgments(out / "judged.txt", len(crops))
-    print("| group | crops | defect visible | unsure | none |\n|---|---|---|---|---|")
-    for group in ("flagged", "random"):
-        answers = [judged[c["number"]] for c in crops if c["group"] == group]
-        print(f"| {group} | {len(answers)} | " + " | ".join(str(answers.count(a)) for a in ANSWERS) + " |")
+    print_judgments(crops, read_judgments(out / "judged.txt", len(crops)), ("flagged", "random"))
 
 
 def refit(run: Path, out: Path, drop: Path | None, sets: dict) -> None:
