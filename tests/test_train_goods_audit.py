@@ -47,9 +47,9 @@ def test_each_half_is_scored_by_the_model_fitted_on_the_other_and_refit_leaves_o
     assert [c["group"] for c in crops].count("flagged") == len(flagged)
     assert [c["group"] for c in crops].count("random") == n_random
     assert {c["path"] for c in crops if c["group"] == "random"}.isdisjoint(flagged)
-    from label_audit import COLUMNS, SHOWN  # the sheet is label_audit's, on the path load_script set
+    layout = load_script(SCRIPT.parent / "label_audit.py")  # the sheet is label_audit's
     with Image.open(out / "sheet.png") as sheet:
-        assert sheet.width == COLUMNS * SHOWN
+        assert sheet.width == layout.COLUMNS * layout.SHOWN
     (out / "judged.txt").write_text("".join(f"{c['number']} {'yes' if c['group'] == 'flagged' else 'no'}\n"
                                             for c in crops))
     audit.reveal(out)
