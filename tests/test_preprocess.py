@@ -71,3 +71,53 @@ def test_exported_resize_equals_pillows_for_any_input_size(tmp_path):
         image = np.random.default_rng(src[1]).integers(0, 256, (*src, 3), dtype=np.uint8)
         (got,) = session.run(None, {"images": image.transpose(2, 0, 1)[None].copy()})
         assert np.array_equal(got[0].transpose(1, 2, 0), pillow(image, (48, 80))), src
+
+
+def _files_of_every_mode(folder):
+    """(path, what) of one file per way read_image converts: gray and RGB (the direct path),
+    gray with a transparent value, palette, RGBA, 16-bit, CMYK JPEG and gray / colour JPEGs."""
+    g = np.random.default_rng(11)
+    rgb, gray = g.integers(0, 256, (57, 83, 3), dtype=np.uint8), g.integers(0, 256, (57, 83), dtype=np.uint8)
+    pictures = {"rgb.png": Image.fromarray(rgb), "gray.png": Image.fromarray(gray),
+                "gray.jpg": Image.fromarray(gray), "rgb.jpg": Image.fromarray(rgb),
+                "palette.png": Image.fromarray(rgb).convert("P"),
+                "rgba.png": Image.fromarray(g.integers(0, 256, (57, 83, 4), dtype=np.uint8)),
+                "deep.png": Image.fromarray(g.integers(0, 65536, (57, 83), dtype=np.uint16)),
+                "cmyk.jpg": Image.fromarray(rgb).convert("CMYK")}
+    paths = []
+    for name, picture in pictures.items():
+        picture.save(folder / name)
+        paths.append(folder / name)
+    transparent = folder / "gray_transparent.png"
+    Image.fromarray(gray).save(transparent, transparency=int(gray[0, 0]))
+    return paths + [transparent]
+
+
+@pytest.mark.parametrize("size", [(160, 384), (20, 30), (57, 83), (120, 200), 64])
+def test_read_resized_equals_read_then_resize_bit_for_bit_for_every_mode(tmp_path, size):
+    from prn.data.io import read_image
+    from prn.preprocess import read_resized
+
+    for path in _files_of_every_mode(tmp_path):
+        image = read_image(path)
+        got, hw = read_resized(path, size)
+        assert hw == image.shape[:2], path.name
+        assert got.dtype == np.uint8 and got.flags.writeable and got.flags.c_contiguous, path.name
+        assert np.array_equal(got, resize_image(image, size)), path.name
+
+
+def test_read_resized_checks_the_file_as_read_image_does(tmp_path):
+    from prn.errors import DataError
+    from prn.preprocess import read_resized
+
+    with pytest.raises(DataError, match="missing.png: file not found"):
+        read_resized(tmp_path / "missing.png", 32)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(big)
+    with pytest.raises(DataError, match="big.png: image is 50x40 = 2000 pixels"):
+        read_resized(big, 32, max_pixels=1000)
+    cut = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    with pytest.raises(DataError, match="cut.png: cannot decode image, the file is truncated"):
+        read_resized(cut, 32)

@@ -19,9 +19,9 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from prn.data.io import DEFAULT_MAX_PIXELS, image_hw, read_image, read_mask
+from prn.data.io import DEFAULT_MAX_PIXELS, image_hw, read_mask
 from prn.data.sample import Sample
-from prn.preprocess import as_hw, batches_of, resize_image, to_tensor
+from prn.preprocess import as_hw, batches_of, read_resized, to_tensor
 
 
 def original_hw(sample: Sample) -> tuple[int, int]:
@@ -33,12 +33,11 @@ def load_sample(sample: Sample, size: int | tuple[int, int],
                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Read and resize one sample to ``size`` (S or (H, W)): (uint8 (H, W, 3), bool (H, W)); the
     mask is all False when the sample has none. The mask must have the image's size (else DataError)."""
-    image = read_image(sample.image_path, max_pixels)
     h, w = as_hw(size)
-    resized = resize_image(image, (h, w))
+    resized, full_hw = read_resized(sample.image_path, (h, w), max_pixels)
     if sample.mask_path is None:
         return resized, np.zeros((h, w), dtype=bool)
-    mask = read_mask(sample.mask_path, image.shape[:2], max_pixels, image_path=sample.image_path)
+    mask = read_mask(sample.mask_path, full_hw, max_pixels, image_path=sample.image_path)
     small = Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST)
     return resized, np.array(small, dtype=bool)
 

@@ -91,8 +91,11 @@ def _open(path: Path | str, max_pixels: int | None, data: bytes | None = None,
     return img
 
 
-def _decode(path: Path | str, max_pixels: int | None, data: bytes | None = None,
-            limit_name: str = "max_image_pixels") -> Image.Image:
+def decode_image(path: Path | str, max_pixels: int | None, data: bytes | None = None,
+                 limit_name: str = "max_image_pixels") -> Image.Image:
+    """The file (or ``data``, an upload named ``path``) opened with the checks of ``_open`` and fully
+    decoded, in whatever mode it has; the caller closes it (``with decode_image(...) as img``).
+    Anything wrong with the data raises DataError naming it."""
     img = _open(path, max_pixels, data, limit_name)
     try:
         img.load()
@@ -135,11 +138,11 @@ def _high_bit_values(path: Path, img: Image.Image) -> tuple[np.ndarray, int]:
     return values, top
 
 
-def _has_alpha(img: Image.Image) -> bool:
+def has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def _to_rgb(path: Path, img: Image.Image) -> np.ndarray:
+def to_rgb(path: Path, img: Image.Image) -> np.ndarray:
     """uint8 (H, W, 3) from an already decoded image of any supported mode."""
     if img.mode.startswith("I"):
         values, top = _high_bit_values(path, img)
@@ -147,7 +150,7 @@ def _to_rgb(path: Path, img: Image.Image) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
         raise DataError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
-    if _has_alpha(img):
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(black, rgba)
@@ -160,8 +163,8 @@ def _to_rgb(path: Path, img: Image.Image) -> np.ndarray:
 def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read any supported image as uint8 (H, W, 3) RGB; see the module docstring for conversions."""
     path = Path(path)
-    with _decode(path, max_pixels) as img:
-        return _to_rgb(path, img)
+    with decode_image(path, max_pixels) as img:
+        return to_rgb(path, img)
 
 
 def read_image_bytes(data: bytes, name: str = "upload",
@@ -170,8 +173,8 @@ def read_image_bytes(data: bytes, name: str = "upload",
     """``read_image`` for an image held in memory (an upload): the same checks and conversions,
     decoded from ``data`` without touching the disk; ``name`` only labels error messages and
     ``limit_name`` names what set ``max_pixels`` (``prn serve``: its ``--max-pixels``)."""
-    with _decode(name, max_pixels, bytes(data), limit_name) as img:
-        return _to_rgb(name, img)
+    with decode_image(name, max_pixels, bytes(data), limit_name) as img:
+        return to_rgb(name, img)
 
 
 def _mask_values(path: Path, img: Image.Image) -> tuple[np.ndarray, int]:
@@ -182,7 +185,7 @@ def _mask_values(path: Path, img: Image.Image) -> tuple[np.ndarray, int]:
         return _high_bit_values(path, img)
     if img.mode == "L":
         return np.asarray(img), 255
-    return _to_rgb(path, img), 255
+    return to_rgb(path, img), 255
 
 
 def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None,
@@ -197,7 +200,7 @@ def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None,
     DataError (image_path, if given, is named in the message).
     """
     path = Path(path)
-    with _decode(path, max_pixels) as img:
+    with decode_image(path, max_pixels) as img:
         values, top = _mask_values(path, img)
     if values.size and values.max() <= 1:
         mask = values > 0

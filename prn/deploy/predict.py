@@ -22,13 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from prn.data.io import read_image, require_images
+from prn.data.io import require_images
 from prn.deploy.engine import make_engine
 from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError, UsageError
 from prn.pipeline import InferencePipeline, forward_model
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
-from prn.preprocess import resize_image, to_tensor
+from prn.preprocess import read_resized, resize_image, to_tensor
 from prn.report import MAP_FORMATS, ResultWriter
 from prn.runtime import read_ahead
 
@@ -135,11 +135,11 @@ class ImageFiles(Dataset):
         item = {"index": i, "resized": torch.zeros(h, w, 3, dtype=torch.uint8),
                 "hw": torch.zeros(2, dtype=torch.int64), "error": ""}
         try:
-            image = read_image(self.files[i], self.max_pixels)
+            resized, hw = read_resized(self.files[i], self.input_hw, self.max_pixels)
         except DataError as exc:
             item["error"] = str(exc)
             return item
-        item.update(resized=torch.from_numpy(resize_image(image, self.input_hw)), hw=torch.tensor(image.shape[:2]))
+        item.update(resized=torch.from_numpy(resized), hw=torch.tensor(hw))
         return item
 
 
