@@ -211,6 +211,7 @@ class SynthesisConfig:
     aug1_prob: float = 1.0            # ... each applied with this probability (ours: < 1 keeps some as they look)
     aug2_max_angle: float = 90.0      # EA rotation range, degrees (the paper gives none)
     ea_clip_to_target: bool = True    # EA mask clipped to the target area; False keeps the defect whole
+    ea_scale_min: float = 1.0         # ours: Aug2 also shrinks the seen defect by U(ea_scale_min, 1); 1: the paper's
     gray_textures: str = "auto"       # HEA textures in gray: "auto" (when the normal images are), "yes", "no"
     perlin_min_scale: int = 0         # Perlin lattice cells per side 2^min .. 2^(max-1) (DRAEM: 0, 6); low = large blobs
     perlin_max_scale: int = 6
@@ -222,6 +223,8 @@ class SynthesisConfig:
             problems.append(f"need 0 <= beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}")
         if not 0 <= self.aug1_prob <= 1 or not 0 <= self.aug1_ops <= 7:
             problems.append("aug1_prob must be in [0, 1] and aug1_ops in 0..7")
+        if not 0 < self.ea_scale_min <= 1:
+            problems.append(f"ea_scale_min must be in (0, 1], got {self.ea_scale_min}")
         if self.gray_textures not in ("auto", "yes", "no"):
             problems.append(f"gray_textures must be auto, yes or no, got {self.gray_textures!r}")
         if not 0 <= self.perlin_min_scale < self.perlin_max_scale <= 8:

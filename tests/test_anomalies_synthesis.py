@@ -87,6 +87,37 @@ def test_extended_anomaly_is_the_seen_defect_not_the_target_area():
         assert mask.sum() <= 1.15 * seen_mask.sum()
 
 
+def test_extended_anomaly_shrunk_by_ea_scale_min_keeps_the_invariants_and_draws_smaller_defects():
+    from prn.anomalies.augment import sample_aug2
+
+    normal = normal_image(4)
+    seen_image, seen_mask = seen_anomaly(4)
+    whole = np.ones((S, S), bool)
+    areas = {1.0: [], 0.5: []}
+    for s in range(12):
+        for min_scale in areas:
+            image, mask = make_extended(normal, seen_image, seen_mask, whole, 0.0, rng(s), min_scale=min_scale)
+            check_invariants(normal, image, mask, whole)
+            areas[min_scale].append(int(mask.sum()))
+    # a factor in [0.5, 1] on each side: a quarter to all of the area, a little under half on average
+    assert all(a <= 1.15 * seen_mask.sum() for a in areas[0.5])
+    assert 0.25 * seen_mask.sum() * 0.8 <= min(areas[0.5]) and np.mean(areas[0.5]) < 0.75 * np.mean(areas[1.0])
+    # at 1 the draws are the paper's, draw for draw: no extra random number is taken
+    a, b = rng(7), rng(7)
+    assert sample_aug2(a, (S, S), min_scale=1.0) == sample_aug2(b, (S, S)) and a.random() == b.random()
+    shrunk = [sample_aug2(rng(k), (S, S), min_scale=0.5).scale for k in range(50)]
+    assert 0.5 <= min(shrunk) and max(shrunk) <= 1.0 and np.std(shrunk) > 0.05
+
+
+def test_ea_scale_min_is_checked():
+    from prn.config import SynthesisConfig
+
+    assert SynthesisConfig().ea_scale_min == 1.0
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="ea_scale_min must be in"):
+            SynthesisConfig(ea_scale_min=bad)
+
+
 def test_extended_anomaly_opacity_limits_the_change():
     normal = normal_image(2)
     seen_image, seen_mask = seen_anomaly(2)

@@ -15,6 +15,8 @@ Both run torchvision.transforms.v2.functional on uint8 tensors; parameters come 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,24 +102,32 @@ class Affine:
     shear: tuple[float, float]
     translate: tuple[float, float]
     center: tuple[float, float]
+    scale: float = 1.0  # about ``center``; Aug2 of the paper keeps 1 (``ea_scale_min`` draws below it)
 
 
 def sample_aug2(rng: np.random.Generator, hw: tuple[int, int],
-                center: tuple[float, float] | None = None, max_angle: float = MAX_ANGLE) -> Affine:
+                center: tuple[float, float] | None = None, max_angle: float = MAX_ANGLE,
+                min_scale: float = 1.0) -> Affine:
     """A random Aug2 map for an (H, W) image. ``center`` (x, y) is the pivot of the rotation
-    (within +-max_angle degrees) and shear (default: the image centre); the shift moves it to a
-    uniformly random point of the image, so a defect can land anywhere."""
+    (within +-max_angle degrees), shear and scale (default: the image centre); the shift moves it
+    to a uniformly random point of the image, so a defect can land anywhere. min_scale < 1 shrinks
+    by a factor drawn uniformly in [min_scale, 1] (drawn last, so at 1 the maps are the paper's,
+    draw for draw)."""
     h, w = hw
     cx, cy = center if center is not None else ((w - 1) / 2, (h - 1) / 2)
     dest_x, dest_y = rng.uniform(0, w - 1), rng.uniform(0, h - 1)
-    return Affine(angle=float(rng.uniform(-max_angle, max_angle)),
-                  shear=(float(rng.uniform(-MAX_SHEAR, MAX_SHEAR)), float(rng.uniform(-MAX_SHEAR, MAX_SHEAR))),
-                  translate=(float(dest_x - cx), float(dest_y - cy)),
-                  center=(float(cx), float(cy)))
+    params = Affine(angle=float(rng.uniform(-max_angle, max_angle)),
+                    shear=(float(rng.uniform(-MAX_SHEAR, MAX_SHEAR)), float(rng.uniform(-MAX_SHEAR, MAX_SHEAR))),
+                    translate=(float(dest_x - cx), float(dest_y - cy)),
+                    center=(float(cx), float(cy)))
+    if min_scale < 1:
+        params = dataclasses.replace(params, scale=float(rng.uniform(min_scale, 1.0)))
+    return params
 
 
-def _affine_kwargs(params: Affine, scale: float = 1.0) -> dict:
-    return {"angle": params.angle, "translate": list(params.translate), "scale": scale,
+def _affine_kwargs(params: Affine, scale: float | None = None) -> dict:
+    return {"angle": params.angle, "translate": list(params.translate),
+            "scale": params.scale if scale is None else scale,
             "shear": list(params.shear),
             # torchvision puts pixel i's centre at coordinate i + 0.5
             "center": [params.center[0] + 0.5, params.center[1] + 0.5]}

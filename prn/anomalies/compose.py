@@ -178,7 +178,8 @@ class AnomalyGenerator:
                                  f"image of shape {normal.shape}; resize both to image_size")
             image, mask = make_extended(normal, seen_image, seen_mask, target, beta, rng,
                                         aug1_ops=cfg.synthesis.aug1_ops, aug1_prob=cfg.synthesis.aug1_prob,
-                                        max_angle=cfg.synthesis.aug2_max_angle, clip_to_target=cfg.synthesis.ea_clip_to_target)
+                                        max_angle=cfg.synthesis.aug2_max_angle, clip_to_target=cfg.synthesis.ea_clip_to_target,
+                                        min_scale=cfg.synthesis.ea_scale_min)
         else:
             opts = dict(aug1_ops=cfg.synthesis.aug1_ops, aug1_prob=cfg.synthesis.aug1_prob,
                         scales=(cfg.synthesis.perlin_min_scale, cfg.synthesis.perlin_max_scale))

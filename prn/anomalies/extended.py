@@ -58,7 +58,8 @@ def _shift(array: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
-                    rng: np.random.Generator, max_angle: float = 90.0) -> tuple[np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, max_angle: float = 90.0,
+                    min_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Aug2 until the moved defect overlaps the target area; then the fallback: shift the defect
     pixel nearest the defect's centroid onto a random target pixel (always overlaps).
 
@@ -68,10 +69,11 @@ def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
     non-empty. Returns R (uint8 (H, W, 3)) and its mask (bool (H, W)).
     """
     cy, cx = ndimage.center_of_mass(mask)
-    wanted = min(math.ceil(MIN_AREA * mask.size), int(mask.sum()), int(target.sum()))
     best, best_area = None, 0
     for _ in range(AUG2_TRIES):
-        params = sample_aug2(rng, mask.shape, center=(cx, cy), max_angle=max_angle)
+        params = sample_aug2(rng, mask.shape, center=(cx, cy), max_angle=max_angle, min_scale=min_scale)
+        # a shrunk defect is wanted at its shrunk size (scale 1: the paper's rule as before)
+        wanted = min(math.ceil(MIN_AREA * mask.size), int(mask.sum() * params.scale ** 2), int(target.sum()))
         moved_mask = warp_mask(mask, params)
         area = int((moved_mask & target).sum())
         if area > best_area:
@@ -90,12 +92,14 @@ def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
 
 def make_extended(normal: np.ndarray, seen_image: np.ndarray, seen_mask: np.ndarray, target: np.ndarray,
                   beta: float, rng: np.random.Generator, *, aug1_ops: int = 2, aug1_prob: float = 1.0,
-                  max_angle: float = 90.0, clip_to_target: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  max_angle: float = 90.0, clip_to_target: bool = True,
+                  min_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One extended anomaly (Eq. 4).
 
     normal, seen_image: uint8 (H, W, 3); seen_mask: bool (H, W) with at least one pixel;
     target: bool (H, W) with at least one pixel; beta: opacity in [0, 1). aug1_ops/aug1_prob:
-    Aug1's settings; max_angle: Aug2's rotation range. clip_to_target False keeps the moved
+    Aug1's settings; max_angle: Aug2's rotation range; min_scale < 1: Aug2 also shrinks the defect
+    by a factor in [min_scale, 1] (ours, ``ea_scale_min``). clip_to_target False keeps the moved
     defect whole (the target area only decides where it lands), so a crack stays a crack.
     Returns (uint8 (H, W, 3), bool (H, W)): the image and the mask of exactly its changed pixels,
     non-empty, and inside ``target`` when clip_to_target.
@@ -107,7 +111,7 @@ def make_extended(normal: np.ndarray, seen_image: np.ndarray, seen_mask: np.ndar
     for _ in range(BLEND_TRIES):
         # Aug1 sees the whole seen image, so equalize/autocontrast use its full histogram.
         recoloured = aug1(seen_image, rng, aug1_ops, aug1_prob)
-        moved, moved_mask = place_on_target(recoloured, seen_mask, target, rng, max_angle)
+        moved, moved_mask = place_on_target(recoloured, seen_mask, target, rng, max_angle, min_scale)
         m = moved_mask & target if clip_to_target else moved_mask
         image, changed = blend(normal, moved, m, beta)
         if changed.any():
