@@ -15,9 +15,7 @@ Both run torchvision.transforms.v2.functional on uint8 tensors; parameters come 
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -121,7 +119,7 @@ def sample_aug2(rng: np.random.Generator, hw: tuple[int, int],
                     translate=(float(dest_x - cx), float(dest_y - cy)),
                     center=(float(cx), float(cy)))
     if min_scale < 1:
-        params = dataclasses.replace(params, scale=float(rng.uniform(min_scale, 1.0)))
+        params = replace(params, scale=float(rng.uniform(min_scale, 1.0)))
     return params
 
 
