@@ -28,7 +28,7 @@ from prn.deploy.calibrate import calibrate_predictions, rates_at, suspect_warnin
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
-from prn.metrics import compute_all, decision_metrics
+from prn.metrics import compute_all, decision_metrics, size_metrics
 from prn.postprocess import MIN_REGION_AREA, Postprocess
 from prn.precision import check_precision, resolve_precision
 from prn.report import ResultWriter, result_picture, write_results
@@ -155,6 +155,9 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
             metrics["target_fpr"] = float(loaded.calibration["target_fpr"])
     kinds = [s.defect_type for s in preds.samples]
     metrics.update(decision_metrics(preds.labels, preds.scores, kinds, post.threshold))
+    # the masks are at the model's input size (nearest), close enough to the image's share
+    areas = np.where(preds.pixel_exact, preds.masks.mean(axis=(1, 2)), np.nan)
+    metrics.update(size_metrics(preds.labels, preds.scores, areas, post.threshold))
     name = category_name(cfg)
     write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.data.dataset} {name}")
     normalized, predictions = post.judge(preds.scores)

@@ -196,6 +196,11 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
     assert "f1_max" in metrics
     md = (tmp_path / "results.md").read_text()
     assert "## Decisions" in md and "calibrated threshold" in md and "### Per defect kind" in md
+    # per defect size: every test defect with a mask counted once, in the bin of its mask's share
+    sized = {k: v for k, v in metrics.items() if k.startswith("size_n[")}
+    assert sum(sized.values()) == sum(s.label == 1 and s.pixel_exact for s in split.test) and "### Per defect size" in md
+    for key in sized:
+        assert 0 <= metrics[key.replace("size_n", "size_recall")] <= 1
     assert metrics["recall"] == pytest.approx(1 - metrics["misses"] / metrics["n_test_anomalous"])
     assert {"image_ap", "recall_at_0.1%", "recall_at_1%", "recall_at_5%", "oracle_recall_at_frr"} <= set(metrics)
 

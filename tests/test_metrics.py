@@ -224,3 +224,24 @@ def test_decision_metrics_give_ap_oracle_recalls_and_per_kind_figures():
     assert m["recall[crack]"] == 1.0 and m["recall[pore]"] == pytest.approx(1 / 3)
     assert m["auroc[crack]"] > m["auroc[pore]"]
     assert "auroc[good]" not in m
+
+
+def test_size_metrics_split_the_defects_by_the_share_of_the_image_their_mask_covers():
+    from prn.metrics import SIZE_BINS, size_metrics, size_name
+    assert [size_name(lo, hi) for lo, hi in SIZE_BINS] == ["< 0.05 %", "0.05-0.2 %", "0.2-1 %", ">= 1 %"]
+    labels = np.r_[np.zeros(100), np.ones(7)]
+    scores = np.r_[np.linspace(0, 1, 100), [0.2, 0.95, 3.0, 2.0, 0.5, 1.5, 0.1]]
+    # defects: two tiny, three mid-sized (one of them exactly at a bin's lower edge), one large,
+    # one label alone (nan: left out); good parts' areas are not read
+    areas = np.r_[np.full(100, 0.5), [0.0001, 0.0004, 0.0005, 0.001, 0.0019, 0.3, np.nan]]
+    m = size_metrics(labels, scores, areas, threshold=0.9)
+    assert m["size_n[< 0.05 %]"] == 2 and m["size_recall[< 0.05 %]"] == pytest.approx(1 / 2)
+    assert m["size_n[0.05-0.2 %]"] == 3 and m["size_recall[0.05-0.2 %]"] == pytest.approx(2 / 3)
+    assert m["size_n[>= 1 %]"] == 1 and m["size_recall[>= 1 %]"] == 1.0
+    assert "size_n[0.2-1 %]" not in m  # no defect of that size
+    from sklearn.metrics import roc_auc_score
+    pick = np.r_[np.ones(100, bool), [True, True, False, False, False, False, False]]
+    assert m["size_auroc[< 0.05 %]"] == pytest.approx(roc_auc_score(labels[pick], scores[pick]))
+    assert "size_recall[< 0.05 %]" not in size_metrics(labels, scores, areas)  # no threshold, no recall
+    with pytest.raises(ValueError, match="one value per image"):
+        size_metrics(labels, scores, areas[:-1])
