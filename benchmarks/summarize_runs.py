@@ -7,7 +7,8 @@ each tested (``results.json``). Prints one markdown row per variant and data set
 metrics, image AP, the oracle's recall at 1 % false rejects, and at the calibrated threshold the
 realised false-reject rate, the recall and the oracle's recall at that rate (all x100), the
 test's milliseconds per image (the paper's T; measured under whatever else ran) and the fit's wall
-seconds (timings.json).
+seconds (timings.json). Runs tested since `prn test` reports figures per defect size add a second
+table: per size bin, the defects over all seeds, image AUROC and recall at the calibrated threshold.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ def main(argv: list[str]) -> None:
             ms = cell([m.get("seconds_per_image") for m, _ in rows], 1000.0, 0)
             print(f"| {variant.name} | {data} | {len(rows)} | " + " | ".join(cells)
                   + f" | {ms} | {cell([f for _, f in rows], 1.0, 0)} |")
+    size_rows(args.variants)
+
+
+def size_rows(variants: list[Path]) -> None:
+    """Per defect size (``prn test``'s ``size_*[...]`` keys, when the runs have them): the defects
+    summed over the seeds, and image AUROC and recall at the calibrated threshold, mean +- sd."""
+    lines = []
+    for variant in variants:
+        for data, rows in sorted(runs_of(variant).items()):
+            sizes = dict.fromkeys(k[7:-1] for m, _ in rows for k in m if k.startswith("size_n["))
+            for size in sizes:
+                n = sum(int(m.get(f"size_n[{size}]") or 0) for m, _ in rows)
+                lines.append(f"| {variant.name} | {data} | {size} | {n} | "
+                             f"{cell([m.get(f'size_auroc[{size}]') for m, _ in rows])} | "
+                             f"{cell([m.get(f'size_recall[{size}]') for m, _ in rows])} |")
+    if lines:
+        print("\n| variant | data | defect area | defects | I | recall |\n|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

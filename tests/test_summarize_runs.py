@@ -33,3 +33,23 @@ def test_a_missing_folder_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_script(SCRIPT).main([str(tmp_path / "nowhere")])
     assert "nowhere: not a folder" in capsys.readouterr().err
+
+
+def test_per_size_figures_get_a_table_of_their_own(tmp_path, capsys):
+    variant = tmp_path / "v"
+    for seed, (n, recall) in enumerate([(3, 0.2), (2, 0.4)]):
+        make_run(variant / f"bsdata_s{seed}", 0.97, 300)
+        results = variant / f"bsdata_s{seed}" / "results.json"
+        payload = json.loads(results.read_text())
+        payload["categories"]["c"].update({"size_n[< 0.05 %]": n, "size_auroc[< 0.05 %]": 0.9,
+                                           "size_recall[< 0.05 %]": recall})
+        results.write_text(json.dumps(payload))
+    load_script(SCRIPT).main([str(variant)])
+    out = capsys.readouterr().out
+    assert "| v | bsdata | < 0.05 % | 5 | 90.0 +- 0.0 | 30.0 +- 14.1 |" in out.splitlines()
+
+
+def test_no_size_table_without_per_size_figures(tmp_path, capsys):
+    make_run(tmp_path / "v" / "bsdata_s0", 0.97, 300)
+    load_script(SCRIPT).main([str(tmp_path / "v")])
+    assert "defect area" not in capsys.readouterr().out
