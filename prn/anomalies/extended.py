@@ -69,11 +69,12 @@ def place_on_target(image: np.ndarray, mask: np.ndarray, target: np.ndarray,
     non-empty. Returns R (uint8 (H, W, 3)) and its mask (bool (H, W)).
     """
     cy, cx = ndimage.center_of_mass(mask)
+    limit, defect_area = min(math.ceil(MIN_AREA * mask.size), int(target.sum())), int(mask.sum())
     best, best_area = None, 0
     for _ in range(AUG2_TRIES):
         params = sample_aug2(rng, mask.shape, center=(cx, cy), max_angle=max_angle, min_scale=min_scale)
         # a shrunk defect is wanted at its shrunk size (scale 1: the paper's rule as before)
-        wanted = min(math.ceil(MIN_AREA * mask.size), int(mask.sum() * params.scale ** 2), int(target.sum()))
+        wanted = min(limit, int(defect_area * params.scale ** 2))
         moved_mask = warp_mask(mask, params)
         area = int((moved_mask & target).sum())
         if area > best_area:
