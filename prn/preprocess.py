@@ -144,8 +144,13 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     h, w = as_hw(size)
     if image.shape[:2] == (h, w):
         return np.require(image, np.uint8, ["W"])
-    # np.array, not asarray: Pillow's array view is read-only
-    return np.array(Image.fromarray(np.require(image, np.uint8, ["C"])).resize((w, h), Image.BILINEAR))
+    return _pillow_bilinear(Image.fromarray(np.require(image, np.uint8, ["C"])), h, w)
+
+
+def _pillow_bilinear(picture: Image.Image, h: int, w: int) -> np.ndarray:
+    """The one Pillow call of the pre-process: ``picture`` resized to h x w, bilinear, as a new
+    (writable: np.array, not asarray, whose view of Pillow's buffer is read-only) uint8 array."""
+    return np.array(picture.resize((w, h), Image.BILINEAR))
 
 
 def read_resized(path: str | Path, size: int | tuple[int, int],
@@ -163,7 +168,7 @@ def read_resized(path: str | Path, size: int | tuple[int, int],
         hw = (img.height, img.width)
         if img.mode not in ("L", "RGB") or has_alpha(img):
             return resize_image(to_rgb(path, img), (h, w)), hw
-        small = np.array(img if hw == (h, w) else img.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+        small = np.array(img) if hw == (h, w) else _pillow_bilinear(img, h, w)
     if small.ndim == 2:
         small = np.repeat(small[:, :, None], 3, axis=2)
     return small, hw
