@@ -88,11 +88,18 @@ def decision_metrics(labels, scores, kinds=None, threshold: float | None = None)
     if kinds is not None:
         kinds = np.asarray(kinds)
         for kind in sorted(set(kinds[y].tolist())):
-            pick = ~y | (kinds == kind)
-            out[f"auroc[{kind}]"] = image_auroc(y[pick], s[pick])
-            if threshold is not None:
-                out[f"recall[{kind}]"] = recall_at(y[pick], s[pick], threshold)
+            out[f"auroc[{kind}]"], recall = _group_figures(y, s, kinds == kind, threshold)
+            if recall is not None:
+                out[f"recall[{kind}]"] = recall
     return out
+
+
+def _group_figures(y: np.ndarray, s: np.ndarray, group: np.ndarray,
+                   threshold: float | None) -> tuple[float, float | None]:
+    """Image AUROC of the defects in ``group`` (bool (N,)) against every good part, and their
+    recall at ``threshold`` (None without one)."""
+    pick = ~y | group
+    return image_auroc(y[pick], s[pick]), None if threshold is None else recall_at(y[pick], s[pick], threshold)
 
 
 # Defect sizes, as the share of the image the defect's mask covers, that `prn test` reports figures
@@ -124,11 +131,11 @@ def size_metrics(labels, scores, areas, threshold: float | None = None) -> dict[
         inside = y & (areas >= lo) & ((areas < hi) | (hi >= 1))
         if not inside.any():
             continue
-        name, pick = size_name(lo, hi), ~y | inside
+        name = size_name(lo, hi)
         out[f"size_n[{name}]"] = float(inside.sum())
-        out[f"size_auroc[{name}]"] = image_auroc(y[pick], s[pick])
-        if threshold is not None:
-            out[f"size_recall[{name}]"] = recall_at(y[pick], s[pick], threshold)
+        out[f"size_auroc[{name}]"], recall = _group_figures(y, s, inside, threshold)
+        if recall is not None:
+            out[f"size_recall[{name}]"] = recall
     return out
 
 
