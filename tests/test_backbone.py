@@ -67,3 +67,30 @@ def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
             top = full((img - enc.mean) / enc.std).topk(3).indices[0]
         found[photo] = [info.index_to_description(int(i)) for i in top]
         assert any(expected in name for name in found[photo]), found
+
+
+def test_lite0_runs_no_block_past_its_last_tap_and_gives_timm_s_features():
+    """timm's features_only Lite0 runs all seven stages; ours stops after the 1/16 tap. Its
+    features equal those of timm's whole feature model with the same weights, to the bit."""
+    import timm
+
+    enc = create_encoder("tf_efficientnet_lite0", "random").eval()
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
+                             out_indices=(1, 2, 3)).eval()
+    assert len(full.blocks) == 7 and len(enc.body.blocks) == 5
+    missing, unexpected = full.load_state_dict(enc.body.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith(("blocks.5.", "blocks.6.")) for k in missing)
+    x = torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = enc.body(x), full(x)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_weights_of_the_cut_blocks_are_skipped_on_load_and_any_other_stray_key_still_fails():
+    enc = create_encoder("tf_efficientnet_lite0", "random")
+    state = dict(enc.state_dict())
+    state["body.blocks.5.0.conv_pw.weight"] = torch.rand(672, 112, 1, 1)  # as old checkpoints hold
+    state["body.blocks.6.0.bn1.weight"] = torch.rand(1152)
+    enc.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="body.blocks.4.9.bogus"):
+        enc.load_state_dict(dict(state, **{"body.blocks.4.9.bogus": torch.rand(1)}))

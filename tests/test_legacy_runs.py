@@ -62,11 +62,19 @@ def old_checkpoint(tmp_path: Path, demo_root: Path) -> Path:
     state = model.state_dict()
     shapes = {k: list(v.shape) for k, v in state.items()}
     # Every tensor of the old checkpoint has its place in today's network, with its shape (the
-    # prototypes take whatever K the checkpoint has, so theirs are copied as stored).
-    assert set(shapes) == set(meta["state_dict_shapes"])
+    # prototypes take whatever K the checkpoint has, so theirs are copied as stored), except the
+    # encoder's blocks past its last tap (Lite0's 1/32 stages), cut since: the file keeps their
+    # weights, which the load must skip.
+    kept = len(model.encoder.body.blocks)
+    cut = {k for k in meta["state_dict_shapes"] if k.startswith("encoder.body.blocks.")
+           and int(k.split(".")[3]) >= kept}
+    assert kept == 5 and {k.split(".")[3] for k in cut} == {"5", "6"}
+    assert set(shapes) == set(meta["state_dict_shapes"]) - cut
     for key, shape in meta["state_dict_shapes"].items():
         if key.startswith("prototypes."):
             state[key] = torch.rand(shape).contiguous(memory_format=torch.channels_last)
+        elif key in cut:
+            state[key] = torch.rand(shape)
         else:
             assert shapes[key] == shape, key
     payload = {k: meta[k] for k in ("format", "format_version", "prn_version", "model", "config",

@@ -52,6 +52,7 @@ class Encoder(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.body.eval()
+        self.register_load_state_dict_pre_hook(_skip_cut_blocks)
 
     def train(self, mode: bool = True) -> "Encoder":
         # Frozen means frozen batch-norm statistics too: the body stays in eval mode always.
@@ -74,6 +75,20 @@ class Encoder(nn.Module):
         x = (x - self.mean) / self.std
         out = self.body(x)
         return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _skip_cut_blocks(module: "Encoder", state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before Lite0's unused blocks were cut (see ``_efficientnet_lite0``)
+    hold those blocks' weights too: they are left out of the load, as nothing reads them. Only
+    blocks past the body's last one are, so any other stray key still fails a strict load."""
+    blocks = getattr(module.body, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        return
+    head = prefix + "body.blocks."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        index = key[len(head):].split(".", 1)[0]
+        if index.isdigit() and int(index) >= len(blocks):
+            del state_dict[key]
 
 
 def _tracing() -> bool:
@@ -141,6 +156,11 @@ def _efficientnet_lite0(weights: str) -> Encoder:
 
     body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
                              out_indices=(1, 2, 3))
+    # timm's EfficientNetFeatures runs all seven stages whatever out_indices asks for; the blocks
+    # after the last tap (the 1/32 stages: 2.3 M of its 3.0 M weights, a sixth of the
+    # encoder's time at 384 x 160) feed no feature here, so they are cut off. Same features.
+    last = max(int(name.split(".")[1]) for name in body.feature_info.module_name())
+    body.blocks = body.blocks[:last + 1]
     if weights != "random":
         path = efficientnet_lite0_weights_path() if weights == "imagenet" else Path(weights)
         source = _read_state_dict(path)
