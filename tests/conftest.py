@@ -56,9 +56,20 @@ def calibrated_run(demo_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def calibrated_run_onnx(calibrated_run, tmp_path_factory):
-    """calibrated_run exported to ONNX once for the tests that hold the graph against prn (an
-    export checks itself against prn and takes most of a minute here); copy it, never change it."""
+def tiled_run(demo_root, tmp_path_factory):
+    """A tiny PRN run with 2 x 2 tiles of 64 x 64 (images resized to 128 x 128), trained two steps
+    and calibrated on 4 held-out good images, shared by the tiling and engine tests."""
+    from prn import api
+    out = tmp_path_factory.mktemp("tiled_run")
+    cfg = make_tiny_config(demo_root, out, image_size=128, tiles=2, epochs=1, steps_per_epoch=2, val_normal_min=4)
+    return api.fit(cfg, run_dir=out / "run", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiled_run_onnx(tiled_run, tmp_path_factory):
+    """tiled_run exported to ONNX once, for the tests that hold the graph against prn: torch's
+    exporter takes about a minute here (most of it tracing with a symbolic batch size, whatever
+    the model's size), so the suite makes as few exports as it can; copy it, never change it."""
     pytest.importorskip("onnxruntime")
     from prn.deploy.export import export
-    return export(calibrated_run, "onnx", tmp_path_factory.mktemp("calibrated_onnx") / "model.onnx")
+    return export(tiled_run, "onnx", tmp_path_factory.mktemp("tiled_onnx") / "model.onnx")

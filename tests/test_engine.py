@@ -17,13 +17,15 @@ from prn.errors import UsageError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run(calibrated_run, calibrated_run_onnx, tmp_path_factory):
-    """A copy (the export written into it stays out of the shared run) holding the shared run's
-    export where prn export puts it, newer than the checkpoint, so the engine reuses it (an
-    export takes most of a minute; making one on first use is tested below)."""
-    run = shutil.copytree(calibrated_run, tmp_path_factory.mktemp("engine") / "run")
+def run(tiled_run, tiled_run_onnx, tmp_path_factory):
+    """A copy of the shared tiled run (the export written into it stays out of the shared run)
+    holding the shared run's export where prn export puts it, newer than the checkpoint, so the
+    engine reuses it (an export takes about a minute; making one on first use is tested below).
+    Tiled, so that the engine is held against torch on the graph that does the most (cutting
+    tiles and putting their maps back); the untiled graph is held against prn in test_export."""
+    run = shutil.copytree(tiled_run, tmp_path_factory.mktemp("engine") / "run")
     (run / "export").mkdir(exist_ok=True)
-    shutil.copy(calibrated_run_onnx, onnx_file(Predictor(run, device="cpu")))
+    shutil.copy(tiled_run_onnx, onnx_file(Predictor(run, device="cpu")))
     return run
 
 

@@ -98,10 +98,11 @@ def test_every_caller_gives_the_same_score_map_and_decision(calibrated_run, fram
         assert bool(out["prediction"][0]) == bool(decisions[i])
 
 
-def test_the_exported_graph_gives_the_same_scores_and_maps_as_prn(calibrated_run, calibrated_run_onnx, frames):
+def test_the_exported_graph_gives_the_same_scores_and_maps_as_prn(tiled_run, tiled_run_onnx, frames):
+    # the shared tiled run: the suite exports as few graphs as it can (conftest.tiled_run_onnx)
     from prn.deploy.export import run_exported
-    predictor = Predictor(calibrated_run, device="cpu")
-    path = calibrated_run_onnx
+    predictor = Predictor(tiled_run, device="cpu")
+    path = tiled_run_onnx
     test = predict_samples(predictor.model, [Sample(p, None, 0, "good") for p in frames],
                            predictor.cfg.model.input_hw, device="cpu")
     normalized, decisions = predictor.judge(test.scores)

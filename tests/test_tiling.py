@@ -20,16 +20,6 @@ from prn.tiling import from_tiles, tile_at, tile_of_pixel, to_tiles
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiled_run(demo_root, tmp_path_factory):
-    """A tiny PRN run with 2 x 2 tiles of 64 x 64 (images resized to 128 x 128), trained two steps."""
-    from prn import api
-    from conftest import make_tiny_config
-    out = tmp_path_factory.mktemp("tiled_run")
-    cfg = make_tiny_config(demo_root, out, image_size=128, tiles=2, epochs=1, steps_per_epoch=2, val_normal_min=4)
-    return api.fit(cfg, run_dir=out / "run", progress=False)
-
-
 def test_tiles_are_cut_row_major_per_image_and_put_back_exactly():
     x = torch.arange(2 * 3 * 6 * 9, dtype=torch.float32).reshape(2, 3, 6, 9)
     tiles = to_tiles(x, 3)
@@ -109,7 +99,7 @@ def test_a_tiled_map_is_each_tile_alone_put_back_and_prototypes_count_images(til
     torch.testing.assert_close(whole["pred_score"], top, rtol=0, atol=TOL)
 
 
-def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, demo_root, tmp_path):
+def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, tiled_run_onnx, demo_root, tmp_path):
     frames = sorted((demo_root / "demo" / "test").rglob("*.png"))[:3]
     assert len(frames) == 3
     predictor = Predictor(tiled_run, device="cpu")
@@ -123,9 +113,8 @@ def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, dem
     rows = {r["path"]: float(r["score"]) for r in csv.DictReader((tmp_path / "out" / "scores.csv").open())}
     for i, p in enumerate(frames):
         assert abs(rows[f"{p.parent.name}_{p.name}"] - test.scores[i]) <= TOL
-    pytest.importorskip("onnxruntime")
-    from prn.deploy.export import export, read_metadata, run_exported
-    path = export(tiled_run, "onnx", tmp_path / "model.onnx")
+    from prn.deploy.export import read_metadata, run_exported
+    path = tiled_run_onnx
     assert read_metadata(path)["tiles"] == "2"
     for i, p in enumerate(frames):
         got = run_exported(path, np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)[None].copy())
