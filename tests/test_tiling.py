@@ -99,7 +99,7 @@ def test_a_tiled_map_is_each_tile_alone_put_back_and_prototypes_count_images(til
     torch.testing.assert_close(whole["pred_score"], top, rtol=0, atol=TOL)
 
 
-def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, tiled_run_onnx, demo_root, tmp_path):
+def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, demo_root, tmp_path, request):
     frames = sorted((demo_root / "demo" / "test").rglob("*.png"))[:3]
     assert len(frames) == 3
     predictor = Predictor(tiled_run, device="cpu")
@@ -113,8 +113,9 @@ def test_predict_test_and_the_exported_graph_agree_on_a_tiled_run(tiled_run, til
     rows = {r["path"]: float(r["score"]) for r in csv.DictReader((tmp_path / "out" / "scores.csv").open())}
     for i, p in enumerate(frames):
         assert abs(rows[f"{p.parent.name}_{p.name}"] - test.scores[i]) <= TOL
+    # the export last, asked for here: without onnxruntime its fixture skips, after the torch checks
+    path = request.getfixturevalue("tiled_run_onnx")
     from prn.deploy.export import read_metadata, run_exported
-    path = tiled_run_onnx
     assert read_metadata(path)["tiles"] == "2"
     for i, p in enumerate(frames):
         got = run_exported(path, np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)[None].copy())
