@@ -58,7 +58,7 @@ def calibrated_run(demo_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiled_run(demo_root, tmp_path_factory):
     """A tiny PRN run with 2 x 2 tiles of 64 x 64 (images resized to 128 x 128), trained two steps
-    and calibrated on 4 held-out good images, shared by the tiling and engine tests."""
+    and calibrated on 4 held-out good images, shared by the tiling, engine and pipeline tests."""
     from prn import api
     out = tmp_path_factory.mktemp("tiled_run")
     cfg = make_tiny_config(demo_root, out, image_size=128, tiles=2, epochs=1, steps_per_epoch=2, val_normal_min=4)

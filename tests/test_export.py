@@ -132,8 +132,8 @@ def assert_parity(got: dict, want: dict, checkpoint) -> None:
     assert np.array_equal(got["prediction"], want["prediction"])
 
 
-# Every kind in both formats. An ONNX export takes 10-20 s of CPU (torch's exporter), so the
-# fast set exports PRN only; the kinds that train nothing are in the slow set.
+# Every kind in both formats. An ONNX export takes 30-50 s of CPU here (torch's exporter), so
+# the fast set exports PRN only; the kinds that train nothing are in the slow set.
 CASES = [("prn", "onnx"), ("prn", "torchscript")] + [
     pytest.param(kind, fmt, marks=pytest.mark.slow)
     for kind in ("prototypes", "patchcore") for fmt in ("onnx", "torchscript")]
