@@ -26,6 +26,8 @@ import numpy as np
 
 from prn import api
 from prn.deploy.calibrate import TAILS, calibrate_run, image_threshold
+from prn.deploy.loading import load_model
+from prn.registry import score_bound
 
 
 def test_scores(run: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -61,11 +63,12 @@ def main() -> None:
               f"({100 * np.mean(good >= t):.1f} %) | {int((bad < t).sum())}/{bad.size} "
               f"({100 * np.mean(bad < t):.1f} %) | {100 * m['image_auroc']:.1f} |", flush=True)
         held_out = np.array(cal["normal_scores"])
+        bound = score_bound(load_model(copy, device="cpu").kind)  # as fit's calibration takes it
         for rule, acc in totals.items():
             if rule == "largest":
                 thr = float(np.nextafter(held_out.max(), np.inf))
             else:
-                thr = image_threshold(held_out, cal["target_fpr"], rule)[0]
+                thr = image_threshold(held_out, cal["target_fpr"], rule, bound)[0]
             acc[0] += int((good >= thr).sum()); acc[1] += good.size
             acc[2] += int((bad < thr).sum()); acc[3] += bad.size
     print("\n| rule | false rejects (test good) | misses (test defects) |\n|---|---|---|")

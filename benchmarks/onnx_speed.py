@@ -9,7 +9,7 @@ scale (speed does not depend on their values), exported by ``prn.deploy.export``
 calibration, so every output is computed. Each backend runs the same whole graph on the same
 uint8 batch at the input size (the in-graph resize is then the identity):
 
-- torch: ``InferenceGraph`` in eager mode, under ``torch.no_grad``, as prn runs it;
+- torch: ``prn.pipeline.InferencePipeline`` in eager mode, under ``torch.no_grad``, as prn runs it;
 - TorchScript: the traced file;
 - onnxruntime: the ONNX file, CPUExecutionProvider, default graph optimisations.
 
@@ -37,8 +37,9 @@ import torch
 from prn.checkpoint import save_checkpoint
 from prn.config import PRNConfig
 from prn.presets import PRESETS
-from prn.deploy.export import InferenceGraph, export
+from prn.deploy.export import export
 from prn.model.network import PRN
+from prn.pipeline import InferencePipeline
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_speed.json"
 
@@ -56,7 +57,7 @@ def cpu_name() -> str:
 def build_checkpoint(path: Path, hw: tuple[int, int], prototypes: int) -> PRNConfig:
     cfg = PRNConfig(**{**PRESETS["cpu"], "image_hw": hw, "backbone_weights": "random", "device": "cpu"})
     torch.manual_seed(0)
-    model = PRN.from_config(cfg).eval()
+    model = PRN.from_config(cfg.model).eval()
     # random prototypes of the right shapes: what k-means would give, minus the minutes
     with torch.no_grad():
         feats = model.encoder(torch.rand(1, 3, *hw))
@@ -94,7 +95,7 @@ def main() -> None:
         ts_export_s = time.perf_counter() - t0
         from prn.deploy.export import build_graph
         from prn.deploy.loading import load_model
-        graph: InferenceGraph = build_graph(load_model(ckpt, device="cpu"))
+        graph: InferencePipeline = build_graph(load_model(ckpt, device="cpu"))
         traced = torch.jit.load(str(ts_path), map_location="cpu")
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
@@ -122,8 +123,8 @@ def main() -> None:
                         t = time.perf_counter()
                         fn()
                         times[name].append(time.perf_counter() - t)
-                want = graph(x)[0].numpy()
-            got = session.run(None, {"images": xn})[0]
+                want = graph(x)["anomaly_map"].numpy()
+            got = session.run(["anomaly_map"], {"images": xn})[0]
             row = {"batch": b, "max_map_diff_onnx_vs_torch": float(np.abs(got - want).max())}
             for name, ts in times.items():
                 row[name] = {"images_per_s_best": b / min(ts), "images_per_s_median": b / statistics.median(ts)}

@@ -56,7 +56,7 @@ def make_checkpoint(path: Path, images: list[Path]) -> Path:
     from prn.model.network import PRN
 
     cfg = PRNConfig(**PRESETS["cpu"], image_hw=(160, 384), device="cpu")
-    model = PRN.from_config(cfg).eval()
+    model = PRN.from_config(cfg.model).eval()
     batch = torch.stack([to_tensor(resize_image(read_image(p), cfg.model.input_hw)) for p in images[:20]])
     model.fit_prototypes([batch])
     with torch.no_grad():

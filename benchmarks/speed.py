@@ -89,7 +89,7 @@ def sync(device: torch.device) -> None:
 def build(name: str, size: int, k: int, device: torch.device) -> PRN:
     torch.manual_seed(0)
     cfg = PRNConfig(backbone=name, backbone_weights="random", image_size=size)
-    model = PRN(create_encoder(name, "random"), cfg).to(device).eval()
+    model = PRN(create_encoder(name, "random"), cfg.model).to(device).eval()
     g = torch.Generator().manual_seed(cfg.training.seed)
     shapes = [(k, c, size // r, size // r) for c, r in zip(model.encoder.channels, model.encoder.reductions)]
     model.prototypes.set([torch.rand(s, generator=g) for s in shapes])
@@ -176,7 +176,7 @@ def main() -> None:
     device = torch.device(args.device)
     rows = []
     for name in args.backbones:
-        k = num_prototypes(args.normals, PRNConfig().prototype_ratio)
+        k = num_prototypes(args.normals, PRNConfig().model.prototype_ratio)
         row = {"backbone": name}
         row.update(in_fresh_process(speed_case, name, args.size, args.batch, args.repeats, k, args.device))
         for part in ("encoder", "prn"):

@@ -1,0 +1,122 @@
+"""The scripts in benchmarks/ still run against today's package.
+
+They are not part of the package and nothing imported them, so a change of the package's API
+could break them unnoticed (three had: a config read as if it were flat, a class renamed). Each
+runs here on the smallest input it takes; the figures are not judged, only that the script gets
+to its result and the result has the shape its docstring promises. Scripts that export a model,
+start a server or train are in the slow set (`python -m pytest -m slow tests/test_benchmark_scripts.py`).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name, monkeypatch, *argv):
+    """The benchmark ``name`` loaded as a module, with ``argv`` as its command line."""
+    monkeypatch.setattr(sys, "argv", [name + ".py", *map(str, argv)])
+    return load_script(BENCH / f"{name}.py", monkeypatch)
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.stem)
+def test_every_benchmark_imports_without_running(path, monkeypatch):
+    load_script(path, monkeypatch)  # what the package no longer has fails here, at import
+
+
+def test_speed_counts_the_encoder_and_prn_and_times_kmeans(monkeypatch, tmp_path):
+    speed = script("speed", monkeypatch, "--backbones", "tf_efficientnet_lite0", "--size", 64, "--batch", 1,
+                   "--repeats", 1, "--normals", 4, "--out", tmp_path / "speed.json")
+    monkeypatch.setattr(speed, "in_fresh_process", lambda fn, *args: fn(*args))  # spawning costs seconds
+    speed.main()
+    row = json.loads((tmp_path / "speed.json").read_text())["results"][0]
+    assert row["prn"]["gflops_per_image"] > row["encoder"]["gflops_per_image"] > 0
+    assert row["kmeans"]["k"] == 1 and row["trainable_params_m"] > 0
+
+
+def test_onnx_speed_builds_the_cpu_presets_graph(tmp_path):
+    # The export itself (minutes) is in the slow test below; the graph torch times is built here.
+    from prn.deploy.export import build_graph
+    from prn.deploy.loading import load_model
+    onnx_speed = load_script(BENCH / "onnx_speed.py")
+    cfg = onnx_speed.build_checkpoint(tmp_path / "model.pt", (64, 96), prototypes=2)
+    assert cfg.model.backbone == "tf_efficientnet_lite0" and cfg.model.input_hw == (64, 96)
+    import torch
+    out = build_graph(load_model(tmp_path / "model.pt", device="cpu"))(torch.zeros(1, 3, 64, 96, dtype=torch.uint8))
+    assert out["anomaly_map"].shape == (1, 1, 64, 96)
+
+
+def test_anomaly_throughput_times_each_strategy(monkeypatch, capsys):
+    script("anomaly_throughput", monkeypatch, "--size", 64, "--samples", 2, "--batch-size", 4, "--batches", 1,
+           "--normals", 4).main()
+    out = capsys.readouterr().out
+    assert "extended" in out and "heterologous" in out and "homologous" in out and "samples/s" in out
+
+
+def test_fold_speed_and_thread_forward_time_a_run(calibrated_run, demo_root, monkeypatch, capsys):
+    folder = demo_root / "demo" / "test" / "good"
+    script("fold_speed", monkeypatch, calibrated_run, folder, "--images", 2, "--rounds", 1).main()
+    assert "largest difference" in capsys.readouterr().out
+    script("thread_forward", monkeypatch, calibrated_run, "--calls", 1).main()
+    assert capsys.readouterr().out.count("| a new thread") == 2
+
+
+def test_calibration_study_and_inference_precision_judge_a_run(calibrated_run, monkeypatch, tmp_path, capsys):
+    script("calibration_study", monkeypatch, calibrated_run, "--work", tmp_path / "work").main()
+    out = capsys.readouterr().out
+    assert "| gumbel |" in out and "| largest |" in out
+    assert (calibrated_run / "calibration.json").is_file()  # the run itself is left as it was: a copy was used
+    script("inference_precision", monkeypatch, calibrated_run, "--json", tmp_path / "precision.json").main()
+    rows = json.loads((tmp_path / "precision.json").read_text())
+    assert len(rows) == 1 and rows[0]
+
+
+def test_threshold_rules_read_what_the_image_score_study_cached(calibrated_run, monkeypatch, tmp_path, capsys):
+    run = shutil.copytree(calibrated_run, tmp_path / "run")  # the study caches its outputs in the run
+    load_script(BENCH / "image_score_study.py", monkeypatch).main([str(run)])
+    capsys.readouterr()
+    load_script(BENCH / "threshold_rules.py", monkeypatch).main([str(run)])
+    out = capsys.readouterr().out
+    assert "gumbel" in out and "conformal" in out
+
+
+@pytest.mark.slow
+def test_onnx_speed_times_three_backends(monkeypatch, tmp_path, capsys):
+    onnx_speed = script("onnx_speed", monkeypatch, "--height", 64, "--width", 64, "--batches", 1, "--repeats", 1,
+                        "--prototypes", 2)
+    monkeypatch.setattr(onnx_speed, "RESULTS", tmp_path / "onnx_speed.json")
+    onnx_speed.main()
+    row = json.loads((tmp_path / "onnx_speed.json").read_text())["rows"][0]
+    assert row["max_map_diff_onnx_vs_torch"] < 1e-4
+
+
+@pytest.mark.slow
+def test_predict_memory_runs_prn_predict(monkeypatch, tmp_path):
+    pm = script("predict_memory", monkeypatch, "--counts", 2, "--work", tmp_path / "work")
+    monkeypatch.setattr(pm, "RESULTS", tmp_path / "predict_memory_{maps}.json")
+    pm.main()
+    assert json.loads((tmp_path / "predict_memory_none.json").read_text())["rows"][0]["rows"] == 2
+
+
+@pytest.mark.slow
+def test_profile_predict_and_serve_load_on_a_run(calibrated_run, demo_root, monkeypatch, tmp_path):
+    run = shutil.copytree(calibrated_run, tmp_path / "run")  # the onnx engine's file is made in the run
+    folder = demo_root / "demo" / "test" / "good"
+    script("profile_predict", monkeypatch, run, folder, "--images", 2, "--repeat", 1, "--cases", "torch:none:0",
+           "--out", tmp_path / "profile.json").main()
+    assert "model onnx" in json.loads((tmp_path / "profile.json").read_text())["stages_seconds_per_image"]
+    serve_load = script("serve_load", monkeypatch, run, folder, "--clients", 1, "--requests", 2, "--warmup", 1)
+    monkeypatch.setattr(serve_load, "RESULTS", tmp_path / "serve_load.json")
+    assert serve_load.main() == 0
+    assert json.loads((tmp_path / "serve_load_c1.json").read_text())["errors"] == 0
+
+
+@pytest.mark.slow
+def test_precision_demo_trains_and_compares(tmp_path):
+    rows = load_script(BENCH / "precision_demo.py").main(tmp_path)
+    assert (tmp_path / "demo_precision.json").is_file() and rows
