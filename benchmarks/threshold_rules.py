@@ -58,6 +58,8 @@ def main(argv: list[str]) -> None:
     print("| run | held-out goods | rule | threshold | FRR % | recall % | oracle recall at FRR % |")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
+        if not (run / "study" / "outputs.npz").is_file():
+            ap.error(f"{run}: no study/outputs.npz; run python benchmarks/image_score_study.py {run} first")
         d = dict(np.load(run / "study" / "outputs.npz"))
         score = d["prn"][:, :top_k_of(run)].mean(1)
         val = score[(d["part"] == "val") & (d["label"] == 0)]

@@ -78,9 +78,13 @@ def test_calibration_study_and_inference_precision_judge_a_run(calibrated_run, m
 
 def test_threshold_rules_read_what_the_image_score_study_cached(calibrated_run, monkeypatch, tmp_path, capsys):
     run = shutil.copytree(calibrated_run, tmp_path / "run")  # the study caches its outputs in the run
+    rules = load_script(BENCH / "threshold_rules.py", monkeypatch)
+    with pytest.raises(SystemExit):
+        rules.main([str(run)])
+    assert "image_score_study.py" in capsys.readouterr().err  # says what to run first
     load_script(BENCH / "image_score_study.py", monkeypatch).main([str(run)])
     capsys.readouterr()
-    load_script(BENCH / "threshold_rules.py", monkeypatch).main([str(run)])
+    rules.main([str(run)])
     out = capsys.readouterr().out
     assert "gumbel" in out and "conformal" in out
 
