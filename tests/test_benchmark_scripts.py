@@ -67,13 +67,15 @@ def test_fold_speed_and_thread_forward_time_a_run(calibrated_run, demo_root, mon
 
 
 def test_calibration_study_and_inference_precision_judge_a_run(calibrated_run, monkeypatch, tmp_path, capsys):
+    before = (calibrated_run / "calibration.json").read_bytes()
     script("calibration_study", monkeypatch, calibrated_run, "--work", tmp_path / "work").main()
     out = capsys.readouterr().out
-    assert "| gumbel |" in out and "| largest |" in out
-    assert (calibrated_run / "calibration.json").is_file()  # the run itself is left as it was: a copy was used
+    assert "| gumbel |" in out and "| gumbel_logit |" in out and "| largest |" in out
+    assert (calibrated_run / "calibration.json").read_bytes() == before  # a copy was calibrated
     script("inference_precision", monkeypatch, calibrated_run, "--json", tmp_path / "precision.json").main()
-    rows = json.loads((tmp_path / "precision.json").read_text())
-    assert len(rows) == 1 and rows[0]
+    [row] = json.loads((tmp_path / "precision.json").read_text())
+    assert {"32", "bf16"} <= set(row) and 0 <= row["max_score_change"] < 1
+    assert 0 <= row["bf16"]["image_auroc"] <= 1 and 0 <= row["32"]["false_reject_rate"] <= 1
 
 
 def test_threshold_rules_read_what_the_image_score_study_cached(calibrated_run, monkeypatch, tmp_path, capsys):
