@@ -26,7 +26,7 @@ import numpy as np
 
 from prn import api
 from prn.deploy.calibrate import TAILS, calibrate_run, image_threshold
-from prn.deploy.loading import load_model
+from prn.checkpoint import load_checkpoint
 from prn.registry import score_bound
 
 
@@ -63,7 +63,7 @@ def main() -> None:
               f"({100 * np.mean(good >= t):.1f} %) | {int((bad < t).sum())}/{bad.size} "
               f"({100 * np.mean(bad < t):.1f} %) | {100 * m['image_auroc']:.1f} |", flush=True)
         held_out = np.array(cal["normal_scores"])
-        bound = score_bound(load_model(copy, device="cpu").kind)  # as fit's calibration takes it
+        bound = score_bound(load_checkpoint(copy)["model"])  # the kind's, as fit's calibration takes it
         for rule, acc in totals.items():
             if rule == "largest":
                 thr = float(np.nextafter(held_out.max(), np.inf))

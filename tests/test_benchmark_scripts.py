@@ -1,7 +1,8 @@
 """The scripts in benchmarks/ still run against today's package.
 
 They are not part of the package and nothing imported them, so a change of the package's API
-could break them unnoticed (three had: a config read as if it were flat, a class renamed). Each
+could break them unnoticed (four had: a config read as if it were flat, a class renamed, a
+calibration rule called without the model's largest score). Each
 runs here on the smallest input it takes; the figures are not judged, only that the script gets
 to its result and the result has the shape its docstring promises. Scripts that export a model,
 start a server or train are in the slow set (`python -m pytest -m slow tests/test_benchmark_scripts.py`).
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -46,7 +48,6 @@ def test_onnx_speed_builds_the_cpu_presets_graph(tmp_path):
     onnx_speed = load_script(BENCH / "onnx_speed.py")
     cfg = onnx_speed.build_checkpoint(tmp_path / "model.pt", (64, 96), prototypes=2)
     assert cfg.model.backbone == "tf_efficientnet_lite0" and cfg.model.input_hw == (64, 96)
-    import torch
     out = build_graph(load_model(tmp_path / "model.pt", device="cpu"))(torch.zeros(1, 3, 64, 96, dtype=torch.uint8))
     assert out["anomaly_map"].shape == (1, 1, 64, 96)
 
