@@ -139,8 +139,10 @@ def speed_case(name: str, size: int, batch: int, repeats: int, k: int, device: s
     for m in out.values():
         best = m.pop("best")
         ips = batch / best
-        m.update(gflops_per_image=round(m["gflops_per_image"], 3), images_per_s=round(ips, 2),
-                 achieved_gflop_s=round(m["gflops_per_image"] * ips, 1), seconds_per_batch=round(best, 3))
+        # rounded to 3 significant digits: a tiny input on a busy machine achieves well under 0.1
+        # GFLOP/s, and the ratio of two rounded-to-zero rates is undefined
+        m.update(gflops_per_image=float(f"{m['gflops_per_image']:.3g}"), images_per_s=round(ips, 2),
+                 achieved_gflop_s=float(f"{m['gflops_per_image'] * ips:.3g}"), seconds_per_batch=round(best, 3))
     out["trainable_params_m"] = round(sum(p.numel() for p in model.trainable_parameters()) / 1e6, 2)
     return out
 

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny synthetic dataset and a config small enough for CPU tests."""
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +75,39 @@ def tiled_run_onnx(tiled_run, tmp_path_factory):
     pytest.importorskip("onnxruntime")
     from prn.deploy.export import export
     return export(tiled_run, "onnx", tmp_path_factory.mktemp("tiled_onnx") / "model.onnx")
+
+
+
+# Running the suite in parallel (README: `python -m pytest -m "not slow" -n auto`, pytest-xdist).
+# The files whose tests share an ONNX export (about a minute each here: the shared tiled run's,
+# tiled_run_onnx, and test_export.py's) run in one worker, so that each export is made once.
+# xdist's own `--dist loadgroup` would do this from marks, but under pytest 9.2 it silently stops
+# grouping (pytest-xdist issue 1386), so the grouping is by file, in the scheduler below; every
+# other test is sent on its own, as `--dist load` does.
+SHARED_EXPORT_FILES = {"test_engine.py", "test_export.py", "test_pipeline.py", "test_tiling.py"}
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":
+        return None  # another --dist asked for by name: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedExportScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return "shared-onnx-exports" if Path(nodeid.split("::")[0]).name in SHARED_EXPORT_FILES else nodeid
+
+    return SharedExportScheduling(config, log)
+
+
+def _split_threads_among_workers():
+    """Each of N workers on C cores computes with C // N threads (at least one): N processes of C
+    threads each would contend for the same cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // workers))
+
+
+_split_threads_among_workers()

@@ -79,7 +79,24 @@ def test_readme_and_ci_install_with_the_lock_and_the_same_torch_pins():
     assert _torch_pins(install) == _torch_pins(ci) == _torch_pins(newest) != []
     commands = re.sub(r"#.*", "", newest)                # the newest releases, on purpose
     assert "pip install" in commands and not re.search(r"pip install[^\n]*constraints\.txt", commands)
-    assert 'python -m pytest -m "not slow"' in readme and '-m "not slow"' in ci
+    assert 'python -m pytest -m "not slow" -n auto' in readme and '-m "not slow" -n auto' in ci
+
+
+def test_the_parallel_suite_keeps_the_tests_of_each_shared_export_in_one_worker(pytestconfig, monkeypatch):
+    pytest.importorskip("xdist")
+    import conftest
+    monkeypatch.setattr(pytestconfig.option, "dist", "load")
+    monkeypatch.setattr(pytestconfig.option, "tx", ["2*popen"])  # what -n 2 sets
+    scope = conftest.pytest_xdist_make_scheduler(pytestconfig, None)._split_scope
+    together = {scope(f"tests/{name}::test_x[a]") for name in conftest.SHARED_EXPORT_FILES}
+    assert len(together) == 1
+    assert scope("tests/test_cli.py::test_a") != scope("tests/test_cli.py::test_b") != together.pop()
+    # every file that uses the shared export is in the group (else it would export it again)
+    uses = re.compile(r'\btiled_run_onnx[,)"]')  # the fixture as a parameter or by name
+    users = {p.name for p in (ROOT / "tests").glob("test_*.py") if uses.search(p.read_text())}
+    assert users and users <= conftest.SHARED_EXPORT_FILES
+    monkeypatch.setattr(pytestconfig.option, "dist", "loadfile")  # asked for by name: xdist's own
+    assert conftest.pytest_xdist_make_scheduler(pytestconfig, None) is None
 
 
 def test_the_lock_tool_lists_where_an_environment_differs(tmp_path):

@@ -50,6 +50,6 @@ EOF
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 if [ "$#" -eq 0 ]; then
-    set -- -m "not slow"
+    set -- -m "not slow" -n auto
 fi
 "$PY" -m pytest -p no:cacheprovider "$@"
