@@ -77,7 +77,6 @@ def tiled_run_onnx(tiled_run, tmp_path_factory):
     return export(tiled_run, "onnx", tmp_path_factory.mktemp("tiled_onnx") / "model.onnx")
 
 
-
 # Running the suite in parallel (README: `python -m pytest -m "not slow" -n auto`, pytest-xdist).
 # The files whose tests share an ONNX export (about a minute each here: the shared tiled run's,
 # tiled_run_onnx, and test_export.py's) run in one worker, so that each export is made once.
@@ -106,8 +105,8 @@ def _split_threads_among_workers():
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // workers))
+        from prn.distributed import usable_cpus
+        torch.set_num_threads(max(1, usable_cpus() // workers))
 
 
 _split_threads_among_workers()
