@@ -52,6 +52,8 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     # the retrain's recipe: its batches' anomaly slots all real defects, most of them the added ones
     assert payload["config"]["training"]["added_seen_share"] == 0.75 == parent["changes"]["added_seen_share"]
     assert payload["config"]["training"]["seen_fraction"] == 0.5 == parent["changes"]["seen_fraction"]
+    # and its threshold fitted to the held-out good images' logits, which a retrain lowers less
+    assert payload["config"]["calibration"]["calibration_tail"] == "gumbel_logit" == parent["changes"]["calibration_tail"]
     parent_lr = load_checkpoint(calibrated_run)["config"]["training"]["lr"]
     assert payload["config"]["training"]["lr"] == pytest.approx(parent_lr * 0.3) and parent["changes"]["lr"] == payload["config"]["training"]["lr"]
     # the prototypes are the old run's: warm-started, no k-means
@@ -71,6 +73,9 @@ def test_a_second_retrain_counts_only_its_own_images_as_added(calibrated_run, co
     assert not any(s.added for s in split.train_anomalous)
     assert [s.image_path.name for s in split.train_normal if s.added] == ["again.png"]
     assert load_checkpoint(second)["config"]["training"]["added_seen_share"] == 0.0
+    # good images alone keep the parent's threshold rule (here the first retrain's)
+    assert load_checkpoint(second)["config"]["calibration"]["calibration_tail"] == "gumbel_logit"
+    assert "calibration_tail" not in json.loads((second / "parent.json").read_text())["changes"]
 
 
 def test_a_retrain_adding_only_good_images_keeps_the_parents_batches(calibrated_run, corrections, tmp_path):
