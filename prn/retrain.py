@@ -46,8 +46,9 @@ RETRAIN_ADDED_SHARE = 0.75
 # fit on the scores themselves then set thresholds that rejected 5 and 6 of 69 good KolektorSDD
 # parts on two of three splits (parents: none); on the logits 0, 0 and 1 (2 in an end-to-end
 # retrain of that split at another thread count), with the same 14 of 15 corrected cracks
-# caught (BENCHMARKS.md, "Retraining from the preset's runs with the larger held-out fold"). Folds large enough for a quantile (BSData's 101) do not fit a tail at all.
-# Chosen after seeing those test figures.
+# caught (BENCHMARKS.md, "Retraining from the preset's runs with the larger held-out fold").
+# Folds large enough for a quantile (BSData's 101) fit no tail at all. Chosen after seeing those
+# test figures.
 RETRAIN_CALIBRATION_TAIL = "gumbel_logit"
 # what a retrain may change: the schedule and the thresholds, never the network or the data
 RETRAIN_SECTIONS = ("training", "calibration")
