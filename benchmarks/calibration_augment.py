@@ -1,4 +1,4 @@
-"""Thresholds from held-out good images seen as the line might see them (issue "pass/fail").
+"""Thresholds from held-out good images seen as the line might see them.
 
 A run's threshold comes from its held-out good images (``split.json`` ``val_normal``). On
 KolektorSDD the good test parts score above every held-out one on some splits (the held-out fold

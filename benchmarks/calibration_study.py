@@ -1,4 +1,4 @@
-"""How calibrated thresholds behave on a run's unseen test images (issue 10).
+"""How calibrated thresholds behave on a run's unseen test images.
 
     python benchmarks/calibration_study.py RUN [RUN ...] [--target-fpr 0.01] [--work /tmp/cal]
     python benchmarks/calibration_study.py RUN [RUN ...] --in-place   # reuse RUN/test_out

@@ -1,4 +1,4 @@
-"""Which image score decides best? An offline study over trained runs (issue "pass/fail").
+"""Which image score decides best? An offline study over trained runs.
 
 For each run folder, the model scores its held-out fold (split.json val_*) and its test split once;
 the largest pixels of these maps are kept per image (``study/outputs.npz`` in the run folder):

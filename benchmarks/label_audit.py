@@ -1,4 +1,4 @@
-"""Are the highest-scoring "good" test images good? A blind look, for a human (issue "pass/fail").
+"""Are the highest-scoring "good" test images good? A blind look, for a human.
 
 A test image labelled good that the model ranks above most defects is either the model's error
 or the dataset's (BSData's README: "defect-free" means "not annotated"). Looking only at those

@@ -1,4 +1,4 @@
-"""Demo metrics under bf16 against float32 on the CPU (issue 12), short schedule.
+"""Demo metrics under bf16 against float32 on the CPU, short schedule.
 
     OMP_NUM_THREADS=1 python benchmarks/precision_demo.py /tmp/precision_demo
 

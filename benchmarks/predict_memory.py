@@ -1,4 +1,4 @@
-"""Peak memory and speed of `prn predict` as the number of images grows (issue 10: streaming).
+"""Peak memory and speed of `prn predict` as the number of images grows (it streams).
 
     python benchmarks/predict_memory.py                      # 1000 and 5000 images of 1250 x 500
     python benchmarks/predict_memory.py --counts 200 1000 --maps npy

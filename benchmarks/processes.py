@@ -1,4 +1,4 @@
-"""Training images/s of one model on 1 and 2 CPU processes (torchrun), issue 12.
+"""Training images/s of one model on 1 and 2 CPU processes (torchrun).
 
     python benchmarks/processes.py /tmp/processes
 

@@ -1,4 +1,4 @@
-"""Are the good training images good? A cross-fitted audit (issue "pass/fail"; an experiment,
+"""Are the good training images good? A cross-fitted audit (an experiment,
 not a prn feature).
 
 A model scores the images it trained on low whatever they show (it was taught to give them zero),

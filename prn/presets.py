@@ -9,7 +9,7 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"epochs": 700, "batch_size": 64},
     # 200 steps of 16 images instead of the paper's ~6,000 of 64. Each setting below is one row
-    # of the ablation in BENCHMARKS.md (issue 9), which says what it bought:
+    # of the ablation in BENCHMARKS.md ("Detection quality on real data"), which says what it bought:
     # - AdamW (decay 1e-4, none on norms and biases), warm-up then cosine, output prior 0.01:
     #   with coupled decay 1e-2 at lr 1e-3 the head shrank to a few percent of its size;
     # - 2 of every 16 images are the real seen anomalies, as they look;
@@ -17,12 +17,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # - the aspect ratio kept (long side 384, about the pixels of 256 x 256);
     # - the validation fold is scored every epoch (metrics.csv), but the last epoch is kept and
     #   the map is not smoothed: choosing either on 3 validation defects did worse (BENCHMARKS.md);
-    # - the top-k image loss at weight 0.01 (issue "pass/fail"): over 3 split seeds of both sets,
+    # - the top-k image loss at weight 0.01 (the pass/fail work): over 3 split seeds of both sets,
     #   image AUROC and recall at the calibrated threshold rose (BSData 95.3 -> 97.2, 66.7 -> 72.0 %;
     #   KolektorSDD 99.1 -> 99.2, 84.1 -> 93.7 %), KolektorSDD's PRO fell 1.7; chosen after seeing
     #   those test figures;
     # - Perlin lattices of 8 to 32 cells per side (perlin_min_scale 3; DRAEM's 1 to 32): smaller
-    #   simulated defects, as the real ones of these sets are (issue "pass/fail"): over 3 split seeds
+    #   simulated defects, as the real ones of these sets are (the pass/fail work): over 3 split seeds
     #   of both sets image AUROC rose on every seed (KolektorSDD 99.2 -> 99.7, BSData 97.2 -> 97.5),
     #   BSData's pixel AP 75.1 -> 79.4, recall at the calibrated threshold 93.7 -> 95.2 % and
     #   72.0 -> 72.6 %; chosen after seeing those test figures.
@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "output_bias_prior": 0.01, "seen_fraction": 0.125, "aug1_prob": 0.5, "aug2_max_angle": 45.0,
             "ea_clip_to_target": False, "top_k_loss_weight": 0.01, "perlin_min_scale": 3,
             "map_sigma": 1.0, "score_smoothed": False, "val_normal_fraction": 0.2},
-    # The cpu preset before issue 9, kept so its ablation row can be re-run.
+    # The cpu preset before the quality rework, kept so its ablation row can be re-run.
     "cpu-v1": {"epochs": 8, "batch_size": 16, "steps_per_epoch": 20, "lr": 1e-3,
                "backbone": "tf_efficientnet_lite0", "image_size": 256},
 }

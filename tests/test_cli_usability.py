@@ -1,4 +1,4 @@
-"""What a new user tripped over (issue 10, part 4): typed --set, one meaning per flag, settings
+"""What a new user tripped over: typed --set, one meaning per flag, settings
 precedence, --resume and --run-dir that refuse what they would ignore or destroy, exit statuses,
 the `latest` link and the run-folder layout, README's install and test commands."""
 

@@ -1,4 +1,4 @@
-"""The test environment's lock (issue 17): constraints.txt pins every dependency pyproject.toml
+"""The test environment's lock: constraints.txt pins every dependency pyproject.toml
 names besides torch and torchvision, each pin inside pyproject's range (so an upper bound for a
 known break and the lock agree), and README's install line and .ci/run both install with it and
 the same torch pins as tools/test_newest.sh, which installs without it."""

@@ -1,4 +1,4 @@
-"""The options added for detection quality on real data (issue 9): optimiser and schedule,
+"""The options added for detection quality on real data: optimiser and schedule,
 seen anomalies as themselves, synthesis settings, H x W inputs, map smoothing, the
 prototype-only model and the held-out validation fold."""
 

@@ -1,4 +1,4 @@
-"""Defect regions (issue 21, part 1): the connected pixels of a map at the image's own size that
+"""Defect regions: the connected pixels of a map at the image's own size that
 reach the calibrated pixel threshold, with boxes in the original image's pixels. Pinned on maps
 and on drawn defects whose place is known (tests/fake_models.py), at non-square sizes; written
 by prn predict (regions.jsonl, the regions column); the same from the exported graph's outputs

@@ -1,4 +1,4 @@
-"""A run's status.json and what loading a run without a checkpoint says (issue 17): the `latest`
+"""A run's status.json and what loading a run without a checkpoint says: the `latest`
 link moves to a run when its folder is made, so it can point at a run that failed before its
 first checkpoint; `prn test runs/.../latest` then says what became of that run (failed with its
 error, interrupted, still running, its process gone) and names the newest run with a checkpoint.

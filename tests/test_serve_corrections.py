@@ -1,5 +1,5 @@
-"""prn serve's defect regions and corrections through FastAPI's test client (issue 21, parts 1
-and 3): /predict lists each image's regions in its own pixels; POST /corrections stores a
+"""prn serve's defect regions and corrections through FastAPI's test client:
+/predict lists each image's regions in its own pixels; POST /corrections stores a
 result the server scored in the MVTec layout prn reads, never overwriting and never using a
 client's text as a path; GET /corrections and /corrections.zip give them back; a token guards
 them as it guards the rest."""
