@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # cpu preset 2), and the paper found MSA worth +0.5 image AUROC on MVTec AD, so it is not the
 # default (BENCHMARKS.md, "The paper's ablations" and "The fast preset"; chosen after seeing those
 # test figures). On split seeds 3-6, never used for a choice, it ranked as well or better on all
-# eight runs and stopped as many defective parts (over seven seeds level on KolektorSDD, +1.4 points
-# on BSData, inside the spread), so the choice stands on MSA's MVTec AD gain in the paper, not on
-# these sets ("The fast preset on the four unused seeds").
+# eight runs and stopped as many defective parts on average (over seven seeds level on KolektorSDD,
+# +1.4 points on BSData, inside the spread), so the choice stands on MSA's MVTec AD gain in the
+# paper, not on these sets ("The fast preset on the four unused seeds").
 PRESETS["cpu-fast"] = {**PRESETS["cpu"], "use_attention": False, "precision": "auto"}
