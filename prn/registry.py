@@ -94,9 +94,13 @@ def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitRe
     from prn.data.datasets import load_arrays, load_validation
     from prn.infer import validate
     from prn.preprocess import batches_of
-    from prn.runtime import resolve_device
+    from prn.runtime import resolve_device, seed_everything
 
     device = resolve_device(cfg.runtime.device)
+    # as train() does for PRN: an encoder built without pretrained weights (backbone_weights
+    # random) draws them from the global generator, so without this the same config gave
+    # another model after whatever ran before it in the process
+    seed_everything(cfg.training.seed)
     normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels)
     model = build(kind, cfg).to(device)
     batches = (b.to(device) for b in batches_of(normals, cfg.runtime.eval_batch_size))
