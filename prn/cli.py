@@ -27,6 +27,8 @@ def cmd_fit(args) -> None:
     from prn.runs import check_run_dir
     if (args.add_anomalies or args.add_normals) and not args.parent:
         raise UsageError("--add-anomalies and --add-normals go with --from RUN (the run to retrain)")
+    if args.added_annotation != "as_given" and not args.add_anomalies:
+        raise UsageError("--added-annotation goes with --add-anomalies (how the added defects are trained)")
     if args.parent:
         from prn.retrain import RETRAIN_SECTIONS, fit_from
         from prn.settings import parse_sets
@@ -38,7 +40,7 @@ def cmd_fit(args) -> None:
                              f"settings), --run-dir, --test and --quiet go with --from")
         run = fit_from(args.parent, add_anomalies=args.add_anomalies, add_normals=args.add_normals,
                        epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet,
-                       changes=parse_sets(args.set, RETRAIN_SECTIONS))
+                       changes=parse_sets(args.set, RETRAIN_SECTIONS), added_annotation=args.added_annotation)
         print(f"run folder: {run}")
         if args.test:
             _print_metrics(api.test(run, progress=not args.quiet), "fit")
@@ -248,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-anomalies", type=Path, metavar="DIR",
                    help="with --from: defects to learn, DIR/test/<kind>/ with ground_truth/<kind>/<stem>_mask.png "
                         "(or _box.png, or none: a label alone), as prn serve's corrections folder is")
+    p.add_argument("--added-annotation", choices=("as_given", "box", "label"), default="as_given",
+                   help="with --add-anomalies: train the added defects by what they come with (as_given: "
+                        "mask, box or label), each painted mask as the box around it (box), or by their "
+                        "label alone, masks unused (label)")
     p.add_argument("--add-normals", type=Path, metavar="DIR",
                    help="with --from: good images to learn, DIR/train/good/ (or DIR itself)")
     p.add_argument("--test", action="store_true", help="test on the held-out split afterwards")

@@ -50,17 +50,28 @@ RETRAIN_ADDED_SHARE = 0.75
 # Folds large enough for a quantile (BSData's 101) fit no tail at all. Chosen after seeing those
 # test figures.
 RETRAIN_CALIBRATION_TAIL = "gumbel_logit"
+# How the added defects are trained (--added-annotation): by what they come with (the default),
+# each painted mask as the box around it, or by the label alone. With their masks the retrains
+# caught 4 of 15 corrected BSData pits (their own pixels stay under 0.5 after training), with
+# boxes 4, with labels alone all 15 and KolektorSDD's 5 of 5, deciding on the rest of the split
+# better than the parents but a little below the masked retrains, and drawing BSData's pits worse
+# (BENCHMARKS.md, "Corrections trained by their label alone"). Chosen after seeing those figures.
+ADDED_ANNOTATIONS = ("as_given", "box", "label")
 # what a retrain may change: the schedule and the thresholds, never the network or the data
 RETRAIN_SECTIONS = ("training", "calibration")
 
 
 def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
              add_normals: str | Path | None = None, epochs: int | None = None,
-             run_dir: str | Path | None = None, progress: bool = True, changes: dict | None = None) -> Path:
+             run_dir: str | Path | None = None, progress: bool = True, changes: dict | None = None,
+             added_annotation: str = "as_given") -> Path:
     """A new run from ``parent`` (a run folder) and the added images; returns its folder.
     ``changes``: fields of RETRAIN_SECTIONS to set on the parent's config; the learning rate is
     the parent's times RETRAIN_LR_FACTOR unless given; with added defects, RETRAIN_SEEN_FRACTION of
-    each batch is real defects (never less than the parent's), RETRAIN_ADDED_SHARE of them the added."""
+    each batch is real defects (never less than the parent's), RETRAIN_ADDED_SHARE of them the added.
+    ``added_annotation`` (ADDED_ANNOTATIONS): "as_given" trains each added defect by what it comes
+    with (mask, box or label); "box" each painted mask as the box around it (a loose region);
+    "label" by its label alone, its mask or box left unused."""
     from prn import api
     from prn.checkpoint import checkpoint_file
 
@@ -75,6 +86,13 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     normals = added_images(add_normals, normals=True) if add_normals is not None else []
     known = {s.image_path.resolve() for s in split.train_normal + split.train_anomalous}
     anomalies = [s for s in anomalies if s.image_path.resolve() not in known]
+    if added_annotation not in ADDED_ANNOTATIONS:
+        raise UsageError(f"--added-annotation must be {', '.join(ADDED_ANNOTATIONS)}, got {added_annotation!r}")
+    if added_annotation == "label":
+        anomalies = [dataclasses.replace(s, mask_path=None, annotation="label") for s in anomalies]
+    elif added_annotation == "box":  # prn.data.datasets boxes a painted mask marked "box" as it loads it
+        anomalies = [dataclasses.replace(s, annotation="box") if s.annotation == "mask" else s
+                     for s in anomalies]
     normals = [s for s in normals if s.image_path.resolve() not in known]
     if not anomalies and not normals:
         raise DataError(f"{add_anomalies or add_normals}: every image there is already in {parent}'s training data")
@@ -105,7 +123,8 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         "parent": str(parent.resolve()), "added_anomalies": [str(s.image_path) for s in anomalies],
         "added_normals": [str(s.image_path) for s in normals],
         "annotations": {a: sum(s.annotation == a for s in anomalies) for a in ("mask", "box", "label")},
-        "epochs": new_cfg.training.epochs, "changes": changes or {}}, indent=2) + "\n")
+        "added_annotation": added_annotation, "epochs": new_cfg.training.epochs,
+        "changes": changes or {}}, indent=2) + "\n")
     return run
 
 

@@ -1,8 +1,10 @@
 """A run from an old run and the images the line corrected (prn fit --from), and prn compare."""
 
+import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -109,6 +111,44 @@ def test_a_retrain_trains_corrections_known_by_their_label_alone(calibrated_run,
     assert epoch["weak"] > 0  # the label-only corrections were trained, by the weak loss
 
 
+def test_added_annotation_label_trains_painted_corrections_by_their_label_alone(calibrated_run, corrections,
+                                                                                tmp_path):
+    run = fit_from(calibrated_run, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "new", progress=False,
+                   added_annotation="label")
+    parent = json.loads((run / "parent.json").read_text())
+    assert parent["annotations"] == {"mask": 0, "box": 0, "label": 2} and parent["added_annotation"] == "label"
+    added = [s for s in Split.load(run / "split.json").train_anomalous if s.added]
+    assert len(added) == 2 and all(s.annotation == "label" and s.mask_path is None for s in added)
+    assert all(p.exists() for p in (corrections / "ground_truth").rglob("*.png"))  # the folder is not touched
+    epoch = next(r for r in load_checkpoint(run)["history"] if "epoch" in r)
+    assert epoch["weak"] > 0  # trained by the label's loss, as a correction saved without a mask is
+    given = fit_from(calibrated_run, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "given",
+                     progress=False)
+    assert json.loads((given / "parent.json").read_text())["annotations"]["mask"] == 2
+    with pytest.raises(UsageError, match="--added-annotation must be"):
+        fit_from(calibrated_run, add_anomalies=corrections, added_annotation="mask")
+
+
+def test_added_annotation_box_trains_painted_corrections_as_the_boxes_around_them(calibrated_run, corrections,
+                                                                                  tmp_path):
+    from prn.config import PRNConfig
+    from prn.data.datasets import boxes_of, load_training_arrays
+    run = fit_from(calibrated_run, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "new", progress=False,
+                   added_annotation="box")
+    assert json.loads((run / "parent.json").read_text())["annotations"] == {"mask": 0, "box": 2, "label": 0}
+    split = Split.load(run / "split.json")
+    added = [s for s in split.train_anomalous if s.added]
+    assert all(s.annotation == "box" and s.mask_path.name.endswith("_mask.png") for s in added)
+    _, seen = load_training_arrays(PRNConfig.load(run / "config.yaml"), split)
+    as_drawn = dataclasses.replace(split, train_anomalous=[dataclasses.replace(s, annotation="mask")
+                                                           for s in split.train_anomalous])
+    painted = load_training_arrays(PRNConfig.load(calibrated_run / "config.yaml"), as_drawn)[1]
+    for (_, mask, annotation), (_, drawn, _) in list(zip(seen, painted))[-2:]:
+        assert annotation == "box" and np.array_equal(mask, boxes_of(drawn)) and mask.sum() > drawn.sum()
+    epoch = next(r for r in load_checkpoint(run)["history"] if "epoch" in r)
+    assert epoch["weak"] > 0  # the box's loss: the map's top pixels inside it towards 1
+
+
 def test_fit_from_refuses_what_it_cannot_use(calibrated_run, tmp_path):
     with pytest.raises(UsageError, match="images to add"):
         fit_from(calibrated_run)
@@ -196,6 +236,9 @@ def test_the_cli_refuses_added_images_without_a_run_and_settings_the_run_fixes(c
     assert "go with --from RUN" in capsys.readouterr().err
     assert main(["fit", "--from", str(calibrated_run), "--add-normals", str(tmp_path), "--preset", "cpu"]) == 2
     assert "--preset would be ignored" in capsys.readouterr().err
+    assert main(["fit", "--from", str(calibrated_run), "--add-normals", str(tmp_path),
+                 "--added-annotation", "label"]) == 2
+    assert "--added-annotation goes with --add-anomalies" in capsys.readouterr().err
 
 
 def test_a_retrain_may_change_the_schedule_and_thresholds_but_not_the_network(calibrated_run, corrections, tmp_path,

@@ -95,7 +95,9 @@ def load_training_arrays(cfg, split):
         annotation = sample.annotation
         if cfg.data.seen_annotation == "label" or (cfg.data.seen_annotation == "box" and annotation == "label"):
             mask, annotation = np.zeros_like(mask), "label"
-        elif cfg.data.seen_annotation == "box":
+        elif cfg.data.seen_annotation == "box" or annotation == "box":
+            # a box file is one already (boxing it again changes nothing); a painted mask a retrain
+            # takes as a box (prn fit --from --add-as box) becomes one here
             mask, annotation = boxes_of(mask), "box"
         seen.append((image, mask, annotation))
     return normals, seen
