@@ -52,9 +52,9 @@ RETRAIN_ADDED_SHARE = 0.75
 RETRAIN_CALIBRATION_TAIL = "gumbel_logit"
 # How the added defects are trained (--added-annotation): by what they come with (the default),
 # each painted mask as the box around it, or by the label alone. With their masks the retrains
-# caught 4 of 15 corrected BSData pits (their own pixels stay under 0.5 after training), with
-# boxes 4, with labels alone all 15 and KolektorSDD's 5 of 5, deciding on the rest of the split
-# better than the parents but a little below the masked retrains, and drawing BSData's pits worse
+# caught 4 of 15 corrected BSData pits (their own pixels mostly under 0.5 after training) and 7
+# of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split as
+# well as or better than the parents but drawing BSData's pits worse; boxes gained nothing
 # (BENCHMARKS.md, "Corrections trained by their label alone"). Chosen after seeing those figures.
 ADDED_ANNOTATIONS = ("as_given", "box", "label")
 # what a retrain may change: the schedule and the thresholds, never the network or the data

@@ -96,8 +96,8 @@ def load_training_arrays(cfg, split):
         if cfg.data.seen_annotation == "label" or (cfg.data.seen_annotation == "box" and annotation == "label"):
             mask, annotation = np.zeros_like(mask), "label"
         elif cfg.data.seen_annotation == "box" or annotation == "box":
-            # a box file is one already (boxing it again changes nothing); a painted mask a retrain
-            # takes as a box (prn fit --from --add-as box) becomes one here
+            # a box file is boxes already (each rectangle stays; touching ones join); a painted mask
+            # that a retrain takes as a box (prn fit --from --added-annotation box) becomes one here
             mask, annotation = boxes_of(mask), "box"
         seen.append((image, mask, annotation))
     return normals, seen
