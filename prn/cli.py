@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from prn.config import CALIBRATION_TAILS, PRECISIONS
+from prn.config import CALIBRATION_TAILS, PRECISIONS, SEEN_ANNOTATIONS
 from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
 from prn.settings import COMMON_FLAGS, add_config_args, config_from_args
 
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-anomalies", type=Path, metavar="DIR",
                    help="with --from: defects to learn, DIR/test/<kind>/ with ground_truth/<kind>/<stem>_mask.png "
                         "(or _box.png, or none: a label alone), as prn serve's corrections folder is")
-    p.add_argument("--added-annotation", choices=("as_given", "box", "label"), default="as_given",
+    p.add_argument("--added-annotation", choices=SEEN_ANNOTATIONS, default="as_given",
                    help="with --add-anomalies: train the added defects by what they come with (as_given: "
                         "mask, box or label), each painted mask as the box around it (box), or by their "
                         "label alone, masks unused (label)")

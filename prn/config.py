@@ -43,6 +43,9 @@ IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 # seen_fraction at which every anomaly slot of the 2:1:1 batch is a real seen anomaly (no synthetic
 # ones): the last final_real_epochs of a fit, and a retrain with added defects (prn.retrain)
 ALL_REAL_SEEN_FRACTION = 0.5
+# How seen anomalies are trained: as annotated, each mask as the boxes round its regions, or by
+# the image label alone (DataConfig.seen_annotation; prn fit --from's --added-annotation)
+SEEN_ANNOTATIONS = ("as_given", "box", "label")
 # test-time flips (prn.model.network.PRN.forward): name -> the dims of (B, C, H, W) mirrored, per copy
 TEST_FLIPS = {"none": (), "lr": ((-1,),), "ud": ((-2,),), "all": ((-1,), (-2,), (-2, -1))}
 
@@ -91,7 +94,7 @@ class DataConfig:
             problems.append(f"category_kind must be auto, object or texture, got {self.category_kind!r}")
         if not 0 <= self.val_normal_fraction < 1 or self.val_normal_min < 0:
             problems.append("val_normal_fraction must be in [0, 1) and val_normal_min >= 0")
-        if self.seen_annotation not in ("as_given", "box", "label"):
+        if self.seen_annotation not in SEEN_ANNOTATIONS:
             problems.append(f"seen_annotation must be as_given, box or label, got {self.seen_annotation!r}")
         _check(problems)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prn.config import ALL_REAL_SEEN_FRACTION, PRNConfig
+from prn.config import ALL_REAL_SEEN_FRACTION, SEEN_ANNOTATIONS, PRNConfig
 from prn.data.io import require_images
 from prn.data.layouts import added_images
 from prn.data.split import Split
@@ -50,13 +50,6 @@ RETRAIN_ADDED_SHARE = 0.75
 # Folds large enough for a quantile (BSData's 101) fit no tail at all. Chosen after seeing those
 # test figures.
 RETRAIN_CALIBRATION_TAIL = "gumbel_logit"
-# How the added defects are trained (--added-annotation): by what they come with (the default),
-# each painted mask as the box around it, or by the label alone. With their masks the retrains
-# caught 4 of 15 corrected BSData pits (their own pixels mostly under 0.5 after training) and 7
-# of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split as
-# well as or better than the parents but drawing BSData's pits worse; boxes gained nothing
-# (BENCHMARKS.md, "Corrections trained by their label alone"). Chosen after seeing those figures.
-ADDED_ANNOTATIONS = ("as_given", "box", "label")
 # what a retrain may change: the schedule and the thresholds, never the network or the data
 RETRAIN_SECTIONS = ("training", "calibration")
 
@@ -69,7 +62,7 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     ``changes``: fields of RETRAIN_SECTIONS to set on the parent's config; the learning rate is
     the parent's times RETRAIN_LR_FACTOR unless given; with added defects, RETRAIN_SEEN_FRACTION of
     each batch is real defects (never less than the parent's), RETRAIN_ADDED_SHARE of them the added.
-    ``added_annotation`` (ADDED_ANNOTATIONS): "as_given" trains each added defect by what it comes
+    ``added_annotation`` (SEEN_ANNOTATIONS): "as_given" trains each added defect by what it comes
     with (mask, box or label); "box" each painted mask as the box around it (a loose region);
     "label" by its label alone, its mask or box left unused."""
     from prn import api
@@ -80,14 +73,19 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         raise UsageError(f"{parent}: --from takes a run folder (with config.yaml and split.json)")
     if add_anomalies is None and add_normals is None:
         raise UsageError("--from needs images to add: --add-anomalies DIR and/or --add-normals DIR")
+    if added_annotation not in SEEN_ANNOTATIONS:
+        raise UsageError(f"--added-annotation must be {', '.join(SEEN_ANNOTATIONS)}, got {added_annotation!r}")
     cfg = PRNConfig.load(parent / "config.yaml")
     split = Split.load(parent / "split.json")
     anomalies = added_images(add_anomalies, normals=False) if add_anomalies is not None else []
     normals = added_images(add_normals, normals=True) if add_normals is not None else []
     known = {s.image_path.resolve() for s in split.train_normal + split.train_anomalous}
     anomalies = [s for s in anomalies if s.image_path.resolve() not in known]
-    if added_annotation not in ADDED_ANNOTATIONS:
-        raise UsageError(f"--added-annotation must be {', '.join(ADDED_ANNOTATIONS)}, got {added_annotation!r}")
+    # The default trains each added defect by what it comes with. With their masks the retrains
+    # caught 4 of 15 corrected BSData pits (their own pixels mostly under 0.5 after training) and
+    # 7 of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split
+    # as well as or better than the parents but drawing BSData's pits worse; boxes gained nothing
+    # (BENCHMARKS.md, "Corrections trained by their label alone"). Chosen after seeing those figures.
     if added_annotation == "label":
         anomalies = [dataclasses.replace(s, mask_path=None, annotation="label") for s in anomalies]
     elif added_annotation == "box":  # prn.data.datasets boxes a painted mask marked "box" as it loads it
