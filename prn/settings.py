@@ -30,7 +30,7 @@ COMMON_FLAGS = {
     "dataset": dict(choices=DATASETS, help="dataset layout"),
     "root": dict(help="dataset root folder"),
     "category": dict(help="category (sub-dataset), e.g. bottle, Class1, 01"),
-    "backbone": dict(choices=BACKBONES, help="encoder (tf_efficientnet_lite0 works offline)"),
+    "backbone": dict(choices=BACKBONES, help="encoder (the tf_efficientnet_lite ones work offline)"),
     "backbone_weights": dict(help="'imagenet', 'random' or a state-dict file"),
     "image_size": dict(type=int, help="images are resized to this square size (the long side with "
                                        "--set keep_aspect=true)"),

