@@ -164,15 +164,16 @@ def _efficientnet_lite(size: int, weights: str) -> Encoder:
     name = f"tf_efficientnet_lite{size}"
     body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
     # timm's EfficientNetFeatures runs all seven stages whatever out_indices asks for; the blocks
-    # after the last tap (the 1/32 stages: 2.3 M of its 3.0 M weights, a sixth of the
-    # encoder's time at 384 x 160) feed no feature here, so they are cut off. Same features.
-    last = max(int(name.split(".")[1]) for name in body.feature_info.module_name())
+    # after the last tap (the 1/32 stages: Lite0's 2.3 M of 3.0 M weights, a sixth of its
+    # time at 384 x 160) feed no feature here, so they are cut off. Same features.
+    last = max(int(module.split(".")[1]) for module in body.feature_info.module_name())
     body.blocks = body.blocks[:last + 1]
     if weights != "random":
         path = efficientnet_lite_weights_path(size) if weights == "imagenet" else Path(weights)
         source = _read_state_dict(path)
         # The package's keys follow another naming scheme; the two state dicts list the same
-        # 296 tensors in the same order, so they pair by position (shapes are checked).
+        # tensors (Lite0 296, Lite1 and Lite2 386) in the same order, so they pair by position
+        # (shapes are checked).
         full = timm.create_model(name, pretrained=False)
         target = full.state_dict()
         if len(source) != len(target):
