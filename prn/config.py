@@ -97,7 +97,7 @@ class DataConfig:
         if not 0 <= self.val_normal_fraction < 1 or self.val_normal_min < 0:
             problems.append("val_normal_fraction must be in [0, 1) and val_normal_min >= 0")
         if self.seen_annotation not in SEEN_ANNOTATIONS:
-            problems.append(f"seen_annotation must be as_given, box or label, got {self.seen_annotation!r}")
+            problems.append(f"seen_annotation must be one of {', '.join(SEEN_ANNOTATIONS)}, got {self.seen_annotation!r}")
         _check(problems)
 
     def val_anomaly_count(self) -> int:

