@@ -5,8 +5,8 @@ models' decisions side by side before one replaces the other.
 defects become seen anomalies (with their painted masks, boxes, or labels alone), false rejects
 become good training images. It is warm-started from the old model's weights (prototypes included),
 trains a shorter schedule, is calibrated on the old run's held-out fold as any fit, and records its
-parent in ``parent.json``. The test split stays the old run's, minus any image added, so the two
-runs' test figures compare.
+parent in ``parent.json``. The test split stays the old run's, minus any image added (known by its
+bytes, so a copy counts), so the two runs' test figures compare.
 
 ``compare`` predicts a labelled folder with both models (labels from the folders: images under a
 folder named ``good`` or ``ok`` are good, the others defective) and tells what changed.
@@ -18,6 +18,7 @@ folder named ``good`` or ``ok`` are good, the others defective) and tells what c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,6 +55,21 @@ RETRAIN_CALIBRATION_TAIL = "gumbel_logit"
 RETRAIN_SECTIONS = ("training", "calibration")
 
 
+def _content(path: Path) -> str:
+    """An image file's identity for a retrain: the digest of its bytes. A correction is a copy
+    (the service stores the bytes it was sent; an engineer copies files into a folder), so paths
+    alone would leave a corrected test image in the test split and count it twice. A file that is
+    gone (a parent's test image moved away) is known by its path."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return str(Path(path).resolve())
+
+
+def _contents(samples) -> set[str]:
+    return {_content(s.image_path) for s in samples}
+
+
 def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
              add_normals: str | Path | None = None, epochs: int | None = None,
              run_dir: str | Path | None = None, progress: bool = True, changes: dict | None = None,
@@ -79,8 +95,8 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     split = Split.load(parent / "split.json")
     anomalies = added_images(add_anomalies, normals=False) if add_anomalies is not None else []
     normals = added_images(add_normals, normals=True) if add_normals is not None else []
-    known = {s.image_path.resolve() for s in split.train_normal + split.train_anomalous}
-    anomalies = [s for s in anomalies if s.image_path.resolve() not in known]
+    known = _contents(split.train_normal + split.train_anomalous)
+    anomalies = [s for s in anomalies if _content(s.image_path) not in known]
     # The default trains each added defect by what it comes with. With their masks the retrains
     # caught 4 of 15 corrected BSData pits (their own pixels mostly under 0.5 after training) and
     # 7 of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split
@@ -91,16 +107,16 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     elif added_annotation == "box":  # prn.data.datasets boxes a painted mask marked "box" as it loads it
         anomalies = [dataclasses.replace(s, annotation="box") if s.annotation == "mask" else s
                      for s in anomalies]
-    normals = [s for s in normals if s.image_path.resolve() not in known]
+    normals = [s for s in normals if _content(s.image_path) not in known]
     if not anomalies and not normals:
         raise DataError(f"{add_anomalies or add_normals}: every image there is already in {parent}'s training data")
-    added = {s.image_path.resolve() for s in anomalies + normals}
+    added = _contents(anomalies + normals)
     # only this retrain's images count as added: an earlier retrain's are ordinary training data now
     mark = lambda samples, flag: [dataclasses.replace(s, added=flag) for s in samples]  # noqa: E731
     new_split = dataclasses.replace(
         split, train_anomalous=mark(split.train_anomalous, False) + mark(anomalies, True),
         train_normal=mark(split.train_normal, False) + mark(normals, True),
-        test=[s for s in split.test if s.image_path.resolve() not in added], k=split.k + len(anomalies))
+        test=[s for s in split.test if _content(s.image_path) not in added], k=split.k + len(anomalies))
     from prn.config import SECTION_OF
     bad = sorted(k for k in (changes or {}) if SECTION_OF.get(k) not in RETRAIN_SECTIONS)
     if bad:

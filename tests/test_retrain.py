@@ -41,7 +41,12 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     old, new = Split.load(calibrated_run / "split.json"), Split.load(run / "split.json")
     assert len(new.train_anomalous) == len(old.train_anomalous) + 2
     assert len(new.train_normal) == len(old.train_normal) + 1
-    assert new.val_normal == old.val_normal and new.test == old.test  # copies: the originals stay in test
+    # the corrections are copies of test images: known by their bytes, the originals leave the test
+    # split (else the retrain's test figures would count the images it was trained on)
+    copied = [s for s in old.test if s.label == 1][:2] + [next(s for s in old.test if s.label == 0)]
+    copied = {s.image_path for s in copied}
+    assert new.val_normal == old.val_normal
+    assert new.test == [s for s in old.test if s.image_path not in copied] and len(new.test) == len(old.test) - 3
     parent = json.loads((run / "parent.json").read_text())
     assert parent["parent"] == str(calibrated_run.resolve()) and len(parent["added_anomalies"]) == 2
     assert parent["annotations"] == {"mask": 2, "box": 0, "label": 0}
@@ -62,6 +67,15 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     before = load_checkpoint(calibrated_run)["state_dict"]
     assert all(torch.equal(before[k], v) for k, v in payload["state_dict"].items() if k.startswith("prototypes."))
     assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
+
+
+def test_a_correction_that_copies_a_training_image_is_not_added_again(calibrated_run, tmp_path):
+    split = Split.load(calibrated_run / "split.json")
+    folder = tmp_path / "again"
+    (folder / "train" / "good").mkdir(parents=True)
+    shutil.copy(split.train_normal[0].image_path, folder / "train" / "good" / "renamed.png")
+    with pytest.raises(DataError, match="already in"):
+        fit_from(calibrated_run, add_normals=folder, epochs=1, run_dir=tmp_path / "new", progress=False)
 
 
 def test_a_second_retrain_counts_only_its_own_images_as_added(calibrated_run, corrections, tmp_path):
