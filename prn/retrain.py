@@ -55,19 +55,27 @@ RETRAIN_CALIBRATION_TAIL = "gumbel_logit"
 RETRAIN_SECTIONS = ("training", "calibration")
 
 
-def _content(path: Path) -> str:
-    """An image file's identity for a retrain: the digest of its bytes. A correction is a copy
-    (the service stores the bytes it was sent; an engineer copies files into a folder), so paths
-    alone would leave a corrected test image in the test split and count it twice. A file that is
-    gone (a parent's test image moved away) is known by its path."""
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _size(path: Path) -> int | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return str(Path(path).resolve())
+        return path.stat().st_size
+    except OSError:  # a parent's image moved away: no copy of anything
+        return None
 
 
-def _contents(samples) -> set[str]:
-    return {_content(s.image_path) for s in samples}
+def _copies(added: list, others: list) -> list:
+    """The samples of ``others`` whose file has the bytes of one of ``added``'s. A retrain knows an
+    image by its bytes, not its path: a correction is a copy (the service stores the bytes it was
+    sent; an engineer copies files into a folder), so paths alone would leave a corrected test
+    image in the test split and count it twice. Only the files of an added image's size are read."""
+    wanted: dict[int, set[str]] = {}
+    for s in added:
+        wanted.setdefault(_size(s.image_path), set()).add(_digest(s.image_path))
+    return [o for o in others
+            if _size(o.image_path) in wanted and _digest(o.image_path) in wanted[_size(o.image_path)]]
 
 
 def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
@@ -95,8 +103,9 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     split = Split.load(parent / "split.json")
     anomalies = added_images(add_anomalies, normals=False) if add_anomalies is not None else []
     normals = added_images(add_normals, normals=True) if add_normals is not None else []
-    known = _contents(split.train_normal + split.train_anomalous)
-    anomalies = [s for s in anomalies if _content(s.image_path) not in known]
+    training = split.train_normal + split.train_anomalous
+    known = {_digest(s.image_path) for s in _copies(anomalies + normals, training)}
+    anomalies = [s for s in anomalies if _digest(s.image_path) not in known]
     # The default trains each added defect by what it comes with. With their masks the retrains
     # caught 4 of 15 corrected BSData pits (their own pixels mostly under 0.5 after training) and
     # 7 of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split
@@ -107,16 +116,16 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     elif added_annotation == "box":  # prn.data.datasets boxes a painted mask marked "box" as it loads it
         anomalies = [dataclasses.replace(s, annotation="box") if s.annotation == "mask" else s
                      for s in anomalies]
-    normals = [s for s in normals if _content(s.image_path) not in known]
+    normals = [s for s in normals if _digest(s.image_path) not in known]
     if not anomalies and not normals:
         raise DataError(f"{add_anomalies or add_normals}: every image there is already in {parent}'s training data")
-    added = _contents(anomalies + normals)
+    copied = set(_copies(anomalies + normals, split.test))
     # only this retrain's images count as added: an earlier retrain's are ordinary training data now
     mark = lambda samples, flag: [dataclasses.replace(s, added=flag) for s in samples]  # noqa: E731
     new_split = dataclasses.replace(
         split, train_anomalous=mark(split.train_anomalous, False) + mark(anomalies, True),
         train_normal=mark(split.train_normal, False) + mark(normals, True),
-        test=[s for s in split.test if _content(s.image_path) not in added], k=split.k + len(anomalies))
+        test=[s for s in split.test if s not in copied], k=split.k + len(anomalies))
     from prn.config import SECTION_OF
     bad = sorted(k for k in (changes or {}) if SECTION_OF.get(k) not in RETRAIN_SECTIONS)
     if bad:

@@ -78,6 +78,16 @@ def test_a_correction_that_copies_a_training_image_is_not_added_again(calibrated
         fit_from(calibrated_run, add_normals=folder, epochs=1, run_dir=tmp_path / "new", progress=False)
 
 
+def test_a_parents_test_image_moved_away_does_not_stop_a_retrain(calibrated_run, corrections, tmp_path):
+    parent = tmp_path / "parent"
+    shutil.copytree(calibrated_run, parent)
+    split = json.loads((parent / "split.json").read_text())
+    split["test"][0]["image"] = str(tmp_path / "moved" / "away.png")
+    (parent / "split.json").write_text(json.dumps(split))
+    run = fit_from(parent, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "new", progress=False)
+    assert Split.load(run / "split.json").test[0].image_path == tmp_path / "moved" / "away.png"
+
+
 def test_a_second_retrain_counts_only_its_own_images_as_added(calibrated_run, corrections, tmp_path):
     first = fit_from(calibrated_run, add_anomalies=corrections, epochs=1, run_dir=tmp_path / "first", progress=False)
     more = tmp_path / "more"
