@@ -15,6 +15,7 @@ has a checkpoint (``why_no_checkpoint``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ from prn import __version__, allocator
 from prn.config import PRNConfig
 from prn.data.datasets import original_hw
 from prn.data.layouts import load_index
-from prn.data.split import Split, few_shot_split, hold_out_validation
+from prn.data.split import Split, drop_copies, few_shot_split, hold_out_validation
 from prn.errors import DataError, UsageError
 
 def category_name(cfg: PRNConfig) -> str:
@@ -122,11 +123,24 @@ def environment() -> dict:
 
 
 def make_split(cfg: PRNConfig) -> Split:
-    """The few-shot split of A.2, then the held-out validation/calibration fold of the training data."""
+    """The few-shot split of A.2, then the held-out validation/calibration fold of the training data,
+    each image file of the dataset counted once (``drop_copies``: said on stderr, listed in split.json)."""
     index = load_index(cfg)
+    kept, pairs = drop_copies(index.train + index.test)
+    if pairs:
+        kept = set(kept)
+        index = dataclasses.replace(index, train=[s for s in index.train if s in kept],
+                                    test=[s for s in index.test if s in kept])
+        name = lambda s: str(s.image_path.relative_to(index.root)) if s.image_path.is_relative_to(index.root) \
+            else str(s.image_path)  # noqa: E731
+        named = ", ".join(f"{name(copy)} = {name(first)}" for copy, first in pairs[:5])
+        more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+        print(f"prn: {len(pairs)} image(s) of {index.root} have the same bytes as another and are left out, "
+              f"so that each counts once (split.json lists them under copies): {named}{more}", file=sys.stderr)
     split = few_shot_split(index, cfg.data.seen_anomalies, cfg.data.split_seed, dagm=cfg.data.dataset == "dagm")
-    return hold_out_validation(split, cfg.data.val_anomaly_count(), cfg.data.val_normal_fraction,
-                               cfg.data.val_normal_min, cfg.data.split_seed)
+    split = hold_out_validation(split, cfg.data.val_anomaly_count(), cfg.data.val_normal_fraction,
+                                cfg.data.val_normal_min, cfg.data.split_seed)
+    return dataclasses.replace(split, copies=[copy for copy, _ in pairs])
 
 
 def resolve_input_size(cfg: PRNConfig, split: Split) -> PRNConfig:

@@ -1,13 +1,15 @@
 """prn.data.split: the supervised few-shot protocol (paper A.2)."""
 
 import dataclasses
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from prn.data.sample import DatasetIndex, Sample
-from prn.data.split import Split, few_shot_split
+from prn import api
+from prn.data.split import Split, drop_copies, few_shot_split
 from prn.errors import DataError
 
 
@@ -156,3 +158,33 @@ def test_broken_split_file_is_refused_with_its_path(tmp_path, content):
     with pytest.raises(DataError) as err:
         Split.load(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_drop_copies_keeps_the_first_of_each_picture(tmp_path):
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    a.write_bytes(b"same bytes")
+    b.write_bytes(b"same bytes")
+    c.write_bytes(b"other byte")  # a's size, not its bytes
+    d.write_bytes(b"x")
+    samples = [Sample(p, None, 0, "good") for p in (a, b, c, d)]
+    kept, pairs = drop_copies(samples)
+    assert kept == [samples[0], samples[2], samples[3]] and pairs == [(samples[1], samples[0])]
+    assert drop_copies(samples[2:]) == (samples[2:], [])
+
+
+def test_a_split_counts_each_picture_once(demo_root, tiny_config, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    category = root / "demo"
+    shutil.copy(category / "train/good/000.png", category / "train/good/copy.png")
+    shutil.copy(category / "test/hole/000.png", category / "test/hole/copy.png")
+    shutil.copy(category / "ground_truth/hole/000_mask.png", category / "ground_truth/hole/copy_mask.png")
+    split = api.make_split(tiny_config(root, tmp_path))
+    assert sorted(str(s.image_path.relative_to(category)) for s in split.copies) == [
+        "test/hole/copy.png", "train/good/copy.png"]
+    used = split.train_normal + split.train_anomalous + split.val + split.test
+    assert len({s.image_path.read_bytes() for s in used}) == len(used)
+    err = capsys.readouterr().err
+    assert "2 image(s)" in err and "train/good/copy.png = train/good/000.png" in err
+    split.save(tmp_path / "split.json")
+    assert Split.load(tmp_path / "split.json") == split and split.summary()["copies"] == 2

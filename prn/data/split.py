@@ -18,6 +18,7 @@ anomalies are neither trained on nor tested, and are kept in ``Split.excluded``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from prn.data.sample import DatasetIndex, Sample
 from prn.errors import DataError
 
 
-LISTS = ("train_normal", "train_anomalous", "val_normal", "val_anomalous", "test", "excluded")
+LISTS = ("train_normal", "train_anomalous", "val_normal", "val_anomalous", "test", "excluded", "copies")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Split:
 
     train_normal: defect-free training images. train_anomalous: the k seen anomalies (with masks).
     test: every remaining test image. excluded: training anomalies the protocol does not use.
+    copies: images of the dataset whose bytes another of its images has (``drop_copies``), left out.
     val_normal, val_anomalous: the held-out fold of the training data (``hold_out_validation``):
     taken out of train_normal and train_anomalous, never trained on; it validates each epoch
     and calibrates thresholds. Test images are never in it.
@@ -54,6 +56,7 @@ class Split:
     excluded: list[Sample] = field(default_factory=list)
     val_normal: list[Sample] = field(default_factory=list)
     val_anomalous: list[Sample] = field(default_factory=list)
+    copies: list[Sample] = field(default_factory=list)
 
     @property
     def val(self) -> list[Sample]:
@@ -69,6 +72,7 @@ class Split:
             "test_normal": sum(s.label == 0 for s in self.test),
             "test_anomalous": sum(s.label == 1 for s in self.test),
             "excluded": len(self.excluded),
+            "copies": len(self.copies),
             "val_normal": len(self.val_normal),
             "val_anomalous": len(self.val_anomalous),
             "seen_defect_types": dict(sorted(Counter(s.defect_type
@@ -170,7 +174,36 @@ def hold_out_validation(split: Split, n_anomalies: int, normal_fraction: float, 
         train_normal=[s for i, s in enumerate(split.train_normal) if i not in val_idx],
         train_anomalous=[s for i, s in enumerate(split.train_anomalous) if i not in picked],
         test=list(split.test), dataset=split.dataset, category=split.category, k=split.k,
-        seed=split.seed, root=split.root, excluded=list(split.excluded),
+        seed=split.seed, root=split.root, excluded=list(split.excluded), copies=list(split.copies),
         val_normal=[s for i, s in enumerate(split.train_normal) if i in val_idx],
         val_anomalous=[s for i, s in enumerate(split.train_anomalous) if i in picked],
     )
+
+
+def drop_copies(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sample, Sample]]]:
+    """Every image file counts once. Where files hold the same bytes (a dataset that stores a
+    picture twice under two names: KolektorSDD as shipped here has 16 such pairs), the first of
+    ``samples`` is kept and the others are left out; else a test defect can be a copy of a trained
+    one (caught because it was learnt) and held-out good images copies of trained ones (a threshold
+    fitted on images the model has seen). Returns the kept samples in their order and the (copy,
+    kept) pairs. Only the files whose size another file shares are read."""
+    sizes = Counter(_size(s.image_path) for s in samples)
+    first: dict[str, Sample] = {}
+    kept: list[Sample] = []
+    pairs: list[tuple[Sample, Sample]] = []
+    for s in samples:
+        size = _size(s.image_path)
+        if size is not None and sizes[size] > 1:
+            digest = hashlib.sha256(s.image_path.read_bytes()).hexdigest()
+            if digest in first:
+                pairs.append((s, first[digest]))
+                continue
+            first[digest] = s
+        kept.append(s)
+    return kept, pairs
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # a missing file is reported where it is read
+        return None
