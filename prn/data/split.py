@@ -186,21 +186,34 @@ def drop_copies(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sample,
     ``samples`` is kept and the others are left out; else a test defect can be a copy of a trained
     one (caught because it was learnt) and held-out good images copies of trained ones (a threshold
     fitted on images the model has seen). Returns the kept samples in their order and the (copy,
-    kept) pairs. Only the files whose size another file shares are read."""
-    sizes = Counter(_size(s.image_path) for s in samples)
+    kept) pairs. Cheap on large sets: a file is read only when another has its size, and read
+    whole only when another also has its first 64 KiB (uncompressed formats share sizes)."""
+    sizes = {s: _size(s.image_path) for s in samples}
+    counts = Counter(sizes.values())
+    heads = {s: (size, _digest(s.image_path, HEAD_BYTES)) for s, size in sizes.items()
+             if size is not None and counts[size] > 1}
+    counts = Counter(heads.values())
     first: dict[str, Sample] = {}
     kept: list[Sample] = []
     pairs: list[tuple[Sample, Sample]] = []
     for s in samples:
-        size = _size(s.image_path)
-        if size is not None and sizes[size] > 1:
-            digest = hashlib.sha256(s.image_path.read_bytes()).hexdigest()
+        if s in heads and counts[heads[s]] > 1:
+            digest = _digest(s.image_path)
             if digest in first:
                 pairs.append((s, first[digest]))
                 continue
             first[digest] = s
         kept.append(s)
     return kept, pairs
+
+
+HEAD_BYTES = 1 << 16
+
+
+def _digest(path: Path, limit: int = -1) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(limit)).hexdigest()
+
 
 def _size(path: Path) -> int | None:
     try:
