@@ -82,7 +82,8 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     # an image is known by its bytes, not its path: a correction is a copy (the service stores the
     # bytes it was sent; an engineer copies files), so paths alone would add a training image again
     # and leave a corrected test image in the test split, counted twice
-    _, pairs = drop_copies(split.train_normal + split.train_anomalous + anomalies + normals)
+    # the held-out fold too: it calibrates the retrain, so it must stay untrained
+    _, pairs = drop_copies(split.train_normal + split.train_anomalous + split.val + anomalies + normals)
     known = {copy for copy, _ in pairs}
     anomalies = [s for s in anomalies if s not in known]
     # The default trains each added defect by what it comes with. With their masks the retrains
@@ -99,7 +100,8 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
                      for s in anomalies]
     normals = [s for s in normals if s not in known]
     if not anomalies and not normals:
-        raise DataError(f"{add_anomalies or add_normals}: every image there is already in {parent}'s training data")
+        raise DataError(f"{add_anomalies or add_normals}: every image there is already in {parent}'s training data "
+                        "or held-out fold")
     added = set(anomalies + normals)
     copied = {copy for copy, first in drop_copies(anomalies + normals + split.test)[1] if first in added}
     # only this retrain's images count as added: an earlier retrain's are ordinary training data now

@@ -78,6 +78,21 @@ def test_a_correction_that_copies_a_training_image_is_not_added_again(calibrated
         fit_from(calibrated_run, add_normals=folder, epochs=1, run_dir=tmp_path / "new", progress=False)
 
 
+def test_the_datasets_own_folders_add_only_what_the_run_has_not_trained_or_held_out(calibrated_run, demo_root,
+                                                                                     tmp_path):
+    split = Split.load(calibrated_run / "split.json")
+    assert split.val_normal  # else the test could not tell
+    # its good training images are all trained on or held out (the fold calibrates: never trained)
+    with pytest.raises(DataError, match="already in"):
+        fit_from(calibrated_run, add_normals=demo_root / "demo", epochs=1, run_dir=tmp_path / "goods", progress=False)
+    # its defects: the seen ones are known, the test ones are added and leave the test split
+    run = fit_from(calibrated_run, add_anomalies=demo_root / "demo", epochs=1, run_dir=tmp_path / "new", progress=False)
+    new = Split.load(run / "split.json")
+    tested = [s for s in split.test if s.label == 1]
+    assert [s.image_path for s in new.train_anomalous if s.added] == [s.image_path for s in tested]
+    assert not any(s.label == 1 for s in new.test) and len(new.test) == len(split.test) - len(tested)
+
+
 def test_a_parents_test_image_moved_away_does_not_stop_a_retrain(calibrated_run, corrections, tmp_path):
     parent = tmp_path / "parent"
     shutil.copytree(calibrated_run, parent)

@@ -170,6 +170,7 @@ def test_drop_copies_keeps_the_first_of_each_picture(tmp_path):
     kept, pairs = drop_copies(samples)
     assert kept == [samples[0], samples[2], samples[3]] and pairs == [(samples[1], samples[0])]
     assert drop_copies(samples[2:]) == (samples[2:], [])
+    assert drop_copies([samples[3], samples[3]]) == ([samples[3]], [(samples[3], samples[3])])  # one file twice
     # files longer than the head that is read first: the same head, other tails, are not copies
     head = bytes(range(256)) * 256
     for name, tail in (("e", b"1"), ("f", b"2"), ("g", b"1")):
