@@ -79,10 +79,10 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     split = Split.load(parent / "split.json")
     anomalies = added_images(add_anomalies, normals=False) if add_anomalies is not None else []
     normals = added_images(add_normals, normals=True) if add_normals is not None else []
-    # an image is known by its bytes, not its path: a correction is a copy (the service stores the
+    # An image is known by its bytes, not its path: a correction is a copy (the service stores the
     # bytes it was sent; an engineer copies files), so paths alone would add a training image again
-    # and leave a corrected test image in the test split, counted twice
-    # the held-out fold too: it calibrates the retrain, so it must stay untrained
+    # and leave a corrected test image in the test split, counted twice. The held-out fold counts as
+    # known: it calibrates the retrain, so it must stay untrained.
     _, pairs = drop_copies(split.train_normal + split.train_anomalous + split.val + anomalies + normals)
     known = {copy for copy, _ in pairs}
     anomalies = [s for s in anomalies if s not in known]

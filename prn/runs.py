@@ -35,6 +35,7 @@ from prn.data.datasets import original_hw
 from prn.data.layouts import load_index
 from prn.data.split import Split, drop_copies, few_shot_split, hold_out_validation
 from prn.errors import DataError, UsageError
+from prn.report import shown_path
 
 def category_name(cfg: PRNConfig) -> str:
     """The category's display name: cfg.data.category, else the root's folder name when the root is
@@ -131,9 +132,8 @@ def make_split(cfg: PRNConfig) -> Split:
         kept = set(kept)
         index = dataclasses.replace(index, train=[s for s in index.train if s in kept],
                                     test=[s for s in index.test if s in kept])
-        name = lambda s: str(s.image_path.relative_to(index.root)) if s.image_path.is_relative_to(index.root) \
-            else str(s.image_path)  # noqa: E731
-        named = ", ".join(f"{name(copy)} = {name(first)}" for copy, first in pairs[:5])
+        named = ", ".join(f"{shown_path(copy.image_path, index.root)} = {shown_path(first.image_path, index.root)}"
+                          for copy, first in pairs[:5])
         more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
         print(f"prn: {len(pairs)} image(s) of {index.root} have the same bytes as another and are left out, "
               f"so that each counts once (split.json lists them under copies): {named}{more}", file=sys.stderr)

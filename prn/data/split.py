@@ -189,15 +189,15 @@ def drop_copies(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sample,
     kept) pairs. Cheap on large sets: a file is read only when another has its size, and read
     whole only when another also has its first 64 KiB (uncompressed formats share sizes)."""
     sizes = [_size(s.image_path) for s in samples]
-    counts = Counter(sizes)
+    size_counts = Counter(sizes)
     heads = {i: (size, _digest(samples[i].image_path, HEAD_BYTES)) for i, size in enumerate(sizes)
-             if size is not None and counts[size] > 1}  # by position: one file listed twice is a copy too
-    counts = Counter(heads.values())
+             if size is not None and size_counts[size] > 1}  # by position: one file listed twice is a copy too
+    head_counts = Counter(heads.values())
     first: dict[str, Sample] = {}
     kept: list[Sample] = []
     pairs: list[tuple[Sample, Sample]] = []
     for i, s in enumerate(samples):
-        if i in heads and counts[heads[i]] > 1:
+        if i in heads and head_counts[heads[i]] > 1:
             digest = _digest(s.image_path)
             if digest in first:
                 pairs.append((s, first[digest]))
