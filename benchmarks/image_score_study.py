@@ -1,7 +1,9 @@
 """Which image score decides best? An offline study over trained runs.
 
 For each run folder, the model scores its held-out fold (split.json val_*) and its test split once;
-the largest pixels of these maps are kept per image (``study/outputs.npz`` in the run folder):
+the largest pixels of these maps are kept per image (``study/outputs.npz`` in the run folder;
+each map is the one the run's image score reads: before smoothing where its ``score_smoothed``
+is false, as the ``cpu`` presets'):
 PRN's map; PRN's map averaged with those of the mirrored images, mirrored back (test-time flips:
 left-right, up-down, and all four); the prototype residual map |F - P*| of the same model's
 prototypes (a normal-only map: PRN's own encoder and prototypes, no learned head); and with an
@@ -28,6 +30,7 @@ uses is a decision stated in BENCHMARKS.md with these figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -78,10 +81,14 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     cache = run / "study" / "outputs.npz"
     if cache.is_file():
         data = dict(np.load(cache, allow_pickle=False))
-        if all(f"window{w}" in data for w in WINDOWS) and all(k in data for k in POSITION_KEYS):
+        if all(f"window{w}" in data for w in WINDOWS) and all(k in data for k in POSITION_KEYS) and "scored" in data:
             return data
     loaded = load_model(run, device="cpu")
     model, cfg = loaded.model, loaded.cfg
+    if not model.cfg.score_smoothed:
+        # The run's image score reads the map before smoothing; so does every rule here, or the
+        # "paper" rule would not be the score the run calibrated and tested.
+        model.cfg = dataclasses.replace(model.cfg, map_sigma=0.0)
     split = Split.load(run / "split.json")
     train = torch.utils.data.DataLoader(ImageDataset(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels),
                                         batch_size=batch_size)
@@ -122,7 +129,8 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
             "kind": np.array([s.defect_type for s in samples]),
             "prn": np.concatenate(prn_top), "flip": np.concatenate(flip_top),
             "vflip": np.concatenate(vflip_top), "flip4": np.concatenate(flip4_top), "res": np.concatenate(res_top), "area": np.array(area),
-            "top_k": np.array(cfg.model.top_k), **{f"window{w}": np.concatenate(v) for w, v in windows.items()},
+            "top_k": np.array(cfg.model.top_k), "scored": np.array("smoothed" if model.cfg.map_sigma > 0 else "raw"),
+            **{f"window{w}": np.concatenate(v) for w, v in windows.items()},
             **{k: np.concatenate(v) for k, v in position.items()}}
     if heads:
         data["head"] = np.concatenate(heads)

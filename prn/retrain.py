@@ -91,8 +91,9 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     # 7 of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split
     # as well as or better than the parents but drawing BSData's pits worse; boxes gained nothing
     # (BENCHMARKS.md, "Corrections trained by their label alone"; on split seeds 0-2 the masks caught
-    # 6 of 15 pits and 7 of 7 cracks, "Retrains on split seeds 0-2 of both sets"). Chosen after
-    # seeing those figures.
+    # 6 of 15 pits and 7 of 7 cracks, "Retrains on split seeds 0-2 of both sets"; on KolektorSDD's
+    # seven splits counted once 18 of 24, 2 of 5 on each split that missed five, where labels
+    # caught all). Chosen after seeing those figures.
     if added_annotation == "label":
         anomalies = [dataclasses.replace(s, mask_path=None, annotation="label") for s in anomalies]
     elif added_annotation == "box":  # prn.data.datasets boxes a painted mask marked "box" as it loads it

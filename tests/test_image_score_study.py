@@ -63,3 +63,32 @@ def test_each_rule_is_judged_at_the_threshold_the_runs_own_tail_sets(study):
     # a score that is not a probability (a z-score) has no logit: the Gumbel tail judges it
     z = (scores - scores[:n_val].mean()) / scores[:n_val].std()
     assert study.judge(d, z, 0.01, "gumbel_logit") == study.judge(d, z, 0.01, "gumbel")
+
+
+def test_the_study_scores_the_map_the_runs_own_score_reads(study, calibrated_run, tmp_path, monkeypatch):
+    """A run that smooths its map but scores it before smoothing (the cpu presets): the study's
+    top-k rule must be the run's own image score, not the top-k of the smoothed map."""
+    import dataclasses
+
+    from prn.data.datasets import ImageDataset
+    from prn.data.split import Split
+    from prn.deploy.loading import load_model
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+
+    def smoothing_run(path, **kw):
+        loaded = load_model(path, **kw)
+        loaded.model.cfg = dataclasses.replace(loaded.model.cfg, map_sigma=2.0, score_smoothed=False)
+        return loaded
+    monkeypatch.setattr(study, "load_model", smoothing_run)
+    data = study.outputs(run)
+    loaded = smoothing_run(run, device="cpu")
+    split = Split.load(run / "split.json")
+    samples = split.val_normal + split.val_anomalous + split.test
+    batch = torch.stack([ImageDataset(samples, loaded.cfg.model.input_hw)[i]["image"] for i in range(len(samples))])
+    with torch.no_grad():
+        out = loaded.model(batch)
+    k = int(data["top_k"])
+    assert np.allclose(data["prn"][:, :k].mean(1), out["pred_score"].numpy(), atol=1e-6)
+    assert not np.allclose(out["anomaly_map"].flatten(1).topk(k).values.mean(1).numpy(), out["pred_score"].numpy())
+    assert str(data["scored"]) == "raw"
