@@ -30,7 +30,7 @@ def cmd_fit(args) -> None:
     if args.added_annotation != "as_given" and not args.add_anomalies:
         raise UsageError("--added-annotation goes with --add-anomalies (how the added defects are trained)")
     if args.parent:
-        from prn.retrain import RETRAIN_SECTIONS, fit_from
+        from prn.retrain import RETRAIN_SECTIONS, added_summary, fit_from
         from prn.settings import parse_sets
         ignored = [f for f in _flags_resume_would_ignore(args) if f != "--run-dir" and not f.startswith("--set")]
         if ignored or args.resume:
@@ -42,6 +42,10 @@ def cmd_fit(args) -> None:
                        epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet,
                        changes=parse_sets(args.set, RETRAIN_SECTIONS), added_annotation=args.added_annotation)
         print(f"run folder: {run}")
+        decided = run / "added_decisions.json"
+        by_region = json.loads((run / "parent.json").read_text())["added_annotation"] != "label"
+        print("prn fit --from: " + added_summary(json.loads(decided.read_text()) if decided.is_file() else None,
+                                                 by_region))
         if args.test:
             _print_metrics(api.test(run, progress=not args.quiet), "fit")
         return

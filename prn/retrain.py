@@ -5,7 +5,8 @@ models' decisions side by side before one replaces the other.
 defects become seen anomalies (with their painted masks, boxes, or labels alone), false rejects
 become good training images. It is warm-started from the old model's weights (prototypes included),
 trains a shorter schedule, is calibrated on the old run's held-out fold as any fit, and records its
-parent in ``parent.json``. The test split stays the old run's, minus any image added (known by its
+parent in ``parent.json``, and how it and its parent decide the added images in
+``added_decisions.json`` (``added_decisions``). The test split stays the old run's, minus any image added (known by its
 bytes, so a copy counts), so the two runs' test figures compare.
 
 ``compare`` predicts a labelled folder with both models (labels from the folders: images under a
@@ -133,6 +134,11 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         "annotations": {a: sum(s.annotation == a for s in anomalies) for a in ("mask", "box", "label")},
         "added_annotation": added_annotation, "epochs": new_cfg.training.epochs,
         "changes": changes or {}}, indent=2) + "\n")
+    # How the new model decides the very images it was given: the first thing an engineer asks
+    # of a retrain, and cheap (a few images, scored by both models); kept beside the parent.
+    decisions = added_decisions(parent, run)
+    if decisions is not None:
+        (run / "added_decisions.json").write_text(json.dumps(decisions, indent=1) + "\n")
     return run
 
 
@@ -154,11 +160,20 @@ def compare(run_a: str | Path, run_b: str | Path, folder: str | Path, *, device:
     """Both models' scores and decisions on a labelled folder: per image (path, label, score and
     decision of each, changed), and per model the false-reject rate and recall at its own
     calibrated threshold. A model without a threshold is refused (it decides nothing)."""
+    files, labels = labelled_folder(folder)
+    return compare_images(run_a, run_b, files, labels, root=folder, device=device)
+
+
+def compare_images(run_a: str | Path, run_b: str | Path, files: list[Path], labels: np.ndarray, *,
+                   root: str | Path | None = None, device: str | None = None) -> dict:
+    """``compare`` on a list of image files and their labels (1 defective, 0 good); paths are
+    given relative to ``root`` when there is one."""
     from prn.data.io import read_image
     from prn.deploy.predict import Predictor
 
-    files, labels = labelled_folder(folder)
-    out = {"images": [{"path": str(f.relative_to(Path(folder))), "label": int(y)} for f, y in zip(files, labels)]}
+    labels = np.asarray(labels)
+    shown = [str(f.relative_to(Path(root))) if root is not None else str(f) for f in files]
+    out = {"images": [{"path": p, "label": int(y)} for p, y in zip(shown, labels)]}
     runs = {"a": run_a, "b": run_b}
     predictors = {name: Predictor(run, device=device) for name, run in runs.items()}
     for name, predictor in predictors.items():
@@ -184,6 +199,45 @@ def compare(run_a: str | Path, run_b: str | Path, folder: str | Path, *, device:
     for row in out["images"]:
         row["changed"] = row["defective_a"] != row["defective_b"]
     return out
+
+
+def added_decisions(parent: str | Path, run: str | Path, *, device: str | None = None) -> dict | None:
+    """How the parent and the retrained run decide the images the retrain added (``parent.json``'s
+    added_anomalies and added_normals): ``compare_images``'s result, or None when either run has
+    no threshold (nothing is decided)."""
+    record = json.loads((Path(run) / "parent.json").read_text())
+    files = [Path(p) for p in record["added_anomalies"] + record["added_normals"]]
+    labels = np.array([1] * len(record["added_anomalies"]) + [0] * len(record["added_normals"]))
+    try:
+        return compare_images(parent, run, files, labels, device=device)
+    except UsageError:
+        return None
+
+
+def added_summary(result: dict | None, by_region: bool = True) -> str:
+    """One line for the engineer who just retrained: of the added images, how many the new model
+    decides right against its parent, and, where added defects taught by their regions
+    (``by_region``: not ``--added-annotation label``) stay under, what to try."""
+    if result is None:
+        return "the added images were not judged: a run has no calibrated threshold (prn calibrate RUN)"
+    rows = result["images"]
+    bad = [r for r in rows if r["label"] == 1]
+    good = [r for r in rows if r["label"] == 0]
+    said = []
+    if bad:
+        said.append(f"stops {sum(r['defective_b'] for r in bad)} of {len(bad)} added defects "
+                    f"(its parent {sum(r['defective_a'] for r in bad)})")
+    if good:
+        said.append(f"rejects {sum(r['defective_b'] for r in good)} of {len(good)} added good images "
+                    f"(its parent {sum(r['defective_a'] for r in good)})")
+    line = f"at its threshold {result['b']['threshold']:.4g} the retrained model " + " and ".join(said)
+    missed = [r["path"] for r in bad if not r["defective_b"]]
+    if missed:
+        line += f"; still under it: {', '.join(Path(p).name for p in missed[:5])}{' ...' if len(missed) > 5 else ''}"
+        if by_region:
+            line += (" (faint defects taught by their masks often stay under; --added-annotation label "
+                     "catches them at the cost of the maps: README, \"Retraining from corrections\")")
+    return line
 
 
 def _percent(rate: float, kind: str) -> str:

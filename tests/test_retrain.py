@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,43 @@ def test_fit_from_adds_the_corrections_and_starts_from_the_old_weights(calibrate
     before = load_checkpoint(calibrated_run)["state_dict"]
     assert all(torch.equal(before[k], v) for k, v in payload["state_dict"].items() if k.startswith("prototypes."))
     assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
+    # how both models decide the very images the retrain was given, as prn compare would
+    decided = json.loads((run / "added_decisions.json").read_text())
+    assert [r["label"] for r in decided["images"]] == [1, 1, 0]
+    assert [r["path"] for r in decided["images"]] == parent["added_anomalies"] + parent["added_normals"]
+    again = compare(calibrated_run, run, corrections)
+    by_path = {r["path"]: r for r in again["images"]}
+    for row in decided["images"]:
+        same = by_path[str(Path(row["path"]).relative_to(corrections.resolve()))]
+        assert row["score_b"] == pytest.approx(same["score_b"]) and row["defective_b"] == same["defective_b"]
+        assert row["score_a"] == pytest.approx(same["score_a"])
+    assert decided["b"]["threshold"] == again["b"]["threshold"]
+
+
+def test_the_retrains_summary_counts_the_added_images_it_stops_and_names_those_under(tmp_path):
+    from prn.retrain import added_summary
+    rows = [{"path": "/c/test/crack/a.png", "label": 1, "defective_a": 0, "defective_b": 1},
+            {"path": "/c/test/crack/b.png", "label": 1, "defective_a": 0, "defective_b": 0},
+            {"path": "/c/train/good/g.png", "label": 0, "defective_a": 1, "defective_b": 0}]
+    line = added_summary({"images": rows, "b": {"threshold": 0.25}})
+    assert "stops 1 of 2 added defects (its parent 0)" in line
+    assert "rejects 0 of 1 added good images (its parent 1)" in line
+    assert "still under it: b.png" in line and "--added-annotation label" in line
+    labelled = added_summary({"images": rows, "b": {"threshold": 0.25}}, by_region=False)
+    assert "still under it: b.png" in labelled and "--added-annotation" not in labelled
+    rows[1]["defective_b"] = 1
+    assert "still under" not in added_summary({"images": rows, "b": {"threshold": 0.25}})
+    assert "no calibrated threshold" in added_summary(None)
+
+
+def test_the_cli_says_how_the_retrain_decides_its_added_images(calibrated_run, corrections, tmp_path, capsys):
+    assert main(["fit", "--from", str(calibrated_run), "--add-anomalies", str(corrections), "--epochs", "1",
+                 "--run-dir", str(tmp_path / "new"), "--quiet"]) in (0, None)
+    out = capsys.readouterr().out
+    decided = json.loads((tmp_path / "new" / "added_decisions.json").read_text())
+    caught = sum(r["defective_b"] for r in decided["images"])
+    assert (f"prn fit --from: at its threshold {decided['b']['threshold']:.4g} the retrained model stops "
+            f"{caught} of 2 added defects") in out
 
 
 def test_a_correction_that_copies_a_training_image_is_not_added_again(calibrated_run, tmp_path):
