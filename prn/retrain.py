@@ -4,10 +4,10 @@ models' decisions side by side before one replaces the other.
 ``fit_from`` starts a run with the old run's config and split plus the added images: missed
 defects become seen anomalies (with their painted masks, boxes, or labels alone), false rejects
 become good training images. It is warm-started from the old model's weights (prototypes included),
-trains a shorter schedule, is calibrated on the old run's held-out fold as any fit, and records its
-parent in ``parent.json``, and how it and its parent decide the added images in
-``added_decisions.json`` (``added_decisions``). The test split stays the old run's, minus any image added (known by its
-bytes, so a copy counts), so the two runs' test figures compare.
+trains a shorter schedule, is calibrated on the old run's held-out fold as any fit, records its
+parent in ``parent.json`` and how it and its parent decide the added images in
+``added_decisions.json`` (``added_decisions``). The test split stays the old run's, minus any
+image added (known by its bytes, so a copy counts), so the two runs' test figures compare.
 
 ``compare`` predicts a labelled folder with both models (labels from the folders: images under a
 folder named ``good`` or ``ok`` are good, the others defective) and tells what changed.
@@ -210,7 +210,7 @@ def added_decisions(parent: str | Path, run: str | Path, *, device: str | None =
     labels = np.array([1] * len(record["added_anomalies"]) + [0] * len(record["added_normals"]))
     try:
         return compare_images(parent, run, files, labels, device=device)
-    except UsageError:
+    except UsageError:  # compare_images' one refusal: a run without a threshold decides nothing
         return None
 
 
