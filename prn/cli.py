@@ -43,9 +43,8 @@ def cmd_fit(args) -> None:
                        changes=parse_sets(args.set, RETRAIN_SECTIONS), added_annotation=args.added_annotation)
         print(f"run folder: {run}")
         decided = run / "added_decisions.json"
-        by_region = json.loads((run / "parent.json").read_text())["added_annotation"] != "label"
         print("prn fit --from: " + added_summary(json.loads(decided.read_text()) if decided.is_file() else None,
-                                                 by_region))
+                                                 by_region=args.added_annotation != "label"))
         if args.test:
             _print_metrics(api.test(run, progress=not args.quiet), "fit")
         return

@@ -6,8 +6,8 @@ defects become seen anomalies (with their painted masks, boxes, or labels alone)
 become good training images. It is warm-started from the old model's weights (prototypes included),
 trains a shorter schedule, is calibrated on the old run's held-out fold as any fit, records its
 parent in ``parent.json`` and how it and its parent decide the added images in
-``added_decisions.json`` (``added_decisions``). The test split stays the old run's, minus any
-image added (known by its bytes, so a copy counts), so the two runs' test figures compare.
+``added_decisions.json``. The test split stays the old run's, minus any image added (known by
+its bytes, so a copy counts), so the two runs' test figures compare.
 
 ``compare`` predicts a labelled folder with both models (labels from the folders: images under a
 folder named ``good`` or ``ok`` are good, the others defective) and tells what changed.
@@ -136,9 +136,12 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         "changes": changes or {}}, indent=2) + "\n")
     # How the new model decides the very images it was given: the first thing an engineer asks
     # of a retrain, and cheap (a few images, scored by both models); kept beside the parent.
-    decisions = added_decisions(parent, run)
-    if decisions is not None:
-        (run / "added_decisions.json").write_text(json.dumps(decisions, indent=1) + "\n")
+    try:
+        decisions = compare_images(parent, run, [s.image_path for s in anomalies + normals],
+                                   np.array([1] * len(anomalies) + [0] * len(normals)))
+    except UsageError:  # compare_images' one refusal: a run without a threshold decides nothing
+        return run
+    (run / "added_decisions.json").write_text(json.dumps(decisions, indent=1) + "\n")
     return run
 
 
@@ -199,19 +202,6 @@ def compare_images(run_a: str | Path, run_b: str | Path, files: list[Path], labe
     for row in out["images"]:
         row["changed"] = row["defective_a"] != row["defective_b"]
     return out
-
-
-def added_decisions(parent: str | Path, run: str | Path, *, device: str | None = None) -> dict | None:
-    """How the parent and the retrained run decide the images the retrain added (``parent.json``'s
-    added_anomalies and added_normals): ``compare_images``'s result, or None when either run has
-    no threshold (nothing is decided)."""
-    record = json.loads((Path(run) / "parent.json").read_text())
-    files = [Path(p) for p in record["added_anomalies"] + record["added_normals"]]
-    labels = np.array([1] * len(record["added_anomalies"]) + [0] * len(record["added_normals"]))
-    try:
-        return compare_images(parent, run, files, labels, device=device)
-    except UsageError:  # compare_images' one refusal: a run without a threshold decides nothing
-        return None
 
 
 def added_summary(result: dict | None, by_region: bool = True) -> str:
