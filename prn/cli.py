@@ -194,9 +194,13 @@ def region_area(text: str) -> int:
 
 
 def _print_metrics(metrics: dict, verb: str) -> None:
-    """The figures as JSON, and the threshold's warning prefixed with the verb that was run."""
-    from prn.deploy.calibrate import suspect_warning, threshold_warning
+    """The figures as JSON on stdout; on stderr, after a test, the decision at the calibrated
+    threshold in one line, and the threshold's warning, each prefixed with the verb that was run."""
+    from prn.deploy.calibrate import decision_summary, suspect_warning, threshold_warning
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
+    decided = decision_summary(metrics) if verb != "calibrate" else None
+    if decided:
+        print(f"prn {verb}: {decided}", file=sys.stderr)
     for warning in (threshold_warning(metrics), suspect_warning(metrics) if verb == "calibrate" else None):
         if warning:
             print(f"prn {verb}: warning: {warning}", file=sys.stderr)

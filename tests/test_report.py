@@ -181,3 +181,25 @@ def test_a_threshold_that_rejected_more_than_twice_its_target_is_said_in_results
     assert "prn fit: warning: the calibrated threshold rejected 2.9 %" in capsys.readouterr().err
     _print_metrics(kept, "test")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_test_says_on_stderr_what_the_line_would_have_done_and_keeps_stdout_json(capsys):
+    from prn.cli import _print_metrics
+    from prn.deploy.calibrate import decision_summary, rates_at
+    labels = np.r_[np.zeros(8), np.ones(4)]
+    scores = np.r_[np.linspace(0, 0.4, 7), 0.8, 0.9, 0.7, 0.2, 0.1]  # one good part and 2 of 4 defects over 0.5
+    metrics = {**rates_at(labels, scores, 0.5), "n_test": 12, "n_test_anomalous": 4, "image_auroc": 0.8}
+    line = decision_summary(metrics)
+    assert line == ("at the calibrated threshold 0.5 the model stops 2 of 4 defective parts (50.0 %) "
+                    "and rejects 1 of 8 good parts (12.5 %)")
+    _print_metrics(metrics, "test")
+    out, err = capsys.readouterr()
+    assert json.loads(out)["misses"] == 2  # stdout is still the figures alone, for a pipe
+    assert f"prn test: {line}" in err
+    _print_metrics(metrics, "fit")
+    assert f"prn fit: {line}" in capsys.readouterr().err
+    _print_metrics(metrics, "calibrate")  # calibrate judges no test set
+    assert "stops" not in capsys.readouterr().err
+    uncalibrated = {k: v for k, v in metrics.items() if k not in ("threshold", "misses", "false_rejects")}
+    assert decision_summary(uncalibrated) is None
+    assert decision_summary({**metrics, "n_test": 11.5}) is None  # a mean over categories: no counts

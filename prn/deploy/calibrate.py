@@ -234,6 +234,24 @@ def rates_at(labels, scores, threshold: float) -> dict:
             "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle}
 
 
+def decision_summary(metrics: dict) -> str | None:
+    """One line of what the line would have done on a test set at the calibrated threshold (the
+    figure a quality engineer reads first): defective parts stopped and good parts rejected, as
+    counts and rates. ``metrics``: ``rates_at``'s keys with ``n_test`` and ``n_test_anomalous``;
+    None when the run has no threshold or the counts are missing (or are a mean over categories)."""
+    keys = ("threshold", "n_test", "n_test_anomalous", "misses", "false_rejects")
+    if any(not isinstance(metrics.get(k), (int, float)) or math.isnan(metrics[k]) for k in keys):
+        return None
+    if not all(float(metrics[k]).is_integer() for k in keys[1:]):
+        return None
+    n_bad = int(metrics["n_test_anomalous"])
+    n_good, stopped = int(metrics["n_test"]) - n_bad, n_bad - int(metrics["misses"])
+    rejected = int(metrics["false_rejects"])
+    pct = lambda k, n: f" ({100 * k / n:.1f} %)" if n else ""  # noqa: E731
+    return (f"at the calibrated threshold {metrics['threshold']:.4g} the model stops {stopped} of {n_bad} "
+            f"defective parts{pct(stopped, n_bad)} and rejects {rejected} of {n_good} good parts{pct(rejected, n_good)}")
+
+
 def threshold_warning(metrics: dict) -> str | None:
     """A line of warning when the calibrated threshold rejected more than twice its target's share of
     a test set's good parts (``metrics``: ``rates_at``'s keys and ``target_fpr``), else None. The
