@@ -217,9 +217,16 @@ def result_picture(path: Path, image, amap, postprocess, truth=None, title: str 
     """The picture of one result, the same in test and predict: image | ground truth | heat map |
     predicted region, the map shown as ``postprocess.display_map`` (0.5 = the pixel threshold)
     with the region's contour there. image: uint8 (h, w, 3) and amap (h, w) at the model's input
-    size; truth: bool (h, w) or None."""
+    size; truth: bool (h, w) or None. Each panel shows the model's input at its own size, its
+    longer side kept within PICTURE_SIDE: at the 256 pixels of earlier pictures a KolektorSDD
+    image of the `cpu` preset (input 384 x 154) was shrunk to two thirds, its thin cracks with it."""
     from prn.viz import save_overlay
-    return save_overlay(path, image, postprocess.display_map(amap), truth, threshold=0.5, title=title)
+    side = min(max(max(np.shape(amap)), PICTURE_SIDE[0]), PICTURE_SIDE[1])
+    return save_overlay(path, image, postprocess.display_map(amap), truth, threshold=0.5, title=title,
+                        panel_size=side)
+
+
+PICTURE_SIDE = (256, 512)  # a result picture's panels: the longer side at least, at most (pixels)
 
 
 SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "label", "error")

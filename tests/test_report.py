@@ -203,3 +203,11 @@ def test_a_test_says_on_stderr_what_the_line_would_have_done_and_keeps_stdout_js
     uncalibrated = {k: v for k, v in metrics.items() if k not in ("threshold", "misses", "false_rejects")}
     assert decision_summary(uncalibrated) is None
     assert decision_summary({**metrics, "n_test": 11.5}) is None  # a mean over categories: no counts
+
+
+@pytest.mark.parametrize("hw, side", [((384, 154), 384), ((100, 40), 256), ((1024, 410), 512)])
+def test_result_pictures_show_the_models_input_at_its_own_size_within_limits(tmp_path, hw, side):
+    from prn import viz
+    image = np.zeros((*hw, 3), np.uint8)
+    path = report.result_picture(tmp_path / "p.png", image, np.zeros(hw, np.float32), Postprocess())
+    assert Image.open(path).size[1] == viz.LABEL_HEIGHT + side + 2 * viz.GAP
