@@ -213,6 +213,9 @@ def mirrored_path(image_path: Path, root: Path, folder: Path, suffix: str, used:
     return target
 
 
+PICTURE_SIDE = (256, 512)  # a result picture's panels: the longer side at least, at most (pixels)
+
+
 def result_picture(path: Path, image, amap, postprocess, truth=None, title: str | None = None) -> Path:
     """The picture of one result, the same in test and predict: image | ground truth | heat map |
     predicted region, the map shown as ``postprocess.display_map`` (0.5 = the pixel threshold)
@@ -224,9 +227,6 @@ def result_picture(path: Path, image, amap, postprocess, truth=None, title: str 
     side = min(max(max(np.shape(amap)), PICTURE_SIDE[0]), PICTURE_SIDE[1])
     return save_overlay(path, image, postprocess.display_map(amap), truth, threshold=0.5, title=title,
                         panel_size=side)
-
-
-PICTURE_SIDE = (256, 512)  # a result picture's panels: the longer side at least, at most (pixels)
 
 
 SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "label", "error")

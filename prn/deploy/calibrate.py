@@ -238,7 +238,7 @@ def decision_summary(metrics: dict) -> str | None:
     """One line of what the line would have done on a test set at the calibrated threshold (the
     figure a quality engineer reads first): defective parts stopped and good parts rejected, as
     counts and rates. ``metrics``: ``rates_at``'s keys with ``n_test`` and ``n_test_anomalous``;
-    None when the run has no threshold or the counts are missing (or are a mean over categories)."""
+    None when the run has no threshold, or the counts are missing or not whole (a mean)."""
     keys = ("threshold", "n_test", "n_test_anomalous", "misses", "false_rejects")
     if any(not isinstance(metrics.get(k), (int, float)) or math.isnan(metrics[k]) for k in keys):
         return None
