@@ -9,11 +9,12 @@ Each panel is labelled above; an optional title runs across the top.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 GAP = 4            # pixels between and around panels
@@ -21,6 +22,16 @@ LABEL_HEIGHT = 16  # strip above each panel holding its label
 TITLE_HEIGHT = 18  # strip above the labels when a title is given
 BACKGROUND = (255, 255, 255)
 CONTOUR_COLOR = (255, 0, 0)
+# Pillow's bundled font at its default 10 px ran words together ("No ground truth" read as
+# "Noground truth"); at 12 px the spaces show and the text still fits the label strip.
+FONT_SIZE = 12
+
+
+@cache
+def label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The font of every label and title: Pillow's bundled one at ``FONT_SIZE`` (its bitmap
+    fallback where Pillow was built without FreeType)."""
+    return ImageFont.load_default(size=FONT_SIZE)
 
 
 def panel_shape(hw: tuple[int, int], panel_size: int | None) -> tuple[int, int]:
@@ -88,9 +99,10 @@ def _compose(panels: list[list[np.ndarray | None]], labels: list[str] | None,
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((GAP, 3), title, fill=(0, 0, 0))
+        draw.text((GAP, 3), title, fill=(0, 0, 0), font=label_font())
     for j, label in enumerate(labels or []):
-        draw.text((GAP + j * (cw + GAP), top - LABEL_HEIGHT + 2), label, fill=(0, 0, 0))
+        draw.text((GAP + j * (cw + GAP), top - LABEL_HEIGHT + 2), label, fill=(0, 0, 0),
+                  font=label_font())
     for i, row in enumerate(panels):
         for j, panel in enumerate(row):
             if panel is not None:

@@ -93,3 +93,20 @@ def test_grid_has_one_cell_per_picture_and_title_strip(tmp_path, image):
     # The mask cell (48 wide scaled to 32, so 40 high becomes 27, centred) is white on its left.
     cell = png[viz.LABEL_HEIGHT + viz.GAP:viz.LABEL_HEIGHT + viz.GAP + 32, x0:x0 + 32]
     assert np.all(cell[16, 2:14] == 255) and np.all(cell[16, 18:30] == 0)
+
+
+def _ink_runs(strip: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) column runs that hold dark pixels in an RGB strip, end exclusive."""
+    ink = (strip.min(axis=2) < 128).any(axis=0)
+    edges = np.flatnonzero(np.diff(np.r_[0, ink.astype(int), 0]))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def test_panel_labels_keep_the_spaces_between_their_words(tmp_path, image):
+    # Pillow's default 10 px font drew "No ground truth" with a one-pixel space, read "Noground"
+    path = viz.save_overlay(tmp_path / "o.png", image, np.zeros(image.shape[:2], np.float32), panel_size=256)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    strip = picture[:viz.LABEL_HEIGHT, 2 * viz.GAP + 256:2 * viz.GAP + 2 * 256]  # "No ground truth"
+    runs = _ink_runs(strip)
+    gaps = sorted(b[0] - a[1] for a, b in zip(runs, runs[1:]))
+    assert len(gaps) >= 2 and gaps[-2] >= 3, f"word gaps of {gaps} px in the label"

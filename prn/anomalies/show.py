@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prn.anomalies.compose import AnomalyGenerator
+from prn.viz import label_font
 
 COLUMNS = ("normal", "anomaly", "mask", "target area")
 LABELS = {"extended": "EA", "heterologous": "HEA", "homologous": "HOA"}
@@ -32,7 +33,8 @@ def _grid(rows: list[list[np.ndarray]], title: str) -> Image.Image:
     canvas = Image.new("RGB", (cols * (w + PAD) + PAD, HEADER + len(rows) * (h + PAD) + PAD), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(COLUMNS):
-        draw.text((PAD + c * (w + PAD), 2), f"{name} ({title})" if name == "anomaly" else name, fill=(0, 0, 0))
+        draw.text((PAD + c * (w + PAD), 2), f"{name} ({title})" if name == "anomaly" else name, fill=(0, 0, 0),
+                  font=label_font())
     for r, row in enumerate(rows):
         for c, tile in enumerate(row):
             canvas.paste(Image.fromarray(tile), (PAD + c * (w + PAD), HEADER + r * (h + PAD)))
