@@ -222,11 +222,16 @@ def result_picture(path: Path, image, amap, postprocess, truth=None, title: str 
     with the region's contour there. image: uint8 (h, w, 3) and amap (h, w) at the model's input
     size; truth: bool (h, w) or None. Each panel shows the model's input at its own size, its
     longer side kept within PICTURE_SIDE: at the 256 pixels of earlier pictures a KolektorSDD
-    image of the `cpu` preset (input 384 x 154) was shrunk to two thirds, its thin cracks with it."""
+    image of the `cpu` preset (input 384 x 154) was shrunk to two thirds, its thin cracks with it.
+    The region's label names the pixel threshold in the map's own units: the display map's 0.5
+    read as a probability of 0.5 in earlier pictures."""
     from prn.viz import save_overlay
     side = min(max(max(np.shape(amap)), PICTURE_SIDE[0]), PICTURE_SIDE[1])
+    label = None
+    if postprocess.pixel_threshold is not None:
+        label = f"Defect region (map >= pixel threshold {postprocess.pixel_threshold:.3g})"
     return save_overlay(path, image, postprocess.display_map(amap), truth, threshold=0.5, title=title,
-                        panel_size=side)
+                        panel_size=side, region_label=label)
 
 
 SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "label", "error")

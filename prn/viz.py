@@ -112,13 +112,14 @@ def _compose(panels: list[list[np.ndarray | None]], labels: list[str] | None,
 
 def save_overlay(path: str | Path, image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None,
                  threshold: float | None = None, title: str | None = None,
-                 panel_size: int | None = 256) -> Path:
+                 panel_size: int | None = 256, region_label: str | None = None) -> Path:
     """Save image | ground truth | heat map | predicted contour as one PNG.
 
     image: uint8 (H, W, 3) (or (H, W) grey); amap: float (H, W) in [0, 1]; mask: bool (H, W) or
     None (the ground-truth panel is then grey). threshold: pixels with ``amap >= threshold`` form
     the predicted region (default 0.5). panel_size: each panel's longer side in pixels (None:
-    the image's own size). The PNG is ``4 * w + 5 * GAP`` wide and ``h + 2 * GAP + LABEL_HEIGHT``
+    the image's own size). region_label: the last panel's label (default "Prediction (>=
+    threshold)"), for a map drawn rescaled, whose 0.5 stands for another threshold. The PNG is ``4 * w + 5 * GAP`` wide and ``h + 2 * GAP + LABEL_HEIGHT``
     (+ ``TITLE_HEIGHT`` with a title) high, for panels of (h, w).
     """
     image, amap = to_rgb(image), np.asarray(amap, dtype=np.float32)
@@ -134,7 +135,7 @@ def save_overlay(path: str | Path, image: np.ndarray, amap: np.ndarray, mask: np
         truth = to_rgb(_resize((np.asarray(mask) > 0).astype(np.uint8), shape, nearest=True) > 0)
     panels = [image, truth, heat_overlay(image, amap), contour_overlay(image, amap >= threshold)]
     labels = ["Image", "Ground truth" if mask is not None else "No ground truth", "Heat map",
-              f"Prediction (>= {threshold:.2f})"]
+              region_label or f"Prediction (>= {threshold:.2f})"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _compose([panels], labels, title, shape).save(path)

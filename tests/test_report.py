@@ -211,3 +211,25 @@ def test_result_pictures_show_the_models_input_at_its_own_size_within_limits(tmp
     image = np.zeros((*hw, 3), np.uint8)
     path = report.result_picture(tmp_path / "p.png", image, np.zeros(hw, np.float32), Postprocess())
     assert Image.open(path).size[1] == viz.LABEL_HEIGHT + side + 2 * viz.GAP
+
+
+def test_result_pictures_name_the_pixel_threshold_their_region_is_cut_at(tmp_path, monkeypatch):
+    from prn import viz
+    seen = {}
+    real = viz.save_overlay
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(viz, "save_overlay", spy)
+    amap = np.zeros((64, 64), np.float32)
+    amap[10:20, 10:20] = 0.2  # above the pixel threshold, far below a probability of 0.5
+    cal = {"image_threshold": 0.3, "pixel_threshold": 0.0924, "score_min": 0.0, "score_max": 1.0,
+           "pixel_min": 0.0, "pixel_max": 1.0}
+    report.result_picture(tmp_path / "c.png", np.zeros((64, 64, 3), np.uint8), amap, Postprocess(cal))
+    assert "0.0924" in seen["region_label"] and "0.5" not in seen["region_label"]
+    picture = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    assert (picture == viz.CONTOUR_COLOR).all(axis=2).any()  # the 0.2 square is outlined
+    report.result_picture(tmp_path / "u.png", np.zeros((64, 64, 3), np.uint8), amap, Postprocess())
+    assert seen["region_label"] is None  # uncalibrated: the map itself, cut at 0.5
