@@ -1,0 +1,168 @@
+"""A memory of the seen defects: does matching their features at test time stop more defective parts?
+
+Outside the paper. PRN learns its seen anomalies through the decoder; this study asks whether
+also *remembering* them helps the decision where a defect covers a few pixels. For each run
+folder, the frozen encoder's features at 1/4 and 1/8 of the input (3 x 3 means, the 1/8 map
+up-sampled to 1/4, concatenated) give, at every pixel of an image:
+
+- ``d_defect``: the distance to the nearest feature inside a seen defect's mask (every seen
+  anomaly of the split with a mask, the validation fold's too; the mask max-pooled to 1/4 so a
+  pit of a few pixels keeps its cell);
+- ``d_good``: how far the pixel is from good parts, by ``--normal``: ``bank``, the distance to the
+  nearest of ``--bank`` features drawn at random from the good training images (a PatchCore-like
+  memory), or ``prototypes``, the norm of PRN's own prototype residual |F - P*| there (no bank,
+  almost no cost).
+
+The memory's image score is the largest ``d_good / d_defect`` of the image: high where a pixel
+is far from good parts and near a seen defect. It is fused with the run's own image score as
+z(PRN) + z(memory), each standardised on the held-out good images (split.json val_normal),
+and the fused score is thresholded on those same images by the run's calibration rule
+(prn.deploy.calibrate.image_threshold, target 1 %): no test image sets anything. Printed per run
+and as mean +- sd over the runs: image AUROC, realised false rejects and recall at that
+threshold, the oracle's recall at 1 % false rejects, and the recall of defects covering
+< 0.05 % of the image (BSData's smallest pits), for PRN alone and fused.
+
+    python benchmarks/defect_memory_study.py RUN [RUN ...] [--normal bank|prototypes] [--bank 40000]
+
+Per-run features are cached in RUN/study/defect_memory_<normal>.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prn.config import PRNConfig
+from prn.data.datasets import ImageDataset
+from prn.data.split import Split
+from prn.deploy.calibrate import image_threshold
+from prn.deploy.loading import load_model
+from prn.metrics import image_auroc, oracle_threshold, recall_at
+from prn.registry import score_bound
+
+TINY = 0.0005  # a defect covering < 0.05 % of the image: BENCHMARKS.md's smallest size class
+
+
+def pixel_features(encoder, x: torch.Tensor, prototypes=None) -> torch.Tensor:
+    """(B, C, H/4, W/4): the 1/4 and 1/8 taps (or their prototype residuals), 3 x 3 means."""
+    feats = encoder(x)
+    if prototypes is not None:
+        feats = prototypes.residuals([f.float() for f in feats])
+    fine = F.avg_pool2d(feats[0], 3, 1, 1)
+    coarse = F.interpolate(F.avg_pool2d(feats[1], 3, 1, 1), size=fine.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    return torch.cat([fine, coarse], dim=1).float()
+
+
+def nearest(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(N,) Euclidean distance of each query row to its nearest bank row."""
+    return torch.cat([torch.cdist(q, bank).min(dim=1).values for q in query.split(chunk)])
+
+
+@torch.no_grad()
+def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
+    cache = run / "study" / f"defect_memory_{normal}.npz"
+    if cache.is_file():
+        return dict(np.load(cache, allow_pickle=False))
+    loaded = load_model(run, device="cpu")
+    model, cfg = loaded.model, loaded.cfg
+    if cfg.model.tiles > 1 or model.prototypes is None:
+        raise SystemExit(f"{run}: the study needs an untiled PRN with prototypes")
+    split = Split.load(run / "split.json")
+    hw, pixels = cfg.model.input_hw, cfg.data.max_image_pixels
+
+    def batches(samples):
+        return torch.utils.data.DataLoader(ImageDataset(samples, hw, pixels), batch_size=8)
+
+    def pixel_mask(s) -> bool:
+        return s.mask_path is not None and s.annotation == "mask"
+
+    seen = [s for s in split.train_anomalous + split.val_anomalous if pixel_mask(s)]
+    defect = []
+    for b in batches(seen):
+        f = pixel_features(model.encoder, b["image"])
+        inside = F.adaptive_max_pool2d(b["mask"], f.shape[-2:])[:, 0] > 0
+        defect.append(f.permute(0, 2, 3, 1)[inside])
+    defect = torch.cat(defect)
+    good_bank = None
+    if normal == "bank":
+        good = torch.cat([pixel_features(model.encoder, b["image"]).permute(0, 2, 3, 1).flatten(0, 2)
+                          for b in batches(split.train_normal)])
+        pick = np.random.default_rng(seed).choice(len(good), min(len(good), bank_size), replace=False)
+        good_bank = good[torch.from_numpy(pick)]
+    samples = split.val_normal + split.test
+    prn_score, memory, area = [], [], []
+    for b in batches(samples):
+        x = b["image"]
+        area.append(b["mask"].mean(dim=(1, 2, 3)))  # at the input size, as prn test's size classes
+        prn_score.append(model(x)["pred_score"].float())
+        f = pixel_features(model.encoder, x)
+        n, c, h, w = f.shape
+        query = f.permute(0, 2, 3, 1).reshape(-1, c)
+        if good_bank is not None:
+            d_good = nearest(query, good_bank).reshape(n, h, w)
+        else:
+            d_good = pixel_features(model.encoder, x, model.prototypes).norm(dim=1)
+        d_defect = nearest(query, defect).reshape(n, h, w)
+        memory.append((d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values)
+    area = np.where([pixel_mask(s) for s in samples], torch.cat(area).numpy(), np.nan)
+    data = {"part": np.array(["val"] * len(split.val_normal) + ["test"] * len(split.test)),
+            "label": np.array([s.label for s in samples]), "area": area,
+            "prn": torch.cat(prn_score).numpy(), "memory": torch.cat(memory).numpy(),
+            "defect_features": np.array(len(defect))}
+    cache.parent.mkdir(exist_ok=True)
+    np.savez_compressed(cache, **data)
+    return data
+
+
+def judge(d: dict, scores: np.ndarray, tail: str, probability: bool, target: float) -> dict:
+    val, test = d["part"] == "val", d["part"] == "test"
+    y, s = d["label"][test], scores[test]
+    t, _ = image_threshold(scores[val], target, tail if probability else "gumbel",
+                           score_bound=score_bound("prn") if probability else None)
+    tiny = d["area"][test] < TINY
+    return {"I": image_auroc(y, s), "FRR": float(np.mean(s[y == 0] >= t)), "recall": recall_at(y, s, t),
+            "oracle R@1%": recall_at(y, s, oracle_threshold(y, s, 0.01)),
+            "tiny recall": float(np.mean(s[(y == 1) & tiny] >= t)) if np.any((y == 1) & tiny) else np.nan}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--normal", choices=("bank", "prototypes"), default="bank")
+    p.add_argument("--bank", type=int, default=40000, help="good features in the bank (--normal bank)")
+    p.add_argument("--target-fpr", type=float, default=0.01)
+    args = p.parse_args(argv)
+    rows: dict[str, list[dict]] = {"PRN": [], "PRN + memory": []}
+    for run in args.runs:
+        d = outputs(run, args.normal, args.bank)
+        tail = PRNConfig.load(run / "config.yaml").calibration.calibration_tail
+        val_good = d["part"] == "val"
+
+        def z(s):
+            return (s - s[val_good].mean()) / max(s[val_good].std(), 1e-12)
+        for name, scores, probability in (("PRN", d["prn"], True),
+                                          ("PRN + memory", z(d["prn"]) + z(d["memory"]), False)):
+            r = judge(d, scores, tail, probability, args.target_fpr)
+            rows[name].append(r)
+            print(f"{run}  {name:13s} " + "  ".join(f"{k} {100 * v:.1f}" for k, v in r.items()))
+    keys = list(rows["PRN"][0])
+    print(f"\n| score ({args.normal}) | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for name, rs in rows.items():
+        cells = []
+        for k in keys:
+            v = 100 * np.array([r[k] for r in rs], dtype=float)
+            sd = np.nanstd(v, ddof=1) if np.sum(~np.isnan(v)) > 1 else np.nan
+            cells.append(f"{np.nanmean(v):.1f} +- {sd:.1f}" if np.any(~np.isnan(v)) else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""benchmarks/defect_memory_study.py: a memory of the seen defects' features, fused with PRN's score."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "defect_memory_study.py"
+
+
+@pytest.fixture
+def study(monkeypatch):
+    return load_script(SCRIPT, monkeypatch)
+
+
+def test_nearest_is_the_distance_to_the_closest_bank_row_across_chunks(study):
+    g = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
+    expected = torch.stack([(bank - q).norm(dim=1).min() for q in query])
+    assert torch.allclose(study.nearest(query, bank, chunk=7), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("normal", ["prototypes", "bank"])
+def test_a_seen_defect_met_again_at_test_scores_highest_in_the_memory(study, calibrated_run, tmp_path,
+                                                                      normal, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)  # the study caches its features in the run folder
+    split = json.loads((run / "split.json").read_text())
+    seen = next(s for s in split["train_anomalous"] if s["mask"])
+    split["test"].append(seen)  # the very defect the memory holds: its own features are in it
+    (run / "split.json").write_text(json.dumps(split))
+    assert study.main([str(run), "--normal", normal, "--bank", "300"]) == 0
+    d = dict(np.load(run / "study" / f"defect_memory_{normal}.npz"))
+    test = d["part"] == "test"
+    memory = d["memory"][test]
+    assert np.argmax(memory) == test.sum() - 1  # the repeated defect, far above the rest
+    assert memory[-1] > 10 * np.sort(memory)[-2]
+    assert d["defect_features"] > 0 and np.isfinite(d["prn"]).all()
+    out = capsys.readouterr().out
+    assert "| PRN + memory |" in out and "| PRN |" in out
