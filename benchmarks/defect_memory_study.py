@@ -20,7 +20,10 @@ and the fused score is thresholded on those same images by the run's calibration
 (prn.deploy.calibrate.image_threshold, target 1 %): no test image sets anything. Printed per run
 and as mean +- sd over the runs: image AUROC, realised false rejects and recall at that
 threshold, the oracle's recall at 1 % false rejects, and the recall of defects covering
-< 0.05 % of the image (BSData's smallest pits), for PRN alone and fused.
+< 0.05 % of the image (BSData's smallest pits), for PRN alone and fused. And, from the seen
+defects alone: each seen defect image scored by the memory of the *other* seen defects, against
+the held-out good images (an AUROC): whether the seen defects recognise one another, which can be
+known before any test image exists.
 
     python benchmarks/defect_memory_study.py RUN [RUN ...] [--normal bank|prototypes] [--bank 40000]
 
@@ -68,7 +71,9 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch
 def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
     cache = run / "study" / f"defect_memory_{normal}.npz"
     if cache.is_file():
-        return dict(np.load(cache, allow_pickle=False))
+        data = dict(np.load(cache, allow_pickle=False))
+        if "seen_loo" in data:
+            return data
     loaded = load_model(run, device="cpu")
     model, cfg = loaded.model, loaded.cfg
     if cfg.model.tiles > 1 or model.prototypes is None:
@@ -83,38 +88,48 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
         return s.mask_path is not None and s.annotation == "mask"
 
     seen = [s for s in split.train_anomalous + split.val_anomalous if pixel_mask(s)]
-    defect = []
+    seen_images, inside = [], []
     for b in batches(seen):
-        f = pixel_features(model.encoder, b["image"])
-        inside = F.adaptive_max_pool2d(b["mask"], f.shape[-2:])[:, 0] > 0
-        defect.append(f.permute(0, 2, 3, 1)[inside])
-    defect = torch.cat(defect)
+        seen_images.append(b["image"])
+        inside.append(b["mask"])
+    seen_images = torch.cat(seen_images)
+    seen_feats = pixel_features(model.encoder, seen_images)
+    inside = F.adaptive_max_pool2d(torch.cat(inside), seen_feats.shape[-2:])[:, 0] > 0
+    defect = seen_feats.permute(0, 2, 3, 1)[inside]
+    owner = torch.arange(len(seen))[:, None, None].expand_as(inside)[inside]  # each row's image
     good_bank = None
     if normal == "bank":
         good = torch.cat([pixel_features(model.encoder, b["image"]).permute(0, 2, 3, 1).flatten(0, 2)
                           for b in batches(split.train_normal)])
         pick = np.random.default_rng(seed).choice(len(good), min(len(good), bank_size), replace=False)
         good_bank = good[torch.from_numpy(pick)]
-    samples = split.val_normal + split.test
-    prn_score, memory, area = [], [], []
-    for b in batches(samples):
-        x = b["image"]
-        area.append(b["mask"].mean(dim=(1, 2, 3)))  # at the input size, as prn test's size classes
-        prn_score.append(model(x)["pred_score"].float())
-        f = pixel_features(model.encoder, x)
+    def memory_score(x: torch.Tensor, f: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """(B,): each image's largest d_good / d_defect against the defect features ``bank``."""
         n, c, h, w = f.shape
         query = f.permute(0, 2, 3, 1).reshape(-1, c)
         if good_bank is not None:
             d_good = nearest(query, good_bank).reshape(n, h, w)
         else:
             d_good = pixel_features(model.encoder, x, model.prototypes).norm(dim=1)
-        d_defect = nearest(query, defect).reshape(n, h, w)
-        memory.append((d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values)
+        d_defect = nearest(query, bank).reshape(n, h, w)
+        return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
+
+    # Each seen defect scored by the memory of the other seen defects: whether they recognise one
+    # another, known before any test image (judged against the held-out good images in main)
+    seen_loo = torch.cat([memory_score(seen_images[i:i + 1], seen_feats[i:i + 1], defect[owner != i])
+                          for i in range(len(seen))])
+    samples = split.val_normal + split.test
+    prn_score, memory, area = [], [], []
+    for b in batches(samples):
+        x = b["image"]
+        area.append(b["mask"].mean(dim=(1, 2, 3)))  # at the input size, as prn test's size classes
+        prn_score.append(model(x)["pred_score"].float())
+        memory.append(memory_score(x, pixel_features(model.encoder, x), defect))
     area = np.where([pixel_mask(s) for s in samples], torch.cat(area).numpy(), np.nan)
     data = {"part": np.array(["val"] * len(split.val_normal) + ["test"] * len(split.test)),
             "label": np.array([s.label for s in samples]), "area": area,
             "prn": torch.cat(prn_score).numpy(), "memory": torch.cat(memory).numpy(),
-            "defect_features": np.array(len(defect))}
+            "defect_features": np.array(len(defect)), "seen_loo": seen_loo.numpy()}
     cache.parent.mkdir(exist_ok=True)
     np.savez_compressed(cache, **data)
     return data
@@ -139,10 +154,16 @@ def main(argv=None) -> int:
     p.add_argument("--target-fpr", type=float, default=0.01)
     args = p.parse_args(argv)
     rows: dict[str, list[dict]] = {"PRN": [], "PRN + memory": []}
+    loo = []
     for run in args.runs:
         d = outputs(run, args.normal, args.bank)
         tail = PRNConfig.load(run / "config.yaml").calibration.calibration_tail
         val_good = d["part"] == "val"
+        held_out = d["memory"][val_good]
+        loo.append(image_auroc(np.r_[np.ones(len(d["seen_loo"])), np.zeros(len(held_out))],
+                               np.r_[d["seen_loo"], held_out]))
+        print(f"{run}  seen defects, each against the others' memory, vs the held-out goods: "
+              f"AUROC {100 * loo[-1]:.1f}")
 
         def z(s):
             return (s - s[val_good].mean()) / max(s[val_good].std(), 1e-12)
@@ -151,6 +172,10 @@ def main(argv=None) -> int:
             r = judge(d, scores, tail, probability, args.target_fpr)
             rows[name].append(r)
             print(f"{run}  {name:13s} " + "  ".join(f"{k} {100 * v:.1f}" for k, v in r.items()))
+    v = 100 * np.array(loo)
+    sd = v.std(ddof=1) if len(v) > 1 else np.nan
+    print(f"\nseen defects recognise one another (leave-one-out AUROC, no test image): {v.mean():.1f} +- "
+          f"{sd:.1f}, per run " + " / ".join(f"{x:.1f}" for x in v))
     keys = list(rows["PRN"][0])
     print(f"\n| score ({args.normal}) | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")

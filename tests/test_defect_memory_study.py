@@ -32,6 +32,7 @@ def test_a_seen_defect_met_again_at_test_scores_highest_in_the_memory(study, cal
     split = json.loads((run / "split.json").read_text())
     seen = next(s for s in split["train_anomalous"] if s["mask"])
     split["test"].append(seen)  # the very defect the memory holds: its own features are in it
+    split["train_anomalous"].append(seen)  # and a second copy among the seen: each recognises the other
     (run / "split.json").write_text(json.dumps(split))
     assert study.main([str(run), "--normal", normal, "--bank", "300"]) == 0
     d = dict(np.load(run / "study" / f"defect_memory_{normal}.npz"))
@@ -40,5 +41,12 @@ def test_a_seen_defect_met_again_at_test_scores_highest_in_the_memory(study, cal
     assert np.argmax(memory) == test.sum() - 1  # the repeated defect, far above the rest
     assert memory[-1] > 10 * np.sort(memory)[-2]
     assert d["defect_features"] > 0 and np.isfinite(d["prn"]).all()
+    # leave-one-out: each seen defect against the others' memory, so only the two copies score high
+    loo = d["seen_loo"]
+    masked = [s for s in split["train_anomalous"] + split["val_anomalous"] if s["mask"]]
+    copies = [i for i, s in enumerate(masked) if s == seen]
+    assert len(copies) == 2 and len(loo) == len(masked)
+    others = np.delete(loo, copies)
+    assert loo[copies].min() > 10 * others.max()
     out = capsys.readouterr().out
-    assert "| PRN + memory |" in out and "| PRN |" in out
+    assert "| PRN + memory |" in out and "| PRN |" in out and "recognise one another" in out
