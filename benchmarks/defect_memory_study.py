@@ -103,6 +103,7 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
                           for b in batches(split.train_normal)])
         pick = np.random.default_rng(seed).choice(len(good), min(len(good), bank_size), replace=False)
         good_bank = good[torch.from_numpy(pick)]
+
     def memory_score(x: torch.Tensor, f: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """(B,): each image's largest d_good / d_defect against the defect features ``bank``."""
         n, c, h, w = f.shape

@@ -229,7 +229,7 @@ def result_picture(path: Path, image, amap, postprocess, truth=None, title: str 
     side = min(max(max(np.shape(amap)), PICTURE_SIDE[0]), PICTURE_SIDE[1])
     label = None
     if postprocess.pixel_threshold is not None:
-        label = f"Defect region (map >= pixel threshold {postprocess.pixel_threshold:.3g})"
+        label = f"Region (map >= pixel threshold {postprocess.pixel_threshold:.3g})"
     return save_overlay(path, image, postprocess.display_map(amap), truth, threshold=0.5, title=title,
                         panel_size=side, region_label=label)
 
