@@ -18,7 +18,7 @@ from prn.viz import label_font
 COLUMNS = ("normal", "anomaly", "mask", "target area")
 LABELS = {"extended": "EA", "heterologous": "HEA", "homologous": "HOA"}
 PAD = 4
-HEADER = 16
+HEADER = 18  # the label strip: 12 px text and its descenders clear of the tiles
 
 
 def _row(normal: np.ndarray, image: np.ndarray, mask: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
