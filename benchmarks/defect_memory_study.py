@@ -51,11 +51,9 @@ from prn.registry import score_bound
 TINY = 0.0005  # a defect covering < 0.05 % of the image: BENCHMARKS.md's smallest size class
 
 
-def pixel_features(encoder, x: torch.Tensor, prototypes=None) -> torch.Tensor:
-    """(B, C, H/4, W/4): the 1/4 and 1/8 taps (or their prototype residuals), 3 x 3 means."""
-    feats = encoder(x)
-    if prototypes is not None:
-        feats = prototypes.residuals([f.float() for f in feats])
+def pixel_features(feats: list[torch.Tensor]) -> torch.Tensor:
+    """(B, C, H/4, W/4) from the encoder's taps (or their prototype residuals): the 1/4 and 1/8
+    maps, 3 x 3 means, the 1/8 one up-sampled, concatenated."""
     fine = F.avg_pool2d(feats[0], 3, 1, 1)
     coarse = F.interpolate(F.avg_pool2d(feats[1], 3, 1, 1), size=fine.shape[-2:], mode="bilinear",
                            align_corners=False)
@@ -92,32 +90,34 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
     for b in batches(seen):
         seen_images.append(b["image"])
         inside.append(b["mask"])
-    seen_images = torch.cat(seen_images)
-    seen_feats = pixel_features(model.encoder, seen_images)
+    seen_taps = model.encoder(torch.cat(seen_images))
+    seen_feats = pixel_features(seen_taps)
     inside = F.adaptive_max_pool2d(torch.cat(inside), seen_feats.shape[-2:])[:, 0] > 0
     defect = seen_feats.permute(0, 2, 3, 1)[inside]
     owner = torch.arange(len(seen))[:, None, None].expand_as(inside)[inside]  # each row's image
     good_bank = None
     if normal == "bank":
-        good = torch.cat([pixel_features(model.encoder, b["image"]).permute(0, 2, 3, 1).flatten(0, 2)
+        good = torch.cat([pixel_features(model.encoder(b["image"])).permute(0, 2, 3, 1).flatten(0, 2)
                           for b in batches(split.train_normal)])
         pick = np.random.default_rng(seed).choice(len(good), min(len(good), bank_size), replace=False)
         good_bank = good[torch.from_numpy(pick)]
 
-    def memory_score(x: torch.Tensor, f: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        """(B,): each image's largest d_good / d_defect against the defect features ``bank``."""
+    def memory_score(taps: list[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
+        """(B,): each image's largest d_good / d_defect against the defect features ``bank``;
+        taps: the images' encoder features, computed once for both distances."""
+        f = pixel_features(taps)
         n, c, h, w = f.shape
         query = f.permute(0, 2, 3, 1).reshape(-1, c)
         if good_bank is not None:
             d_good = nearest(query, good_bank).reshape(n, h, w)
         else:
-            d_good = pixel_features(model.encoder, x, model.prototypes).norm(dim=1)
+            d_good = pixel_features(model.prototypes.residuals([t.float() for t in taps])).norm(dim=1)
         d_defect = nearest(query, bank).reshape(n, h, w)
         return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
 
     # Each seen defect scored by the memory of the other seen defects: whether they recognise one
     # another, known before any test image (judged against the held-out good images in main)
-    seen_loo = torch.cat([memory_score(seen_images[i:i + 1], seen_feats[i:i + 1], defect[owner != i])
+    seen_loo = torch.cat([memory_score([t[i:i + 1] for t in seen_taps], defect[owner != i])
                           for i in range(len(seen))])
     samples = split.val_normal + split.test
     prn_score, memory, area = [], [], []
@@ -125,7 +125,7 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
         x = b["image"]
         area.append(b["mask"].mean(dim=(1, 2, 3)))  # at the input size, as prn test's size classes
         prn_score.append(model(x)["pred_score"].float())
-        memory.append(memory_score(x, pixel_features(model.encoder, x), defect))
+        memory.append(memory_score(model.encoder(x), defect))
     area = np.where([pixel_mask(s) for s in samples], torch.cat(area).numpy(), np.nan)
     data = {"part": np.array(["val"] * len(split.val_normal) + ["test"] * len(split.test)),
             "label": np.array([s.label for s in samples]), "area": area,
