@@ -119,8 +119,9 @@ def save_overlay(path: str | Path, image: np.ndarray, amap: np.ndarray, mask: np
     None (the ground-truth panel is then grey). threshold: pixels with ``amap >= threshold`` form
     the predicted region (default 0.5). panel_size: each panel's longer side in pixels (None:
     the image's own size). region_label: the last panel's label (default "Prediction (>=
-    threshold)"), for a map drawn rescaled, whose 0.5 stands for another threshold. The PNG is ``4 * w + 5 * GAP`` wide and ``h + 2 * GAP + LABEL_HEIGHT``
-    (+ ``TITLE_HEIGHT`` with a title) high, for panels of (h, w).
+    threshold)"), for a map drawn rescaled, whose 0.5 stands for another threshold. The PNG is
+    ``4 * w + 5 * GAP`` wide and ``h + 2 * GAP + LABEL_HEIGHT`` (+ ``TITLE_HEIGHT`` with a title)
+    high, for panels of (h, w).
     """
     image, amap = to_rgb(image), np.asarray(amap, dtype=np.float32)
     if amap.shape != image.shape[:2] or (mask is not None and np.shape(mask) != amap.shape):

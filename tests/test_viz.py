@@ -103,7 +103,7 @@ def _ink_runs(strip: np.ndarray) -> list[tuple[int, int]]:
 
 
 def test_panel_labels_keep_the_spaces_between_their_words(tmp_path, image):
-    # Pillow's default 10 px font drew "No ground truth" with a one-pixel space, read "Noground"
+    # Pillow's default 10 px font drew "No ground truth" with a two-pixel space, read "Noground"
     path = viz.save_overlay(tmp_path / "o.png", image, np.zeros(image.shape[:2], np.float32), panel_size=256)
     picture = np.asarray(Image.open(path).convert("RGB"))
     strip = picture[:viz.LABEL_HEIGHT, 2 * viz.GAP + 256:2 * viz.GAP + 2 * 256]  # "No ground truth"
