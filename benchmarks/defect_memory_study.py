@@ -46,23 +46,10 @@ from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold
 from prn.deploy.loading import load_model
 from prn.metrics import image_auroc, oracle_threshold, recall_at
+from prn.model.defect_memory import memory_scores, nearest_distance, pixel_features
 from prn.registry import score_bound
 
 TINY = 0.0005  # a defect covering < 0.05 % of the image: BENCHMARKS.md's smallest size class
-
-
-def pixel_features(feats: list[torch.Tensor]) -> torch.Tensor:
-    """(B, C, H/4, W/4) from the encoder's taps (or their prototype residuals): the 1/4 and 1/8
-    maps, 3 x 3 means, the 1/8 one up-sampled, concatenated."""
-    fine = F.avg_pool2d(feats[0], 3, 1, 1)
-    coarse = F.interpolate(F.avg_pool2d(feats[1], 3, 1, 1), size=fine.shape[-2:], mode="bilinear",
-                           align_corners=False)
-    return torch.cat([fine, coarse], dim=1).float()
-
-
-def nearest(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(N,) Euclidean distance of each query row to its nearest bank row."""
-    return torch.cat([torch.cdist(q, bank).min(dim=1).values for q in query.split(chunk)])
 
 
 @torch.no_grad()
@@ -105,14 +92,13 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
     def memory_score(taps: list[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
         """(B,): each image's largest d_good / d_defect against the defect features ``bank``;
         taps: the images' encoder features, computed once for both distances."""
+        if good_bank is None:  # the model's own memory score (prn.model.defect_memory)
+            return memory_scores(taps, model.prototypes.residuals([t.float() for t in taps]), bank)
         f = pixel_features(taps)
         n, c, h, w = f.shape
         query = f.permute(0, 2, 3, 1).reshape(-1, c)
-        if good_bank is not None:
-            d_good = nearest(query, good_bank).reshape(n, h, w)
-        else:
-            d_good = pixel_features(model.prototypes.residuals([t.float() for t in taps])).norm(dim=1)
-        d_defect = nearest(query, bank).reshape(n, h, w)
+        d_good = nearest_distance(query, good_bank).reshape(n, h, w)
+        d_defect = nearest_distance(query, bank).reshape(n, h, w)
         return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
 
     # Each seen defect scored by the memory of the other seen defects: whether they recognise one

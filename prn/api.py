@@ -78,6 +78,8 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
         cal = calibrate_predictions(result.validation, cfg.calibration, registry.score_bound(kind),
                                     cfg.training.precision)
+        if cal is not None and "defect_memory" in result.extra:  # kept with the threshold it moved
+            cal["defect_memory"] = result.extra["defect_memory"]
         registry.save_model(run_dir, kind, cfg, result, cal)
         write_calibration(run_dir, cal)
         warning = suspect_warning(cal)

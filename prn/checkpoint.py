@@ -103,12 +103,17 @@ def load_checkpoint(path: str | Path, *, expect_model: str | None = None) -> dic
 
 def set_calibration(path: str | Path, calibration: dict | None) -> Path:
     """Store ``calibration`` in the checkpoint that ``path`` stands for (rewritten atomically)."""
+    return update_checkpoint(path, calibration=calibration)
+
+
+def update_checkpoint(path: str | Path, **changes) -> Path:
+    """Replace fields of the checkpoint that ``path`` stands for (``calibration``, ``config``,
+    ``state_dict``, ``history``, ``extra``), the others kept; rewritten atomically."""
     path = checkpoint_file(path)
     payload = load_checkpoint(path)
-    keys = ("optimizer", "epoch", "history", "extra")
-    return save_checkpoint(path, model=payload["model"], config=payload["config"],
-                           state_dict=payload["state_dict"], calibration=calibration,
-                           **{k: payload.get(k) for k in keys})
+    payload.update(changes)
+    keys = ("config", "state_dict", "optimizer", "epoch", "history", "extra", "calibration")
+    return save_checkpoint(path, model=payload["model"], **{k: payload.get(k) for k in keys})
 
 
 def check_compatible(path: str | Path, payload: dict, cfg) -> None:
@@ -116,7 +121,10 @@ def check_compatible(path: str | Path, payload: dict, cfg) -> None:
     differs from ``cfg``'s (a ``PRNConfig``), as when a run is resumed with another config."""
     from prn.config import PRNConfig
     saved = PRNConfig.from_dict(payload.get("config", {})).model
+    # where the encoder's weights came from, and the defect memory (built after training, from the
+    # split), leave the network's shape as it is
+    free = ("backbone_weights", "defect_memory", "defect_memory_gate")
     diffs = [f"{k}: checkpoint has {v!r}, config has {getattr(cfg.model, k)!r}"
-             for k, v in vars(saved).items() if k != "backbone_weights" and getattr(cfg.model, k) != v]
+             for k, v in vars(saved).items() if k not in free and getattr(cfg.model, k) != v]
     if diffs:
         raise CheckpointError(f"{path}: incompatible with this config ({'; '.join(diffs)})")

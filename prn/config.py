@@ -42,6 +42,7 @@ BACKBONES = ("resnet18", *LITE_BACKBONES)
 PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
+MEMORY_MODES = ("off", "on", "auto")  # prn.model.defect_memory
 # seen_fraction at which every anomaly slot of the 2:1:1 batch is a real seen anomaly (no synthetic
 # ones): the last final_real_epochs of a fit, and a retrain with added defects (prn.retrain)
 ALL_REAL_SEEN_FRACTION = 0.5
@@ -144,6 +145,10 @@ class ModelConfig:
     tiles: int = 1                    # ours: the resized image (image_size / image_hw) is cut into tiles x tiles
                                       # tiles; the network sees one tile at a time, trains on tiles and
                                       # stitches their maps (small defects at a larger input, same step cost)
+    defect_memory: str = "off"        # ours: after training, remember the seen defects' features and fuse
+                                      # their match with the image score (prn.model.defect_memory): "on",
+                                      # "auto" (where the seen defects recognise one another), "off" (the paper's)
+    defect_memory_gate: float = 0.9   # ours: "auto" keeps the memory when its leave-one-out AUROC is >= this
 
     def __post_init__(self) -> None:
         self.attention_patch_divisors = tuple(int(x) for x in self.attention_patch_divisors)
@@ -177,6 +182,13 @@ class ModelConfig:
             problems.append(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         elif self.image_score != "top_k" and self.tiles > 1:
             problems.append(f"image_score {self.image_score!r} needs the whole image in one pass; use tiles 1 or image_score top_k")
+        if self.defect_memory not in MEMORY_MODES:
+            problems.append(f"defect_memory must be one of {', '.join(MEMORY_MODES)}, got {self.defect_memory!r}")
+        elif self.defect_memory != "off" and (self.tiles > 1 or not self.use_prototypes):
+            problems.append(f"defect_memory {self.defect_memory!r} matches whole images against the prototypes; "
+                            f"use tiles 1 and use_prototypes true, or defect_memory off")
+        if not 0 < self.defect_memory_gate <= 1:
+            problems.append(f"defect_memory_gate must be in (0, 1], got {self.defect_memory_gate}")
         _check(problems)
 
     def k_of(self, height: int, width: int) -> int:

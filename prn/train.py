@@ -41,8 +41,8 @@ from prn.errors import TrainingError
 from prn.infer import Predictions, validate
 from prn.model.loss import prn_loss, top_k_loss, weak_loss
 from prn.model.network import PRN
-from prn.precision import autocast, check_precision, grad_scaler
-from prn.preprocess import batches_of
+from prn.precision import autocast, check_precision, grad_scaler, inference_autocast
+from prn.preprocess import batches_of, to_tensor
 from prn.runtime import loader_workers, release_memory, resolve_device, seed_everything
 
 
@@ -190,6 +190,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         check_compatible(init_from, payload, cfg)
         model = registry.build("prn", cfg, pretrained=False)
         model.load_state_dict(payload["state_dict"])
+        if model.defect_memory is not None:  # the parent's memory is rebuilt from this split, if asked
+            model.defect_memory.clear()
         start_epoch, history = 0, [{"event": "warm start", "from": str(init_from)}]
         if main:
             (run_dir / "metrics.csv").unlink(missing_ok=True)
@@ -303,4 +305,43 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         if val is not None:  # the fold's outputs of the weights kept, for calibration
             val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
     model.eval()
+    if main and cfg.model.defect_memory != "off":
+        t0 = time.perf_counter()
+        found = remember_seen_defects(model, cfg, seen, val, val_outputs, device)
+        history.append({"event": "defect memory", "seconds": time.perf_counter() - t0, **found})
+        if progress:
+            from prn.model.defect_memory import memory_summary
+            tqdm.write(memory_summary(found))
+        if found["used"]:  # the fold's outputs with the fused score, for calibration
+            val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
     return TrainResult(model, history, kept, val_outputs)
+
+
+def remember_seen_defects(model: PRN, cfg: PRNConfig, seen: list, val, val_outputs: Predictions | None,
+                          device: torch.device) -> dict:
+    """Build the model's defect memory (``prn.model.defect_memory.remember``) from the seen
+    anomalies with pixel masks, training's and the held-out fold's, judged against the fold's good
+    images. seen: ``load_training_arrays``' (image, mask, annotation) triples; val: the fold."""
+    from prn.model.defect_memory import remember
+
+    model.defect_memory.clear()  # PRN's own scores of the fold, below, without any memory
+    if val is None:
+        return {"loo_auroc": None, "features": 0, "used": False,
+                "why": "no held-out good images to judge a memory against"}
+    if val_outputs is None:
+        val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
+    images = [to_tensor(i) for i, _, a in seen if a == "mask"]
+    masks = [torch.from_numpy(m)[None].float() for _, m, a in seen if a == "mask"]
+    if cfg.data.seen_annotation == "as_given":  # the fold's defects, where they have pixel masks
+        for k, sample in enumerate(val.samples):
+            if sample.label == 1 and sample.annotation == "mask":
+                images.append(val.images[k])
+                masks.append(torch.from_numpy(val.masks[k])[None].float())
+    good = val.labels == 0
+    shape = (0, 3, *cfg.model.input_hw)
+    with inference_autocast(device, cfg.training.precision):  # the encoder as inference will run it
+        return remember(model, torch.stack(images) if images else torch.empty(shape),
+                        torch.stack(masks) if masks else torch.empty(0, 1, *cfg.model.input_hw),
+                        val.images[torch.from_numpy(good)], torch.from_numpy(val_outputs.scores[good]),
+                        mode=cfg.model.defect_memory, gate=cfg.model.defect_memory_gate,
+                        batch_size=cfg.runtime.eval_batch_size)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "defect_memory_study.py"
@@ -15,13 +14,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "defect_memory_stu
 @pytest.fixture
 def study(monkeypatch):
     return load_script(SCRIPT, monkeypatch)
-
-
-def test_nearest_is_the_distance_to_the_closest_bank_row_across_chunks(study):
-    g = torch.Generator().manual_seed(0)
-    query, bank = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
-    expected = torch.stack([(bank - q).norm(dim=1).min() for q in query])
-    assert torch.allclose(study.nearest(query, bank, chunk=7), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("normal", ["prototypes", "bank"])

@@ -25,6 +25,7 @@ from prn.postprocess import Postprocess, float32_threshold
 from prn.registry import build
 from prn.errors import PRNError
 from prn.infer import predict_samples
+from prn.model.defect_memory import remember
 
 pytest.importorskip("onnxruntime")
 
@@ -68,12 +69,25 @@ def calibration_between(scores: np.ndarray) -> dict:
             "pixel_min": 0.0, "pixel_max": 1.0, "n_normal": 7, "n_anomalous": 0, "source": "test"}
 
 
+def remember_some_defects(model) -> None:
+    """A defect memory of three pictures with a marked square each, judged against three others."""
+    seen = uint8_images(3, seed=5).float() / 255
+    masks = torch.zeros(3, 1, *HW)
+    masks[:, :, 8:16, 20:36] = 1
+    goods = uint8_images(3, seed=6).float() / 255
+    with torch.no_grad():
+        scores = model(goods)["pred_score"]
+    remember(model, seen, masks, goods, scores, mode="on", gate=0.9)
+    assert model.defect_memory.built
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{kind: checkpoint path} of calibrated tiny models, plus "prn-uncalibrated". PRN averages
-    the maps of its input's four mirrored copies (``test_flips`` "all"), so that one export holds
-    both the network and its mirrored pass (an export takes half a minute or more here; the
-    graph without mirrors is exported from the shared tiled run, conftest.tiled_run_onnx)."""
+    the maps of its input's four mirrored copies (``test_flips`` "all") and fuses its score with a
+    memory of seen defects (``defect_memory``), so that one export holds the network, its mirrored
+    pass and the memory's match (an export takes half a minute or more here; the graph without
+    either is exported from the shared tiled run, conftest.tiled_run_onnx)."""
     folder = tmp_path_factory.mktemp("export")
     normals = uint8_images(6, seed=0).float() / 255
     out = {}
@@ -83,6 +97,8 @@ def checkpoints(tmp_path_factory):
         cfg = tiny_config(**changes)
         model = build(kind, cfg).eval()
         model.fit([normals]) if kind == "patchcore" else model.fit_prototypes([normals])
+        if kind == "prn":
+            remember_some_defects(model)
         with torch.no_grad():
             scores = InferencePipeline(model, HW)(BATCH7)["score"].numpy()
         path = folder / f"{name}.pt"

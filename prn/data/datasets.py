@@ -87,9 +87,14 @@ def load_training_arrays(cfg, split):
     """The normal training images of ``split`` (uint8 arrays at the model's input size) and its
     seen anomalies as (image, mask, annotation) triples (``Sample.annotation``; with
     cfg.data.seen_annotation "box" or "label" each mask is made a box or dropped). cfg: a ``PRNConfig``."""
-    size, limit = cfg.model.input_hw, cfg.data.max_image_pixels
-    normals, _ = load_arrays(split.train_normal, size, limit)
-    images, masks = load_arrays(split.train_anomalous, size, limit)
+    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels)
+    return normals, load_seen_arrays(cfg, split)
+
+
+def load_seen_arrays(cfg, split) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """The seen anomalies of ``split`` as ``load_training_arrays`` gives them: (image, mask,
+    annotation) triples, each mask made a box or dropped as cfg.data.seen_annotation says."""
+    images, masks = load_arrays(split.train_anomalous, cfg.model.input_hw, cfg.data.max_image_pixels)
     seen = []
     for sample, image, mask in zip(split.train_anomalous, images, masks):
         annotation = sample.annotation
@@ -100,7 +105,7 @@ def load_training_arrays(cfg, split):
             # that a retrain takes as a box (prn fit --from --added-annotation box) becomes one here
             mask, annotation = boxes_of(mask), "box"
         seen.append((image, mask, annotation))
-    return normals, seen
+    return seen
 
 
 @dataclass

@@ -311,14 +311,17 @@ def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
 def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   pixel_target_fpr: float | None = None, tail: str | None = None,
                   device: str | None = None, precision: str | None = None,
-                  progress: bool = False) -> dict | None:
+                  defect_memory: str | None = None, progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
     split holds no held-out normal images. ``tail`` overrides cfg.calibration.calibration_tail.
     ``precision`` ("32", "bf16", "16", "auto"): score the fold, and so infer from then on, at this
     precision instead of the run's (bf16 where the CPU computes it natively halves the model's time;
-    the figures in BENCHMARKS.md); recorded in the calibration, config.yaml keeps the training's."""
+    the figures in BENCHMARKS.md); recorded in the calibration, config.yaml keeps the training's.
+    ``defect_memory`` ("on", "auto", "off"): build the memory of the seen defects anew from the
+    split (``prn.model.defect_memory``; or remove it) before calibrating, as a fit with that
+    setting would have; stored in the checkpoint, the setting in config.yaml."""
     from prn.checkpoint import set_calibration
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -338,12 +341,54 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         precision = resolve_precision(precision, loaded.device)
         check_precision(precision, loaded.device)
         cfg = cfg.replace(precision=precision)
+    memory = (loaded.calibration or {}).get("defect_memory")  # what the fit found, kept
+    if defect_memory is not None:
+        cfg, memory = _set_defect_memory(run_dir, loaded, cfg, Split.load(split_path), defect_memory, progress)
     from prn.registry import score_bound
     calibration = calibrate_model(loaded.model, cfg, Split.load(split_path), device=loaded.device,
                                   progress=progress, score_bound=score_bound(loaded.kind))
+    if calibration is not None and memory is not None:
+        calibration["defect_memory"] = memory
     if changes and (run_dir / "config.yaml").is_file():
         from prn.config import PRNConfig
         PRNConfig.load(run_dir / "config.yaml").replace(**changes).save(run_dir / "config.yaml")
     set_calibration(run_dir, calibration)
     write_calibration(run_dir, calibration)
     return calibration
+
+
+def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: bool):
+    """Build (or, with "off", remove) the loaded PRN's defect memory from ``split`` and store it
+    in the run's checkpoint and config; returns the config with the new setting."""
+    from prn.checkpoint import load_checkpoint, update_checkpoint
+    from prn.config import PRNConfig
+    from prn.data.datasets import load_seen_arrays, load_validation
+    from prn.model.defect_memory import memory_summary
+    from prn.train import remember_seen_defects
+
+    if loaded.kind != "prn" or getattr(loaded.model, "defect_memory", None) is None:
+        raise UsageError(f"{run_dir}: a defect memory is PRN's, with prototypes; this run is a {loaded.kind} model "
+                         f"without them")
+    try:
+        cfg = cfg.replace(defect_memory=mode)
+    except ValueError as exc:
+        raise UsageError(f"{run_dir}: {exc}") from exc
+    memory = loaded.model.defect_memory
+    if mode == "off":
+        memory.clear()
+        found = {"loo_auroc": None, "features": 0, "used": False, "why": "defect_memory off"}
+    else:
+        found = remember_seen_defects(loaded.model, cfg, load_seen_arrays(cfg, split), load_validation(cfg, split),
+                                      None, loaded.device)
+    if progress:
+        print(memory_summary(found))
+    payload = load_checkpoint(run_dir)
+    state = {k: v for k, v in payload["state_dict"].items() if not k.startswith("defect_memory.")}
+    state.update({f"defect_memory.{k}": v.cpu() for k, v in memory.state_dict().items()})
+    stored = PRNConfig.from_dict(payload["config"]).replace(defect_memory=mode)
+    update_checkpoint(run_dir, state_dict=state, config=stored.to_dict(runtime=False),
+                      history=list(payload.get("history") or []) + [{"event": "defect memory", **found}])
+    if (run_dir / "config.yaml").is_file():
+        PRNConfig.load(run_dir / "config.yaml").replace(defect_memory=mode).save(run_dir / "config.yaml")
+    return cfg, found
+

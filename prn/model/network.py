@@ -28,6 +28,7 @@ from prn.config import TEST_FLIPS, ModelConfig
 from prn.model.attention import MultiSizeSelfAttention
 from prn.model.backbone import Encoder, create_encoder
 from prn.model.decoder import Decoder
+from prn.model.defect_memory import DefectMemory
 from prn.model.fusion import MultiScaleFusion
 from prn.model.image_head import ImageHead
 from prn.model.prototypes import Prototypes, batch_images, fit_prototypes
@@ -57,6 +58,9 @@ class PRN(nn.Module):
             if cfg.use_fusion:
                 self.fuse_attention = MultiScaleFusion(self.skip_channels)
         self.decoder = Decoder(self.skip_channels, cfg.decoder_channels, encoder.reductions[0])
+        # ours: the seen defects' features, matched at test time (built after training, when
+        # cfg.defect_memory asks; empty, it changes nothing)
+        self.defect_memory = DefectMemory() if cfg.use_prototypes else None
         self.image_head = None
         if cfg.image_score in ("head", "mean"):  # ours: a learned image-level decision
             self.image_head = ImageHead(self.decoder.finest_skip_channels, cfg.top_k)
@@ -105,6 +109,10 @@ class PRN(nn.Module):
 
     def skips_and_residuals(self, x: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
         """The skip maps and the raw residuals |F_j - P*_j| (None without MP)."""
+        return self.encode(x)[:2]
+
+    def encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor]]:
+        """The skip maps, the raw residuals (None without MP) and the encoder's taps F_j."""
         feats = self.encoder(x)
         maps = self.fuse_features(feats) if self.fuse_features is not None else feats
         raw = None
@@ -118,7 +126,7 @@ class PRN(nn.Module):
             maps = self.attention(maps)
             if self.fuse_attention is not None:
                 maps = self.fuse_attention(maps)
-        return maps, raw
+        return maps, raw, feats
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
         """Training: logits (B, 1, H, W), and with an image head (``cfg.image_score`` "head" or
@@ -127,8 +135,9 @@ class PRN(nn.Module):
         when ``cfg.test_flips`` asks, smoothed by ``cfg.map_sigma``, "pred_score": the image score (B,)}: of
         the smoothed map, or of the map before smoothing with ``cfg.score_smoothed`` false, the
         mean of the map's top ``cfg.top_k`` pixels (or top ``cfg.top_k_share`` of its area), the
-        head's probability, or the mean of the two (``cfg.image_score``). With ``cfg.tiles`` > 1 an
-        eval input is cut into tiles that pass one by one in a batch, and their maps are put back
+        head's probability, or the mean of the two (``cfg.image_score``), fused with the defect
+        memory's where one is built (``prn.model.defect_memory``). With ``cfg.tiles`` > 1 an eval
+        input is cut into tiles that pass one by one in a batch, and their maps are put back
         together before smoothing and scoring; training batches are tiles already."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"PRN expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
@@ -136,10 +145,11 @@ class PRN(nn.Module):
         tiles = 1 if self.training else self.cfg.tiles  # training batches are tiles already
         if tiles > 1:
             x = to_tiles(x, tiles).contiguous(memory_format=torch.channels_last)
+        skips, raw, taps = self.encode(x)
         if self.image_head is None:
-            logits, quarter = self.decoder(self.skips(x), x.shape[-2:]), None
+            logits, quarter = self.decoder(skips, x.shape[-2:]), None
         else:
-            logits, quarter = self.decoder(self.skips(x), x.shape[-2:], features=True)
+            logits, quarter = self.decoder(skips, x.shape[-2:], features=True)
         if self.training:
             if self.image_head is None:
                 return logits
@@ -151,7 +161,10 @@ class PRN(nn.Module):
                 probability = (probability + self.flipped_maps(x, flips)) / (1 + len(flips))
             probability = from_tiles(probability, tiles)
             anomaly_map, scored = smoothed_and_scored(probability, self.cfg)
-            return {"anomaly_map": anomaly_map, "pred_score": self.image_score(scored, quarter)}
+            score = self.image_score(scored, quarter)
+            if self.defect_memory is not None and self.defect_memory.built:
+                score = self.defect_memory.fuse(score, taps, raw)
+            return {"anomaly_map": anomaly_map, "pred_score": score}
 
     def flipped_maps(self, x: Tensor, flips: tuple[tuple[int, ...], ...]) -> Tensor:
         """The sum of the probability maps of ``x`` mirrored along each of ``flips`` (dims),
