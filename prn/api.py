@@ -155,6 +155,11 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
         metrics.update(rates_at(preds.labels, preds.scores, post.threshold))
         if loaded.calibration.get("target_fpr") is not None:
             metrics["target_fpr"] = float(loaded.calibration["target_fpr"])
+        memory = loaded.calibration.get("defect_memory")
+        if memory:  # whether the score carries the memory of the seen defects, and why
+            auroc = memory.get("loo_auroc")
+            metrics["defect_memory_kept"] = float(bool(memory["used"]))
+            metrics["defect_memory_auroc"] = float("nan") if auroc is None else float(auroc)
     kinds = [s.defect_type for s in preds.samples]
     metrics.update(decision_metrics(preds.labels, preds.scores, kinds, post.threshold))
     # the masks are at the model's input size (nearest), close enough to the image's share

@@ -156,6 +156,14 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
     from prn.deploy.calibrate import threshold_warning
     warnings = [(name, threshold_warning(m)) for name, m in results.items()]
     lines += [f"\n**{name}**: {text}." for name, text in warnings if text]
+    for name, m in results.items():
+        if "defect_memory_kept" not in m or name == MEAN_ROW:
+            continue
+        auroc = _number(m.get("defect_memory_auroc"))
+        said = "" if math.isnan(auroc) else f" (the seen defects, each against the memory of the others: AUROC {100 * auroc:.1f})"
+        lines.append(f"\n**{name}**: the image score "
+                     + ("is fused with the memory of the seen defects" if m["defect_memory_kept"] else
+                        "is PRN's alone: the memory of the seen defects was left out") + f"{said}.")
     kinds = [(name, k[6:-1], m[k], m.get(f"recall[{k[6:-1]}]")) for name, m in results.items()
              for k in m if k.startswith("auroc[")]
     if kinds:

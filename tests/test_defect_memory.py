@@ -154,7 +154,8 @@ def test_fit_builds_the_memory_and_calibrate_removes_and_rebuilds_it(demo_root, 
     assert payload["state_dict"]["defect_memory.features"].shape[0] == cal["defect_memory"]["features"]
     assert [h for h in payload["history"] if h.get("event") == "defect memory"]
     metrics = api.test(run, progress=False, overlays=0)
-    assert np.isfinite(metrics["image_auroc"])
+    assert np.isfinite(metrics["image_auroc"]) and metrics["defect_memory_kept"] == 1.0
+    assert "the image score is fused with the memory of the seen defects" in (run / "results.md").read_text()
     # the threshold was set on the fused scores of the held-out goods: they sit around 0.5
     assert 0.3 < cal["image_threshold"] < 1
 
@@ -164,6 +165,8 @@ def test_fit_builds_the_memory_and_calibrate_removes_and_rebuilds_it(demo_root, 
     assert PRNConfig.load(run / "config.yaml").model.defect_memory == "off"
     assert json.loads((run / "calibration.json").read_text())["defect_memory"]["used"] is False
     plain = api.test(run, progress=False, overlays=0)
+    assert plain["defect_memory_kept"] == 0.0
+    assert "was left out" in (run / "results.md").read_text()
 
     assert cli_main(["calibrate", str(run), "--defect-memory", "on"]) in (0, None)
     assert "defect memory kept" in capsys.readouterr().out
