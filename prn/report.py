@@ -160,7 +160,8 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
         if "defect_memory_kept" not in m or name == MEAN_ROW:
             continue
         auroc = _number(m.get("defect_memory_auroc"))
-        said = "" if math.isnan(auroc) else f" (the seen defects, each against the memory of the others: AUROC {100 * auroc:.1f})"
+        said = "" if math.isnan(auroc) else (f" (the seen defects, each against the memory of the others: "
+                                             f"AUROC {100 * auroc:.1f})")
         lines.append(f"\n**{name}**: the image score "
                      + ("is fused with the memory of the seen defects" if m["defect_memory_kept"] else
                         "is PRN's alone: the memory of the seen defects was left out") + f"{said}.")
