@@ -63,6 +63,16 @@ def test_nearest_distance_is_the_smallest_euclidean_distance_whatever_the_chunk(
         torch.testing.assert_close(nearest_distance(query, bank, chunk=chunk, rows=rows), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_a_traced_match_cuts_only_the_bank_and_holds_for_other_query_sizes():
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(600, 8, generator=g)  # three blocks of at most 256 in a graph
+    traced = torch.jit.trace(lambda q: nearest_distance(q, bank), torch.randn(50, 8, generator=g))
+    for n in (1, 50, 5000):
+        query = torch.randn(n, 8, generator=g)
+        torch.testing.assert_close(traced(query), torch.cdist(query, bank).min(dim=1).values, atol=1e-4, rtol=1e-4)
+
+
 def test_pixel_features_join_the_quarter_and_eighth_maps_at_a_quarter():
     feats = [torch.rand(2, 4, 16, 16), torch.rand(2, 6, 8, 8), torch.rand(2, 9, 4, 4)]
     f = pixel_features(feats)
