@@ -155,13 +155,9 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
     device = next(model.parameters()).device
 
     def taps_of(images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        taps, residuals = [], []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(device)
-            t = [f.float() for f in model.encoder(x)]
-            taps.append(t)
-            residuals.append(model.prototypes.residuals(t))
-        return [torch.cat(s) for s in zip(*taps)], [torch.cat(s) for s in zip(*residuals)]
+        """The encoder's taps of a batch and their prototype residuals."""
+        t = [f.float() for f in model.encoder(images.to(device))]
+        return t, model.prototypes.residuals(t)
 
     marked = seen_masks.flatten(1).amax(dim=1) > 0  # a mask with no pixel adds nothing to remember
     seen_images, seen_masks = seen_images[marked], seen_masks[marked]
@@ -169,13 +165,16 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
         return {"loo_auroc": None, "features": 0, "used": False,
                 "why": f"{len(seen_images)} seen defects with masks and {len(good_images)} held-out good "
                        f"images: at least 2 of each are needed to build and judge a memory"}
-    seen_taps, seen_res = taps_of(seen_images)
+    parts = [taps_of(seen_images[i:i + batch_size]) for i in range(0, len(seen_images), batch_size)]
+    seen_taps = [torch.cat(scale) for scale in zip(*(taps for taps, _ in parts))]
+    seen_res = [torch.cat(scale) for scale in zip(*(res for _, res in parts))]
     f = pixel_features(seen_taps)
     inside = F.adaptive_max_pool2d(seen_masks.to(device).float(), f.shape[-2:])[:, 0] > 0
     bank = f.permute(0, 2, 3, 1)[inside]
     owner = torch.arange(len(seen_images), device=device)[:, None, None].expand_as(inside)[inside]
-    good_taps, good_res = taps_of(good_images)
-    good_memory = memory_scores(good_taps, good_res, bank)
+    # the good images a batch at a time: their taps are let go once scored (a fit's peak is near)
+    good_memory = torch.cat([memory_scores(*taps_of(good_images[i:i + batch_size]), bank)
+                             for i in range(0, len(good_images), batch_size)])
     # each seen defect against the memory of the others: do they recognise one another?
     loo = torch.cat([memory_scores([t[i:i + 1] for t in seen_taps], [r[i:i + 1] for r in seen_res],
                                    bank[owner != i]) for i in range(len(seen_images))])
