@@ -2,6 +2,7 @@
 fit and calibrate paths that build it."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from prn import api
 from prn.checkpoint import load_checkpoint
 from prn.cli import main as cli_main
 from prn.config import PRNConfig
+from prn.deploy.calibrate import calibrate_run
+from prn.errors import UsageError
 from prn.model.backbone import create_encoder
 from prn.model.defect_memory import (FUSED_SCALE, DefectMemory, memory_scores, nearest_distance,
                                      pixel_features, remember)
@@ -194,3 +197,18 @@ def test_a_warm_start_leaves_the_parents_memory_behind(demo_root, tiny_config, t
                     run_dir=tmp_path / "child", progress=False, init_from=parent / "checkpoints" / "model.pt")
     assert load_checkpoint(child)["state_dict"]["defect_memory.features"].numel() == 0
     assert "defect_memory" not in json.loads((child / "calibration.json").read_text())
+
+
+def test_calibrate_refuses_a_memory_for_models_without_prototypes_or_with_tiles(demo_root, tiny_config, tiled_run,
+                                                                                tmp_path):
+    patchcore = api.fit(tiny_config(demo_root, tmp_path, val_normal_min=4), run_dir=tmp_path / "patchcore",
+                        progress=False, model="patchcore")
+    with pytest.raises(UsageError, match="a defect memory is PRN's"):
+        calibrate_run(patchcore, defect_memory="auto")
+    tiled = tmp_path / "tiled"
+    shutil.copytree(tiled_run, tiled)
+    before = (tiled / "checkpoints" / "model.pt").read_bytes()
+    with pytest.raises(UsageError, match="use tiles 1"):
+        calibrate_run(tiled, defect_memory="on")
+    assert (tiled / "checkpoints" / "model.pt").read_bytes() == before  # refused before anything was written
+
