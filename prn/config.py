@@ -184,12 +184,18 @@ class ModelConfig:
             problems.append(f"image_score {self.image_score!r} needs the whole image in one pass; use tiles 1 or image_score top_k")
         if self.defect_memory not in MEMORY_MODES:
             problems.append(f"defect_memory must be one of {', '.join(MEMORY_MODES)}, got {self.defect_memory!r}")
-        elif self.defect_memory != "off" and (self.tiles > 1 or not self.use_prototypes):
-            problems.append(f"defect_memory {self.defect_memory!r} matches whole images against the prototypes; "
-                            f"use tiles 1 and use_prototypes true, or defect_memory off")
+        elif self.defect_memory == "on" and not self.memory_possible:  # "auto" leaves it out then
+            problems.append("defect_memory 'on' matches whole images against the prototypes; "
+                            "use tiles 1 and use_prototypes true, or defect_memory auto or off")
         if not 0 < self.defect_memory_gate <= 1:
             problems.append(f"defect_memory_gate must be in (0, 1], got {self.defect_memory_gate}")
         _check(problems)
+
+    @property
+    def memory_possible(self) -> bool:
+        """Whether a memory of the seen defects can be built: it needs the prototypes' residuals and
+        the whole image in one pass."""
+        return self.use_prototypes and self.tiles == 1
 
     def k_of(self, height: int, width: int) -> int:
         """k of the top-k image score for a map of height x width: top_k, or top_k_share of its

@@ -324,6 +324,9 @@ def remember_seen_defects(model: PRN, cfg: PRNConfig, seen: list, val, val_outpu
     images. seen: ``load_training_arrays``' (image, mask, annotation) triples; val: the fold."""
     from prn.model.defect_memory import remember
 
+    if not cfg.model.memory_possible:  # e.g. the cpu preset's "auto" with tiles or without MP
+        return {"loo_auroc": None, "features": 0, "used": False,
+                "why": "a memory needs the prototypes and whole images (use_prototypes true, tiles 1)"}
     model.defect_memory.clear()  # PRN's own scores of the fold, below, without any memory
     if val is None:
         return {"loo_auroc": None, "features": 0, "used": False,

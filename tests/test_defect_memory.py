@@ -152,6 +152,7 @@ def test_a_memory_refuses_bad_shapes():
 def test_config_refuses_a_memory_without_whole_images_and_prototypes(changes):
     with pytest.raises(ValueError, match="defect_memory 'on'"):
         PRNConfig(defect_memory="on", **changes)
+    assert not PRNConfig(defect_memory="auto", **changes).model.memory_possible  # the preset's: left out
     with pytest.raises(ValueError, match="defect_memory must be one of"):
         PRNConfig(defect_memory="yes")
     with pytest.raises(ValueError, match="defect_memory_gate"):
@@ -212,3 +213,12 @@ def test_calibrate_refuses_a_memory_for_models_without_prototypes_or_with_tiles(
         calibrate_run(tiled, defect_memory="on")
     assert (tiled / "checkpoints" / "model.pt").read_bytes() == before  # refused before anything was written
 
+
+
+@pytest.mark.parametrize("changes", [{"tiles": 2, "image_size": 128}, {"use_prototypes": False}])
+def test_the_presets_auto_leaves_the_memory_out_of_tiled_runs_and_the_plain_u_net(demo_root, tiny_config, tmp_path,
+                                                                                  changes):
+    run = api.fit(tiny_config(demo_root, tmp_path, epochs=1, steps_per_epoch=1, val_normal_min=4, defect_memory="auto",
+                              **changes), run_dir=tmp_path / "run", progress=False)
+    memory = json.loads((run / "calibration.json").read_text())["defect_memory"]
+    assert not memory["used"] and "whole images" in memory["why"]
