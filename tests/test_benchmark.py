@@ -57,6 +57,15 @@ def test_each_ablation_table_runs_every_variant_with_its_switches(root, tmp_path
     assert "| mean |" not in (out / "results.md").read_text()
 
 
+def test_an_ablation_leaves_the_presets_memory_out_and_keeps_one_asked_for(root, tmp_path):
+    for mode, want in (("auto", "off"), ("on", "on")):
+        out = tmp_path / mode
+        run_benchmark(tiny(root, tmp_path, defect_memory=mode, seen_anomalies=3), ablation="table6", out_dir=out,
+                      progress=False)
+        for name, _ in ABLATIONS["table6"]:
+            assert PRNConfig.load(out / "runs" / _slug(name) / "demo" / "config.yaml").model.defect_memory == want
+
+
 def _save(cfg, tmp_path):
     path = tmp_path / "cfg.yaml"
     cfg.save(path)
