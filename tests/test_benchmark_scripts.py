@@ -67,6 +67,18 @@ def test_fold_speed_and_thread_forward_time_a_run(calibrated_run, demo_root, mon
     assert capsys.readouterr().out.count("| a new thread") == 2
 
 
+def test_memory_speed_times_a_run_with_and_without_its_memory(calibrated_run, monkeypatch, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)  # given a memory: the shared run stays as it is
+    from prn.deploy.calibrate import calibrate_run
+    calibrate_run(run, defect_memory="on")
+    script("memory_speed", monkeypatch, run, "--batch", 2, "--rounds", 2).main()
+    out = capsys.readouterr().out
+    assert "| with the memory |" in out and "| without |" in out
+    with pytest.raises(SystemExit, match="holds no memory"):
+        script("memory_speed", monkeypatch, calibrated_run, "--rounds", 1).main()
+
+
 def test_calibration_study_and_inference_precision_judge_a_run(calibrated_run, monkeypatch, tmp_path, capsys):
     before = (calibrated_run / "calibration.json").read_bytes()
     script("calibration_study", monkeypatch, calibrated_run, "--work", tmp_path / "work").main()
