@@ -13,7 +13,8 @@ images' mean and deviation. Whether to keep it is asked of the seen defects alon
 image: each is scored by the memory of the *others*, against the held-out good images (an AUROC,
 ``loo_auroc``); where they do not recognise one another (KolektorSDD's cracks: about 0.55) the
 memory only adds noise to the score of the defects it has not seen, and ``auto`` leaves it out.
-BENCHMARKS.md, "A memory of the seen defects", has the figures and what was chosen after seeing them.
+BENCHMARKS.md, "A memory of the seen defects, gated", has the figures and what was chosen after
+seeing them.
 
     >>> memory = DefectMemory()
     >>> info = remember(model, seen_images, seen_masks, good_images, good_prn_scores, gate=0.9, mode="auto")
