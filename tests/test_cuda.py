@@ -56,3 +56,21 @@ def test_mixed_precision_maps_on_cuda_stay_close_to_float32(tiny_config, demo_ro
             half = model(x)
     assert half["anomaly_map"].dtype == half["pred_score"].dtype == torch.float32
     assert (half["anomaly_map"] - full["anomaly_map"]).abs().max() < 0.05
+
+
+def test_a_memory_of_seen_defects_built_on_cuda_scores_as_on_the_cpu(tiny_config, demo_root, tmp_path):
+    import numpy as np
+
+    from prn.data.split import Split
+    from prn.deploy.loading import load_model
+    from prn.infer import predict_samples
+    cfg = tiny_config(demo_root, tmp_path, device="cuda", epochs=1, val_normal_min=4, defect_memory="on")
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    test = Split.load(run / "split.json").test
+    scores = {}
+    for device in ("cuda", "cpu"):
+        loaded = load_model(run, device=device)
+        assert loaded.model.defect_memory.built
+        scores[device] = predict_samples(loaded.model, test, loaded.cfg.model.input_hw, batch_size=4,
+                                         device=torch.device(device)).scores
+    assert np.allclose(scores["cuda"], scores["cpu"], atol=1e-3)
