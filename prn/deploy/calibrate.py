@@ -322,7 +322,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     ``defect_memory`` ("on", "auto", "off"): build the memory of the seen defects anew from the
     split (``prn.model.defect_memory``; or remove it) before calibrating, as a fit with that
     setting would have; stored in the checkpoint, the setting in config.yaml."""
-    from prn.checkpoint import set_calibration
+    from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
 
@@ -341,26 +341,31 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         precision = resolve_precision(precision, loaded.device)
         check_precision(precision, loaded.device)
         cfg = cfg.replace(precision=precision)
+    split = Split.load(split_path)
     memory = (loaded.calibration or {}).get("defect_memory")  # what the fit found, kept
+    stored = {}  # the checkpoint's fields a new memory changes, written with the calibration
     if defect_memory is not None:
-        cfg, memory = _set_defect_memory(run_dir, loaded, cfg, Split.load(split_path), defect_memory, progress)
+        cfg, memory, stored = _set_defect_memory(run_dir, loaded, cfg, split, defect_memory, progress)
+        changes["defect_memory"] = defect_memory
     from prn.registry import score_bound
-    calibration = calibrate_model(loaded.model, cfg, Split.load(split_path), device=loaded.device,
+    calibration = calibrate_model(loaded.model, cfg, split, device=loaded.device,
                                   progress=progress, score_bound=score_bound(loaded.kind))
     if calibration is not None and memory is not None:
         calibration["defect_memory"] = memory
     if changes and (run_dir / "config.yaml").is_file():
         from prn.config import PRNConfig
         PRNConfig.load(run_dir / "config.yaml").replace(**changes).save(run_dir / "config.yaml")
-    set_calibration(run_dir, calibration)
+    # one rewrite: a memory is never stored beside the thresholds of the score without it
+    update_checkpoint(run_dir, calibration=calibration, **stored)
     write_calibration(run_dir, calibration)
     return calibration
 
 
 def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: bool):
-    """Build (or, with "off", remove) the loaded PRN's defect memory from ``split`` and store it
-    in the run's checkpoint and config; returns the config with the new setting."""
-    from prn.checkpoint import load_checkpoint, update_checkpoint
+    """Build (or, with "off", remove) the loaded PRN's defect memory from ``split``; returns the
+    config with the new setting, what was found, and the checkpoint fields that store it
+    (``state_dict``, ``config``, ``history``)."""
+    from prn.checkpoint import load_checkpoint
     from prn.config import PRNConfig
     from prn.data.datasets import load_seen_arrays, load_validation
     from prn.model.defect_memory import memory_summary
@@ -385,10 +390,7 @@ def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: b
     payload = load_checkpoint(run_dir)
     state = {k: v for k, v in payload["state_dict"].items() if not k.startswith("defect_memory.")}
     state.update({f"defect_memory.{k}": v.cpu() for k, v in memory.state_dict().items()})
-    stored = PRNConfig.from_dict(payload["config"]).replace(defect_memory=mode)
-    update_checkpoint(run_dir, state_dict=state, config=stored.to_dict(runtime=False),
-                      history=list(payload.get("history") or []) + [{"event": "defect memory", **found}])
-    if (run_dir / "config.yaml").is_file():
-        PRNConfig.load(run_dir / "config.yaml").replace(defect_memory=mode).save(run_dir / "config.yaml")
-    return cfg, found
+    config = PRNConfig.from_dict(payload["config"]).replace(defect_memory=mode).to_dict(runtime=False)
+    history = list(payload.get("history") or []) + [{"event": "defect memory", **found}]
+    return cfg, found, {"state_dict": state, "config": config, "history": history}
 
