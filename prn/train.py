@@ -322,15 +322,13 @@ def remember_seen_defects(model: PRN, cfg: PRNConfig, seen: list, val, val_outpu
     """Build the model's defect memory (``prn.model.defect_memory.remember``) from the seen
     anomalies with pixel masks, training's and the held-out fold's, judged against the fold's good
     images. seen: ``load_training_arrays``' (image, mask, annotation) triples; val: the fold."""
-    from prn.model.defect_memory import remember
+    from prn.model.defect_memory import left_out, remember
 
     if not cfg.model.memory_possible:  # e.g. the cpu preset's "auto" with tiles or without MP
-        return {"loo_auroc": None, "features": 0, "used": False,
-                "why": "a memory needs the prototypes and whole images (use_prototypes true, tiles 1)"}
+        return left_out("a memory needs the prototypes and whole images (use_prototypes true, tiles 1)")
     model.defect_memory.clear()  # PRN's own scores of the fold, below, without any memory
     if val is None:
-        return {"loo_auroc": None, "features": 0, "used": False,
-                "why": "no held-out good images to judge a memory against"}
+        return left_out("no held-out good images to judge a memory against")
     if val_outputs is None:
         val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
     images = [to_tensor(i) for i, _, a in seen if a == "mask"]

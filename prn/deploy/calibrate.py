@@ -368,7 +368,7 @@ def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: b
     from prn.checkpoint import load_checkpoint
     from prn.config import PRNConfig
     from prn.data.datasets import load_seen_arrays, load_validation
-    from prn.model.defect_memory import memory_summary
+    from prn.model.defect_memory import left_out, memory_summary
     from prn.train import remember_seen_defects
 
     if loaded.kind != "prn" or getattr(loaded.model, "defect_memory", None) is None:
@@ -381,7 +381,7 @@ def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: b
     memory = loaded.model.defect_memory
     if mode == "off":
         memory.clear()
-        found = {"loo_auroc": None, "features": 0, "used": False, "why": "defect_memory off"}
+        found = left_out("defect_memory off")
     else:
         found = remember_seen_defects(loaded.model, cfg, load_seen_arrays(cfg, split), load_validation(cfg, split),
                                       None, loaded.device)

@@ -134,6 +134,11 @@ class DefectMemory(nn.Module):
         return f"features={tuple(self.features.shape)}"
 
 
+def left_out(why: str) -> dict:
+    """What ``remember`` returns when no memory is built, and why."""
+    return {"loo_auroc": None, "features": 0, "used": False, "why": why}
+
+
 def mean_sd(scores: Tensor) -> tuple[float, float]:
     """Mean and deviation (population, floored) of held-out good images' scores."""
     s = scores.double()
@@ -163,9 +168,8 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
     marked = seen_masks.flatten(1).amax(dim=1) > 0  # a mask with no pixel adds nothing to remember
     seen_images, seen_masks = seen_images[marked], seen_masks[marked]
     if len(seen_images) < 2 or len(good_images) < 2:
-        return {"loo_auroc": None, "features": 0, "used": False,
-                "why": f"{len(seen_images)} seen defects with masks and {len(good_images)} held-out good "
-                       f"images: at least 2 of each are needed to build and judge a memory"}
+        return left_out(f"{len(seen_images)} seen defects with masks and {len(good_images)} held-out good "
+                        f"images: at least 2 of each are needed to build and judge a memory")
     parts = [taps_of(seen_images[i:i + batch_size]) for i in range(0, len(seen_images), batch_size)]
     seen_taps = [torch.cat(scale) for scale in zip(*(taps for taps, _ in parts))]
     seen_res = [torch.cat(scale) for scale in zip(*(res for _, res in parts))]
