@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from prn.config import PRNConfig
 from prn.data.datasets import ImageDataset
@@ -46,7 +45,7 @@ from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold
 from prn.deploy.loading import load_model
 from prn.metrics import image_auroc, oracle_threshold, recall_at
-from prn.model.defect_memory import memory_scores, nearest_distance, pixel_features
+from prn.model.defect_memory import defect_features, memory_scores, nearest_distance, pixel_features
 from prn.registry import score_bound
 
 TINY = 0.0005  # a defect covering < 0.05 % of the image: BENCHMARKS.md's smallest size class
@@ -63,6 +62,7 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
     model, cfg = loaded.model, loaded.cfg
     if cfg.model.tiles > 1 or model.prototypes is None:
         raise SystemExit(f"{run}: the study needs an untiled PRN with prototypes")
+    model.defect_memory.clear()  # "prn" is PRN's own score, also for a run fitted with a memory
     split = Split.load(run / "split.json")
     hw, pixels = cfg.model.input_hw, cfg.data.max_image_pixels
 
@@ -73,15 +73,12 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
         return s.mask_path is not None and s.annotation == "mask"
 
     seen = [s for s in split.train_anomalous + split.val_anomalous if pixel_mask(s)]
-    seen_images, inside = [], []
+    seen_images, seen_masks = [], []
     for b in batches(seen):
         seen_images.append(b["image"])
-        inside.append(b["mask"])
+        seen_masks.append(b["mask"])
     seen_taps = model.encoder(torch.cat(seen_images))
-    seen_feats = pixel_features(seen_taps)
-    inside = F.adaptive_max_pool2d(torch.cat(inside), seen_feats.shape[-2:])[:, 0] > 0
-    defect = seen_feats.permute(0, 2, 3, 1)[inside]
-    owner = torch.arange(len(seen))[:, None, None].expand_as(inside)[inside]  # each row's image
+    defect, owner = defect_features(seen_taps, torch.cat(seen_masks))  # owner: each row's image
     good_bank = None
     if normal == "bank":
         good = torch.cat([pixel_features(model.encoder(b["image"])).permute(0, 2, 3, 1).flatten(0, 2)

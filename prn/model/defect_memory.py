@@ -82,6 +82,16 @@ def memory_scores(taps: list[Tensor], residuals: list[Tensor], bank: Tensor) -> 
     return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
 
 
+def defect_features(taps: list[Tensor], masks: Tensor) -> tuple[Tensor, Tensor]:
+    """The pixel features inside the defects' masks, (M, C), and the image each came from, (M,);
+    taps: the defect images' encoder maps, masks (N, 1, H, W) at the input size, max-pooled to the
+    features' grid so that a pit of a few pixels keeps its cell."""
+    f = pixel_features(taps)
+    inside = F.adaptive_max_pool2d(masks.float(), f.shape[-2:])[:, 0] > 0
+    owner = torch.arange(len(f), device=f.device)[:, None, None].expand_as(inside)[inside]
+    return f.permute(0, 2, 3, 1)[inside], owner
+
+
 class DefectMemory(nn.Module):
     """Buffers ``features`` (M, C), the seen defects' pixel features, and ``standard`` (4,): the
     held-out good images' mean and deviation of PRN's score and of the memory's. Empty until
@@ -173,10 +183,7 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
     parts = [taps_of(seen_images[i:i + batch_size]) for i in range(0, len(seen_images), batch_size)]
     seen_taps = [torch.cat(scale) for scale in zip(*(taps for taps, _ in parts))]
     seen_res = [torch.cat(scale) for scale in zip(*(res for _, res in parts))]
-    f = pixel_features(seen_taps)
-    inside = F.adaptive_max_pool2d(seen_masks.to(device).float(), f.shape[-2:])[:, 0] > 0
-    bank = f.permute(0, 2, 3, 1)[inside]
-    owner = torch.arange(len(seen_images), device=device)[:, None, None].expand_as(inside)[inside]
+    bank, owner = defect_features(seen_taps, seen_masks.to(device))
     # the good images a batch at a time: their taps are let go once scored (a fit's peak is near)
     good_memory = torch.cat([memory_scores(*taps_of(good_images[i:i + batch_size]), bank)
                              for i in range(0, len(good_images), batch_size)])
