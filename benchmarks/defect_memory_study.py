@@ -25,9 +25,13 @@ defects alone: each seen defect image scored by the memory of the *other* seen d
 the held-out good images (an AUROC): whether the seen defects recognise one another, which can be
 known before any test image exists.
 
-    python benchmarks/defect_memory_study.py RUN [RUN ...] [--normal bank|prototypes] [--bank 40000]
+``--views mirrored`` also remembers the seen defects mirrored (left-right, up-down and both):
+four times the features, each counted as its defect's in the leave-one-out check.
 
-Per-run features are cached in RUN/study/defect_memory_<normal>.npz.
+    python benchmarks/defect_memory_study.py RUN [RUN ...] [--normal bank|prototypes] [--bank 40000]
+        [--views seen|mirrored]
+
+Per-run features are cached in RUN/study/defect_memory_<normal>[_mirrored].npz.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ TINY = 0.0005  # a defect covering < 0.05 % of the image: BENCHMARKS.md's smalle
 
 
 @torch.no_grad()
-def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
-    cache = run / "study" / f"defect_memory_{normal}.npz"
+def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = "seen") -> dict:
+    cache = run / "study" / f"defect_memory_{normal}{'' if views == 'seen' else '_' + views}.npz"
     if cache.is_file():
         data = dict(np.load(cache, allow_pickle=False))
         if "seen_loo" in data:
@@ -77,8 +81,15 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0) -> dict:
     for b in batches(seen):
         seen_images.append(b["image"])
         seen_masks.append(b["mask"])
-    seen_taps = model.encoder(torch.cat(seen_images))
-    defect, owner = defect_features(seen_taps, torch.cat(seen_masks))  # owner: each row's image
+    seen_images, seen_masks = torch.cat(seen_images), torch.cat(seen_masks)
+    seen_taps = model.encoder(seen_images)
+    defect, owner = defect_features(seen_taps, seen_masks)  # owner: each row's image
+    if views == "mirrored":
+        flips = ([-1], [-2], [-2, -1])
+        defect, owner = defect_features(
+            model.encoder(torch.cat([seen_images] + [seen_images.flip(f) for f in flips])),
+            torch.cat([seen_masks] + [seen_masks.flip(f) for f in flips]))
+        owner = owner % len(seen_images)  # a mirror belongs to its defect
     good_bank = None
     if normal == "bank":
         good = torch.cat([pixel_features(model.encoder(b["image"])).permute(0, 2, 3, 1).flatten(0, 2)
@@ -136,11 +147,13 @@ def main(argv=None) -> int:
     p.add_argument("--normal", choices=("bank", "prototypes"), default="bank")
     p.add_argument("--bank", type=int, default=40000, help="good features in the bank (--normal bank)")
     p.add_argument("--target-fpr", type=float, default=0.01)
+    p.add_argument("--views", choices=("seen", "mirrored"), default="seen",
+                   help="remember the seen defects as they are, or also mirrored (three flips)")
     args = p.parse_args(argv)
     rows: dict[str, list[dict]] = {"PRN": [], "PRN + memory": []}
     loo = []
     for run in args.runs:
-        d = outputs(run, args.normal, args.bank)
+        d = outputs(run, args.normal, args.bank, views=args.views)
         tail = PRNConfig.load(run / "config.yaml").calibration.calibration_tail
         val_good = d["part"] == "val"
         held_out = d["memory"][val_good]

@@ -11,7 +11,10 @@ image head (``image_score`` head or mean), its logit; and the map averaged over 
 WINDOWS pixels (the mean of a window, as a small defect covers one, rather than of the top pixels
 wherever they lie); and the map judged against where good parts light up: less the per-pixel largest
 value of the training good images' maps (widened by a 5-pixel maximum filter, for parts that sit a
-little off), and standardised per pixel by those maps' mean and deviation (smoothed, sigma 2).
+little off), and standardised per pixel by those maps' mean and deviation (smoothed, sigma 2);
+and the map averaged along short line segments of LINES pixels at 8 angles, the largest of the
+8 at each pixel (a thin crack lies along a line, a speck does not). Rules on the map's logits
+(log p / (1 - p) of its largest pixels) are computed from the same kept values.
 Image-score rules are then computed from
 those, and each rule is judged as the line would use it:
 
@@ -52,6 +55,26 @@ from prn.tiling import from_tiles, to_tiles
 KEEP = 4096  # largest pixels kept per map: enough for top-k up to ~7 % of a 384 x 160 map
 WINDOWS = (3, 5, 9, 15)  # sides of the square windows the map is averaged over
 POSITION_KEYS = ("less_train_max", "train_z")
+LINES = (9, 17, 33)  # lengths of the line segments the map is averaged along
+ANGLES = 8
+
+
+def line_kernels(length: int, angles: int = ANGLES) -> torch.Tensor:
+    """(angles, 1, L, L) kernels, each the mean along a segment of ``length`` pixels through the
+    centre at one of ``angles`` angles in [0, pi). Hand-written: no library draws these."""
+    c = (length - 1) / 2
+    kernels = torch.zeros(angles, 1, length, length)
+    for i in range(angles):
+        a = np.pi * i / angles
+        t = np.linspace(-c, c, 4 * length)
+        rows, cols = np.rint(c - t * np.sin(a)).astype(int), np.rint(c + t * np.cos(a)).astype(int)
+        kernels[i, 0, rows, cols] = 1.0
+    return kernels / kernels.sum(dim=(2, 3), keepdim=True)
+
+
+def line_mean(maps: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, W): at each pixel the largest of the map's means along the segments of line_kernels."""
+    return torch.nn.functional.conv2d(maps, line_kernels(length), padding=length // 2).amax(dim=1)
 
 
 def position_stats(maps: np.ndarray) -> dict[str, np.ndarray]:
@@ -81,7 +104,8 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
     cache = run / "study" / "outputs.npz"
     if cache.is_file():
         data = dict(np.load(cache, allow_pickle=False))
-        if all(f"window{w}" in data for w in WINDOWS) and all(k in data for k in POSITION_KEYS) and "scored" in data:
+        if (all(f"window{w}" in data for w in WINDOWS) and all(k in data for k in POSITION_KEYS)
+                and all(f"line{n}" in data for n in LINES) and "scored" in data):
             return data
     loaded = load_model(run, device="cpu")
     model, cfg = loaded.model, loaded.cfg
@@ -99,6 +123,7 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
                                          batch_size=batch_size)
     prn_top, flip_top, vflip_top, flip4_top, res_top, heads, area = [], [], [], [], [], [], None
     windows = {w: [] for w in WINDOWS}
+    lines = {n: [] for n in LINES}
     position = {k: [] for k in POSITION_KEYS}
     for batch in loader:
         x = batch["image"]
@@ -122,6 +147,8 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
         for w in WINDOWS:  # stride 1, no padding: every window lies inside the map
             pooled = torch.nn.functional.avg_pool2d(out["anomaly_map"], w, stride=1)
             windows[w].append(largest(pooled))
+        for n in LINES:
+            lines[n].append(largest(line_mean(out["anomaly_map"], n)))
         for k, m in position_maps(out["anomaly_map"][:, 0], stats).items():
             position[k].append(largest(m))
         area = amap.shape[1]
@@ -131,6 +158,7 @@ def outputs(run: Path, batch_size: int = 8) -> dict:
             "vflip": np.concatenate(vflip_top), "flip4": np.concatenate(flip4_top), "res": np.concatenate(res_top), "area": np.array(area),
             "top_k": np.array(cfg.model.top_k), "scored": np.array("smoothed" if model.cfg.map_sigma > 0 else "raw"),
             **{f"window{w}": np.concatenate(v) for w, v in windows.items()},
+            **{f"line{n}": np.concatenate(v) for n, v in lines.items()},
             **{k: np.concatenate(v) for k, v in position.items()}}
     if heads:
         data["head"] = np.concatenate(heads)
@@ -153,6 +181,13 @@ def rules(d: dict) -> dict[str, np.ndarray]:
     for w in WINDOWS:
         out[f"max of the {w} x {w} window mean"] = topk(d[f"window{w}"], 1)
         out[f"top-100 of the {w} x {w} window mean"] = topk(d[f"window{w}"], 100)
+    for n in LINES:
+        out[f"max of the {n}-pixel line mean"] = topk(d[f"line{n}"], 1)
+        out[f"top-100 of the {n}-pixel line mean"] = topk(d[f"line{n}"], 100)
+    p = np.clip(d["prn"], 1e-6, 1 - 1e-6)
+    logits = np.log(p / (1 - p))  # the kept pixels stay the largest: the logit is monotone
+    for k in (25, 100, 400):
+        out[f"mean of the top-{k} logits"] = topk(logits, k)
     out["residual top-100 (normal only)"] = topk(d["res"], 100)
     out["top-100 of the map less the training goods' largest"] = topk(d["less_train_max"], 100)
     out["top-100 of the map standardised per pixel on the training goods"] = topk(d["train_z"], 100)

@@ -42,3 +42,29 @@ def test_a_seen_defect_met_again_at_test_scores_highest_in_the_memory(study, cal
     assert loo[copies].min() > 10 * others.max()
     out = capsys.readouterr().out
     assert "| PRN + memory |" in out and "| PRN |" in out and "recognise one another" in out
+
+
+def test_mirrored_views_remember_a_defect_met_again_mirrored(study, calibrated_run, tmp_path):
+    from PIL import Image, ImageOps
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    split = json.loads((run / "split.json").read_text())
+    seen = next(s for s in split["train_anomalous"] if s["mask"])
+    mirrored = dict(seen)  # the same defect, met again mirrored left-right and up-down
+    for key, name in (("image", "mirrored.png"), ("mask", "mirrored_mask.png")):
+        ImageOps.flip(ImageOps.mirror(Image.open(seen[key]))).save(tmp_path / name)
+        mirrored[key] = str(tmp_path / name)
+    split["test"].append(mirrored)
+    (run / "split.json").write_text(json.dumps(split))
+    assert study.main([str(run), "--normal", "prototypes"]) == 0
+    assert study.main([str(run), "--normal", "prototypes", "--views", "mirrored"]) == 0
+    plain = dict(np.load(run / "study" / "defect_memory_prototypes.npz"))
+    both = dict(np.load(run / "study" / "defect_memory_prototypes_mirrored.npz"))
+    assert both["defect_features"] == 4 * plain["defect_features"]  # each seen defect and its 3 mirrors
+    test = both["part"] == "test"
+    # the mirrored copy is now one of the memory's own features: the nearest distance falls to ~0
+    assert both["memory"][test][-1] > 10 * plain["memory"][test][-1]
+    assert np.argmax(both["memory"][test]) == test.sum() - 1
+    assert len(both["seen_loo"]) == len(plain["seen_loo"])  # a defect's mirrors are left out with it
+    np.testing.assert_allclose(both["prn"], plain["prn"], rtol=1e-5)

@@ -33,6 +33,20 @@ def test_a_spot_where_good_parts_light_up_counts_less_than_the_same_spot_elsewhe
     assert z[0, 20, 20] == pytest.approx(0.8 / 0.02, rel=1e-3)
 
 
+def test_a_line_mean_ranks_a_thin_crack_above_a_speck_of_as_many_pixels(study):
+    kernels = study.line_kernels(9)
+    assert kernels.shape == (study.ANGLES, 1, 9, 9)
+    torch.testing.assert_close(kernels.sum(dim=(1, 2, 3)), torch.ones(study.ANGLES))
+    crack, speck = torch.zeros(1, 1, 48, 48), torch.zeros(1, 1, 48, 48)
+    for i in range(16):  # a diagonal crack of 16 pixels at 0.5
+        crack[0, 0, 10 + i, 10 + i] = 0.5
+    speck[0, 0, 20:24, 20:24] = 0.5  # a 4 x 4 speck, also 16 pixels at 0.5
+    line_crack, line_speck = study.line_mean(crack, 9), study.line_mean(speck, 9)
+    assert line_crack.shape == (1, 48, 48)
+    assert line_crack.max() == pytest.approx(0.5)  # the segment lies along the crack
+    assert line_speck.max() < 0.6 * line_crack.max()  # at most 4 of a segment's 7 to 11 pixels
+
+
 def test_the_study_judges_every_rule_on_a_run(study, calibrated_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(calibrated_run, run)  # the study caches its outputs in the run folder
@@ -42,7 +56,8 @@ def test_the_study_judges_every_rule_on_a_run(study, calibrated_run, tmp_path):
     paper = table["top-100 (paper)"][str(run)]
     assert 0 <= paper["calibrated_frr"] <= 1 and 0 <= paper["image_auroc"] <= 1
     for rule in ("top-100 of the map less the training goods' largest",
-                 "top-100 of the map standardised per pixel on the training goods"):
+                 "top-100 of the map standardised per pixel on the training goods",
+                 "max of the 17-pixel line mean", "mean of the top-100 logits"):
         assert set(table[rule][str(run)]) == set(paper)
     assert (run / "study" / "outputs.npz").is_file()
 
