@@ -61,7 +61,7 @@ ANGLES = 8
 
 def line_kernels(length: int, angles: int = ANGLES) -> torch.Tensor:
     """(angles, 1, L, L) kernels, each the mean along a segment of ``length`` pixels through the
-    centre at one of ``angles`` angles in [0, pi). Hand-written: no library draws these."""
+    centre at one of ``angles`` angles in [0, pi). Hand-written: none of prn's dependencies draws a line."""
     c = (length - 1) / 2
     kernels = torch.zeros(angles, 1, length, length)
     for i in range(angles):
