@@ -111,6 +111,21 @@ def check_run_dir(run_dir: str | Path, *, overwrite: bool = False) -> Path:
     return run_dir
 
 
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The processor's model name and family (Linux's /proc/cpuinfo; elsewhere what ``platform``
+    knows). Recorded because a CPU fit repeats exactly on one machine but not on another instruction
+    set (BENCHMARKS.md, "Weights averaged over the last steps ..."); parsed by hand, no library
+    gives it portably without a new dependency."""
+    try:
+        first = Path(cpuinfo).read_text().split("\n\n", 1)[0]  # the first processor's block
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} (family {fields['cpu family']})" if "cpu family" in fields else name
+
+
 def environment() -> dict:
     import timm
     import torchvision
@@ -119,7 +134,8 @@ def environment() -> dict:
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
         "numpy": np.__version__, "cuda": torch.version.cuda,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "allocator": allocator.in_use(),
+        "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "allocator": allocator.in_use(),
     }
 
 
