@@ -83,13 +83,14 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = 
         seen_masks.append(b["mask"])
     seen_images, seen_masks = torch.cat(seen_images), torch.cat(seen_masks)
     seen_taps = model.encoder(seen_images)
-    defect, owner = defect_features(seen_taps, seen_masks)  # owner: each row's image
-    if views == "mirrored":
+    taps, masks = seen_taps, seen_masks
+    if views == "mirrored":  # only the mirrors are encoded anew: the seen defects' taps are above
         flips = ([-1], [-2], [-2, -1])
-        defect, owner = defect_features(
-            model.encoder(torch.cat([seen_images] + [seen_images.flip(f) for f in flips])),
-            torch.cat([seen_masks] + [seen_masks.flip(f) for f in flips]))
-        owner = owner % len(seen_images)  # a mirror belongs to its defect
+        mirrored = model.encoder(torch.cat([seen_images.flip(f) for f in flips]))
+        taps = [torch.cat(scale) for scale in zip(seen_taps, mirrored)]
+        masks = torch.cat([seen_masks] + [seen_masks.flip(f) for f in flips])
+    defect, owner = defect_features(taps, masks)  # owner: each row's image
+    owner = owner % len(seen_images)  # a mirror belongs to its defect
     good_bank = None
     if normal == "bank":
         good = torch.cat([pixel_features(model.encoder(b["image"])).permute(0, 2, 3, 1).flatten(0, 2)
