@@ -116,13 +116,13 @@ def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     knows). Recorded because a CPU fit repeats exactly on one machine but not on another instruction
     set (BENCHMARKS.md, "Weights averaged over the last steps ..."); parsed by hand, no library
     gives it portably without a new dependency."""
+    fallback = platform.processor() or platform.machine()
     try:
         first = Path(cpuinfo).read_text().split("\n\n", 1)[0]  # the first processor's block
-        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
     except OSError:
-        return platform.processor() or platform.machine()
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    name = fields.get("model name") or platform.processor() or platform.machine()
+        return fallback
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    name = fields.get("model name") or fallback
     return f"{name} (family {fields['cpu family']})" if "cpu family" in fields else name
 
 
