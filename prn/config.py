@@ -238,9 +238,17 @@ class SynthesisConfig:
     gray_textures: str = "auto"       # HEA textures in gray: "auto" (when the normal images are), "yes", "no"
     perlin_min_scale: int = 0         # Perlin lattice cells per side 2^min .. 2^(max-1) (DRAEM: 0, 6); low = large blobs
     perlin_max_scale: int = 6
+    # ours: simulated anomalies shaped as thin curved strokes (scratches, cracks) as well as Perlin
+    # blobs: "off", "on", or "auto" (on when the seen defects' masks are thin: the median of their
+    # elongations >= stroke_gate; prn.anomalies.simulated.stroke_decision)
+    strokes: str = "off"
+    stroke_share: float = 0.5         # share of the simulated anomalies drawn as strokes when on
+    stroke_width: tuple[int, int] = (1, 4)  # a stroke's width in pixels of the input, min and max
+    stroke_gate: float = 4.0          # auto: the median elongation (long / short axis) that turns strokes on
 
     def __post_init__(self) -> None:
         self.target_size = tuple(float(x) for x in self.target_size)
+        self.stroke_width = tuple(int(x) for x in self.stroke_width)
         problems = []
         if not 0 <= self.beta_min <= self.beta_max < 1:
             problems.append(f"need 0 <= beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}")
@@ -252,6 +260,14 @@ class SynthesisConfig:
             problems.append(f"gray_textures must be auto, yes or no, got {self.gray_textures!r}")
         if not 0 <= self.perlin_min_scale < self.perlin_max_scale <= 8:
             problems.append("need 0 <= perlin_min_scale < perlin_max_scale <= 8")
+        if self.strokes not in ("off", "on", "auto"):
+            problems.append(f"strokes must be off, on or auto, got {self.strokes!r}")
+        if not self.stroke_gate >= 1:
+            problems.append(f"stroke_gate must be >= 1 (an elongation), got {self.stroke_gate}")
+        if not 0 <= self.stroke_share <= 1:
+            problems.append(f"stroke_share must be in [0, 1], got {self.stroke_share}")
+        if not (len(self.stroke_width) == 2 and 1 <= self.stroke_width[0] <= self.stroke_width[1]):
+            problems.append(f"stroke_width must be (min, max) with 1 <= min <= max, got {self.stroke_width}")
         if not (len(self.target_size) == 2 and 0 < self.target_size[0] <= self.target_size[1] <= 1):
             problems.append(f"target_size must be (min, max) with 0 < min <= max <= 1, got {self.target_size}")
         _check(problems)

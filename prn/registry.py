@@ -87,6 +87,9 @@ def fit(kind: str, cfg: PRNConfig, split, run_dir: Path, *, progress: bool = Tru
         memory = [h for h in result.history if h.get("event") == "defect memory"]
         if memory:  # what the fit found, for the calibration to record
             extra["defect_memory"] = {k: v for k, v in memory[-1].items() if k not in ("event", "seconds")}
+        strokes = [h for h in result.history if h.get("event") == "strokes"]
+        if strokes:  # whether the simulated anomalies were drawn as thin strokes too, and why
+            extra["strokes"] = {k: v for k, v in strokes[-1].items() if k != "event"}
         return FitResult(result.model, result.history, result.epoch, result.validation, extra)
     return _fit_unsupervised(kind, cfg, split, progress)
 

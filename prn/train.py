@@ -222,6 +222,10 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
                                  texture_dir=cfg.synthesis.texture_dir or None,
                                  gray=all(is_gray(n) for n in normals[:8]),
                                  seen_weights=seen_draw_weights(split.train_anomalous, cfg.training.added_seen_share))
+    history.append({"event": "strokes", **generator.strokes})
+    if progress and cfg.synthesis.strokes == "auto":
+        tqdm.write(f"thin strokes among the simulated anomalies: {'on' if generator.strokes['used'] else 'off'} "
+                   f"({generator.strokes['why']})")
     dataset = TrainingSet(normals, generator, cfg)
     steps_per_epoch = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.training.seed, epoch=0))
     total_steps = steps_per_epoch * cfg.training.epochs

@@ -238,3 +238,48 @@ def test_show_anomalies_writes_one_grid_per_enabled_strategy(tmp_path):
         assert w > 4 * S and 3 * S < h < 4 * S
     gen = AnomalyGenerator(config(extended_anomalies=False), seen_anomalies(), "texture")
     assert len(show_anomalies(NORMALS, gen, tmp_path / "two", n=2)) == 2
+
+
+def thin_seen(n=2):
+    out = []
+    for k in range(n):
+        image = object_image(60 + k)
+        mask = np.zeros((S, S), bool)
+        mask[30:32, 10:50] = True
+        image[mask] = (20, 20, 20)
+        out.append((image, mask))
+    return out
+
+
+def test_auto_strokes_draw_thin_simulated_anomalies_only_for_thin_seen_defects():
+    cfg = config(strokes="auto", stroke_share=1.0, stroke_width=(1, 1), target_areas=False)
+    thin, compact = AnomalyGenerator(cfg, thin_seen(), "texture"), AnomalyGenerator(cfg, seen_anomalies(), "texture")
+    assert thin.strokes["used"] and thin.stroke_share == 1.0
+    assert not compact.strokes["used"] and compact.stroke_share == 0.0
+    for s in range(4):
+        _, stroke = thin.simulated(NORMALS[s], rng(s))
+        _, blob = compact.simulated(NORMALS[s], rng(s))
+        ys, xs = np.nonzero(stroke)
+        assert stroke.sum() <= 3 * (max(np.ptp(ys), np.ptp(xs)) + 1)  # a line, a pixel or so wide
+    # off by default, and a generator with strokes off draws exactly what it drew before strokes existed
+    plain = AnomalyGenerator(config(target_areas=False), seen_anomalies(), "texture")
+    assert not plain.strokes["used"]
+    assert all(np.array_equal(plain.simulated(NORMALS[s], rng(s))[0], compact.simulated(NORMALS[s], rng(s))[0])
+               for s in range(3))
+
+
+def test_a_fit_records_whether_it_drew_strokes(demo_root, tiny_config, tmp_path, capsys):
+    from prn import api
+    from prn.anomalies.simulated import stroke_decision
+    from prn.checkpoint import load_checkpoint
+    from prn.data.datasets import load_seen_arrays
+    from prn.data.split import Split
+
+    cfg = tiny_config(demo_root, tmp_path, epochs=1, steps_per_epoch=1, val_normal_min=4, strokes="auto")
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=True)
+    payload = load_checkpoint(run)
+    expected = stroke_decision("auto", load_seen_arrays(cfg, Split.load(run / "split.json")), cfg.synthesis.stroke_gate)
+    assert payload["extra"]["strokes"] == expected
+    assert [h for h in payload["history"] if h.get("event") == "strokes"]
+    printed = capsys.readouterr()
+    assert f"thin strokes among the simulated anomalies: {'on' if expected['used'] else 'off'}" in printed.out + printed.err

@@ -9,7 +9,10 @@ from prn.anomalies.simulated import (
     make_homologous,
     make_simulated,
     perlin_in_target,
+    elongation,
     shuffle_grid,
+    stroke_decision,
+    stroke_in_target,
 )
 from prn.anomalies.target_areas import sample_target_area
 from prn.anomalies.textures import procedural_texture
@@ -221,3 +224,63 @@ def test_a_source_equal_to_the_normal_falls_back_to_a_visible_patch():
     target = sample_target_area((S, S), rng(6))
     image, mask = make_simulated(normal, normal.copy(), target, 0.5, 0.5, rng(6))
     check_invariants(normal, image, mask, target)
+
+
+# ---------------------------------------------------------------- strokes (ours)
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_stroke_is_a_thin_line_inside_the_target(seed):
+    target = sample_target_area((S, S), rng(seed))
+    m = stroke_in_target(target, rng(seed), width=(1, 2))
+    assert m.dtype == bool and m.any() and not (m & ~target).any()
+    ys, xs = np.nonzero(m)
+    extent = max(np.ptp(ys), np.ptp(xs)) + 1
+    # thin: its area is a few pixels per pixel of length (a blob's grows with its extent squared)
+    assert m.sum() <= 3 * extent
+    assert np.array_equal(m, stroke_in_target(target, rng(seed), width=(1, 2)))
+
+
+def test_a_target_too_small_for_a_stroke_still_gets_a_mask():
+    target = np.zeros((S, S), bool)
+    target[30, 30] = True
+    m = stroke_in_target(target, rng(0))
+    assert m.any() and not (m & ~target).any()
+
+
+def test_the_stroke_share_picks_the_mask_shape_and_zero_leaves_the_random_stream_alone():
+    normal, texture = normal_image(1), procedural_texture(S, rng(301))
+    target = np.ones((S, S), bool)
+    strokes = [make_heterologous(normal, texture, target, 0.0, 0.5, rng(s), stroke_share=1.0, stroke_width=(1, 1))[1]
+               for s in range(4)]
+    blobs = [make_heterologous(normal, texture, target, 0.0, 0.5, rng(s))[1] for s in range(4)]
+    assert max(m.sum() for m in strokes) < min(m.sum() for m in blobs)
+    off = make_heterologous(normal, texture, target, 0.0, 0.5, rng(0), stroke_share=0.0)
+    assert np.array_equal(off[0], make_heterologous(normal, texture, target, 0.0, 0.5, rng(0))[0])
+
+
+def test_elongation_tells_a_line_from_a_blob():
+    line, disc = np.zeros((S, S), bool), np.zeros((S, S), bool)
+    line[30:32, 5:55] = True                                   # 50 x 2
+    yy, xx = np.mgrid[:S, :S]
+    disc[(yy - 32) ** 2 + (xx - 32) ** 2 <= 100] = True
+    assert 20 < elongation(line) < 30 and elongation(disc) < 1.1
+    speck = np.zeros((S, S), bool)
+    speck[3, 3] = True
+    assert elongation(speck) == pytest.approx(1.0) and elongation(np.zeros((S, S), bool)) is None
+    two = line.copy()
+    two[40:50, 40:50] = True                                   # the largest part decides
+    assert elongation(two) == pytest.approx(elongation(line))
+
+
+def test_auto_strokes_follow_the_shape_of_the_masked_seen_defects():
+    image = normal_image(0)
+    thin, blob = np.zeros((S, S), bool), np.zeros((S, S), bool)
+    thin[20:22, 5:50] = True
+    blob[20:30, 20:30] = True
+    on = stroke_decision("auto", [(image, thin, "mask")] * 2 + [(image, blob, "mask")], 4.0)
+    assert on["used"] and on["n"] == 3 and on["elongation"] > 4
+    assert not stroke_decision("auto", [(image, blob, "mask")] * 2 + [(image, thin, "mask")], 4.0)["used"]
+    # boxes and labels say nothing of the shape
+    unknown = stroke_decision("auto", [(image, thin, "box"), (image, np.zeros((S, S), bool), "label")], 4.0)
+    assert not unknown["used"] and "no seen defect has a mask" in unknown["why"]
+    assert stroke_decision("on", [], 4.0)["used"] and not stroke_decision("off", [(image, thin, "mask")], 4.0)["used"]

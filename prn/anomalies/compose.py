@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from prn.anomalies.augment import mild_augment
 from prn.anomalies.extended import make_extended
-from prn.anomalies.simulated import make_heterologous, make_homologous
+from prn.anomalies.simulated import make_heterologous, make_homologous, stroke_decision
 from prn.anomalies.target_areas import foreground_mask, sample_target_area
 from prn.anomalies.textures import TextureSource
 from prn.config import PRNConfig
@@ -60,7 +60,8 @@ class AnomalyGenerator:
     """Makes anomalies from normal images.
 
     cfg: the switches extended_anomalies, heterologous_anomalies, homologous_anomalies,
-    target_areas, beta_min/beta_max, perlin_threshold, homologous_grid, texture_dir.
+    target_areas, beta_min/beta_max, perlin_threshold, homologous_grid, texture_dir, strokes
+    (``self.strokes`` says whether they are drawn and why).
     seen: the seen anomalies, ``(uint8 (S, S, 3), bool (S, S))`` pairs or ``(image, mask,
     annotation)`` triples (``prn.data.sample.ANNOTATIONS``: "mask" pixels, "box" a loose region,
     "label" no region); a mask or box that is empty is skipped. EA are made from those with a
@@ -104,6 +105,8 @@ class AnomalyGenerator:
         self.seen_p = (None if seen_weights is None or total <= 0
                        else np.asarray(kept_weights) / total)
         self.sources = [s for s in self.seen if s[2] != "label"]  # what EA can cut a defect from
+        self.strokes = stroke_decision(cfg.synthesis.strokes, self.seen, cfg.synthesis.stroke_gate)
+        self.stroke_share = cfg.synthesis.stroke_share if self.strokes["used"] else 0.0
 
         enabled = {"extended": cfg.synthesis.extended_anomalies and bool(self.sources),
                    "heterologous": cfg.synthesis.heterologous_anomalies, "homologous": cfg.synthesis.homologous_anomalies}
@@ -182,7 +185,8 @@ class AnomalyGenerator:
                                         min_scale=cfg.synthesis.ea_scale_min)
         else:
             opts = dict(aug1_ops=cfg.synthesis.aug1_ops, aug1_prob=cfg.synthesis.aug1_prob,
-                        scales=(cfg.synthesis.perlin_min_scale, cfg.synthesis.perlin_max_scale))
+                        scales=(cfg.synthesis.perlin_min_scale, cfg.synthesis.perlin_max_scale),
+                        stroke_share=self.stroke_share, stroke_width=cfg.synthesis.stroke_width)
             if strategy == "heterologous":
                 texture = texture_for(self.textures.sample(rng, size=max(normal.shape[:2])),
                                       normal.shape[:2], self.gray_textures)

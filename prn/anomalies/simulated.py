@@ -6,13 +6,19 @@
 - homologous (HOA): A = Aug1(normal), cut into a g x g grid whose cells are shuffled.
 
 As for extended anomalies, the mask keeps only pixels the blend changed (see extended.py).
+Ours: when strokes are on, a share of simulated anomalies (``stroke_share``) takes a thin curved
+stroke as its mask instead of Perlin blobs, the shape of a scratch or a crack, which Perlin noise
+never draws; ``strokes: auto`` turns them on when the seen defects are thin (``stroke_decision``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from prn.anomalies.augment import aug1
 from prn.anomalies.extended import BLEND_TRIES, MIN_AREA, blend, inverted_patch
@@ -47,6 +53,79 @@ def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: fl
     return target & (noise >= np.median(noise[target]))
 
 
+STROKE_SEGMENTS = 6  # a stroke is a polyline of this many segments, its heading turning between them
+STROKE_TURN = 0.35  # radians: the sd of the heading's turn from one segment to the next
+STROKE_LENGTH = (0.3, 1.0)  # the stroke's length, a share of the target area's longer side
+
+
+def stroke_in_target(target: np.ndarray, rng: np.random.Generator, width: tuple[int, int] = (1, 4)) -> np.ndarray:
+    """A thin curved stroke inside ``target``: bool (H, W), non-empty.
+
+    A polyline from a random target pixel, its heading turning a little at each segment, drawn
+    ``width`` pixels wide (uniform in the range, inclusive) by PIL and clipped to the target.
+    Draws go on as for Perlin masks (perlin_in_target) until one reaches MIN_AREA of the image
+    (or the target's size); after PERLIN_TRIES the largest is kept. Every draw keeps at least its
+    starting pixel, a target pixel; the Perlin mask at the end is a guard, not a path.
+    """
+    if not target.any():
+        raise ValueError("the target area is empty")
+    h, w = target.shape
+    ys, xs = np.nonzero(target)
+    side = max(int(ys.max() - ys.min()), int(xs.max() - xs.min())) + 1
+    wanted = min(math.ceil(MIN_AREA * target.size), int(target.sum()))
+    best = None
+    for _ in range(PERLIN_TRIES):
+        k = int(rng.integers(len(ys)))
+        y, x = float(ys[k]), float(xs[k])
+        step = rng.uniform(*STROKE_LENGTH) * side / STROKE_SEGMENTS
+        heading = rng.uniform(0.0, 2.0 * np.pi)
+        points = [(x, y)]
+        for _ in range(STROKE_SEGMENTS):
+            heading += rng.normal(0.0, STROKE_TURN)
+            x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+            points.append((x, y))
+        canvas = Image.new("1", (w, h))
+        ImageDraw.Draw(canvas).line(points, fill=1, width=int(rng.integers(width[0], width[1] + 1)), joint="curve")
+        m = np.asarray(canvas, dtype=bool) & target
+        area = int(m.sum())
+        if area >= wanted:
+            return m
+        if area and (best is None or area > best.sum()):
+            best = m
+    return best if best is not None else perlin_in_target(target, rng, 0.5)
+
+
+def elongation(mask: np.ndarray) -> float | None:
+    """How thin a defect is: the ratio of the long to the short axis (square roots of the pixel
+    coordinates' covariance eigenvalues, each pixel counted as a unit square) of the mask's largest
+    connected part. 1 for a disc or a square, about length / width for a line; None for an empty mask."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    ys, xs = np.nonzero(labels == 1 + int(np.argmax(sizes)))
+    # a pixel is a unit square (variance 1/12 on each axis): a single pixel or a 1-px line stays finite
+    cov = np.cov(np.stack([ys, xs]).astype(np.float64), bias=True) + np.eye(2) / 12.0
+    small, large = np.linalg.eigvalsh(cov)
+    return float(math.sqrt(large / small))
+
+
+def stroke_decision(mode: str, seen: Sequence[tuple[np.ndarray, np.ndarray, str]], gate: float) -> dict:
+    """Whether strokes are drawn: ``{"used": bool, "why": str}``, with ``"elongation"`` (the median
+    over the seen defects' masks) when ``mode`` is "auto". Boxes and labels say nothing of a
+    defect's shape and are not counted; with no mask, auto leaves strokes off."""
+    if mode != "auto":
+        return {"used": mode == "on", "why": f"strokes: {mode}"}
+    values = [e for _, mask, annotation in seen if annotation == "mask" and (e := elongation(mask)) is not None]
+    if not values:
+        return {"used": False, "why": "no seen defect has a mask to judge its shape by"}
+    median = float(np.median(values))
+    used = median >= gate
+    return {"used": used, "elongation": median, "n": len(values),
+            "why": (f"the seen defects are {'thin' if used else 'compact'}: median elongation {median:.1f} "
+                    f"{'>=' if used else '<'} {gate:g} over {len(values)} masks")}
+
+
 def shuffle_grid(image: np.ndarray, grid: int, rng: np.random.Generator) -> np.ndarray:
     """Cuts (H, W, C) into grid x grid equal cells and reassembles them in a random order.
 
@@ -67,15 +146,18 @@ def shuffle_grid(image: np.ndarray, grid: int, rng: np.random.Generator) -> np.n
 
 def make_simulated(normal: np.ndarray, source: np.ndarray, target: np.ndarray, beta: float,
                    threshold: float, rng: np.random.Generator,
-                   scales: tuple[int, int] = (0, 6)) -> tuple[np.ndarray, np.ndarray]:
+                   scales: tuple[int, int] = (0, 6), stroke_share: float = 0.0,
+                   stroke_width: tuple[int, int] = (1, 4)) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 6 with a given anomaly source A (already augmented).
 
     normal, source: uint8 (H, W, 3); target: bool (H, W), non-empty; beta in [0, 1).
     Returns (uint8 (H, W, 3), bool (H, W)): the image and the non-empty mask of its changed pixels,
     inside ``target``.
     """
+    # no draw when strokes are off: runs from before them replay exactly
+    stroke = stroke_share > 0 and rng.random() < stroke_share
     for _ in range(BLEND_TRIES):
-        m = perlin_in_target(target, rng, threshold, scales)
+        m = stroke_in_target(target, rng, stroke_width) if stroke else perlin_in_target(target, rng, threshold, scales)
         image, changed = blend(normal, source, m, beta)
         if changed.any():
             return image, changed
@@ -84,14 +166,14 @@ def make_simulated(normal: np.ndarray, source: np.ndarray, target: np.ndarray, b
 
 def make_heterologous(normal: np.ndarray, texture: np.ndarray, target: np.ndarray, beta: float,
                       threshold: float, rng: np.random.Generator, *, aug1_ops: int = 2, aug1_prob: float = 1.0,
-                      scales: tuple[int, int] = (0, 6)) -> tuple[np.ndarray, np.ndarray]:
-    """HEA: A = Aug1(texture). texture: uint8 of the normal's shape."""
-    return make_simulated(normal, aug1(texture, rng, aug1_ops, aug1_prob), target, beta, threshold, rng, scales)
+                      scales: tuple[int, int] = (0, 6), **strokes) -> tuple[np.ndarray, np.ndarray]:
+    """HEA: A = Aug1(texture). texture: uint8 of the normal's shape. strokes: make_simulated's."""
+    return make_simulated(normal, aug1(texture, rng, aug1_ops, aug1_prob), target, beta, threshold, rng, scales, **strokes)
 
 
 def make_homologous(normal: np.ndarray, target: np.ndarray, beta: float, threshold: float, grid: int,
                     rng: np.random.Generator, *, aug1_ops: int = 2, aug1_prob: float = 1.0,
-                    scales: tuple[int, int] = (0, 6)) -> tuple[np.ndarray, np.ndarray]:
-    """HOA: A = Aug1(normal) with its grid x grid cells shuffled."""
+                    scales: tuple[int, int] = (0, 6), **strokes) -> tuple[np.ndarray, np.ndarray]:
+    """HOA: A = Aug1(normal) with its grid x grid cells shuffled. strokes: make_simulated's."""
     source = shuffle_grid(aug1(normal, rng, aug1_ops, aug1_prob), grid, rng)
-    return make_simulated(normal, source, target, beta, threshold, rng, scales)
+    return make_simulated(normal, source, target, beta, threshold, rng, scales, **strokes)
