@@ -23,13 +23,14 @@ def config(**changes):
     return PRNConfig(**{"image_size": S, "batch_size": 8, **changes})
 
 
-def seen_anomalies(n=2):
+def seen_anomalies(n=2, box=(25, 33, 28, 40), colour=(240, 240, 30), first=50):
+    """n object images, each with a defect painted over the rows and columns of ``box``."""
     out = []
     for k in range(n):
-        image = object_image(50 + k)
+        image = object_image(first + k)
         mask = np.zeros((S, S), bool)
-        mask[25:33, 28:40] = True
-        image[mask] = (240, 240, 30)
+        mask[box[0]:box[1], box[2]:box[3]] = True
+        image[mask] = colour
         out.append((image, mask))
     return out
 
@@ -240,28 +241,17 @@ def test_show_anomalies_writes_one_grid_per_enabled_strategy(tmp_path):
     assert len(show_anomalies(NORMALS, gen, tmp_path / "two", n=2)) == 2
 
 
-def thin_seen(n=2):
-    out = []
-    for k in range(n):
-        image = object_image(60 + k)
-        mask = np.zeros((S, S), bool)
-        mask[30:32, 10:50] = True
-        image[mask] = (20, 20, 20)
-        out.append((image, mask))
-    return out
-
-
 def test_auto_strokes_draw_thin_simulated_anomalies_only_for_thin_seen_defects():
     cfg = config(strokes="auto", stroke_share=1.0, stroke_width=(1, 1), target_areas=False)
-    thin, compact = AnomalyGenerator(cfg, thin_seen(), "texture"), AnomalyGenerator(cfg, seen_anomalies(), "texture")
+    thin = AnomalyGenerator(cfg, seen_anomalies(box=(30, 32, 10, 50), colour=(20, 20, 20), first=60), "texture")
+    compact = AnomalyGenerator(cfg, seen_anomalies(), "texture")
     assert thin.strokes["used"] and thin.stroke_share == 1.0
     assert not compact.strokes["used"] and compact.stroke_share == 0.0
     for s in range(4):
         _, stroke = thin.simulated(NORMALS[s], rng(s))
-        _, blob = compact.simulated(NORMALS[s], rng(s))
         ys, xs = np.nonzero(stroke)
         assert stroke.sum() <= 3 * (max(np.ptp(ys), np.ptp(xs)) + 1)  # a line, a pixel or so wide
-    # off by default, and a generator with strokes off draws exactly what it drew before strokes existed
+    # off by default; auto that decided off draws exactly what a generator without strokes draws
     plain = AnomalyGenerator(config(target_areas=False), seen_anomalies(), "texture")
     assert not plain.strokes["used"]
     assert all(np.array_equal(plain.simulated(NORMALS[s], rng(s))[0], compact.simulated(NORMALS[s], rng(s))[0])
