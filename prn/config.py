@@ -248,8 +248,12 @@ class SynthesisConfig:
 
     def __post_init__(self) -> None:
         self.target_size = tuple(float(x) for x in self.target_size)
-        self.stroke_width = tuple(int(x) for x in self.stroke_width)
         problems = []
+        try:
+            self.stroke_width = tuple(int(x) for x in self.stroke_width)
+        except (TypeError, ValueError):
+            problems.append(f"stroke_width must be two whole numbers of pixels (min, max), got {self.stroke_width!r}")
+            self.stroke_width = (1, 1)  # checked no further: the message above names the value given
         if not 0 <= self.beta_min <= self.beta_max < 1:
             problems.append(f"need 0 <= beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}")
         if not 0 <= self.aug1_prob <= 1 or not 0 <= self.aug1_ops <= 7:

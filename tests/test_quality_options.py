@@ -76,7 +76,8 @@ def test_input_size_is_square_unless_image_hw_is_set():
                                     dict(perlin_min_scale=3, perlin_max_scale=3), dict(target_size=(0.5, 0.2)),
                                     dict(final_real_epochs=-1), dict(stroke_share=1.5), dict(stroke_width=(0, 2)),
                                     dict(stroke_width=(3, 2)),
-                                    dict(strokes="yes"), dict(stroke_gate=0.5)])
+                                    dict(strokes="yes"), dict(stroke_gate=0.5), dict(stroke_width=3),
+                                    dict(stroke_width=("a", 2))])
 def test_new_settings_refuse_values_outside_their_range(change):
     with pytest.raises(ValueError, match="invalid PRN config"):
         PRNConfig(**change)
