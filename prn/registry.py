@@ -84,12 +84,12 @@ def fit(kind: str, cfg: PRNConfig, split, run_dir: Path, *, progress: bool = Tru
         from prn.train import train
         result = train(cfg, split, run_dir, resume=resume, progress=progress, init_from=init_from)
         extra = {"selected_epoch": result.epoch, "select_epoch": cfg.training.select_epoch}
-        memory = [h for h in result.history if h.get("event") == "defect memory"]
-        if memory:  # what the fit found, for the calibration to record
-            extra["defect_memory"] = {k: v for k, v in memory[-1].items() if k not in ("event", "seconds")}
-        strokes = [h for h in result.history if h.get("event") == "strokes"]
-        if strokes:  # whether the simulated anomalies were drawn as thin strokes too, and why
-            extra["strokes"] = {k: v for k, v in strokes[-1].items() if k != "event"}
+        # what the fit decided from its data: the memory (for the calibration to record) and
+        # whether the simulated anomalies were drawn as thin strokes too, and why
+        for event, key in (("defect memory", "defect_memory"), ("strokes", "strokes")):
+            found = [h for h in result.history if h.get("event") == event]
+            if found:
+                extra[key] = {k: v for k, v in found[-1].items() if k not in ("event", "seconds")}
         return FitResult(result.model, result.history, result.epoch, result.validation, extra)
     return _fit_unsupervised(kind, cfg, split, progress)
 

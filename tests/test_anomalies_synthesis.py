@@ -5,11 +5,11 @@ import pytest
 
 from prn.anomalies.extended import blend, make_extended, place_on_target
 from prn.anomalies.simulated import (
+    elongation,
     make_heterologous,
     make_homologous,
     make_simulated,
     perlin_in_target,
-    elongation,
     shuffle_grid,
     stroke_decision,
     stroke_in_target,

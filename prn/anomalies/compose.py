@@ -106,7 +106,6 @@ class AnomalyGenerator:
                        else np.asarray(kept_weights) / total)
         self.sources = [s for s in self.seen if s[2] != "label"]  # what EA can cut a defect from
         self.strokes = stroke_decision(cfg.synthesis.strokes, self.seen, cfg.synthesis.stroke_gate)
-        self.stroke_share = cfg.synthesis.stroke_share if self.strokes["used"] else 0.0
 
         enabled = {"extended": cfg.synthesis.extended_anomalies and bool(self.sources),
                    "heterologous": cfg.synthesis.heterologous_anomalies, "homologous": cfg.synthesis.homologous_anomalies}
@@ -126,6 +125,11 @@ class AnomalyGenerator:
         if wanted is None:
             wanted = gray if gray is not None else bool(self.seen) and all(is_gray(s[0]) for s in self.seen[:3])
         self.gray_textures = wanted
+
+    @property
+    def stroke_share(self) -> float:
+        """The share of simulated anomalies drawn as strokes: the config's when they are used, else 0."""
+        return self.cfg.synthesis.stroke_share if self.strokes["used"] else 0.0
 
     @property
     def can_extend(self) -> bool:

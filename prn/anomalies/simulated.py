@@ -14,7 +14,7 @@ never draws; ``strokes: auto`` turns them on when the seen defects are thin (``s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -27,28 +27,33 @@ from prn.anomalies.perlin import perlin_mask, random_perlin_noise
 PERLIN_TRIES = 10  # Perlin redraws when the thresholded noise misses the target area
 
 
-def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: float,
-                     scales: tuple[int, int] = (0, 6)) -> np.ndarray:
-    """Perlin mask & target, redrawn until non-empty: bool (H, W), inside ``target``.
-
-    Slivers are poor training signal, so draws continue until one reaches MIN_AREA of the image
-    (or the target's size); after PERLIN_TRIES the largest non-empty draw is kept. If every draw
-    missed: the upper half of one noise draw's values inside the target, which keeps a Perlin
-    shape and always holds a pixel.
-    """
+def drawn_in_target(draw: Callable[[], np.ndarray], target: np.ndarray) -> np.ndarray | None:
+    """Masks from ``draw()`` clipped to ``target``, drawn until one reaches MIN_AREA of the image
+    (or the target's size): slivers are poor training signal. After PERLIN_TRIES the largest
+    non-empty draw; None when every draw missed the target."""
     if not target.any():
         raise ValueError("the target area is empty")
     wanted = min(math.ceil(MIN_AREA * target.size), int(target.sum()))
     best = None
     for _ in range(PERLIN_TRIES):
-        m = perlin_mask(target.shape, rng, threshold, scales) & target
+        m = draw() & target
         area = int(m.sum())
         if area >= wanted:
             return m
         if area and (best is None or area > best.sum()):
             best = m
-    if best is not None:
-        return best
+    return best
+
+
+def perlin_in_target(target: np.ndarray, rng: np.random.Generator, threshold: float,
+                     scales: tuple[int, int] = (0, 6)) -> np.ndarray:
+    """Perlin mask & target, redrawn until large enough (``drawn_in_target``): bool (H, W), inside
+    ``target``. If every draw missed: the upper half of one noise draw's values inside the target,
+    which keeps a Perlin shape and always holds a pixel.
+    """
+    m = drawn_in_target(lambda: perlin_mask(target.shape, rng, threshold, scales), target)
+    if m is not None:
+        return m
     noise = random_perlin_noise(target.shape, rng, scales)
     return target & (noise >= np.median(noise[target]))
 
@@ -63,18 +68,16 @@ def stroke_in_target(target: np.ndarray, rng: np.random.Generator, width: tuple[
 
     A polyline from a random target pixel, its heading turning a little at each segment, drawn
     ``width`` pixels wide (uniform in the range, inclusive) by PIL and clipped to the target.
-    Draws go on as for Perlin masks (perlin_in_target) until one reaches MIN_AREA of the image
-    (or the target's size); after PERLIN_TRIES the largest is kept. Every draw keeps at least its
-    starting pixel, a target pixel; the Perlin mask at the end is a guard, not a path.
+    Drawn as Perlin masks are, until one is large enough (``drawn_in_target``). Every draw keeps
+    at least its starting pixel, a target pixel; the Perlin mask at the end is a guard, not a path.
     """
     if not target.any():
         raise ValueError("the target area is empty")
     h, w = target.shape
     ys, xs = np.nonzero(target)
     side = max(int(ys.max() - ys.min()), int(xs.max() - xs.min())) + 1
-    wanted = min(math.ceil(MIN_AREA * target.size), int(target.sum()))
-    best = None
-    for _ in range(PERLIN_TRIES):
+
+    def draw() -> np.ndarray:
         k = int(rng.integers(len(ys)))
         y, x = float(ys[k]), float(xs[k])
         step = rng.uniform(*STROKE_LENGTH) * side / STROKE_SEGMENTS
@@ -86,13 +89,10 @@ def stroke_in_target(target: np.ndarray, rng: np.random.Generator, width: tuple[
             points.append((x, y))
         canvas = Image.new("1", (w, h))
         ImageDraw.Draw(canvas).line(points, fill=1, width=int(rng.integers(width[0], width[1] + 1)), joint="curve")
-        m = np.asarray(canvas, dtype=bool) & target
-        area = int(m.sum())
-        if area >= wanted:
-            return m
-        if area and (best is None or area > best.sum()):
-            best = m
-    return best if best is not None else perlin_in_target(target, rng, 0.5)
+        return np.asarray(canvas, dtype=bool)
+
+    m = drawn_in_target(draw, target)
+    return m if m is not None else perlin_in_target(target, rng, 0.5)
 
 
 def elongation(mask: np.ndarray) -> float | None:
