@@ -53,6 +53,18 @@ SEEN_ANNOTATIONS = ("as_given", "box", "label")
 TEST_FLIPS = {"none": (), "lr": ((-1,),), "ud": ((-2,),), "all": ((-1,), (-2,), (-2, -1))}
 
 
+def _numbers(value: Any, kind: type, name: str, problems: list[str], fallback: tuple) -> tuple:
+    """``value`` as a tuple of ``kind`` (int or float); a value that is not a list of such numbers
+    is named in ``problems`` (the config's message, not a TypeError) and ``fallback`` (the
+    default) stands in for it, so the remaining checks run without a second message about it."""
+    try:
+        return tuple(kind(x) for x in value)
+    except (TypeError, ValueError):
+        noun = "whole numbers" if kind is int else "numbers"
+        problems.append(f"{name} must be a list of {noun}, got {value!r}")
+        return fallback
+
+
 def _check(problems: list[str]) -> None:
     if problems:
         raise ValueError("invalid PRN config: " + "; ".join(problems))
@@ -151,10 +163,11 @@ class ModelConfig:
     defect_memory_gate: float = 0.9   # ours: "auto" keeps the memory when its leave-one-out AUROC is >= this
 
     def __post_init__(self) -> None:
-        self.attention_patch_divisors = tuple(int(x) for x in self.attention_patch_divisors)
-        self.decoder_channels = tuple(int(x) for x in self.decoder_channels)
-        self.image_hw = tuple(int(x) for x in self.image_hw)
         problems = []
+        self.attention_patch_divisors = _numbers(self.attention_patch_divisors, int, "attention_patch_divisors",
+                                                 problems, (1, 2, 4, 8))
+        self.decoder_channels = _numbers(self.decoder_channels, int, "decoder_channels", problems, (128, 64, 16, 8))
+        self.image_hw = _numbers(self.image_hw, int, "image_hw", problems, (0, 0))
         if self.backbone not in BACKBONES:
             problems.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.tiles < 1:
@@ -247,13 +260,9 @@ class SynthesisConfig:
     stroke_gate: float = 4.0          # auto: the median elongation (long / short axis) that turns strokes on
 
     def __post_init__(self) -> None:
-        self.target_size = tuple(float(x) for x in self.target_size)
         problems = []
-        try:
-            self.stroke_width = tuple(int(x) for x in self.stroke_width)
-        except (TypeError, ValueError):
-            problems.append(f"stroke_width must be two whole numbers of pixels (min, max), got {self.stroke_width!r}")
-            self.stroke_width = (1, 1)  # checked no further: the message above names the value given
+        self.target_size = _numbers(self.target_size, float, "target_size", problems, (0.25, 0.75))
+        self.stroke_width = _numbers(self.stroke_width, int, "stroke_width", problems, (1, 1))
         if not 0 <= self.beta_min <= self.beta_max < 1:
             problems.append(f"need 0 <= beta_min <= beta_max < 1, got {self.beta_min}, {self.beta_max}")
         if not 0 <= self.aug1_prob <= 1 or not 0 <= self.aug1_ops <= 7:

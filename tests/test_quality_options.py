@@ -4,6 +4,7 @@ prototype-only model and the held-out validation fold."""
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,17 @@ def test_input_size_is_square_unless_image_hw_is_set():
 def test_new_settings_refuse_values_outside_their_range(change):
     with pytest.raises(ValueError, match="invalid PRN config"):
         PRNConfig(**change)
+
+
+@pytest.mark.parametrize("name, value", [("target_size", 0.5), ("target_size", ["a", "b"]), ("stroke_width", 3),
+                                         ("image_hw", "ab"), ("decoder_channels", 7),
+                                         ("attention_patch_divisors", None)])
+def test_list_settings_that_are_not_lists_of_numbers_get_the_configs_message(name, value):
+    # a config from Python or a hand-written file: the message names the setting, never a TypeError,
+    # and says nothing else (the default stands in for the value while the other checks run)
+    with pytest.raises(ValueError, match=rf"^invalid PRN config: {name} must be a list of [a-z ]*numbers, got "
+                                         rf"{re.escape(repr(value))}$"):
+        PRNConfig(**{name: value})
 
 
 def test_validation_anomalies_default_to_three_tenths_of_the_seen_ones():
