@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from prn.config import CALIBRATION_TAILS, MEMORY_MODES, PRECISIONS, SEEN_ANNOTATIONS
+from prn.config import CALIBRATION_TAILS, MEMORY_MODES, PRECISIONS, SEEN_ANNOTATIONS, TEST_FLIPS
 from prn.errors import CheckpointError, DataError, ExitStatus, PRNError, UsageError
 from prn.settings import COMMON_FLAGS, add_config_args, config_from_args
 
@@ -123,7 +123,8 @@ def cmd_calibrate(args) -> None:
     from prn.deploy.calibrate import calibrate_run
     cal = calibrate_run(args.run, target_fpr=args.target_fpr, pixel_target_fpr=args.pixel_target_fpr,
                         tail=args.tail, device=args.device, precision=args.precision,
-                        defect_memory=args.defect_memory, progress=not args.quiet)
+                        defect_memory=args.defect_memory, test_flips=args.test_flips,
+                        progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-memory", choices=MEMORY_MODES,
                    help="build the memory of the seen defects anew from the run's split before calibrating "
                         "(auto: only where they recognise one another), or remove it (off); no refit")
+    p.add_argument("--test-flips", choices=tuple(TEST_FLIPS),
+                   help="from now on average each map with those of the mirrored image: lr (left-right, "
+                        "twice the inference time), ud, all (four times), none; the fold is scored so; no refit")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -195,6 +195,15 @@ def test_fit_builds_the_memory_and_calibrate_removes_and_rebuilds_it(demo_root, 
     assert again["image_auroc"] == pytest.approx(metrics["image_auroc"])
     assert plain["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"])  # the maps are PRN's either way
 
+    # test flips change PRN's scores, on which the memory is standardised: it is built again with them
+    old_stats = load_checkpoint(run)["state_dict"]["defect_memory.standard"].clone()
+    assert cli_main(["calibrate", str(run), "--test-flips", "lr", "--quiet"]) in (0, None)
+    payload = load_checkpoint(run)
+    assert payload["config"]["model"]["test_flips"] == "lr" and payload["config"]["model"]["defect_memory"] == "on"
+    assert payload["state_dict"]["defect_memory.features"].shape[0] == cal["defect_memory"]["features"]
+    assert not torch.equal(payload["state_dict"]["defect_memory.standard"], old_stats)
+    assert json.loads((run / "calibration.json").read_text())["defect_memory"]["used"]
+
 
 def test_a_warm_start_leaves_the_parents_memory_behind(demo_root, tiny_config, tmp_path):
     parent = api.fit(tiny_config(demo_root, tmp_path, epochs=1, steps_per_epoch=1, val_normal_min=4,

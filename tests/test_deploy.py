@@ -377,6 +377,39 @@ def test_calibrating_at_bf16_makes_every_inference_of_the_run_bf16(run, tmp_path
     assert np.allclose(before, after, atol=0.1)
 
 
+def test_calibrating_with_test_flips_makes_every_inference_average_the_mirrored_map(run, tmp_path, capsys):
+    import dataclasses
+
+    from prn.data.io import read_image
+    from prn.deploy.calibrate import calibrate_run
+    from prn.deploy.loading import load_model
+    from prn.deploy.predict import Predictor
+    from prn.errors import UsageError
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    before_cal = load_checkpoint(work)["calibration"]
+    split_images = [read_image(s.image_path) for s in Split.load(work / "split.json").test[:3]]
+    before = Predictor(work).scores(split_images)
+    assert main(["calibrate", str(work), "--test-flips", "lr", "--quiet"]) == 0
+    assert load_checkpoint(work)["config"]["model"]["test_flips"] == "lr"
+    assert PRNConfig.load(work / "config.yaml").model.test_flips == "lr"
+    predictor = Predictor(work)
+    assert predictor.model.cfg.test_flips == "lr"
+    after = predictor.scores(split_images)
+    # what the run's weights give with the flips asked of them directly, and not what they gave before
+    plain = load_model(run)
+    plain.model.cfg = dataclasses.replace(plain.model.cfg, test_flips="lr")
+    batch = torch.stack([predictor.prepare(im) for im in split_images])
+    with torch.no_grad():
+        want = plain.model(batch)["pred_score"].double().numpy()
+    assert np.allclose(after, want, atol=1e-6) and not np.allclose(before, after, atol=1e-6)
+    # the threshold was set again on the held-out goods scored with the flips
+    cal = load_checkpoint(work)["calibration"]
+    assert cal["n_normal"] == before_cal["n_normal"] and cal["normal_scores"] != before_cal["normal_scores"]
+    with pytest.raises(UsageError, match="test_flips must be one of"):
+        calibrate_run(work, test_flips="sideways")
+
+
 def test_patchcore_and_prototype_runs_are_calibrated_too(demo_root, tiny_config, tmp_path):
     for kind in ("patchcore", "prototypes"):
         cfg = tiny_config(demo_root, tmp_path / kind, val_normal_min=3)

@@ -311,7 +311,8 @@ def write_calibration(run_dir: str | Path, calibration: dict | None) -> Path:
 def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   pixel_target_fpr: float | None = None, tail: str | None = None,
                   device: str | None = None, precision: str | None = None,
-                  defect_memory: str | None = None, progress: bool = False) -> dict | None:
+                  defect_memory: str | None = None, test_flips: str | None = None,
+                  progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
@@ -321,7 +322,11 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     the figures in BENCHMARKS.md); recorded in the calibration, config.yaml keeps the training's.
     ``defect_memory`` ("on", "auto", "off"): build the memory of the seen defects anew from the
     split (``prn.model.defect_memory``; or remove it) before calibrating, as a fit with that
-    setting would have; stored in the checkpoint, the setting in config.yaml."""
+    setting would have; stored in the checkpoint, the setting in config.yaml. ``test_flips`` ("none",
+    "lr", "ud", "all"): from now on average each map with those of the mirrored image (PRN's
+    ``test_flips``; inference only, so no refit): the fold is scored so, a memory the run keeps is
+    built anew on those scores (its standardisation is of PRN's score), and the setting is stored in
+    the checkpoint and config.yaml."""
     from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -344,9 +349,20 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     split = Split.load(split_path)
     memory = (loaded.calibration or {}).get("defect_memory")  # what the fit found, kept
     stored = {}  # the checkpoint's fields a new memory changes, written with the calibration
+    if test_flips is not None:
+        cfg = _set_test_flips(run_dir, loaded, cfg, test_flips)
+        changes["test_flips"] = test_flips
+        if defect_memory is None and getattr(loaded.model, "defect_memory", None) is not None \
+                and loaded.model.defect_memory.built:
+            defect_memory = cfg.model.defect_memory  # standardised on PRN's scores, which the flips change
     if defect_memory is not None:
         cfg, memory, stored = _set_defect_memory(run_dir, loaded, cfg, split, defect_memory, progress)
         changes["defect_memory"] = defect_memory
+    if test_flips is not None:
+        from prn.checkpoint import load_checkpoint
+        from prn.config import PRNConfig
+        config = stored.get("config") or load_checkpoint(run_dir)["config"]
+        stored["config"] = PRNConfig.from_dict(config).replace(test_flips=test_flips).to_dict(runtime=False)
     from prn.registry import score_bound
     calibration = calibrate_model(loaded.model, cfg, split, device=loaded.device,
                                   progress=progress, score_bound=score_bound(loaded.kind))
@@ -359,6 +375,18 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     update_checkpoint(run_dir, calibration=calibration, **stored)
     write_calibration(run_dir, calibration)
     return calibration
+
+
+def _set_test_flips(run_dir: Path, loaded, cfg, flips: str):
+    """The config with ``test_flips`` set, and the loaded PRN set to infer so."""
+    if loaded.kind != "prn":
+        raise UsageError(f"{run_dir}: test flips are PRN's; this run is a {loaded.kind} model")
+    try:
+        cfg = cfg.replace(test_flips=flips)
+    except ValueError as exc:
+        raise UsageError(f"{run_dir}: {exc}") from exc
+    loaded.model.cfg = cfg.model
+    return cfg
 
 
 def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: bool):
