@@ -35,7 +35,7 @@ from prn import distributed, registry
 from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, is_gray, seen_draw_weights
 from prn.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from prn.config import PRNConfig
-from prn.data.datasets import load_training_arrays, load_validation
+from prn.data.datasets import load_training_arrays, load_validation, small_seen_defects
 from prn.data.split import Split
 from prn.errors import TrainingError
 from prn.infer import Predictions, validate
@@ -226,6 +226,15 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     if progress and cfg.synthesis.strokes == "auto":
         tqdm.write(f"thin strokes among the simulated anomalies: {'on' if generator.strokes['used'] else 'off'} "
                    f"({generator.strokes['why']})")
+    cell = model.encoder.reductions[0]  # a defect under one cell of the finest map is barely drawn
+    small = small_seen_defects(seen, cell * cell)
+    history.append({"event": "small seen defects", **small})
+    if progress and small["small"]:
+        h, w = cfg.model.input_hw
+        tqdm.write(f"note: {small['small']} of {small['masks']} seen defects cover fewer than {cell * cell} pixels "
+                   f"of the {w} x {h} input (the smallest {small['smallest']}; one {cell} x {cell} cell of the "
+                   f"encoder's finest map): defects this small are drawn faintly if at all, and most pass the "
+                   f"threshold (README, \"Small defects\")")
     dataset = TrainingSet(normals, generator, cfg)
     steps_per_epoch = len(BalancedBatchSampler(len(normals), cfg, seed=cfg.training.seed, epoch=0))
     total_steps = steps_per_epoch * cfg.training.epochs

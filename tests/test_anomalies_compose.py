@@ -273,3 +273,39 @@ def test_a_fit_records_whether_it_drew_strokes(demo_root, tiny_config, tmp_path,
     assert [h for h in payload["history"] if h.get("event") == "strokes"]
     printed = capsys.readouterr()
     assert f"thin strokes among the simulated anomalies: {'on' if expected['used'] else 'off'}" in printed.out + printed.err
+
+
+def test_small_seen_defects_counts_masks_under_the_pixel_floor_and_ignores_boxes_and_labels():
+    from prn.data.datasets import small_seen_defects
+
+    image = np.zeros((40, 40, 3), np.uint8)
+
+    def mask(n):  # n pixels in one row
+        m = np.zeros((40, 40), bool)
+        m[5, :n] = True
+        return m
+    seen = [(image, mask(9), "mask"), (image, mask(15), "mask"), (image, mask(16), "mask"),
+            (image, mask(2), "box"), (image, np.zeros((40, 40), bool), "label")]
+    assert small_seen_defects(seen, 16) == {"masks": 3, "small": 2, "smallest": 9, "pixels": 16}
+    assert small_seen_defects(seen[3:], 16) == {"masks": 0, "small": 0, "smallest": None, "pixels": 16}
+
+
+@pytest.mark.parametrize("image_size", [32, 128])
+def test_a_fit_says_when_seen_defects_are_under_one_cell_of_the_finest_map(demo_root, tiny_config, tmp_path, capsys,
+                                                                           image_size):
+    from prn import api
+    from prn.checkpoint import load_checkpoint
+    from prn.data.datasets import load_seen_arrays, small_seen_defects
+    from prn.data.split import Split
+
+    cfg = tiny_config(demo_root, tmp_path, epochs=1, steps_per_epoch=1, val_normal_min=4, image_size=image_size)
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=True)
+    expected = small_seen_defects(load_seen_arrays(cfg, Split.load(run / "split.json")), 16)  # 4 x 4: Lite0's 1/4 map
+    found = [h for h in load_checkpoint(run)["history"] if h.get("event") == "small seen defects"]
+    assert found and {k: v for k, v in found[-1].items() if k != "event"} == expected
+    printed = capsys.readouterr()
+    note = (f"note: {expected['small']} of {expected['masks']} seen defects cover fewer than 16 pixels of the "
+            f"{image_size} x {image_size} input (the smallest {expected['smallest']};")
+    # the demo's defects are small at 32 pixels and not at 128: the note is printed for the first only
+    assert expected["masks"] == 2 and (expected["small"] > 0) == (image_size == 32)
+    assert (note in printed.out + printed.err) == (image_size == 32)

@@ -108,6 +108,17 @@ def load_seen_arrays(cfg, split) -> list[tuple[np.ndarray, np.ndarray, str]]:
     return seen
 
 
+def small_seen_defects(seen: list[tuple[np.ndarray, np.ndarray, str]], pixels: int) -> dict:
+    """How many of the seen defects with a pixel mask (``load_seen_arrays``' triples, masks at the
+    model's input size) cover fewer than ``pixels`` pixels of the input: {"masks", "small",
+    "smallest" (pixels, None without masks), "pixels"}. Boxes and labels say nothing of a defect's
+    size and are not counted. Why: the fit says so when the line's defects are this small, because
+    the map barely draws them (README, "Small defects")."""
+    areas = [int(mask.sum()) for _, mask, annotation in seen if annotation == "mask"]
+    return {"masks": len(areas), "small": sum(a < pixels for a in areas),
+            "smallest": min(areas) if areas else None, "pixels": pixels}
+
+
 @dataclass
 class ValidationFold:
     """The held-out fold of the training data in memory: its samples, model inputs float32
