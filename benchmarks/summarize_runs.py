@@ -7,8 +7,9 @@ each tested (``results.json``). Prints one markdown row per variant and data set
 metrics, image AP, the oracle's recall at 1 % false rejects, and at the calibrated threshold the
 realised false-reject rate, the recall and the oracle's recall at that rate (all x100), the
 test's milliseconds per image (the paper's T; measured under whatever else ran) and the fit's wall
-seconds (timings.json). Runs tested since `prn test` reports figures per defect size add a second
-table: per size bin, the defects over all seeds, image AUROC and recall at the calibrated threshold.
+seconds (timings.json). Runs tested since `prn test` reports figures per defect size add two more
+tables, the defects binned by their share of the image and by their pixels at the model's input:
+per bin, the defects over all seeds, image AUROC and recall at the calibrated threshold.
 """
 
 from __future__ import annotations
@@ -69,21 +70,23 @@ def main(argv: list[str]) -> None:
 
 
 def size_rows(variants: list[Path]) -> None:
-    """Per defect size (``prn test``'s ``size_*[...]`` keys, when the runs have them): the defects
-    summed over the seeds, and image AUROC and recall at the calibrated threshold, mean +- sd."""
-    lines = []
-    for variant in variants:
-        for data, rows in sorted(runs_of(variant).items()):
-            sizes = dict.fromkeys(k[7:-1] for m, _ in rows for k in m if k.startswith("size_n["))
-            for size in sizes:
-                n = sum(int(m.get(f"size_n[{size}]") or 0) for m, _ in rows)
-                lines.append(f"| {variant.name} | {data} | {size} | {n} | "
-                             f"{cell([m.get(f'size_auroc[{size}]') for m, _ in rows])} | "
-                             f"{cell([m.get(f'size_recall[{size}]') for m, _ in rows])} |")
-    if lines:
-        print("\n| variant | data | defect area | defects | I | recall |\n|---|---|---|---|---|---|")
-        print("\n".join(lines))
-
+    """Per defect size (``prn test``'s ``size_*[...]`` keys, the share of the image, and
+    ``pixels_*[...]``, the pixels at the model's input, when the runs have them): the defects summed
+    over the seeds, and image AUROC and recall at the calibrated threshold, mean +- sd."""
+    for kind, column in (("size", "defect area"), ("pixels", "defect pixels at the input")):
+        lines = []
+        for variant in variants:
+            for data, rows in sorted(runs_of(variant).items()):
+                prefix = f"{kind}_n["
+                sizes = dict.fromkeys(k[len(prefix):-1] for m, _ in rows for k in m if k.startswith(prefix))
+                for size in sizes:
+                    n = sum(int(m.get(f"{kind}_n[{size}]") or 0) for m, _ in rows)
+                    lines.append(f"| {variant.name} | {data} | {size} | {n} | "
+                                 f"{cell([m.get(f'{kind}_auroc[{size}]') for m, _ in rows])} | "
+                                 f"{cell([m.get(f'{kind}_recall[{size}]') for m, _ in rows])} |")
+        if lines:
+            print(f"\n| variant | data | {column} | defects | I | recall |\n|---|---|---|---|---|---|")
+            print("\n".join(lines))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

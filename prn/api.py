@@ -165,6 +165,8 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     # the masks are at the model's input size (nearest), close enough to the image's share
     areas = np.where(preds.pixel_exact, preds.masks.mean(axis=(1, 2)), np.nan)
     metrics.update(size_metrics(preds.labels, preds.scores, areas, post.threshold))
+    pixels = np.where(preds.pixel_exact, preds.masks.sum(axis=(1, 2)), np.nan)
+    metrics.update(size_metrics(preds.labels, preds.scores, pixels, post.threshold, kind="pixels"))
     name = category_name(cfg)
     write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.data.dataset} {name}")
     normalized, predictions = post.judge(preds.scores)

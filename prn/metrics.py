@@ -106,36 +106,53 @@ def _group_figures(y: np.ndarray, s: np.ndarray, group: np.ndarray,
 # for: the small defects are the ones an image score loses (the `cpu` preset stops BSData's pits
 # under 0.05 % of the photo one time in six at the calibrated threshold, the larger ones 91-100 %
 # of the time), and a line's engineer should see that before trusting the recall as a whole.
-SIZE_BINS = ((0.0, 0.0005), (0.0005, 0.002), (0.002, 0.01), (0.01, 1.0))
+SIZE_BINS = ((0.0, 0.0005), (0.0005, 0.002), (0.002, 0.01), (0.01, math.inf))
+# The same defects by their mask's pixels at the model's input, which is what the network sees: one
+# cell of the encoder's finest (1/4) map is 16 pixels, and BSData's pits under it are stopped one
+# time in five at 384 and at 512 pixels alike (README, "Small defects").
+PIXEL_BINS = ((0, 16), (16, 32), (32, 64), (64, 128), (128, math.inf))
 
 
 def size_name(lo: float, hi: float) -> str:
     """'< 0.05 %', '0.05-0.2 %', '0.2-1 %', '>= 1 %' for the bins of SIZE_BINS."""
     if lo == 0:
         return f"< {100 * hi:g} %"
-    return f">= {100 * lo:g} %" if hi >= 1 else f"{100 * lo:g}-{100 * hi:g} %"
+    return f">= {100 * lo:g} %" if hi == math.inf else f"{100 * lo:g}-{100 * hi:g} %"
 
 
-def size_metrics(labels, scores, areas, threshold: float | None = None) -> dict[str, float]:
-    """Per defect size (SIZE_BINS of ``areas``: (N,) share of each image its defect mask covers;
+def pixels_name(lo: float, hi: float) -> str:
+    """'< 16 px', '16-32 px', ..., '>= 128 px' for the bins of PIXEL_BINS."""
+    if lo == 0:
+        return f"< {hi:g} px"
+    return f">= {lo:g} px" if hi == math.inf else f"{lo:g}-{hi:g} px"
+
+
+# the two ways ``size_metrics`` bins a defect: its share of the image, its pixels at the input
+SIZE_KINDS = {"size": (SIZE_BINS, size_name), "pixels": (PIXEL_BINS, pixels_name)}
+
+
+def size_metrics(labels, scores, areas, threshold: float | None = None, kind: str = "size") -> dict[str, float]:
+    """Per defect size (the bins of ``SIZE_KINDS[kind]`` over ``areas``: (N,) the share of each
+    image its defect mask covers for "size", the mask's pixels at the model's input for "pixels";
     nan for a defect without pixel truth, a box or a label alone, which is left out; good parts'
-    values unused): the number of defects (``size_n[<name>]``), their image AUROC against every
-    good part (``size_auroc[...]``) and, given a ``threshold``, their recall there
-    (``size_recall[...]``). A bin without a defect is left out."""
+    values unused): the number of defects (``<kind>_n[<name>]``), their image AUROC against every
+    good part (``<kind>_auroc[...]``) and, given a ``threshold``, their recall there
+    (``<kind>_recall[...]``). A bin without a defect is left out."""
     y, s = _image_arrays(labels, scores)
     areas = np.asarray(areas, dtype=np.float64)
     if areas.shape != s.shape:
         raise ValueError(f"areas must hold one value per image, got {areas.shape} for {s.shape[0]} images")
+    bins, namer = SIZE_KINDS[kind]
     out = {}
-    for lo, hi in SIZE_BINS:
-        inside = y & (areas >= lo) & ((areas < hi) | (hi >= 1))
+    for lo, hi in bins:
+        inside = y & (areas >= lo) & (areas < hi)
         if not inside.any():
             continue
-        name = size_name(lo, hi)
-        out[f"size_n[{name}]"] = float(inside.sum())
-        out[f"size_auroc[{name}]"], recall = _group_figures(y, s, inside, threshold)
+        name = namer(lo, hi)
+        out[f"{kind}_n[{name}]"] = float(inside.sum())
+        out[f"{kind}_auroc[{name}]"], recall = _group_figures(y, s, inside, threshold)
         if recall is not None:
-            out[f"size_recall[{name}]"] = recall
+            out[f"{kind}_recall[{name}]"] = recall
     return out
 
 

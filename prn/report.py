@@ -171,15 +171,20 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
         lines += ["", "### Per defect kind", "", "| Category | kind | image AUROC | recall at the calibrated threshold |",
                   "|---|---|---|---|"]
         lines += [f"| {name} | {kind} | {pct(auroc)} | {pct(recall)} |" for name, kind, auroc, recall in kinds]
-    sizes = [(name, k[7:-1], m[k], m.get(f"size_auroc[{k[7:-1]}]"), m.get(f"size_recall[{k[7:-1]}]"))
-             for name, m in results.items() for k in m if k.startswith("size_n[")]
-    if sizes:
-        lines += ["", "### Per defect size", "",
-                  "The share of the image each defect's mask covers (defects with a mask only).", "",
-                  "| Category | defect area | defects | image AUROC | recall at the calibrated threshold |",
+    for kind, heading, what, column in (
+            ("size", "Per defect size", "The share of the image each defect's mask covers", "defect area"),
+            ("pixels", "Per defect size at the model's input",
+             "The pixels each defect's mask covers at the model's input; one cell of the encoder's finest map "
+             "is 16", "defect pixels")):
+        prefix = f"{kind}_n["
+        sizes = [(name, k[len(prefix):-1], m[k]) for name, m in results.items() for k in m if k.startswith(prefix)]
+        if not sizes:
+            continue
+        lines += ["", f"### {heading}", "", f"{what} (defects with a mask only).", "",
+                  f"| Category | {column} | defects | image AUROC | recall at the calibrated threshold |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {name} | {size} | {int(_number(n))} | {pct(auroc)} | {pct(recall)} |"
-                  for name, size, n, auroc, recall in sizes]
+        lines += [f"| {name} | {size} | {int(_number(n))} | {pct(results[name].get(f'{kind}_auroc[{size}]'))} | "
+                  f"{pct(results[name].get(f'{kind}_recall[{size}]'))} |" for name, size, n in sizes]
     return "\n".join(lines) + "\n"
 
 

@@ -140,19 +140,3 @@ def test_precision_demo_trains_and_compares(tmp_path):
     rows = load_script(BENCH / "precision_demo.py").main(tmp_path)
     assert (tmp_path / "demo_precision.json").is_file() and rows
 
-
-def test_defect_pixels_bins_every_tested_defect_by_its_input_pixels(calibrated_run, monkeypatch, capsys):
-    import csv
-
-    from prn.data.split import Split
-    mod = script("defect_pixels", monkeypatch, calibrated_run)
-    found = mod.sizes_and_stops(calibrated_run)
-    defects = [s for s in Split.load(calibrated_run / "split.json").test if s.label == 1 and s.mask_path]
-    with open(calibrated_run / "predictions" / "scores.csv", newline="") as f:
-        stopped = sum(r["prediction"] == "1" for r in csv.DictReader(f) if r["label"] == "1")
-    assert len(found) == len(defects) > 0 and all(px > 0 for px, _ in found)
-    assert sum(stop for _, stop in found) == stopped  # the threshold's decisions, as the test recorded them
-    assert mod.main([str(calibrated_run), "--bins", "16", "64"]) == 0
-    rows = capsys.readouterr().out.splitlines()[2:]  # under the header and its rule
-    assert [r.split(" | ")[0] for r in rows] == ["| 0-16", "| 16-64", "| >= 64"]
-    assert sum(int(r.split(" | ")[1]) for r in rows) == len(defects)

@@ -201,6 +201,10 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
     assert sum(sized.values()) == sum(s.label == 1 and s.pixel_exact for s in split.test) and "### Per defect size" in md
     for key in sized:
         assert 0 <= metrics[key.replace("size_n", "size_recall")] <= 1
+    # and again by the mask's pixels at the model's input, in the bins of the same defects
+    pixels = {k: v for k, v in metrics.items() if k.startswith("pixels_n[")}
+    assert sum(pixels.values()) == sum(sized.values()) and "### Per defect size at the model's input" in md
+    assert all(0 <= metrics[k.replace("pixels_n", "pixels_recall")] <= 1 for k in pixels)
     assert metrics["recall"] == pytest.approx(1 - metrics["misses"] / metrics["n_test_anomalous"])
     assert {"image_ap", "recall_at_0.1%", "recall_at_1%", "recall_at_5%", "oracle_recall_at_frr"} <= set(metrics)
 

@@ -245,3 +245,22 @@ def test_size_metrics_split_the_defects_by_the_share_of_the_image_their_mask_cov
     assert "size_recall[< 0.05 %]" not in size_metrics(labels, scores, areas)  # no threshold, no recall
     with pytest.raises(ValueError, match="one value per image"):
         size_metrics(labels, scores, areas[:-1])
+
+
+def test_size_metrics_by_pixels_of_the_input_bin_at_one_cell_of_the_finest_map():
+    from prn.metrics import PIXEL_BINS, pixels_name, size_metrics
+    assert [pixels_name(lo, hi) for lo, hi in PIXEL_BINS] == ["< 16 px", "16-32 px", "32-64 px", "64-128 px",
+                                                              ">= 128 px"]
+    labels = np.r_[np.zeros(4), np.ones(5)]
+    scores = np.r_[0.1, 0.2, 0.3, 0.4, 0.05, 0.9, 0.95, 0.99, 0.5]
+    pixels = np.r_[np.zeros(4), [9, 15, 16, 4000, np.nan]]  # 16 is a cell: the second bin's lower edge
+    m = size_metrics(labels, scores, pixels, threshold=0.5, kind="pixels")
+    assert m["pixels_n[< 16 px]"] == 2 and m["pixels_recall[< 16 px]"] == pytest.approx(1 / 2)
+    assert m["pixels_n[16-32 px]"] == 1 and m["pixels_n[>= 128 px]"] == 1
+    assert not any(k.startswith("size_") for k in m) and "pixels_n[32-64 px]" not in m
+
+
+def test_a_defect_covering_the_whole_image_is_in_the_largest_share_bin():
+    from prn.metrics import size_metrics
+    m = size_metrics(np.r_[0, 1], np.r_[0.1, 0.9], np.r_[0.0, 1.0], threshold=0.5)
+    assert m["size_n[>= 1 %]"] == 1 and m["size_recall[>= 1 %]"] == 1.0

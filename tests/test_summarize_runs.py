@@ -42,11 +42,15 @@ def test_per_size_figures_get_a_table_of_their_own(tmp_path, capsys):
         results = variant / f"bsdata_s{seed}" / "results.json"
         payload = json.loads(results.read_text())
         payload["categories"]["c"].update({"size_n[< 0.05 %]": n, "size_auroc[< 0.05 %]": 0.9,
-                                           "size_recall[< 0.05 %]": recall})
+                                           "size_recall[< 0.05 %]": recall, "pixels_n[< 16 px]": n,
+                                           "pixels_auroc[< 16 px]": 0.8, "pixels_recall[< 16 px]": recall})
         results.write_text(json.dumps(payload))
     load_script(SCRIPT).main([str(variant)])
-    out = capsys.readouterr().out
-    assert "| v | bsdata | < 0.05 % | 5 | 90.0 +- 0.0 | 30.0 +- 14.1 |" in out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert "| v | bsdata | < 0.05 % | 5 | 90.0 +- 0.0 | 30.0 +- 14.1 |" in out
+    assert "| v | bsdata | < 16 px | 5 | 80.0 +- 0.0 | 30.0 +- 14.1 |" in out
+    assert out.index("| variant | data | defect pixels at the input | defects | I | recall |") > out.index(
+        "| v | bsdata | < 0.05 % | 5 | 90.0 +- 0.0 | 30.0 +- 14.1 |")
 
 
 def test_no_size_table_without_per_size_figures(tmp_path, capsys):
