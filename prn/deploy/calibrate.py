@@ -358,7 +358,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     if defect_memory is not None:
         cfg, memory, stored = _set_defect_memory(run_dir, loaded, cfg, split, defect_memory, progress)
         changes["defect_memory"] = defect_memory
-    if test_flips is not None:
+    if test_flips is not None:  # the stored config carries the flips, beside a rebuilt memory's setting
         from prn.checkpoint import load_checkpoint
         from prn.config import PRNConfig
         config = stored.get("config") or load_checkpoint(run_dir)["config"]
