@@ -88,5 +88,6 @@ def size_rows(variants: list[Path]) -> None:
             print(f"\n| variant | data | {column} | defects | I | recall |\n|---|---|---|---|---|---|")
             print("\n".join(lines))
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])

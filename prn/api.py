@@ -162,10 +162,11 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
             metrics["defect_memory_auroc"] = float("nan") if auroc is None else float(auroc)
     kinds = [s.defect_type for s in preds.samples]
     metrics.update(decision_metrics(preds.labels, preds.scores, kinds, post.threshold))
-    # the masks are at the model's input size (nearest), close enough to the image's share
-    areas = np.where(preds.pixel_exact, preds.masks.mean(axis=(1, 2)), np.nan)
-    metrics.update(size_metrics(preds.labels, preds.scores, areas, post.threshold))
+    # the masks are at the model's input size (nearest): their pixels there, and their share of the
+    # image, close enough to the share of the photo
     pixels = np.where(preds.pixel_exact, preds.masks.sum(axis=(1, 2)), np.nan)
+    metrics.update(size_metrics(preds.labels, preds.scores, pixels / (preds.masks.shape[1] * preds.masks.shape[2]),
+                                 post.threshold))
     metrics.update(size_metrics(preds.labels, preds.scores, pixels, post.threshold, kind="pixels"))
     name = category_name(cfg)
     write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.data.dataset} {name}")

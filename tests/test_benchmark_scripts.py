@@ -139,4 +139,3 @@ def test_profile_predict_and_serve_load_on_a_run(calibrated_run, demo_root, monk
 def test_precision_demo_trains_and_compares(tmp_path):
     rows = load_script(BENCH / "precision_demo.py").main(tmp_path)
     assert (tmp_path / "demo_precision.json").is_file() and rows
-
