@@ -124,7 +124,7 @@ def cmd_calibrate(args) -> None:
     cal = calibrate_run(args.run, target_fpr=args.target_fpr, pixel_target_fpr=args.pixel_target_fpr,
                         tail=args.tail, device=args.device, precision=args.precision,
                         defect_memory=args.defect_memory, test_flips=args.test_flips,
-                        progress=not args.quiet)
+                        defect_memory_stride=args.defect_memory_stride, progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-memory", choices=MEMORY_MODES,
                    help="build the memory of the seen defects anew from the run's split before calibrating "
                         "(auto: only where they recognise one another), or remove it (off); no refit")
+    p.add_argument("--defect-memory-stride", type=int, choices=(4, 2),
+                   help="build the memory anew matching at 1/4 of the input (the encoder's finest tap) or "
+                        "1/2 (its 1/2 map too, for defects under 16 pixels); with the run's --defect-memory "
+                        "setting unless given; no refit")
     p.add_argument("--test-flips", choices=tuple(TEST_FLIPS),
                    help="from now on average each map with those of the mirrored image: lr (left-right, "
                         "twice the inference time), ud, all (four times), none; the fold is scored so; no refit")

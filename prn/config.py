@@ -161,6 +161,8 @@ class ModelConfig:
                                       # their match with the image score (prn.model.defect_memory): "on",
                                       # "auto" (where the seen defects recognise one another), "off" (the paper's)
     defect_memory_gate: float = 0.9   # ours: "auto" keeps the memory when its leave-one-out AUROC is >= this
+    defect_memory_stride: int = 4     # ours: the grid the memory matches at, 4 (the encoder's 1/4 map) or 2
+                                      # (its 1/2 map too: pits under one 1/4 cell)
 
     def __post_init__(self) -> None:
         problems = []
@@ -202,6 +204,8 @@ class ModelConfig:
                             "use tiles 1 and use_prototypes true, or defect_memory auto or off")
         if not 0 < self.defect_memory_gate <= 1:
             problems.append(f"defect_memory_gate must be in (0, 1], got {self.defect_memory_gate}")
+        if self.defect_memory_stride not in (4, 2) or isinstance(self.defect_memory_stride, bool):
+            problems.append(f"defect_memory_stride must be 4 or 2, got {self.defect_memory_stride!r}")
         _check(problems)
 
     @property

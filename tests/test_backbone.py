@@ -15,6 +15,9 @@ def test_encoders_tap_three_scales_at_quarter_eighth_sixteenth(name, channels):
     assert [f.shape[1] for f in feats] == channels == enc.channels
     assert [f.shape[-1] for f in feats] == [16, 8, 4]
     assert all(not p.requires_grad for p in enc.parameters())
+    taps, half = enc(torch.rand(2, 3, 64, 64), half=True)  # the map at 1/2, for the defect memory
+    assert [f.shape for f in taps] == [f.shape for f in feats]
+    assert half.shape == (2, enc.half_channels, 32, 32) and enc.half_channels == (64 if name == "resnet18" else 16)
 
 
 def test_encoder_stays_in_eval_mode_when_the_model_trains():
@@ -34,10 +37,13 @@ def test_inference_runs_the_encoder_a_few_images_at_a_time_with_the_same_feature
     x = torch.rand(2 * EVAL_CHUNK + 1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     chunked = enc(x)
     assert sizes == [EVAL_CHUNK, EVAL_CHUNK, 1]
+    chunked_taps, chunked_half = enc(x, half=True)
+    assert all(torch.equal(a, b) for a, b in zip(chunked_taps, chunked))
     enc.train()
     sizes.clear()
     whole = enc(x)
     assert sizes == [x.shape[0]]
+    assert torch.allclose(enc(x, half=True)[1], chunked_half, atol=1e-5)
     assert [f.shape for f in chunked] == [f.shape for f in whole]
     for a, b in zip(chunked, whole):  # float32 rounding of convolutions run at another batch size
         assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
@@ -97,19 +103,24 @@ def test_lite1_and_lite2_weights_paired_by_position_recognise_a_sample_photo(siz
 
 def test_lite0_runs_no_block_past_its_last_tap_and_gives_timm_s_features():
     """timm's features_only Lite0 runs all seven stages; ours stops after the 1/16 tap. Its
-    features equal those of timm's whole feature model with the same weights, to the bit."""
+    features (and its 1/2 map) equal those of timm's whole feature model with the same weights, to
+    the bit."""
     import timm
 
     enc = create_encoder("tf_efficientnet_lite0", "random").eval()
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
-                             out_indices=(1, 2, 3)).eval()
+                             out_indices=(0, 1, 2, 3)).eval()
     assert len(full.blocks) == 7 and len(enc.body.blocks) == 5
     missing, unexpected = full.load_state_dict(enc.body.state_dict(), strict=False)
     assert unexpected == [] and missing and all(k.startswith(("blocks.5.", "blocks.6.")) for k in missing)
     x = torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = enc.body(x), full(x)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        taps, half = enc(x, half=True)
+        normalised = full((x - enc.mean) / enc.std)  # the encoder normalises its input itself
+    assert len(ours) == len(theirs) == 4 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(taps + [half], normalised[1:] + normalised[:1]))
+    assert half.shape == (2, enc.half_channels, 48, 32)
 
 
 def test_weights_of_the_cut_blocks_are_skipped_on_load_and_any_other_stray_key_still_fails():

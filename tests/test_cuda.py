@@ -58,13 +58,15 @@ def test_mixed_precision_maps_on_cuda_stay_close_to_float32(tiny_config, demo_ro
     assert (half["anomaly_map"] - full["anomaly_map"]).abs().max() < 0.05
 
 
-def test_a_memory_of_seen_defects_built_on_cuda_scores_as_on_the_cpu(tiny_config, demo_root, tmp_path):
+@pytest.mark.parametrize("stride", [4, 2])
+def test_a_memory_of_seen_defects_built_on_cuda_scores_as_on_the_cpu(tiny_config, demo_root, tmp_path, stride):
     import numpy as np
 
     from prn.data.split import Split
     from prn.deploy.loading import load_model
     from prn.infer import predict_samples
-    cfg = tiny_config(demo_root, tmp_path, device="cuda", epochs=1, val_normal_min=4, defect_memory="on")
+    cfg = tiny_config(demo_root, tmp_path, device="cuda", epochs=1, val_normal_min=4, defect_memory="on",
+                      defect_memory_stride=stride)
     run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
     test = Split.load(run / "split.json").test
     scores = {}

@@ -14,6 +14,7 @@ from prn.cli import main as cli_main
 from prn.config import PRNConfig
 from prn.deploy.calibrate import calibrate_run
 from prn.errors import UsageError
+from prn.model import defect_memory as defect_memory_module
 from prn.model.backbone import create_encoder
 from prn.model.defect_memory import (FUSED_SCALE, NEAR_GATE, DefectMemory, memory_scores, memory_summary,
                                      nearest_distance, pixel_features, remember)
@@ -40,9 +41,9 @@ def with_square(images, corner):
     return images, masks
 
 
-def build():
+def build(**changes):
     torch.manual_seed(0)
-    cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=SIZE, top_k=10)
+    cfg = PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random", image_size=SIZE, top_k=10, **changes)
     model = PRN(create_encoder("tf_efficientnet_lite0", "random"), cfg.model).eval()
     model.fit_prototypes([smooth_images(8, seed=1)])
     return model
@@ -82,6 +83,54 @@ def test_pixel_features_join_the_quarter_and_eighth_maps_at_a_quarter():
     assert f.shape == (2, 10, 16, 16)
     # the 1/4 part is the 3 x 3 mean of the 1/4 map
     torch.testing.assert_close(f[0, :4, 5, 5], feats[0][0, :, 4:7, 4:7].mean(dim=(1, 2)))
+
+
+def test_pixel_features_at_half_put_the_half_map_beside_the_others_up_sampled():
+    feats = [torch.rand(2, 4, 16, 16), torch.rand(2, 6, 8, 8), torch.rand(2, 9, 4, 4)]
+    half = torch.rand(2, 3, 32, 32)
+    f = pixel_features(feats, half)
+    assert f.shape == (2, 13, 32, 32)
+    torch.testing.assert_close(f[0, :3, 5, 5], half[0, :, 4:7, 4:7].mean(dim=(1, 2)))  # its 3 x 3 mean
+    up = torch.nn.functional.interpolate(pixel_features(feats), size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(f[:, 3:], up)
+
+
+def test_a_memory_at_stride_2_matches_the_half_map_and_keeps_a_spread_subset(model_and_parts, monkeypatch):
+    """defect_memory_stride 2: the bank is of 1/2-map features (the encoder's 16 channels there
+    beside its 24 + 40 up-sampled), cut to MAX_FEATURES by a greedy k-center subset, and the score
+    fuses the match of each test image's 1/2 map; without that map the memory refuses to fuse."""
+    _, goods, _, seen, masks = model_and_parts
+    model = build(defect_memory_stride=2)
+    assert model.defect_memory.stride == 2 and not model.defect_memory.needs_half  # empty: nothing to match
+    with torch.no_grad():
+        good_scores = model(goods)["pred_score"]
+    whole = remember(model, seen, masks, goods, good_scores, mode="on", gate=0.9)
+    assert whole["features"] > 30
+    monkeypatch.setattr(defect_memory_module, "MAX_FEATURES", 30)
+    found = remember(model, seen, masks, goods, good_scores, mode="on", gate=0.9)
+    assert found["used"] and found["features"] == 30 and model.defect_memory.needs_half
+    assert model.defect_memory.features.shape == (30, model.encoder.half_channels + 24 + 40)
+    x = torch.cat([goods[:2], with_square(smooth_images(1, seed=9), (30, 30))[0]])
+    with torch.no_grad():
+        fused = model(x)["pred_score"]
+        taps, half = model.encoder(x, half=True)
+        residuals = model.prototypes.residuals([t.float() for t in taps])
+        memory = memory_scores(taps, residuals, model.defect_memory.features, half)
+        m = model.defect_memory.standard
+        with pytest.raises(ValueError, match="1/2 map"):
+            model.defect_memory.fuse(fused, taps, residuals)
+        model.defect_memory.clear()
+        plain = model(x)["pred_score"]
+    torch.testing.assert_close(fused, torch.sigmoid(((plain - m[0]) / m[1] + (memory - m[2]) / m[3]) / FUSED_SCALE))
+    assert fused[2] > fused[:2].max()  # the remembered look, in a new place
+    # at stride 4 the same memory matches the 1/4 map: other features, another score
+    assert not torch.allclose(memory, memory_scores(taps, residuals, pixel_features(taps)[0, :, :30, 0].T))
+
+
+@pytest.mark.parametrize("stride", [3, 1, 8])
+def test_config_refuses_a_memory_stride_other_than_4_or_2(stride):
+    with pytest.raises(ValueError, match="defect_memory_stride must be 4 or 2"):
+        PRNConfig(defect_memory_stride=stride)
 
 
 def test_memory_is_built_fused_into_the_score_and_kept_by_the_gate(model_and_parts):
@@ -203,6 +252,22 @@ def test_fit_builds_the_memory_and_calibrate_removes_and_rebuilds_it(demo_root, 
     assert payload["state_dict"]["defect_memory.features"].shape[0] == cal["defect_memory"]["features"]
     assert not torch.equal(payload["state_dict"]["defect_memory.standard"], old_stats)
     assert json.loads((run / "calibration.json").read_text())["defect_memory"]["used"]
+
+    # the memory matched at 1/2 of the input instead, on the trained run: built anew, stored, tested
+    quarter = payload["state_dict"]["defect_memory.features"]
+    flipped = api.test(run, progress=False, overlays=0)
+    scores_before = (run / "predictions" / "scores.csv").read_text()
+    assert cli_main(["calibrate", str(run), "--defect-memory-stride", "2", "--quiet"]) in (0, None)
+    payload = load_checkpoint(run)
+    model_config = payload["config"]["model"]
+    assert model_config["defect_memory_stride"] == 2 and model_config["defect_memory"] == "on"
+    assert PRNConfig.load(run / "config.yaml").model.defect_memory_stride == 2
+    fine = payload["state_dict"]["defect_memory.features"]
+    assert fine.shape[1] == quarter.shape[1] + 16 and fine.shape[0] > 0
+    halved = api.test(run, progress=False, overlays=0)
+    assert halved["defect_memory_kept"] == 1.0 and np.isfinite(halved["image_auroc"])
+    assert halved["pixel_auroc"] == pytest.approx(flipped["pixel_auroc"])  # the maps are PRN's either way
+    assert (run / "predictions" / "scores.csv").read_text() != scores_before  # the image scores are not
 
 
 def test_a_warm_start_leaves_the_parents_memory_behind(demo_root, tiny_config, tmp_path):

@@ -68,3 +68,23 @@ def test_mirrored_views_remember_a_defect_met_again_mirrored(study, calibrated_r
     assert np.argmax(both["memory"][test]) == test.sum() - 1
     assert len(both["seen_loo"]) == len(plain["seen_loo"])  # a defect's mirrors are left out with it
     np.testing.assert_allclose(both["prn"], plain["prn"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("features, coreset", [("half", 40), ("half-fine", 0), ("raw", 0)])
+def test_other_pixel_features_find_the_defect_met_again_too(study, calibrated_run, tmp_path, features, coreset):
+    """--features half (the model's memory at stride 2), half-fine, raw; --coreset cuts the bank."""
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    split = json.loads((run / "split.json").read_text())
+    seen = next(s for s in split["train_anomalous"] if s["mask"])
+    split["test"].append(seen)
+    (run / "split.json").write_text(json.dumps(split))
+    cut = ["--coreset", str(coreset)] if coreset else []
+    assert study.main([str(run), "--normal", "prototypes", "--features", features] + cut) == 0
+    name = f"defect_memory_prototypes_{features}{f'_coreset{coreset}' if coreset else ''}.npz"
+    d = dict(np.load(run / "study" / name))
+    memory = d["memory"][d["part"] == "test"]
+    assert np.argmax(memory) == len(memory) - 1 and memory[-1] > 3 * np.sort(memory)[-2]
+    assert 0 < d["defect_features"] <= (coreset or np.inf)
+    with pytest.raises(SystemExit):  # the other features are matched against the prototypes only
+        study.main([str(run), "--features", features])

@@ -85,13 +85,15 @@ def remember_some_defects(model) -> None:
 def checkpoints(tmp_path_factory):
     """{kind: checkpoint path} of calibrated tiny models, plus "prn-uncalibrated". PRN averages
     the maps of its input's four mirrored copies (``test_flips`` "all") and fuses its score with a
-    memory of seen defects (``defect_memory``), so that one export holds the network, its mirrored
-    pass and the memory's match (an export takes half a minute or more here; the graph without
-    either is exported from the shared tiled run, conftest.tiled_run_onnx)."""
+    memory of seen defects matched at 1/2 of the input (``defect_memory``, ``defect_memory_stride`` 2), so
+    that one export holds the network, its mirrored pass and the memory's match (an export takes
+    half a minute or more here; the graph without either is exported from the shared tiled run,
+    conftest.tiled_run_onnx)."""
     folder = tmp_path_factory.mktemp("export")
     normals = uint8_images(6, seed=0).float() / 255
     out = {}
-    for name, kind, changes in (("prn", "prn", {"test_flips": "all"}), ("prototypes", "prototypes", {}),
+    for name, kind, changes in (("prn", "prn", {"test_flips": "all", "defect_memory_stride": 2}),
+                                ("prototypes", "prototypes", {}),
                                 ("patchcore", "patchcore", {})):
         torch.manual_seed(0)
         cfg = tiny_config(**changes)

@@ -312,7 +312,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   pixel_target_fpr: float | None = None, tail: str | None = None,
                   device: str | None = None, precision: str | None = None,
                   defect_memory: str | None = None, test_flips: str | None = None,
-                  progress: bool = False) -> dict | None:
+                  defect_memory_stride: int | None = None, progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
@@ -326,7 +326,8 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     "lr", "ud", "all"): from now on average each map with those of the mirrored image (PRN's
     ``test_flips``; inference only, so no refit): the fold is scored so, a memory the run keeps is
     built anew on those scores (its standardisation is of PRN's score), and the setting is stored in
-    the checkpoint and config.yaml."""
+    the checkpoint and config.yaml. ``defect_memory_stride`` (4 or 2): the grid a memory matches at;
+    the memory is built anew with it (and the run's ``defect_memory`` unless given)."""
     from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -355,8 +356,12 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         if defect_memory is None and getattr(loaded.model, "defect_memory", None) is not None \
                 and loaded.model.defect_memory.built:
             defect_memory = cfg.model.defect_memory  # standardised on PRN's scores, which the flips change
+    if defect_memory_stride is not None:
+        defect_memory = defect_memory or cfg.model.defect_memory
+        changes["defect_memory_stride"] = defect_memory_stride
     if defect_memory is not None:
-        cfg, memory, stored = _set_defect_memory(run_dir, loaded, cfg, split, defect_memory, progress)
+        cfg, memory, stored = _set_defect_memory(run_dir, loaded, cfg, split, defect_memory, progress,
+                                                 stride=defect_memory_stride)
         changes["defect_memory"] = defect_memory
     if test_flips is not None:  # the stored config carries the flips, beside a rebuilt memory's setting
         from prn.checkpoint import load_checkpoint
@@ -389,10 +394,10 @@ def _set_test_flips(run_dir: Path, loaded, cfg, flips: str):
     return cfg
 
 
-def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: bool):
-    """Build (or, with "off", remove) the loaded PRN's defect memory from ``split``; returns the
-    config with the new setting, what was found, and the checkpoint fields that store it
-    (``state_dict``, ``config``, ``history``)."""
+def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: bool, stride: int | None = None):
+    """Build (or, with "off", remove) the loaded PRN's defect memory from ``split``, at ``stride``
+    (else the run's); returns the config with the new setting, what was found, and the checkpoint
+    fields that store it (``state_dict``, ``config``, ``history``)."""
     from prn.checkpoint import load_checkpoint
     from prn.config import PRNConfig
     from prn.data.datasets import load_seen_arrays, load_validation
@@ -402,11 +407,15 @@ def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: b
     if loaded.kind != "prn" or getattr(loaded.model, "defect_memory", None) is None:
         raise UsageError(f"{run_dir}: a defect memory is PRN's, with prototypes; this run is a {loaded.kind} model "
                          f"without them")
+    settings = {"defect_memory": mode, **({} if stride is None else {"defect_memory_stride": stride})}
     try:
-        cfg = cfg.replace(defect_memory=mode)
+        cfg = cfg.replace(**settings)
     except ValueError as exc:
         raise UsageError(f"{run_dir}: {exc}") from exc
     memory = loaded.model.defect_memory
+    memory.clear()
+    memory.stride = cfg.model.defect_memory_stride
+    loaded.model.cfg = cfg.model
     if mode == "off":
         memory.clear()
         found = left_out("defect_memory off")
@@ -418,7 +427,7 @@ def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: b
     payload = load_checkpoint(run_dir)
     state = {k: v for k, v in payload["state_dict"].items() if not k.startswith("defect_memory.")}
     state.update({f"defect_memory.{k}": v.cpu() for k, v in memory.state_dict().items()})
-    config = PRNConfig.from_dict(payload["config"]).replace(defect_memory=mode).to_dict(runtime=False)
+    config = PRNConfig.from_dict(payload["config"]).replace(**settings).to_dict(runtime=False)
     history = list(payload.get("history") or []) + [{"event": "defect memory", **found}]
     return cfg, found, {"state_dict": state, "config": config, "history": history}
 

@@ -10,11 +10,14 @@
   (``pip install 'prn[encoders]'``).
 
 The encoder takes images in [0, 1] and normalises them itself, so everything upstream (data,
-anomaly synthesis) works in plain [0, 1] pixel space.
+anomaly synthesis) works in plain [0, 1] pixel space. It also hands out, on request, the map it
+computes on the way at 1/2 of the input (Lite's first stage, 16 channels; ResNet-18's stem, 64),
+which the memory of the seen defects matches at that finer grid (``prn.model.defect_memory``).
 
     >>> enc = create_encoder("tf_efficientnet_lite0", weights="random")
     >>> [f.shape[1] for f in enc(torch.rand(1, 3, 256, 256))]
     [24, 40, 112]
+    >>> taps, half = enc(torch.rand(1, 3, 256, 256), half=True)   # half: (1, 16, 128, 128)
 """
 
 from __future__ import annotations
@@ -44,15 +47,19 @@ EVAL_CHUNK = 4
 
 
 class Encoder(nn.Module):
-    """A frozen feature extractor: ``forward(x[B,3,H,W] in [0,1]) -> [F1, F2, F3]``."""
+    """A frozen feature extractor: ``forward(x[B,3,H,W] in [0,1]) -> [F1, F2, F3]``, and with
+    ``half=True`` the tuple ``([F1, F2, F3], F0)``, F0 its map at 1/2 of the input. ``body``
+    returns F0..F3; ``channels`` and ``reductions`` are the three taps', ``half_channels`` F0's."""
 
     def __init__(self, body: nn.Module, channels: list[int], reductions: list[int], name: str,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 half_channels: int = 0):
         super().__init__()
         self.body = body
         self.name = name
         self.channels = list(channels)
         self.reductions = list(reductions)
+        self.half_channels = half_channels
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         for p in self.body.parameters():
@@ -67,15 +74,18 @@ class Encoder(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, half: bool = False
+                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         if self.training or _tracing() or x.shape[0] <= EVAL_CHUNK:
-            return self._features(x)
-        # Inference in chunks: the early stages at 1/2 scale hold ~12 MB an image per tensor
-        # (Lite0's expanded blocks and their 'same' padding copies), which set predict's peak at
-        # 8 images a pass; the features returned are a few MB. Training steps keep the whole
-        # batch (their peak is the backward's, BENCHMARKS.md "Where a float32 fit's memory peaks").
-        parts = [self._features(chunk) for chunk in x.split(EVAL_CHUNK)]
-        return [torch.cat(tap) for tap in zip(*parts)]
+            maps = self._features(x)
+        else:
+            # Inference in chunks: the early stages at 1/2 scale hold ~12 MB an image per tensor
+            # (Lite0's expanded blocks and their 'same' padding copies), which set predict's peak at
+            # 8 images a pass; the features returned are a few MB. Training steps keep the whole
+            # batch (their peak is the backward's, BENCHMARKS.md "Where a float32 fit's memory peaks").
+            parts = [self._features(chunk) for chunk in x.split(EVAL_CHUNK)]
+            maps = [torch.cat(tap) for tap in zip(*parts)]
+        return (maps[1:], maps[0]) if half else maps[1:]
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x - self.mean) / self.std
@@ -143,8 +153,9 @@ def _resnet18(weights: str) -> Encoder:
         if needed:
             raise BackboneWeightsError(
                 f"{weights}: not ResNet-18 weights (missing {len(needed)} tensors, e.g. {needed[0]})")
-    body = create_feature_extractor(model, {"layer1": "f1", "layer2": "f2", "layer3": "f3"})
-    return Encoder(body, [64, 128, 256], [4, 8, 16], "resnet18")
+    # the stem's activation (1/2 of the input) is computed on the way; returning it costs nothing
+    body = create_feature_extractor(model, {"relu": "f0", "layer1": "f1", "layer2": "f2", "layer3": "f3"})
+    return Encoder(body, [64, 128, 256], [4, 8, 16], "resnet18", half_channels=64)
 
 
 def efficientnet_lite_weights_path(size: int = 0) -> Path:
@@ -162,7 +173,8 @@ def _efficientnet_lite(name: str, weights: str) -> Encoder:
     import timm
 
     size = int(name.removeprefix("tf_efficientnet_lite"))
-    body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    # tap 0 (1/2 of the input) is computed on the way to the others; returning it costs nothing
+    body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
     # timm's EfficientNetFeatures runs all seven stages whatever out_indices asks for; the blocks
     # after the last tap (the 1/32 stages: Lite0's 2.3 M of 3.0 M weights, a sixth of its
     # time at 384 x 160) feed no feature here, so they are cut off. Same features.
@@ -192,8 +204,9 @@ def _efficientnet_lite(name: str, weights: str) -> Encoder:
     # The TF-trained Lite weights expect inputs scaled to [-1, 1] (timm's pretrained_cfg for this
     # architecture), not ImageNet's mean/std: with them the sample photos classify correctly.
     cfg = body.pretrained_cfg
-    return Encoder(body, info.channels(), info.reduction(), name,
-                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+    return Encoder(body, info.channels()[1:], info.reduction()[1:], name,
+                   mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                   half_channels=info.channels()[0])
 
 
 def create_encoder(name: str, weights: str = "imagenet") -> Encoder:

@@ -2,7 +2,10 @@
 
 PRN learns its few seen anomalies through the decoder; on a line whose defects repeat one look
 (BSData's pits), also *remembering* them stops more parts. At every pixel of the 1/4 map the
-frozen encoder's 1/4 and 1/8 features (3 x 3 means, the 1/8 map up-sampled) give
+frozen encoder's 1/4 and 1/8 features (3 x 3 means, the 1/8 map up-sampled) give, with
+``defect_memory_stride`` 2 at every pixel of the 1/2 map, the encoder's 1/2
+map (3 x 3 means) beside those features up-sampled to it (a pit under one 4 x 4-pixel cell of the
+1/4 map covers a 2 x 2 block there),
 
 - ``d_defect``: the distance to the nearest feature inside a seen defect's mask;
 - ``d_good``: the norm of PRN's own prototype residual |F - P*| there (how far from good parts).
@@ -39,16 +42,28 @@ FUSED_SCALE = 8.0
 # 0.852, left out, where forced on it helped a little; KolektorSDD 0.757), so a third set may land
 # there, where trying the memory is worth a look. Above the gate every kept memory helped.
 NEAR_GATE = 0.05
+STRIDES = (4, 2)  # the grids a memory matches at: 1/4 (the encoder's finest tap) or 1/2 of the input
+# At stride 2 the bank holds every 1/2-map pixel of the seen defects' masks (BSData: 318-742) and each
+# test image has four times the pixels: the match would cost up to 75 ms an image on one core. A
+# greedy k-center subset of the bank keeps its spread at a bounded cost (stride 4 keeps every
+# feature, as before: BSData's banks there are 118-247).
+MAX_FEATURES = 256
 
 
-def pixel_features(feats: list[Tensor]) -> Tensor:
+def pixel_features(feats: list[Tensor], half: Tensor | None = None) -> Tensor:
     """(B, C, H/4, W/4) float32 from the encoder's taps (or their prototype residuals): the 1/4 and
     1/8 maps, 3 x 3 means (a pit of a few pixels keeps its neighbourhood), the 1/8 one up-sampled,
-    concatenated."""
+    concatenated. Given the encoder's 1/2 map ``half``: (B, C', H/2, W/2), its 3 x 3 means beside
+    those features up-sampled to it."""
     fine = F.avg_pool2d(feats[0].float(), 3, 1, 1)
     coarse = F.interpolate(F.avg_pool2d(feats[1].float(), 3, 1, 1), size=fine.shape[-2:], mode="bilinear",
                            align_corners=False)
-    return torch.cat([fine, coarse], dim=1)
+    quarter = torch.cat([fine, coarse], dim=1)
+    if half is None:
+        return quarter
+    finest = F.avg_pool2d(half.float(), 3, 1, 1)
+    return torch.cat([finest, F.interpolate(quarter, size=finest.shape[-2:], mode="bilinear", align_corners=False)],
+                     dim=1)
 
 
 def nearest_distance(query: Tensor, bank: Tensor, chunk: int = 1024, rows: int = 4096) -> Tensor:
@@ -77,21 +92,26 @@ def nearest_distance(query: Tensor, bank: Tensor, chunk: int = 1024, rows: int =
     return d2.clamp_min(0.0).sqrt()
 
 
-def memory_scores(taps: list[Tensor], residuals: list[Tensor], bank: Tensor) -> Tensor:
+def memory_scores(taps: list[Tensor], residuals: list[Tensor], bank: Tensor, half: Tensor | None = None) -> Tensor:
     """(B,) each image's largest ``d_good / d_defect`` against the defect features ``bank`` (M, C);
-    taps and residuals: the encoder's maps and PRN's raw prototype residuals, per scale."""
-    f = pixel_features(taps)
+    taps and residuals: the encoder's maps and PRN's raw prototype residuals, per scale; ``half``:
+    the encoder's 1/2 map, for a memory of stride 2 (``d_good``, of the 1/4 map, up-sampled to it)."""
+    f = pixel_features(taps, half)
     n, c, h, w = f.shape
-    d_good = pixel_features(residuals).norm(dim=1)
+    d_good = pixel_features(residuals).norm(dim=1, keepdim=True)
+    if d_good.shape[-2:] != (h, w):
+        d_good = F.interpolate(d_good, size=(h, w), mode="bilinear", align_corners=False)
+    d_good = d_good[:, 0]
     d_defect = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(n, h, w)
     return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
 
 
-def defect_features(taps: list[Tensor], masks: Tensor) -> tuple[Tensor, Tensor]:
+def defect_features(taps: list[Tensor], masks: Tensor, half: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The pixel features inside the defects' masks, (M, C), and the image each came from, (M,);
-    taps: the defect images' encoder maps, masks (N, 1, H, W) at the input size, max-pooled to the
-    features' grid so that a pit of a few pixels keeps its cell."""
-    f = pixel_features(taps)
+    taps: the defect images' encoder maps (and their 1/2 map ``half`` for stride 2), masks (N, 1,
+    H, W) at the input size, max-pooled to the features' grid so that a pit of a few pixels keeps
+    its cell."""
+    f = pixel_features(taps, half)
     inside = F.adaptive_max_pool2d(masks.float(), f.shape[-2:])[:, 0] > 0
     owner = torch.arange(len(f), device=f.device)[:, None, None].expand_as(inside)[inside]
     return f.permute(0, 2, 3, 1)[inside], owner
@@ -101,10 +121,14 @@ class DefectMemory(nn.Module):
     """Buffers ``features`` (M, C), the seen defects' pixel features, and ``standard`` (4,): the
     held-out good images' mean and deviation of PRN's score and of the memory's. Empty until
     ``set``; an empty memory leaves PRN's score as it is. Checkpoints written before the memory
-    existed load into an empty one."""
+    existed load into an empty one. ``stride`` (4 or 2, the model config's
+    ``defect_memory_stride``): the grid it matches at; 2 needs the encoder's 1/2 map."""
 
-    def __init__(self):
+    def __init__(self, stride: int = 4):
         super().__init__()
+        if stride not in STRIDES:
+            raise ValueError(f"a defect memory's stride is one of {STRIDES}, got {stride}")
+        self.stride = stride
         self.register_buffer("features", torch.empty(0))
         self.register_buffer("standard", torch.empty(0))
 
@@ -137,16 +161,25 @@ class DefectMemory(nn.Module):
                                       unexpected_keys, error_msgs)
         missing_keys[:] = [k for k in missing_keys if k not in names]  # a checkpoint from before the memory
 
-    def fuse(self, prn_score: Tensor, taps: list[Tensor], residuals: list[Tensor]) -> Tensor:
-        """(B,) the fused image score of PRN's ``prn_score`` (B,) and the memory's."""
+    @property
+    def needs_half(self) -> bool:
+        """Whether matching needs the encoder's 1/2 map."""
+        return self.built and self.stride == 2
+
+    def fuse(self, prn_score: Tensor, taps: list[Tensor], residuals: list[Tensor],
+             half: Tensor | None = None) -> Tensor:
+        """(B,) the fused image score of PRN's ``prn_score`` (B,) and the memory's (``half``: the
+        encoder's 1/2 map, for stride 2)."""
+        if self.stride == 2 and half is None:
+            raise ValueError("a defect memory of stride 2 matches the encoder's 1/2 map; none was given")
         with full_precision(prn_score):
-            memory = memory_scores(taps, residuals, self.features)
+            memory = memory_scores(taps, residuals, self.features, half if self.stride == 2 else None)
             m = self.standard
             z = (prn_score.float() - m[0]) / m[1] + (memory - m[2]) / m[3]
             return torch.sigmoid(z / FUSED_SCALE)
 
     def extra_repr(self) -> str:
-        return f"features={tuple(self.features.shape)}"
+        return f"features={tuple(self.features.shape)}, stride={self.stride}"
 
 
 def left_out(why: str) -> dict:
@@ -174,11 +207,13 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
 
     model.defect_memory.clear()
     device = next(model.parameters()).device
+    fine = model.defect_memory.stride == 2
 
-    def taps_of(images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """The encoder's taps of a batch and their prototype residuals."""
-        t = [f.float() for f in model.encoder(images.to(device))]
-        return t, model.prototypes.residuals(t)
+    def taps_of(images: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """The encoder's taps of a batch, their prototype residuals, and its 1/2 map at stride 2."""
+        t, half = model.encoder(images.to(device), half=True) if fine else (model.encoder(images.to(device)), None)
+        t = [f.float() for f in t]
+        return t, model.prototypes.residuals(t), None if half is None else half.float()
 
     marked = seen_masks.flatten(1).amax(dim=1) > 0  # a mask with no pixel adds nothing to remember
     seen_images, seen_masks = seen_images[marked], seen_masks[marked]
@@ -186,15 +221,24 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
         return left_out(f"{len(seen_images)} seen defects with masks and {len(good_images)} held-out good "
                         f"images: at least 2 of each are needed to build and judge a memory")
     parts = [taps_of(seen_images[i:i + batch_size]) for i in range(0, len(seen_images), batch_size)]
-    seen_taps = [torch.cat(scale) for scale in zip(*(taps for taps, _ in parts))]
-    seen_res = [torch.cat(scale) for scale in zip(*(res for _, res in parts))]
-    bank, owner = defect_features(seen_taps, seen_masks.to(device))
+    seen_taps = [torch.cat(scale) for scale in zip(*(taps for taps, _, _ in parts))]
+    seen_res = [torch.cat(scale) for scale in zip(*(res for _, res, _ in parts))]
+    seen_half = torch.cat([half for _, _, half in parts]) if fine else None
+    bank, owner = defect_features(seen_taps, seen_masks.to(device), seen_half)
+    if fine and len(bank) > MAX_FEATURES:  # each kept feature keeps its owner for the leave-one-out check
+        from prn.baselines.patchcore import greedy_coreset
+        keep = greedy_coreset(bank, MAX_FEATURES)
+        bank, owner = bank[keep], owner[keep]
     # the good images a batch at a time: their taps are let go once scored (a fit's peak is near)
-    good_memory = torch.cat([memory_scores(*taps_of(good_images[i:i + batch_size]), bank)
-                             for i in range(0, len(good_images), batch_size)])
+    def scored(images: Tensor) -> Tensor:
+        taps, residuals, half = taps_of(images)
+        return memory_scores(taps, residuals, bank, half)
+
+    good_memory = torch.cat([scored(good_images[i:i + batch_size]) for i in range(0, len(good_images), batch_size)])
     # each seen defect against the memory of the others: do they recognise one another?
     loo = torch.cat([memory_scores([t[i:i + 1] for t in seen_taps], [r[i:i + 1] for r in seen_res],
-                                   bank[owner != i]) for i in range(len(seen_images))])
+                                   bank[owner != i], None if seen_half is None else seen_half[i:i + 1])
+                     for i in range(len(seen_images))])
     auroc = image_auroc(torch.cat([torch.ones(len(loo)), torch.zeros(len(good_memory))]).numpy(),
                         torch.cat([loo, good_memory]).cpu().numpy())
     used = mode == "on" or (mode == "auto" and auroc >= gate)

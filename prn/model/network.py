@@ -60,7 +60,7 @@ class PRN(nn.Module):
         self.decoder = Decoder(self.skip_channels, cfg.decoder_channels, encoder.reductions[0])
         # ours: the seen defects' features, matched at test time (built after training, when
         # cfg.defect_memory asks; empty, it changes nothing)
-        self.defect_memory = DefectMemory() if cfg.use_prototypes else None
+        self.defect_memory = DefectMemory(cfg.defect_memory_stride) if cfg.use_prototypes else None
         self.image_head = None
         if cfg.image_score in ("head", "mean"):  # ours: a learned image-level decision
             self.image_head = ImageHead(self.decoder.finest_skip_channels, cfg.top_k)
@@ -111,9 +111,11 @@ class PRN(nn.Module):
         """The skip maps and the raw residuals |F_j - P*_j| (None without MP)."""
         return self.encode(x)[:2]
 
-    def encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor]]:
-        """The skip maps, the raw residuals (None without MP) and the encoder's taps F_j."""
-        feats = self.encoder(x)
+    def encode(self, x: Tensor, half: bool = False
+               ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor], Tensor | None]:
+        """The skip maps, the raw residuals (None without MP), the encoder's taps F_j, and its map
+        at 1/2 of the input where ``half`` asks (else None)."""
+        feats, finest = self.encoder(x, half=True) if half else (self.encoder(x), None)
         maps = self.fuse_features(feats) if self.fuse_features is not None else feats
         raw = None
         if self.prototypes is not None:
@@ -126,7 +128,7 @@ class PRN(nn.Module):
             maps = self.attention(maps)
             if self.fuse_attention is not None:
                 maps = self.fuse_attention(maps)
-        return maps, raw, feats
+        return maps, raw, feats, finest
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
         """Training: logits (B, 1, H, W), and with an image head (``cfg.image_score`` "head" or
@@ -145,7 +147,8 @@ class PRN(nn.Module):
         tiles = 1 if self.training else self.cfg.tiles  # training batches are tiles already
         if tiles > 1:
             x = to_tiles(x, tiles).contiguous(memory_format=torch.channels_last)
-        skips, raw, taps = self.encode(x)
+        remembered = not self.training and self.defect_memory is not None and self.defect_memory.built
+        skips, raw, taps, half = self.encode(x, half=remembered and self.defect_memory.needs_half)
         if self.image_head is None:
             logits, quarter = self.decoder(skips, x.shape[-2:]), None
         else:
@@ -162,8 +165,8 @@ class PRN(nn.Module):
             probability = from_tiles(probability, tiles)
             anomaly_map, scored = smoothed_and_scored(probability, self.cfg)
             score = self.image_score(scored, quarter)
-            if self.defect_memory is not None and self.defect_memory.built:
-                score = self.defect_memory.fuse(score, taps, raw)
+            if remembered:
+                score = self.defect_memory.fuse(score, taps, raw, half)
             return {"anomaly_map": anomaly_map, "pred_score": score}
 
     def flipped_maps(self, x: Tensor, flips: tuple[tuple[int, ...], ...]) -> Tensor:
