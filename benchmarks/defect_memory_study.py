@@ -125,8 +125,8 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = 
         taps = [torch.cat(scale) for scale in zip(seen_taps, mirrored)]
         half = torch.cat([seen_half, mirrored_half])
         masks = torch.cat([seen_masks] + [seen_masks.flip(f) for f in flips])
-    if features == "quarter":
-        defect, owner = defect_features(taps, masks)  # owner: each row's image
+    if features in ("quarter", "half"):  # the model's own (owner: each row's image)
+        defect, owner = defect_features(taps, masks, half if features == "half" else None)
     else:  # as prn.model.defect_memory.defect_features, on the study's features
         f = study_features(taps, features, half)
         inside = F.adaptive_max_pool2d(masks.float(), f.shape[-2:])[:, 0] > 0

@@ -108,7 +108,8 @@ def test_a_memory_at_stride_2_matches_the_half_map_and_keeps_a_spread_subset(mod
     assert whole["features"] > 30
     monkeypatch.setattr(defect_memory_module, "MAX_FEATURES", 30)
     found = remember(model, seen, masks, goods, good_scores, mode="on", gate=0.9)
-    assert found["used"] and found["features"] == 30 and model.defect_memory.needs_half
+    assert found["used"] and found["features"] == 30 and model.defect_memory.needs_half and found["stride"] == 2
+    assert memory_summary(found).startswith("defect memory kept (30 features at 1/2 of the input)")
     assert model.defect_memory.features.shape == (30, model.encoder.half_channels + 24 + 40)
     x = torch.cat([goods[:2], with_square(smooth_images(1, seed=9), (30, 30))[0]])
     with torch.no_grad():

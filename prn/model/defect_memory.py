@@ -246,7 +246,8 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
         model.defect_memory.set(bank, torch.tensor([*mean_sd(good_prn_scores), *mean_sd(good_memory.cpu())]))
     why = ("asked for (defect_memory on)" if mode == "on" else
            f"{'at or above' if used else 'below'} the gate {gate:g} (defect_memory auto)")
-    found = {"loo_auroc": auroc, "features": int(len(bank)), "used": used, "why": why}
+    found = {"loo_auroc": auroc, "features": int(len(bank)), "stride": model.defect_memory.stride, "used": used,
+             "why": why}
     if mode == "auto":
         found["near_gate"] = bool(not used and auroc >= gate - NEAR_GATE)
     return found
@@ -255,7 +256,8 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
 def memory_summary(found: dict) -> str:
     """One line on a defect memory built or left out (``remember``'s dict)."""
     auroc = found.get("loo_auroc")
-    head = f"defect memory kept ({found['features']} features)" if found["used"] else "defect memory left out"
+    at = f" at 1/{found['stride']} of the input" if found.get("stride", 4) != 4 else ""
+    head = f"defect memory kept ({found['features']} features{at})" if found["used"] else "defect memory left out"
     line = (f"{head}: "
             + (f"the seen defects recognise one another at AUROC {auroc:.3f}, {found['why']}"
                if auroc is not None else found["why"]))
