@@ -413,11 +413,10 @@ def _set_defect_memory(run_dir: Path, loaded, cfg, split, mode: str, progress: b
     except ValueError as exc:
         raise UsageError(f"{run_dir}: {exc}") from exc
     memory = loaded.model.defect_memory
-    memory.clear()
+    memory.clear()  # never a memory of one stride matched at the other
     memory.stride = cfg.model.defect_memory_stride
     loaded.model.cfg = cfg.model
     if mode == "off":
-        memory.clear()
         found = left_out("defect_memory off")
     else:
         found = remember_seen_defects(loaded.model, cfg, load_seen_arrays(cfg, split), load_validation(cfg, split),

@@ -2,10 +2,10 @@
 
 PRN learns its few seen anomalies through the decoder; on a line whose defects repeat one look
 (BSData's pits), also *remembering* them stops more parts. At every pixel of the 1/4 map the
-frozen encoder's 1/4 and 1/8 features (3 x 3 means, the 1/8 map up-sampled) give, with
-``defect_memory_stride`` 2 at every pixel of the 1/2 map, the encoder's 1/2
-map (3 x 3 means) beside those features up-sampled to it (a pit under one 4 x 4-pixel cell of the
-1/4 map covers a 2 x 2 block there),
+frozen encoder's 1/4 and 1/8 features (3 x 3 means, the 1/8 map up-sampled) give (with
+``defect_memory_stride`` 2: at every pixel of the 1/2 map, the encoder's 1/2 map, 3 x 3 means,
+beside those features up-sampled to it; a pit under one 4 x 4-pixel cell of the 1/4 map covers a
+2 x 2 block there)
 
 - ``d_defect``: the distance to the nearest feature inside a seen defect's mask;
 - ``d_good``: the norm of PRN's own prototype residual |F - P*| there (how far from good parts).
@@ -229,11 +229,11 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
         from prn.baselines.patchcore import greedy_coreset
         keep = greedy_coreset(bank, MAX_FEATURES)
         bank, owner = bank[keep], owner[keep]
-    # the good images a batch at a time: their taps are let go once scored (a fit's peak is near)
     def scored(images: Tensor) -> Tensor:
         taps, residuals, half = taps_of(images)
         return memory_scores(taps, residuals, bank, half)
 
+    # the good images a batch at a time: their taps are let go once scored (a fit's peak is near)
     good_memory = torch.cat([scored(good_images[i:i + batch_size]) for i in range(0, len(good_images), batch_size)])
     # each seen defect against the memory of the others: do they recognise one another?
     loo = torch.cat([memory_scores([t[i:i + 1] for t in seen_taps], [r[i:i + 1] for r in seen_res],
