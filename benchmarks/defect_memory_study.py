@@ -59,8 +59,8 @@ from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold
 from prn.deploy.loading import load_model
 from prn.metrics import image_auroc, oracle_threshold, recall_at
-from prn.model.defect_memory import defect_features, memory_scores, nearest_distance, pixel_features
 from prn.baselines.patchcore import greedy_coreset
+from prn.model.defect_memory import features_inside, good_distance, largest_ratio, nearest_distance, pixel_features
 from prn.registry import score_bound
 
 TINY = 0.0005  # a defect covering < 0.05 % of the image: BENCHMARKS.md's smallest size class
@@ -98,10 +98,6 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = 
     if cfg.model.tiles > 1 or model.prototypes is None:
         raise SystemExit(f"{run}: the study needs an untiled PRN with prototypes")
     model.defect_memory.clear()  # "prn" is PRN's own score, also for a run fitted with a memory
-    def encode(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The encoder's taps and its 1/2 map."""
-        return model.encoder(x, half=True)
-
     split = Split.load(run / "split.json")
     hw, pixels = cfg.model.input_hw, cfg.data.max_image_pixels
 
@@ -117,21 +113,15 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = 
         seen_images.append(b["image"])
         seen_masks.append(b["mask"])
     seen_images, seen_masks = torch.cat(seen_images), torch.cat(seen_masks)
-    seen_taps, seen_half = encode(seen_images)
+    seen_taps, seen_half = model.encoder(seen_images, half=True)
     taps, half, masks = seen_taps, seen_half, seen_masks
     if views == "mirrored":  # only the mirrors are encoded anew: the seen defects' taps are above
         flips = ([-1], [-2], [-2, -1])
-        mirrored, mirrored_half = encode(torch.cat([seen_images.flip(f) for f in flips]))
+        mirrored, mirrored_half = model.encoder(torch.cat([seen_images.flip(f) for f in flips]), half=True)
         taps = [torch.cat(scale) for scale in zip(seen_taps, mirrored)]
         half = torch.cat([seen_half, mirrored_half])
         masks = torch.cat([seen_masks] + [seen_masks.flip(f) for f in flips])
-    if features in ("quarter", "half"):  # the model's own (owner: each row's image)
-        defect, owner = defect_features(taps, masks, half if features == "half" else None)
-    else:  # as prn.model.defect_memory.defect_features, on the study's features
-        f = study_features(taps, features, half)
-        inside = F.adaptive_max_pool2d(masks.float(), f.shape[-2:])[:, 0] > 0
-        owner = torch.arange(len(f))[:, None, None].expand_as(inside)[inside]
-        defect = f.permute(0, 2, 3, 1)[inside]
+    defect, owner = features_inside(study_features(taps, features, half), masks)  # owner: each row's image
     if coreset and len(defect) > coreset:  # a greedy k-center subset of the bank, owners kept
         keep = greedy_coreset(defect, coreset)
         defect, owner = defect[keep], owner[keep]
@@ -146,27 +136,20 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = 
     def memory_score(taps: list[torch.Tensor], bank: torch.Tensor, half: torch.Tensor | None = None) -> torch.Tensor:
         """(B,): each image's largest d_good / d_defect against the defect features ``bank``;
         taps: the images' encoder features, computed once for both distances."""
-        if good_bank is None and features in ("quarter", "half") and not candidates:  # the model's own
-            return memory_scores(taps, model.prototypes.residuals([t.float() for t in taps]), bank,
-                                 half if features == "half" else None)
-        if good_bank is None:
-            f = study_features(taps, features, half)
-            n, c, h, w = f.shape
-            d_good = pixel_features(model.prototypes.residuals([t.float() for t in taps])).norm(dim=1, keepdim=True)
-            d_good = F.interpolate(d_good, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-            if candidates:  # only the pixels farthest from good parts are matched
-                d_good, pick = d_good.flatten(1).topk(min(candidates, h * w), dim=1)
-                query = f.flatten(2).transpose(1, 2).gather(1, pick[..., None].expand(-1, -1, c))
-                d_defect = nearest_distance(query.reshape(-1, c), bank).reshape(d_good.shape)
-                return (d_good / (d_defect + 1e-6)).max(dim=1).values
-            d_defect = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(n, h, w)
-            return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
-        f = pixel_features(taps)
+        f = study_features(taps, features, half)
         n, c, h, w = f.shape
-        query = f.permute(0, 2, 3, 1).reshape(-1, c)
-        d_good = nearest_distance(query, good_bank).reshape(n, h, w)
-        d_defect = nearest_distance(query, bank).reshape(n, h, w)
-        return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
+        if good_bank is not None:
+            d_good = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, c), good_bank).reshape(n, h, w)
+            return largest_ratio(f, d_good, bank)
+        # the model's own d_good (prn.model.defect_memory; for "quarter" and "half" its memory_scores)
+        d_good = good_distance(model.prototypes.residuals([t.float() for t in taps]), (h, w))
+        if not candidates:
+            return largest_ratio(f, d_good, bank)
+        # only the pixels farthest from good parts are matched
+        d_good, pick = d_good.flatten(1).topk(min(candidates, h * w), dim=1)
+        query = f.flatten(2).transpose(1, 2).gather(1, pick[..., None].expand(-1, -1, c))
+        d_defect = nearest_distance(query.reshape(-1, c), bank).reshape(d_good.shape)
+        return (d_good / (d_defect + 1e-6)).max(dim=1).values
 
     # Each seen defect scored by the memory of the other seen defects: whether they recognise one
     # another, known before any test image (judged against the held-out good images in main)
@@ -178,7 +161,7 @@ def outputs(run: Path, normal: str, bank_size: int, seed: int = 0, views: str = 
         x = b["image"]
         area.append(b["mask"].mean(dim=(1, 2, 3)))  # at the input size, as prn test's size classes
         prn_score.append(model(x)["pred_score"].float())
-        taps, half = encode(x)
+        taps, half = model.encoder(x, half=True)
         memory.append(memory_score(taps, defect, half))
     area = np.where([pixel_mask(s) for s in samples], torch.cat(area).numpy(), np.nan)
     data = {"part": np.array(["val"] * len(split.val_normal) + ["test"] * len(split.test)),

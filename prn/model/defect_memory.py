@@ -92,29 +92,44 @@ def nearest_distance(query: Tensor, bank: Tensor, chunk: int = 1024, rows: int =
     return d2.clamp_min(0.0).sqrt()
 
 
+def good_distance(residuals: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """(B, h, w) ``d_good``: the norm of PRN's raw prototype residuals' pixel features (1/4 map),
+    up-sampled to the matched grid ``size`` where that is finer (stride 2)."""
+    d_good = pixel_features(residuals).norm(dim=1, keepdim=True)
+    if d_good.shape[-2:] != tuple(size):
+        d_good = F.interpolate(d_good, size=tuple(size), mode="bilinear", align_corners=False)
+    return d_good[:, 0]
+
+
+def largest_ratio(f: Tensor, d_good: Tensor, bank: Tensor) -> Tensor:
+    """(B,) each image's largest ``d_good / d_defect`` of pixel features ``f`` (B, C, h, w) against
+    the defect features ``bank`` (M, C)."""
+    n, c, h, w = f.shape
+    d_defect = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(n, h, w)
+    return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
+
+
 def memory_scores(taps: list[Tensor], residuals: list[Tensor], bank: Tensor, half: Tensor | None = None) -> Tensor:
     """(B,) each image's largest ``d_good / d_defect`` against the defect features ``bank`` (M, C);
     taps and residuals: the encoder's maps and PRN's raw prototype residuals, per scale; ``half``:
     the encoder's 1/2 map, for a memory of stride 2 (``d_good``, of the 1/4 map, up-sampled to it)."""
     f = pixel_features(taps, half)
-    n, c, h, w = f.shape
-    d_good = pixel_features(residuals).norm(dim=1, keepdim=True)
-    if d_good.shape[-2:] != (h, w):
-        d_good = F.interpolate(d_good, size=(h, w), mode="bilinear", align_corners=False)
-    d_good = d_good[:, 0]
-    d_defect = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(n, h, w)
-    return (d_good / (d_defect + 1e-6)).flatten(1).max(dim=1).values
+    return largest_ratio(f, good_distance(residuals, f.shape[-2:]), bank)
 
 
-def defect_features(taps: list[Tensor], masks: Tensor, half: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The pixel features inside the defects' masks, (M, C), and the image each came from, (M,);
-    taps: the defect images' encoder maps (and their 1/2 map ``half`` for stride 2), masks (N, 1,
-    H, W) at the input size, max-pooled to the features' grid so that a pit of a few pixels keeps
-    its cell."""
-    f = pixel_features(taps, half)
+def features_inside(f: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """The pixel features ``f`` (N, C, h, w) inside the masks (N, 1, H, W), max-pooled to f's grid
+    so that a pit of a few pixels keeps its cell: (M, C), and the image each came from, (M,)."""
     inside = F.adaptive_max_pool2d(masks.float(), f.shape[-2:])[:, 0] > 0
     owner = torch.arange(len(f), device=f.device)[:, None, None].expand_as(inside)[inside]
     return f.permute(0, 2, 3, 1)[inside], owner
+
+
+def defect_features(taps: list[Tensor], masks: Tensor, half: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The pixel features inside the defects' masks (``features_inside``), and the image each came
+    from; taps: the defect images' encoder maps (and their 1/2 map ``half`` for stride 2), masks (N,
+    1, H, W) at the input size."""
+    return features_inside(pixel_features(taps, half), masks)
 
 
 class DefectMemory(nn.Module):
@@ -211,9 +226,9 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
 
     def taps_of(images: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """The encoder's taps of a batch, their prototype residuals, and its 1/2 map at stride 2."""
-        t, half = model.encoder(images.to(device), half=True) if fine else (model.encoder(images.to(device)), None)
+        t, half = model.encoder(images.to(device), half=True)  # the 1/2 map is computed either way
         t = [f.float() for f in t]
-        return t, model.prototypes.residuals(t), None if half is None else half.float()
+        return t, model.prototypes.residuals(t), half.float() if fine else None
 
     marked = seen_masks.flatten(1).amax(dim=1) > 0  # a mask with no pixel adds nothing to remember
     seen_images, seen_masks = seen_images[marked], seen_masks[marked]
