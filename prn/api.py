@@ -28,7 +28,7 @@ from prn.deploy.calibrate import calibrate_predictions, rates_at, suspect_warnin
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
-from prn.metrics import compute_all, decision_metrics, size_metrics
+from prn.metrics import auroc_interval, compute_all, decision_metrics, size_metrics
 from prn.postprocess import MIN_REGION_AREA, Postprocess
 from prn.precision import check_precision, resolve_precision
 from prn.report import ResultWriter, result_picture, write_results
@@ -162,6 +162,7 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
             metrics["defect_memory_auroc"] = float("nan") if auroc is None else float(auroc)
     kinds = [s.defect_type for s in preds.samples]
     metrics.update(decision_metrics(preds.labels, preds.scores, kinds, post.threshold))
+    metrics["image_auroc_low"], metrics["image_auroc_high"] = auroc_interval(preds.labels, preds.scores)
     # the masks are at the model's input size (nearest): their pixels there, and their share of the
     # image, close enough to the share of the photo
     pixels = np.where(preds.pixel_exact, preds.masks.sum(axis=(1, 2)), np.nan)

@@ -47,8 +47,9 @@ def _number(value) -> float:
 
 
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Per-key mean over categories, skipping categories where the value is missing or nan."""
-    keys = sorted({k for metrics in results.values() for k in metrics})
+    """Per-key mean over categories, skipping categories where the value is missing or nan. A
+    figure's interval bounds (``*_low``, ``*_high``) are left out: their mean bounds nothing."""
+    keys = sorted({k for metrics in results.values() for k in metrics if not k.endswith(("_low", "_high"))})
     out = {}
     for key in keys:
         values = [_number(m.get(key)) for m in results.values()]
@@ -124,6 +125,8 @@ DECISION_COLUMNS = (
     ("image AP", "image_ap"), ("R@0.1%", "recall_at_0.1%"), ("R@1%", "recall_at_1%"),
     ("R@5%", "recall_at_5%"), ("FRR", "false_reject_rate"), ("recall", "recall"),
     ("oracle R@FRR", "oracle_recall_at_frr"))
+# 95 % intervals of one test set's figures (prn.metrics.CONFIDENCE); a mean over categories has none
+INTERVAL_COLUMNS = (("I 95 %", "image_auroc"), ("FRR 95 %", "false_reject_rate"), ("recall 95 %", "recall"))
 
 
 def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
@@ -146,13 +149,19 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
              "R@x%: recall with the threshold an oracle sets on this test set's good parts at x % false "
              "rejects. FRR, recall: at the calibrated threshold (set on held-out good training parts, "
              "not on this test set); oracle R@FRR: the oracle's recall at that same false-reject rate. "
-             "All x100.", "",
-             "| Category | threshold | " + " | ".join(c for c, _ in DECISION_COLUMNS) + " |",
-             "|---" * (len(DECISION_COLUMNS) + 2) + "|"]
+             "x 95 %: the interval a test set of this size leaves the figure in (image AUROC: bootstrap; "
+             "rates: exact binomial). All x100.", "",
+             "| Category | threshold | " + " | ".join(c for c, _ in DECISION_COLUMNS + INTERVAL_COLUMNS) + " |",
+             "|---" * (len(DECISION_COLUMNS) + len(INTERVAL_COLUMNS) + 2) + "|"]
+
+    def interval(m, key):
+        low, high = pct(m.get(f"{key}_low")), pct(m.get(f"{key}_high"))
+        return "-" if "-" in (low, high) else f"{low}-{high}"
     for name, m in rows:
         t = _number(m.get("threshold"))
-        lines.append(f"| {name} | {'-' if math.isnan(t) else f'{t:.4g}'} | "
-                     + " | ".join(pct(m.get(k)) for _, k in DECISION_COLUMNS) + " |")
+        cells = [pct(m.get(k)) for _, k in DECISION_COLUMNS]
+        cells += ["-" if name == MEAN_ROW else interval(m, k) for _, k in INTERVAL_COLUMNS]
+        lines.append(f"| {name} | {'-' if math.isnan(t) else f'{t:.4g}'} | " + " | ".join(cells) + " |")
     from prn.deploy.calibrate import threshold_warning
     warnings = [(name, threshold_warning(m)) for name, m in results.items()]
     lines += [f"\n**{name}**: {text}." for name, text in warnings if text]

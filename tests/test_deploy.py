@@ -207,6 +207,9 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
     assert all(0 <= metrics[k.replace("pixels_n", "pixels_recall")] <= 1 for k in pixels)
     assert metrics["recall"] == pytest.approx(1 - metrics["misses"] / metrics["n_test_anomalous"])
     assert {"image_ap", "recall_at_0.1%", "recall_at_1%", "recall_at_5%", "oracle_recall_at_frr"} <= set(metrics)
+    assert metrics["image_auroc_low"] <= metrics["image_auroc"] <= metrics["image_auroc_high"]
+    assert metrics["recall_low"] <= metrics["recall"] <= metrics["recall_high"]
+    assert metrics["false_reject_rate_low"] <= metrics["false_reject_rate"] <= metrics["false_reject_rate_high"]
 
 
 def test_predict_writes_score_normalised_score_prediction_and_error_columns(run, images, tmp_path):

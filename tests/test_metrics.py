@@ -264,3 +264,36 @@ def test_a_defect_covering_the_whole_image_is_in_the_largest_share_bin():
     from prn.metrics import size_metrics
     m = size_metrics(np.r_[0, 1], np.r_[0.1, 0.9], np.r_[0.0, 1.0], threshold=0.5)
     assert m["size_n[>= 1 %]"] == 1 and m["size_recall[>= 1 %]"] == 1.0
+
+
+def test_proportion_interval_is_the_exact_binomial_one():
+    # at 0 and n successes Clopper-Pearson has a closed form: 1 - (alpha/2)^(1/n) and its mirror
+    assert metrics.proportion_interval(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
+    assert metrics.proportion_interval(10, 10) == pytest.approx((0.025 ** 0.1, 1.0))
+    low, high = metrics.proportion_interval(39, 50)
+    assert low < 39 / 50 < high and high - low > 0.2  # 50 parts leave a recall about +- 12 points
+    wide, narrow = metrics.proportion_interval(5, 10), metrics.proportion_interval(500, 1000)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 5
+    assert all(math.isnan(v) for v in metrics.proportion_interval(0, 0))
+    with pytest.raises(ValueError, match="11 successes out of 10"):
+        metrics.proportion_interval(11, 10)
+
+
+def test_auroc_interval_holds_the_auroc_narrows_with_data_and_repeats():
+    rng = np.random.default_rng(0)
+
+    def data(n_good, n_bad):
+        y = np.r_[np.zeros(n_good), np.ones(n_bad)]
+        return y, rng.normal(size=y.size) + 1.5 * y
+    y, s = data(80, 20)
+    low, high = metrics.auroc_interval(y, s)
+    assert 0 <= low < roc_auc_score(y, s) < high <= 1
+    assert metrics.auroc_interval(y, s) == (low, high)  # a fixed seed: the same interval twice
+    big_y, big_s = data(800, 200)
+    big_low, big_high = metrics.auroc_interval(big_y, big_s, resamples=500)
+    assert big_high - big_low < (high - low) / 2
+    ties = np.round(s, 1)  # ties count half, as roc_auc_score counts them
+    low, high = metrics.auroc_interval(y, ties)
+    assert low < roc_auc_score(y, ties) < high
+    assert metrics.auroc_interval([0, 0, 1], [0.1, 0.2, 0.9]) == (1.0, 1.0)  # separated: nothing to resample
+    assert all(math.isnan(v) for v in metrics.auroc_interval([0, 0], [0.1, 0.2]))

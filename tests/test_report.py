@@ -160,6 +160,24 @@ def test_mean_metrics_skips_nan_and_missing_values():
     assert math.isnan(mean["x"])
 
 
+def test_decisions_carry_95_percent_intervals_per_category_and_none_in_the_mean(tmp_path):
+    from prn.deploy.calibrate import rates_at
+    labels, scores = np.r_[np.zeros(20), np.ones(10)], np.r_[np.linspace(0, 0.6, 20), np.linspace(0.4, 1, 10)]
+    one = {**rates_at(labels, scores, 0.5), "image_ap": 0.9, "image_auroc": 0.95,
+           "image_auroc_low": 0.88, "image_auroc_high": 0.99}
+    assert one["recall_low"] <= one["recall"] <= one["recall_high"]
+    assert one["false_reject_rate_low"] <= one["false_reject_rate"] <= one["false_reject_rate_high"]
+    md = report.write_results(tmp_path, {"a": one, "b": one}, title="t")["md"].read_text()
+    assert "| I 95 % | FRR 95 % | recall 95 % |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| a |")]
+    assert rows[-1].endswith(f"| 88.0-99.0 | {100 * one['false_reject_rate_low']:.1f}-"
+                             f"{100 * one['false_reject_rate_high']:.1f} | {100 * one['recall_low']:.1f}-"
+                             f"{100 * one['recall_high']:.1f} |")
+    assert [line for line in md.splitlines() if line.startswith("| mean |")][-1].endswith("| - | - | - |")
+    mean = json.loads((tmp_path / "results.json").read_text())["mean"]
+    assert "recall" in mean and "recall_low" not in mean and "image_auroc_high" not in mean
+
+
 def test_a_threshold_that_rejected_more_than_twice_its_target_is_said_in_results_and_on_stderr(tmp_path, capsys):
     from prn.cli import _print_metrics
     from prn.deploy.calibrate import rates_at, threshold_warning
@@ -190,8 +208,9 @@ def test_a_test_says_on_stderr_what_the_line_would_have_done_and_keeps_stdout_js
     scores = np.r_[np.linspace(0, 0.4, 7), 0.8, 0.9, 0.7, 0.2, 0.1]  # one good part and 2 of 4 defects over 0.5
     metrics = {**rates_at(labels, scores, 0.5), "n_test": 12, "n_test_anomalous": 4, "image_auroc": 0.8}
     line = decision_summary(metrics)
-    assert line == ("at the calibrated threshold 0.5 the model stops 2 of 4 defective parts (50.0 %) "
-                    "and rejects 1 of 8 good parts (12.5 %)")
+    # exact binomial intervals: 2 of 4 is 6.8-93.2 %; 1 of 8 is 0.3-52.7 %
+    assert line == ("at the calibrated threshold 0.5 the model stops 2 of 4 defective parts (50.0 %, 95 % "
+                    "interval 6.8-93.2 %) and rejects 1 of 8 good parts (12.5 %, 95 % interval 0.3-52.7 %)")
     _print_metrics(metrics, "test")
     out, err = capsys.readouterr()
     assert json.loads(out)["misses"] == 2  # stdout is still the figures alone, for a pipe

@@ -219,8 +219,10 @@ def rates_at(labels, scores, threshold: float) -> dict:
     """What the line would do at ``threshold``: false rejects among good parts, misses among
     defective ones and the recall (rates and counts; a rate is nan when its class is absent),
     and ``oracle_recall_at_frr``, the recall of the best threshold on the same data at that same
-    false-reject rate (how much a better-placed threshold would have caught)."""
-    from prn.metrics import oracle_threshold, recall_at
+    false-reject rate (how much a better-placed threshold would have caught); ``*_low`` and
+    ``*_high``: the exact 95 % interval of the false-reject rate and of the recall, which a test
+    set of a few dozen parts leaves wide."""
+    from prn.metrics import oracle_threshold, proportion_interval, recall_at
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     flagged = scores >= threshold
@@ -228,10 +230,14 @@ def rates_at(labels, scores, threshold: float) -> dict:
     false_rejects, misses = int((flagged & ~labels).sum()), int((~flagged & labels).sum())
     frr = false_rejects / n_good if n_good else math.nan
     oracle = recall_at(labels, scores, oracle_threshold(labels, scores, frr)) if n_good and n_bad else math.nan
+    frr_low, frr_high = proportion_interval(false_rejects, n_good)
+    recall_low, recall_high = proportion_interval(n_bad - misses, n_bad)
     return {"threshold": float(threshold), "false_reject_rate": frr,
             "miss_rate": misses / n_bad if n_bad else math.nan,
             "recall": 1 - misses / n_bad if n_bad else math.nan,
-            "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle}
+            "false_rejects": false_rejects, "misses": misses, "oracle_recall_at_frr": oracle,
+            "false_reject_rate_low": frr_low, "false_reject_rate_high": frr_high,
+            "recall_low": recall_low, "recall_high": recall_high}
 
 
 def decision_summary(metrics: dict) -> str | None:
@@ -247,7 +253,13 @@ def decision_summary(metrics: dict) -> str | None:
     n_bad = int(metrics["n_test_anomalous"])
     n_good, stopped = int(metrics["n_test"]) - n_bad, n_bad - int(metrics["misses"])
     rejected = int(metrics["false_rejects"])
-    pct = lambda k, n: f" ({100 * k / n:.1f} %)" if n else ""  # noqa: E731
+    from prn.metrics import proportion_interval
+
+    def pct(k, n):  # the rate, and its exact 95 % interval: the share a larger test set could show
+        if not n:
+            return ""
+        low, high = proportion_interval(k, n)
+        return f" ({100 * k / n:.1f} %, 95 % interval {100 * low:.1f}-{100 * high:.1f} %)"
     return (f"at the calibrated threshold {metrics['threshold']:.4g} the model stops {stopped} of {n_bad} "
             f"defective parts{pct(stopped, n_bad)} and rejects {rejected} of {n_good} good parts{pct(rejected, n_good)}")
 
