@@ -24,7 +24,7 @@ from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
 from prn.data.sample import Sample
 from prn.data.split import Split
-from prn.deploy.calibrate import calibrate_predictions, rates_at, suspect_warning, write_calibration
+from prn.deploy.calibrate import calibrate_predictions, rates_at, review_rates, suspect_warning, write_calibration
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
@@ -86,8 +86,10 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
         if warning:
             print(f"prn fit: warning: {warning}", file=sys.stderr)
         if progress:
+            band = (f"; review band from {cal['review_threshold']:.4g} ({100 * cal['review_fpr']:g} % of good "
+                    f"parts)" if cal and "review_threshold" in cal else "")
             print(f"threshold {cal['image_threshold']:.4g} at {100 * cal['target_fpr']:g} % false rejects "
-                  f"({cal['n_normal']} held-out good parts, {cal['method']})" if cal else
+                  f"({cal['n_normal']} held-out good parts, {cal['method']}){band}" if cal else
                   "no held-out normal images: the model is not calibrated (prn calibrate RUN after adding data)")
     distributed.barrier()  # the other ranks end when rank 0 has written everything
 
@@ -155,6 +157,9 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
         metrics.update(rates_at(preds.labels, preds.scores, post.threshold))
         if loaded.calibration.get("target_fpr") is not None:
             metrics["target_fpr"] = float(loaded.calibration["target_fpr"])
+        if post.review_threshold is not None:
+            metrics.update(review_rates(preds.labels, preds.scores, post),
+                           review_target_fpr=float(loaded.calibration["review_fpr"]))
         memory = loaded.calibration.get("defect_memory")
         if memory:  # whether the score carries the memory of the seen defects, and why
             auroc = memory.get("loo_auroc")

@@ -92,7 +92,9 @@ def cmd_predict(args) -> int | None:
                           engine=args.engine, batch_size=args.batch_size)
     if not distributed.is_main():
         return None  # rank 0 merged the parts and speaks for the run
-    judged = (f"{summary.n_defective} judged defective" if summary.decided else
+    review = getattr(summary, "n_review", None)
+    judged = (f"{summary.n_defective} judged defective"
+              + ("" if review is None else f", {review} passed to review") if summary.decided else
               "no decision made (the model has no calibrated threshold: prn calibrate RUN, or --threshold T)")
     regions = getattr(summary, "regions", None)
     print(f"{summary.n_images} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f}/s): "
@@ -124,7 +126,8 @@ def cmd_calibrate(args) -> None:
     cal = calibrate_run(args.run, target_fpr=args.target_fpr, pixel_target_fpr=args.pixel_target_fpr,
                         tail=args.tail, device=args.device, precision=args.precision,
                         defect_memory=args.defect_memory, test_flips=args.test_flips,
-                        defect_memory_stride=args.defect_memory_stride, progress=not args.quiet)
+                        defect_memory_stride=args.defect_memory_stride, review_fpr=args.review_fpr,
+                        progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
@@ -333,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--target-fpr", type=float, help="share of good parts rejected (default: the config's, 0.01)")
     p.add_argument("--pixel-target-fpr", type=float, help="share of good pixels marked (default 0.001)")
+    p.add_argument("--review-fpr", type=float,
+                   help="open a review band under the image threshold, down to the threshold of this share "
+                        "of good parts (e.g. 0.05): parts there pass but are marked for a person "
+                        "(scores.csv's review column); 0 removes the band (default: the config's, 0)")
     p.add_argument("--tail", choices=CALIBRATION_TAILS,
                    help="distribution fitted to the held-out scores when they are too few for a "
                         "quantile (default: the config's, gumbel; gumbel_logit fits it to the scores' "

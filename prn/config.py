@@ -384,12 +384,18 @@ class CalibrationConfig:
     pixel_target_fpr: float = 0.001   # pixel threshold (masks, contours): this share of good pixels is marked
     calibration_tail: str = "gumbel"  # with too few held-out images for a quantile: a "gumbel" fit (on the
     #                                   scores or, "gumbel_logit", their logits), a "normal" fit, or "conformal"
+    review_fpr: float = 0.0           # ours: a review band under the image threshold, from the threshold at
+    #                                   this share of good parts up to it: parts there pass the image
+    #                                   threshold but go to a person; 0: no band
 
     def __post_init__(self) -> None:
         problems = []
         if not 0 < self.target_fpr < 1 or not 0 < self.pixel_target_fpr < 1:
             problems.append(f"target_fpr and pixel_target_fpr must be in (0, 1), got "
                             f"{self.target_fpr}, {self.pixel_target_fpr}")
+        if self.review_fpr != 0 and not self.target_fpr < self.review_fpr < 1:
+            problems.append(f"review_fpr must be 0 (no review band) or between target_fpr "
+                            f"({self.target_fpr}) and 1, got {self.review_fpr}")
         if self.calibration_tail not in CALIBRATION_TAILS:
             problems.append(f"calibration_tail must be one of {', '.join(CALIBRATION_TAILS)}, "
                             f"got {self.calibration_tail!r}")

@@ -5,7 +5,9 @@ training images, and the score ranges) as buffers, and turns the model's outputs
 
 - the normalised score, anomalib's ``clip((s - threshold) / (max - min) + 0.5, 0, 1)``: 0.5 is the
   threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances);
-- the decision, defective when ``score >= image threshold``;
+- the decision, defective when ``score >= image threshold``; and, where the calibration has a
+  review band, whether a part that passes goes to a person (``review threshold <= score <
+  image threshold``);
 - the defect region of a map (pixels ``>= pixel threshold``) and the map normalised the same way
   around the pixel threshold, for pictures;
 - the defect regions as a list (``regions``): the region's connected components with their
@@ -64,6 +66,8 @@ class Postprocess(nn.Module):
         self.threshold = threshold if threshold is not None else cal.get("image_threshold")
         self.pixel_threshold = cal.get("pixel_threshold")
         self.calibrated = self.threshold is not None
+        # the band's lower edge; its upper edge is the image threshold, given or calibrated
+        self.review_threshold = cal.get("review_threshold") if self.calibrated else None
         t = self.threshold if self.threshold is not None else 0.0
         span = _span(cal["score_min"], cal["score_max"]) if calibration else 1.0
         pix = self.pixel_threshold if self.pixel_threshold is not None else 0.5
@@ -126,6 +130,15 @@ class Postprocess(nn.Module):
         if regions_only and self.no_region_possible(amap):
             return None
         return resize_map(amap, hw)
+
+    def review(self, scores: np.ndarray) -> np.ndarray | None:
+        """int64 0/1 (N,): 1 where a part passes the image threshold but scores in the review band;
+        None without a band. Decided in float32 as ``decide`` is, so the band meets the threshold."""
+        if self.review_threshold is None:
+            return None
+        s = torch.as_tensor(np.asarray(scores, dtype=np.float64)).float()
+        low = torch.tensor(float32_threshold(self.review_threshold))
+        return ((s >= low) & ~self.decide(s)).long().numpy()
 
     def judge(self, scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """float (N,) scores -> (normalised scores float64 (N,), predictions int64 0/1 (N,)), each

@@ -124,7 +124,7 @@ def write_results(run_dir: str | Path, results: dict[str, dict], title: str,
 DECISION_COLUMNS = (
     ("image AP", "image_ap"), ("R@0.1%", "recall_at_0.1%"), ("R@1%", "recall_at_1%"),
     ("R@5%", "recall_at_5%"), ("FRR", "false_reject_rate"), ("recall", "recall"),
-    ("oracle R@FRR", "oracle_recall_at_frr"))
+    ("oracle R@FRR", "oracle_recall_at_frr"), ("review", "review_rate"), ("R+review", "recall_with_review"))
 # 95 % intervals of one test set's figures (prn.metrics.CONFIDENCE); a mean over categories has none
 INTERVAL_COLUMNS = (("I 95 %", "image_auroc"), ("FRR 95 %", "false_reject_rate"), ("recall 95 %", "recall"))
 
@@ -134,7 +134,9 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
     threshold reaches at 0.1 / 1 / 5 % false rejects on this test set (the best any threshold
     could do); at the calibrated threshold (set on held-out good training parts, never on this
     test set), the false-reject rate, the recall, and the oracle's recall at that same false-reject
-    rate; then image AUROC and recall per defect kind. Empty when no category has these keys."""
+    rate; with a review band, the share of good parts it passed to a person and the recall counting
+    the defective parts it passed; then image AUROC and recall per defect kind. Empty when no category
+    has these keys."""
     rows = [(name, m) for name, m in results.items() if "image_ap" in m]
     if not rows:
         return ""
@@ -148,7 +150,9 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
     lines = ["", "## Decisions", "",
              "R@x%: recall with the threshold an oracle sets on this test set's good parts at x % false "
              "rejects. FRR, recall: at the calibrated threshold (set on held-out good training parts, "
-             "not on this test set); oracle R@FRR: the oracle's recall at that same false-reject rate. "
+             "not on this test set); oracle R@FRR: the oracle's recall at that same false-reject rate; "
+             "review: good parts passed to a person by the review band, R+review: defective parts stopped "
+             "or passed to it (- without a band). "
              "x 95 %: the interval a test set of this size leaves the figure in (image AUROC: bootstrap; "
              "rates: exact binomial). All x100.", "",
              "| Category | threshold | " + " | ".join(c for c, _ in DECISION_COLUMNS + INTERVAL_COLUMNS) + " |",
@@ -257,7 +261,7 @@ def result_picture(path: Path, image, amap, postprocess, truth=None, title: str 
                         panel_size=side, region_label=label)
 
 
-SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "label", "error")
+SCORE_COLUMNS = ("path", "score", "normalized_score", "prediction", "review", "label", "error")
 REGION_COLUMN = "regions"     # prn predict's last column: the image's number of defect regions
 REGIONS_FILE = "regions.jsonl"
 MAP_FORMATS = ("npy", "png", "none")
@@ -269,6 +273,7 @@ class ResultWriter:
 
     - ``scores.csv``: SCORE_COLUMNS, one row per image (path relative to ``root``, absolute
       outside it; normalized_score and prediction from ``postprocess``, empty when uncalibrated;
+      review 1 for a part that passes but scores in the review band, empty without a band;
       label when known; error for an unreadable file, its other cells empty);
     - ``maps/<path>.npy`` (raw float32 map at the image's size) or ``.png`` (the display map,
       128 = the pixel threshold), per ``maps``; ``masks/<path>.png`` (pixels >= the pixel
@@ -323,8 +328,12 @@ class ResultWriter:
             self._jsonl.flush()
 
     def error(self, image_path: Path, message: str) -> None:
-        self._csv.writerow([shown_path(image_path, self.root), "", "", "", "", message]
+        self._csv.writerow([shown_path(image_path, self.root), "", "", "", "", "", message]
                            + ([""] if self.regions else []))
+
+    def _review(self, score: float):
+        review = self.post.review(np.array([score]))
+        return "" if review is None else int(review[0])
 
     def add(self, image_path: Path, score: float, normalized: float | None, prediction: int | None,
             amap=None, hw: tuple[int, int] | None = None, label: int | None = None) -> None:
@@ -332,7 +341,8 @@ class ResultWriter:
         ``amap`` float32 (h, w) at the model's input size) when asked for."""
         row = [shown_path(image_path, self.root), repr(float(score)),
                "" if normalized is None else repr(float(normalized)),
-               "" if prediction is None else int(prediction), "" if label is None else int(label), ""]
+               "" if prediction is None else int(prediction), self._review(score),
+               "" if label is None else int(label), ""]
         wanted = self.maps != "none" or self.masks or self._jsonl is not None
         full, found = None, None
         if amap is not None and wanted:

@@ -139,3 +139,19 @@ def test_profile_predict_and_serve_load_on_a_run(calibrated_run, demo_root, monk
 def test_precision_demo_trains_and_compares(tmp_path):
     rows = load_script(BENCH / "precision_demo.py").main(tmp_path)
     assert (tmp_path / "demo_precision.json").is_file() and rows
+
+
+def test_review_band_from_stored_scores_equals_calibrate_and_test(calibrated_run, monkeypatch, tmp_path, capsys):
+    from prn import api
+    from prn.deploy.calibrate import calibrate_run
+    band = script("review_band", monkeypatch, calibrated_run, "--rates", 0.5, "--json", tmp_path / "b.json")
+    assert band.main() == 0
+    offline = json.loads((tmp_path / "b.json").read_text())["0.5"][str(calibrated_run)]
+    work = tmp_path / "run"  # the same band through prn calibrate and prn test
+    shutil.copytree(calibrated_run, work)
+    calibrate_run(work, review_fpr=0.5)
+    tested = api.test(work, overlays=0, progress=False)
+    for key in ("review_threshold", "good_reviewed", "defective_reviewed", "recall", "recall_with_review",
+                "false_rejects", "review_rate"):
+        assert offline[key] == pytest.approx(tested[key], rel=1e-9), key
+    assert "| 50 % | pooled |" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from prn.deploy.calibrate import calibrate, image_threshold, pixel_threshold, ra
 from prn.deploy.predict import Predictor, predict_folder
 from prn.errors import PRNError, UsageError
 from prn.infer import predict_samples
-from prn.postprocess import Postprocess
+from prn.postprocess import Postprocess, float32_threshold
 
 # ----------------------------------------------------------------------------- calibration rules
 
@@ -215,7 +215,8 @@ def test_prn_test_reports_rates_at_the_calibrated_threshold(run, tmp_path):
 def test_predict_writes_score_normalised_score_prediction_and_error_columns(run, images, tmp_path):
     summary = api.predict(run, images, tmp_path, progress=False)
     rows = _rows(summary.csv)
-    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "label", "error", "regions"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "review", "label", "error",
+                            "regions"]
     cal = load_checkpoint(run)["calibration"]
     span = cal["score_max"] - cal["score_min"]
     for r in rows:
@@ -487,3 +488,70 @@ def test_the_model_thread_runs_every_call_in_one_thread_of_its_own_and_raises_th
     finally:
         mt.close()
         torch.set_num_threads(before)
+
+
+def test_the_review_band_passes_parts_under_the_threshold_to_a_person(tmp_path):
+    post = Postprocess({"image_threshold": 0.5, "review_threshold": 0.3, "pixel_threshold": 0.5,
+                        "score_min": 0.0, "score_max": 1.0, "pixel_min": 0.0, "pixel_max": 1.0})
+    below = float(np.nextafter(np.float32(float32_threshold(0.3)), np.float32(0)))  # the float32 under 0.3
+    scores = np.array([0.1, 0.3, 0.4, 0.5, 0.9, below])
+    assert post.review(scores).tolist() == [0, 1, 1, 0, 0, 0]  # [0.3, 0.5): the band's edges exact
+    assert post.judge(scores)[1].tolist() == [0, 0, 0, 1, 1, 0]  # the decision is the threshold's alone
+    assert Postprocess({"image_threshold": 0.5, "score_min": 0.0, "score_max": 1.0, "pixel_min": 0.0,
+                        "pixel_max": 1.0}).review(scores) is None  # no band: nothing to say
+    assert Postprocess().review(scores) is None
+    # a threshold given by hand moves the band's upper edge; under its lower edge the band is empty
+    assert Postprocess(post.calibration, threshold=0.35).review(scores).tolist() == [0, 1, 0, 0, 0, 0]
+    assert not Postprocess(post.calibration, threshold=0.2).review(scores).any()
+
+
+def test_calibration_sets_the_review_band_at_its_rate_and_refuses_one_above_the_threshold():
+    rng = np.random.default_rng(0)
+    normal = rng.random(200)
+    cal = calibrate(normal, np.zeros((200, 2, 2)), target_fpr=0.01, review_fpr=0.1)
+    assert cal["review_threshold"] == image_threshold(normal, 0.1)[0] < cal["image_threshold"]
+    assert cal["review_fpr"] == 0.1 and cal["review_method"] == "empirical quantile"
+    assert cal["fold_review_rate"] == pytest.approx(np.mean((normal >= cal["review_threshold"])
+                                                            & (normal < cal["image_threshold"])))
+    assert "review_threshold" not in calibrate(normal, np.zeros((200, 2, 2)), target_fpr=0.01)
+    with pytest.raises(UsageError, match="review_fpr must be 0 .* or between target_fpr"):
+        calibrate(normal, np.zeros((200, 2, 2)), target_fpr=0.05, review_fpr=0.05)
+    with pytest.raises(ValueError, match="review_fpr must be 0"):
+        PRNConfig().replace(target_fpr=0.1, review_fpr=0.05)
+
+
+def test_calibrate_opens_a_review_band_that_predict_test_and_the_summary_follow(run, images, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    assert main(["calibrate", str(work), "--review-fpr", "0.6", "--quiet"]) == 0
+    cal = load_checkpoint(work)["calibration"]
+    low, high = cal["review_threshold"], cal["image_threshold"]
+    assert cal["review_fpr"] == 0.6 and low < high
+    assert "review_fpr: 0.6" in (work / "config.yaml").read_text()
+    assert json.loads((work / "calibration.json").read_text())["review_threshold"] == low
+    capsys.readouterr()
+    assert main(["predict", str(work), str(images), "--out", str(tmp_path / "p"), "--maps", "none",
+                 "--quiet"]) in (0, None)
+    out = capsys.readouterr().out
+    rows = [r for r in _rows(tmp_path / "p" / "scores.csv") if not r["error"]]
+    band = [int(np.float32(low) <= np.float32(float(r["score"])) < np.float32(high)) for r in rows]
+    assert [int(r["review"]) for r in rows] == band and sum(band) > 0
+    assert not any(r["review"] == "1" and r["prediction"] == "1" for r in rows)
+    assert f"{sum(band)} passed to review" in out
+    metrics = api.test(work, out_dir=tmp_path / "t", overlays=0, progress=False)
+    tested = _rows(tmp_path / "t" / "predictions" / "scores.csv")
+    good = [r for r in tested if r["label"] == "0"]
+    bad = [r for r in tested if r["label"] == "1"]
+    assert metrics["good_reviewed"] == sum(r["review"] == "1" for r in good)
+    assert metrics["review_rate"] == pytest.approx(metrics["good_reviewed"] / len(good))
+    assert metrics["recall_with_review"] == pytest.approx(
+        sum(r["review"] == "1" or r["prediction"] == "1" for r in bad) / len(bad))
+    assert metrics["recall_with_review"] >= metrics["recall"] and metrics["review_target_fpr"] == 0.6
+    from prn.deploy.calibrate import decision_summary
+    assert f"its review band (from {low:.4g}) passes {metrics['good_reviewed']} good" in decision_summary(metrics)
+    # 0 closes the band again: the column stays, empty
+    assert main(["calibrate", str(work), "--review-fpr", "0", "--quiet"]) == 0
+    assert "review_threshold" not in load_checkpoint(work)["calibration"]
+    main(["predict", str(work), str(images), "--out", str(tmp_path / "q"), "--maps", "none", "--quiet"])
+    assert {r["review"] for r in _rows(tmp_path / "q" / "scores.csv")} == {""}
+    assert "passed to review" not in capsys.readouterr().out

@@ -112,7 +112,8 @@ def test_predict_writes_regions_jsonl_beside_scores_csv_and_their_count(fake, dr
     summary = predict_folder(fake, drawn_folder, tmp_path, maps="none", progress=False)
     assert summary.regions == tmp_path / "regions.jsonl"
     rows = _rows(summary.csv)
-    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "label", "error", "regions"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "prediction", "review", "label", "error",
+                            "regions"]
     lines = _jsonl(summary.regions)
     assert [line["path"] for line in lines] == [r["path"] for r in rows] == sorted(DRAWN)
     for row, line in zip(rows, lines):

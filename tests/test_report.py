@@ -74,10 +74,10 @@ def test_result_writer_mirrors_the_input_tree_and_writes_one_set_of_columns(tmp_
     ]
     rows = write_results_of(tmp_path / "out", root, records, maps="npy")
     assert rows[0] == list(report.SCORE_COLUMNS) == ["path", "score", "normalized_score", "prediction",
-                                                     "label", "error"]
-    assert rows[1] == ["test/good/000.png", "0.1", "0.25", "0", "0", ""]
-    assert rows[2] == ["test/broken/001.png", "0.7", "0.75", "1", "1", ""]
-    assert rows[3][1:] == ["0.9", "", "", "", ""] and rows[3][0].endswith("x.jpg")
+                                                     "review", "label", "error"]
+    assert rows[1] == ["test/good/000.png", "0.1", "0.25", "0", "", "0", ""]  # no review band: empty
+    assert rows[2] == ["test/broken/001.png", "0.7", "0.75", "1", "", "1", ""]
+    assert rows[3][1:] == ["0.9", "", "", "", "", ""] and rows[3][0].endswith("x.jpg")
     for rel, expected in [("test/good/000.png.npy", maps[0]), ("test/broken/001.png.npy", maps[1]),
                           ("_external/x.jpg.npy", maps[2])]:
         saved = np.load(tmp_path / "out" / "maps" / rel)
@@ -103,7 +103,7 @@ def test_result_writer_writes_scores_without_maps_and_errors_in_their_column(tmp
         w.add(tmp_path / "a.png", 0.25, None, None, np.zeros((2, 2), np.float32), (2, 2), label=1)
         w.error(tmp_path / "b.png", "b.png: not an image")
     rows = read_csv(tmp_path / "out" / "scores.csv")
-    assert rows[1:] == [["a.png", "0.25", "", "", "1", ""], ["b.png", "", "", "", "", "b.png: not an image"]]
+    assert rows[1:] == [["a.png", "0.25", "", "", "", "1", ""], ["b.png", "", "", "", "", "", "b.png: not an image"]]
     assert not (tmp_path / "out" / "maps").exists()
 
 
@@ -117,7 +117,7 @@ def test_result_writer_with_regions_adds_their_count_column_and_regions_jsonl(tm
         w.error(tmp_path / "b.png", "b.png: not an image")
     rows = read_csv(tmp_path / "out" / "scores.csv")
     assert rows[0] == list(report.SCORE_COLUMNS) + ["regions"]
-    assert rows[1][-1] == "2" and rows[2] == ["b.png", "", "", "", "", "b.png: not an image", ""]
+    assert rows[1][-1] == "2" and rows[2] == ["b.png", "", "", "", "", "", "b.png: not an image", ""]
     (line,) = [json.loads(x) for x in (tmp_path / "out" / "regions.jsonl").read_text().splitlines()]
     assert (line["path"], line["width"], line["height"]) == ("a.png", 16, 8)
     # half-way between map pixels: the top-left block covers columns 0-3 and rows 0-1 of the image

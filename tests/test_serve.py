@@ -97,6 +97,7 @@ def test_decisions_equal_prn_predict_on_the_same_files(client, calibrated_run, u
         assert abs(got[name]["score"] - float(want[name]["score"])) < 1e-6, name
         assert abs(got[name]["normalized_score"] - float(want[name]["normalized_score"])) < 1e-6, name
         assert got[name]["prediction"] == int(want[name]["prediction"]), name
+        assert got[name]["review"] is None and want[name]["review"] == ""  # no review band: nothing said
     assert len({round(r["score"], 9) for r in got.values()}) == len(got)  # a real model, not a constant
 
 

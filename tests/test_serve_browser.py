@@ -96,6 +96,18 @@ def uncalibrated_server(calibrated_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def review_server(calibrated_run, tmp_path_factory):
+    """The calibrated run with a review band whose lower edge is under every score: each part that
+    passes the threshold goes to review."""
+    from prn.checkpoint import load_checkpoint, set_calibration
+    model = tmp_path_factory.mktemp("review") / "model.pt"
+    shutil.copy(calibrated_run / "checkpoints" / "model.pt", model)
+    cal = load_checkpoint(model)["calibration"]
+    set_calibration(model, {**cal, "review_threshold": cal["score_min"] - 1.0, "review_fpr": 0.5})
+    yield from live(build_app(model))
+
+
+@pytest.fixture(scope="module")
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -317,3 +329,34 @@ def test_boxes_are_drawn_and_a_painted_missed_defect_is_saved_with_its_mask(know
     assert browser.save_screenshot(str(shot))
     if os.environ.get("PRN_SERVE_SCREENSHOT"):
         shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_name("serve_corrections_test.png"))
+
+
+def test_parts_in_the_review_band_show_review_and_the_slider_moves_its_upper_edge(review_server, browser,
+                                                                                 demo_root, tmp_path):
+    wait = WebDriverWait(browser, 30)
+    browser.get(review_server)
+    wait.until(lambda d: "review band from" in d.find_element(By.ID, "model-info").text)
+    images = sorted((demo_root / "demo" / "test" / "good").iterdir())[:2] + \
+        sorted((demo_root / "demo" / "test" / "hole").iterdir())[:1]
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 3)
+    slider = browser.find_element(By.ID, "threshold")
+    slider.send_keys(Keys.END)                           # every part passes, and every one is in the band
+    assert _verdicts(browser) == (["REVIEW"] * 3, ["REVIEW"] * 3)
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".card.review")) == 3
+    assert not browser.find_elements(By.CSS_SELECTOR, ".card.pass")
+    assert "3 to review" in browser.find_element(By.CSS_SELECTOR, "#results caption").text
+    assert [(r["verdict"], r["review"]) for r in _csv(browser)] == [("good", "1")] * 3  # passed, to review
+    slider.send_keys(Keys.HOME)                          # every part fails: none is left to review
+    assert _verdicts(browser) == (["FAIL"] * 3, ["FAIL"] * 3)
+    assert "0 to review" in browser.find_element(By.CSS_SELECTOR, "#results caption").text
+    assert [(r["verdict"], r["review"]) for r in _csv(browser)] == [("defective", "0")] * 3
+    browser.find_element(By.ID, "reset").click()        # the server's own decisions: a pass is a review
+    cards, _ = _verdicts(browser)
+    server = browser.execute_script("return window.prnPage.state.results.map(r => [r.prediction, r.review])")
+    assert [("FAIL" if p else "REVIEW") for p, _ in server] == cards
+    assert all(review == (0 if p else 1) for p, review in server)
+    shot = tmp_path / "review.png"
+    assert browser.save_screenshot(str(shot))
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_name("review.png"))

@@ -7,6 +7,8 @@ trained on and never used for prototypes. Its scores set
 - the image threshold, at a target false-reject rate ``target_fpr`` on good parts (a part is
   judged defective when ``score >= image_threshold``);
 - the pixel threshold, at ``pixel_target_fpr`` of the good parts' pixels (for masks and contours);
+- optionally a review threshold under it, at ``review_fpr`` (> target_fpr) of good parts: a part
+  scored between the two passes the image threshold but goes to a person (the review band);
 - anomalib's score normalisation: ``clip((s - threshold) / (max - min) + 0.5, 0, 1)``, so 0.5 is
   the threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances).
 
@@ -167,20 +169,28 @@ def pixel_threshold(normal_maps: np.ndarray, pixel_target_fpr: float) -> float:
 
 def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=None, *,
               target_fpr: float = 0.01, pixel_target_fpr: float = 0.001, tail: str = "gumbel",
-              score_bound: float | None = None) -> dict:
+              score_bound: float | None = None, review_fpr: float = 0.0) -> dict:
     """Thresholds and normalisation from the held-out fold's outputs.
 
     normal_scores (N,), normal_maps (N, H, W): the good parts; anomalous_* (M,) / (M, H, W):
     held-out defects, optional, only widen the normalisation range and give the miss rate.
+    review_fpr: 0, or the share of good parts (> target_fpr) whose threshold opens the review band.
     Returns the plain dict stored in checkpoints (see the module docstring).
     """
     for name, rate in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr)):
         if not 0.0 < rate < 1.0:
             raise UsageError(f"{name} must be in (0, 1), got {rate}")
+    if review_fpr and not target_fpr < review_fpr < 1.0:
+        raise UsageError(f"review_fpr must be 0 (no review band) or between target_fpr ({target_fpr:g}) "
+                         f"and 1, got {review_fpr:g}")
     normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()
     anomalous_scores = np.asarray([] if anomalous_scores is None else anomalous_scores,
                                   dtype=np.float64).ravel()
     threshold, method = image_threshold(normal_scores, target_fpr, tail, score_bound)
+    review = None
+    if review_fpr:  # the same rule at the looser rate; never above the image threshold
+        review, review_method = image_threshold(normal_scores, review_fpr, tail, score_bound)
+        review = min(review, threshold)
     pix = pixel_threshold(normal_maps, pixel_target_fpr)
     all_scores = np.concatenate([normal_scores, anomalous_scores])
     maps = [np.asarray(normal_maps, dtype=np.float32)]
@@ -206,6 +216,9 @@ def calibrate(normal_scores, normal_maps, anomalous_scores=None, anomalous_maps=
         # the fold is at most (m + 1) / (n + 1), m the fold's scores at or above the threshold
         "frr_bound": float((np.sum(normal_scores >= threshold) + 1) / (normal_scores.size + 1)),
         "fold_miss_rate": float(np.mean(anomalous_scores < threshold)) if anomalous_scores.size else None,
+        **({"review_threshold": float(review), "review_fpr": float(review_fpr), "review_method": review_method,
+            "fold_review_rate": float(np.mean((normal_scores >= review) & (normal_scores < threshold)))}
+           if review is not None else {}),
         # good images the others make unlikely (suspect_normals): looked at, never left out
         "suspect_normals": suspect_normals(normal_scores),
         "source": SOURCE,
@@ -240,6 +253,21 @@ def rates_at(labels, scores, threshold: float) -> dict:
             "recall_low": recall_low, "recall_high": recall_high}
 
 
+def review_rates(labels, scores, postprocess) -> dict:
+    """What the review band of ``postprocess`` (a ``prn.postprocess.Postprocess`` with one) did on
+    a test set: its lower edge, the good and defective parts it passed to a person (counts, and
+    ``review_rate``, the share of good parts), and ``recall_with_review``, the share of defective
+    parts stopped or passed to review. Decided as predict decides, by the same post-process."""
+    labels = np.asarray(labels).astype(bool)
+    band = postprocess.review(scores).astype(bool)
+    caught = postprocess.judge(scores)[1].astype(bool) | band
+    n_good, n_bad = int((~labels).sum()), int(labels.sum())
+    return {"review_threshold": float(postprocess.review_threshold),
+            "good_reviewed": int((band & ~labels).sum()), "defective_reviewed": int((band & labels).sum()),
+            "review_rate": float((band & ~labels).sum() / n_good) if n_good else math.nan,
+            "recall_with_review": float(caught[labels].mean()) if n_bad else math.nan}
+
+
 def decision_summary(metrics: dict) -> str | None:
     """One line of what the line would have done on a test set at the calibrated threshold (the
     figure a quality engineer reads first): defective parts stopped and good parts rejected, as
@@ -260,8 +288,14 @@ def decision_summary(metrics: dict) -> str | None:
             return ""
         low, high = proportion_interval(k, n)
         return f" ({100 * k / n:.1f} %, 95 % interval {100 * low:.1f}-{100 * high:.1f} %)"
-    return (f"at the calibrated threshold {metrics['threshold']:.4g} the model stops {stopped} of {n_bad} "
+    line = (f"at the calibrated threshold {metrics['threshold']:.4g} the model stops {stopped} of {n_bad} "
             f"defective parts{pct(stopped, n_bad)} and rejects {rejected} of {n_good} good parts{pct(rejected, n_good)}")
+    if isinstance(metrics.get("good_reviewed"), int) and isinstance(metrics.get("defective_reviewed"), int):
+        caught = stopped + metrics["defective_reviewed"]
+        line += (f"; its review band (from {metrics['review_threshold']:.4g}) passes {metrics['good_reviewed']} "
+                 f"good and {metrics['defective_reviewed']} defective parts to a person: {caught} of {n_bad} "
+                 f"defective parts stopped or reviewed{pct(caught, n_bad)}")
+    return line
 
 
 def threshold_warning(metrics: dict) -> str | None:
@@ -289,7 +323,7 @@ def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | No
     good = preds.labels == 0
     calibration = calibrate(preds.scores[good], preds.maps[good], preds.scores[~good], preds.maps[~good],
                             target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr,
-                            tail=cfg.calibration_tail, score_bound=score_bound)
+                            tail=cfg.calibration_tail, score_bound=score_bound, review_fpr=cfg.review_fpr)
     good_samples = [sample for sample, g in zip(preds.samples, good) if g]
     for suspect in calibration["suspect_normals"]:
         suspect["path"] = str(good_samples[suspect["index"]].image_path)
@@ -324,7 +358,8 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   pixel_target_fpr: float | None = None, tail: str | None = None,
                   device: str | None = None, precision: str | None = None,
                   defect_memory: str | None = None, test_flips: str | None = None,
-                  defect_memory_stride: int | None = None, progress: bool = False) -> dict | None:
+                  defect_memory_stride: int | None = None, review_fpr: float | None = None,
+                  progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
@@ -339,7 +374,8 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     ``test_flips``; inference only, so no refit): the fold is scored so, a memory the run keeps is
     built anew on those scores (its standardisation is of PRN's score), and the setting is stored in
     the checkpoint and config.yaml. ``defect_memory_stride`` (4 or 2): the grid a memory matches at;
-    the memory is built anew with it (and the run's ``defect_memory`` unless given)."""
+    the memory is built anew with it (and the run's ``defect_memory`` unless given). ``review_fpr``:
+    the review band's share of good parts (0 removes the band), written back to config.yaml."""
     from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -352,8 +388,11 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         raise DataError(f"{split_path}: not found; the held-out fold of this run is unknown")
     loaded = load_model(run_dir, device=device)
     changes = {k: v for k, v in (("target_fpr", target_fpr), ("pixel_target_fpr", pixel_target_fpr),
-                                 ("calibration_tail", tail)) if v is not None}
-    cfg = loaded.cfg.replace(**changes) if changes else loaded.cfg
+                                 ("calibration_tail", tail), ("review_fpr", review_fpr)) if v is not None}
+    try:
+        cfg = loaded.cfg.replace(**changes) if changes else loaded.cfg
+    except ValueError as exc:  # a rate out of range, named by the config's check
+        raise UsageError(f"{run_dir}: {exc}") from exc
     if precision is not None:
         from prn.precision import check_precision, resolve_precision
         precision = resolve_precision(precision, loaded.device)

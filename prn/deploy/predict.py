@@ -85,17 +85,20 @@ class Predictor:
         return np.concatenate([s for _, s, _ in self._batches(images)]) if images else np.zeros(0)
 
     def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True) -> list[dict]:
-        """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction",
-        "threshold", "map" (float32 at the image's own size; at the model's input size with
-        ``full_size=False``, for a caller that resizes only what it needs: ``Postprocess.map_for``)}."""
+        """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction", "review"
+        (1 in the review band, None without one), "threshold", "map" (float32 at the image's own
+        size; at the model's input size with ``full_size=False``, for a caller that resizes only
+        what it needs: ``Postprocess.map_for``)}."""
         results = []
         for chunk, scores, maps in self._batches(images):
             normalized, predictions = self.judge(scores)
+            reviews = self.postprocess.review(scores)
             for j, image in enumerate(chunk):
                 results.append({
                     "score": float(scores[j]),
                     "normalized_score": None if normalized is None else float(normalized[j]),
                     "prediction": None if predictions is None else int(predictions[j]),
+                    "review": None if reviews is None else int(reviews[j]),
                     "threshold": self.threshold,
                     "map": resize_map(maps[j], image.shape[:2]) if full_size else maps[j],
                 })
@@ -153,6 +156,7 @@ class PredictSummary:
     seconds: float
     decided: bool = True  # False: no threshold, so no prediction was made
     regions: Path | None = None  # regions.jsonl; None without a pixel threshold
+    n_review: int | None = None  # passed, but in the review band; None without a band
 
     @property
     def images_per_second(self) -> float:
@@ -205,7 +209,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     dataset = ImageFiles(files, predictor.input_hw, predictor.cfg.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")
-    n_defective = n_errors = 0
+    n_defective = n_errors = n_review = 0
     t0 = time.perf_counter()
     with ResultWriter(out, root, predictor.postprocess, maps=maps, masks=masks, regions=True,
                       min_region_area=min_region_area) as writer:
@@ -222,6 +226,9 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                 scores_ok, amaps = forward(batch["resized"][ok])
                 scores[ok] = scores_ok
             normalized, predictions = predictor.judge(scores)
+            reviews = predictor.postprocess.review(scores)
+            if reviews is not None:
+                n_review += int(reviews[ok].sum())
             for j, index in enumerate(batch["index"].tolist()):
                 path, error = files[index], batch["error"][j]
                 if error:
@@ -234,9 +241,11 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                 writer.add(path, scores[j], None if normalized is None else normalized[j], pred,
                            small, tuple(batch["hw"][j].tolist()))
                 if rank + index * size < overlays:
+                    in_band = reviews is not None and reviews[j]
                     title = f"{path.name}  score {scores[j]:.3f}" + (
-                        "" if pred is None else ("  DEFECTIVE" if pred else "  good"))
+                        "" if pred is None else ("  DEFECTIVE" if pred else "  REVIEW" if in_band else "  good"))
                     writer.overlay(path, batch["resized"][j].numpy(), small, title=title)
             writer.flush()
     return PredictSummary(out, writer.csv_path, len(files), n_defective, n_errors, time.perf_counter() - t0,
-                          predictor.postprocess.calibrated, writer.regions_path)
+                          predictor.postprocess.calibrated, writer.regions_path,
+                          None if predictor.postprocess.review_threshold is None else n_review)

@@ -51,14 +51,15 @@ def predict_sharded(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
     mine = predict_folder(predictor, inputs, part, shard=(w.rank, w.size), progress=progress and w.rank == 0,
                           **options)
     # every rank has closed its files once it gets past this sum
-    n_images, n_defective, n_errors = (int(v) for v in distributed.sum_over_ranks(
-        torch.tensor([mine.n_images, mine.n_defective, mine.n_errors], dtype=torch.int64)))
+    n_images, n_defective, n_errors, n_review = (int(v) for v in distributed.sum_over_ranks(
+        torch.tensor([mine.n_images, mine.n_defective, mine.n_errors, mine.n_review or 0], dtype=torch.int64)))
     if w.rank != 0:
         return mine
     merge(out, w.size, Path(inputs))
     regions = out / REGIONS_FILE if mine.regions is not None else None
     return PredictSummary(out, out / "scores.csv", n_images, n_defective, n_errors,
-                          time.perf_counter() - t0, mine.decided, regions)
+                          time.perf_counter() - t0, mine.decided, regions,
+                          None if mine.n_review is None else n_review)
 
 
 def merge(out: Path, size: int, inputs: Path) -> None:

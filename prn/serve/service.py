@@ -195,7 +195,7 @@ class InspectionService:
     def inspect(self, uploads: list[Upload], *, overlay: bool = False, mask: bool = False,
                 min_region_area: int | None = None) -> list[dict]:
         """Per upload, in order: name, width, height, score, normalized_score, prediction
-        (1 defective), label, threshold, regions (None without a pixel threshold), milliseconds,
+        (1 defective), review (1 passed but in the review band, None without a band), label, threshold, regions (None without a pixel threshold), milliseconds,
         and id when corrections are on; overlay / mask as base64 PNG when asked. An upload that
         cannot be read: name, error, milliseconds. None readable: DataError."""
         min_area = check_min_area(self.min_region_area if min_region_area is None else min_region_area)
@@ -224,7 +224,7 @@ class InspectionService:
                 "name": up.name[:NAME_MAX_CHARS],
                 "width": int(image.shape[1]), "height": int(image.shape[0]),
                 "score": r["score"], "normalized_score": r["normalized_score"],
-                "prediction": r["prediction"],
+                "prediction": r["prediction"], "review": r["review"],
                 "label": None if r["prediction"] is None else ("defective" if r["prediction"] else "good"),
                 "threshold": r["threshold"],
             }

@@ -27,6 +27,11 @@ const scored = () => state.results.filter((r) => !r.error);   // an unreadable i
 // no threshold (an uncalibrated model, slider untouched): nothing is judged, rather than all PASS
 const judged = (r) => !r.error && state.threshold !== null;
 const defective = (r) => judged(r) && r.score >= state.threshold;
+// the calibration's review band: a part that passes the threshold but scores at or above the band's
+// lower edge goes to a person (prn calibrate RUN --review-fpr R); the slider moves its upper edge
+const reviewEdge = () => (state.model && state.model.calibration && state.model.calibration.review_threshold != null
+  ? state.model.calibration.review_threshold : null);
+const inReview = (r) => judged(r) && !defective(r) && reviewEdge() !== null && r.score >= reviewEdge();
 
 function say(text, isError = false) {
   const status = $("status");
@@ -58,7 +63,9 @@ function setThreshold(value) {
 
 // ----------------------------------------------------------------------------- results
 
-function verdictText(r) { return r.error ? "NOT READ" : !judged(r) ? "NO THRESHOLD" : defective(r) ? "FAIL" : "PASS"; }
+function verdictText(r) {
+  return r.error ? "NOT READ" : !judged(r) ? "NO THRESHOLD" : defective(r) ? "FAIL" : inReview(r) ? "REVIEW" : "PASS";
+}
 function verdictWord(r) { return r.error ? "not read" : !judged(r) ? "not judged" : defective(r) ? "defective" : "good"; }
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -154,12 +161,14 @@ function rejudge() {
     const bad = defective(r);
     for (const el of [r.card, r.row]) {
       el.classList.toggle("fail", bad);
-      el.classList.toggle("pass", !bad && judged(r));
+      el.classList.toggle("pass", !bad && judged(r) && !inReview(r));
+      el.classList.toggle("review", inReview(r));
       el.querySelector(".verdict").textContent = verdictText(r);
       el.dataset.verdict = verdictWord(r);
     }
   }
   const failed = state.results.filter(defective).length;
+  const reviewed = state.results.filter(inReview).length;
   const unread = state.results.length - scored().length;
   $("download").disabled = !state.results.length;
   if (state.results.length) {
@@ -167,7 +176,8 @@ function rejudge() {
     const caption = $("results").createCaption();
     caption.textContent = (state.threshold === null
       ? `${scored().length} images, none judged: the model has no threshold (move the slider to set one)`
-      : `${scored().length} images, ${failed} fail at threshold ${fmt(state.threshold)}`) +
+      : `${scored().length} images, ${failed} fail at threshold ${fmt(state.threshold)}` +
+        (reviewEdge() === null ? "" : `, ${reviewed} to review (from ${fmt(reviewEdge())})`)) +
       (unread ? `; ${unread} could not be read` : "");
   }
 }
@@ -246,11 +256,13 @@ function csvCell(value) {
 }
 
 function csvText() {
-  const header = ["index", "file", "score", "normalized_score", "verdict", "threshold",
+  const header = ["index", "file", "score", "normalized_score", "verdict", "review", "threshold",
                   "server_label", "regions", "milliseconds", "time", "error", "correction"];
   const lines = [header.join(",")];
   for (const r of state.results) {
-    lines.push([r.index, r.name, r.score, r.normalized_score, verdictWord(r), judged(r) ? state.threshold : null,
+    // review: 1 for a part that passes the page's threshold inside the review band, empty without a band
+    const review = reviewEdge() === null || !judged(r) ? null : Number(inReview(r));
+    lines.push([r.index, r.name, r.score, r.normalized_score, verdictWord(r), review, judged(r) ? state.threshold : null,
                 r.label, r.regions ? r.regions.length : null, Math.round(r.milliseconds * 10) / 10, r.time,
                 r.error, r.correction ? `${r.correction.label} (${r.correction.id})` : null].map(csvCell).join(","));
   }
@@ -275,7 +287,8 @@ function describe(m) {
   const parts = [`${m.kind} model`, m.backbone, `input ${m.input_size[0]}×${m.input_size[1]}`, m.device];
   parts.push(m.image_threshold === null
     ? "no threshold: not calibrated, nothing is judged until a threshold is set with the slider (or prn calibrate RUN)"
-    : `threshold ${fmt(m.image_threshold)} (${m.threshold_source})`);
+    : `threshold ${fmt(m.image_threshold)} (${m.threshold_source})` +
+      (reviewEdge() === null ? "" : `, review band from ${fmt(reviewEdge())}`));
   return parts.join(" · ");
 }
 
