@@ -124,10 +124,8 @@ def ddp(sizes: dict, work: Path, timeout: float) -> dict:
                      "train_images_per_s_by_epoch": epoch_rates(run, cfg.training.batch_size)}
     a = load_checkpoint(work / "one_process" / "checkpoints" / "last.pt")["state_dict"]
     b = load_checkpoint(work / "two_processes" / "checkpoints" / "last.pt")["state_dict"]
-    # the trained head: not the frozen encoder, the k-means prototypes, or the memory of the seen
-    # defects (built after training, empty unless asked for)
-    head = [k for k in a if not k.startswith(("encoder.", "prototypes.", "defect_memory."))
-            and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    from prn.model.network import trained_weight_keys
+    head = trained_weight_keys(a)  # the trained head: what DDP and one process should agree on
     out["max_abs_weight_difference"] = max((a[k].float() - b[k].float()).abs().max().item() for k in head)
     out["max_abs_weight"] = max(a[k].float().abs().max().item() for k in head)
     return out

@@ -194,9 +194,9 @@ def head_difference(a: dict, b: dict) -> float:
     """Max |a - b| over the trained parameters (the encoder is frozen; batch-norm running
     statistics are averaged over ranks by DDP runs and accumulated per share by the emulation; the
     memory of the seen defects is built after training, and empty unless the config asks for it)."""
-    keys = [k for k in a if not k.startswith(("encoder.", "prototypes.", "defect_memory."))
-            and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert keys
+    from prn.model.network import trained_weight_keys
+    keys = trained_weight_keys(a)
+    assert keys and not any(k.startswith("encoder.") for k in keys)
     return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
 
 

@@ -152,3 +152,16 @@ def test_forward_refuses_images_that_are_not_rgb_batches():
 def test_from_config_builds_the_named_backbone():
     model = PRN.from_config(PRNConfig(backbone="tf_efficientnet_lite0", backbone_weights="random").model)
     assert model.encoder.name == "tf_efficientnet_lite0" and model.skip_channels == [48, 80, 224]
+
+
+def test_trained_weight_keys_are_the_trainable_parameters_of_the_head():
+    from prn.model.network import trained_weight_keys
+    model = build(image_score="head")
+    model.fit_prototypes([images(4)])
+    state = model.state_dict()
+    keys = trained_weight_keys(state)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad and not name.startswith("encoder.")}
+    assert set(keys) == trained and {id(p) for p in model.trainable_parameters()} == \
+        {id(p) for name, p in model.named_parameters() if name in trained}
+    assert any(k.startswith("decoder.") for k in keys) and any(k.startswith("image_head.") for k in keys)
+    assert not any(k.startswith(("encoder.", "prototypes.", "defect_memory.")) or "running" in k for k in keys)

@@ -37,6 +37,14 @@ from prn.precision import full_precision
 from prn.tiling import from_tiles, to_tiles
 
 
+def trained_weight_keys(state_dict: dict) -> list[str]:
+    """The keys of a PRN state dict that gradient descent sets: not the frozen encoder, the k-means
+    prototypes or the memory of the seen defects (built after training), nor batch norms' running
+    statistics (DDP averages them over ranks): what two ways of training one model are compared on."""
+    return [k for k in state_dict if not k.startswith(("encoder.", "prototypes.", "defect_memory."))
+            and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+
 class PRN(nn.Module):
     """PRN around a frozen ``encoder`` with three taps, built from the model section ``cfg``."""
 
