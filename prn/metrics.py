@@ -121,7 +121,8 @@ def decision_metrics(labels, scores, kinds=None, threshold: float | None = None)
     """What a line judges first, beside the paper's metrics: image AP; the recall an oracle
     threshold reaches at each of ORACLE_RATES false rejects (``recall_at_0.1%`` ...); and per
     defect kind (``kinds``: (N,) names, the test sub-folders) its image AUROC against every good
-    part and, given a ``threshold``, its recall there (``auroc[kind]``, ``recall[kind]``)."""
+    part and, given a ``threshold``, its recall there (``auroc[kind]``, ``recall[kind]``), with
+    its number of defective parts (``n[kind]``)."""
     y, s = _image_arrays(labels, scores)
     out = {"image_ap": image_ap(y, s)}
     for rate in ORACLE_RATES:
@@ -129,6 +130,7 @@ def decision_metrics(labels, scores, kinds=None, threshold: float | None = None)
     if kinds is not None:
         kinds = np.asarray(kinds)
         for kind in sorted(set(kinds[y].tolist())):
+            out[f"n[{kind}]"] = float((y & (kinds == kind)).sum())
             out[f"auroc[{kind}]"], recall = _group_figures(y, s, kinds == kind, threshold)
             if recall is not None:
                 out[f"recall[{kind}]"] = recall

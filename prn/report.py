@@ -178,12 +178,21 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
         lines.append(f"\n**{name}**: the image score "
                      + ("is fused with the memory of the seen defects" if m["defect_memory_kept"] else
                         "is PRN's alone: the memory of the seen defects was left out") + f"{said}.")
-    kinds = [(name, k[6:-1], m[k], m.get(f"recall[{k[6:-1]}]")) for name, m in results.items()
+    def recall_interval(recall, n):  # a few defects of a kind or size leave a recall wide open
+        from prn.metrics import proportion_interval
+        recall, n = _number(recall), _number(n)
+        if math.isnan(recall) or math.isnan(n) or n < 1:
+            return "-"
+        low, high = proportion_interval(round(recall * n), int(n))
+        return f"{pct(low)}-{pct(high)}"
+    kinds = [(name, k[6:-1], m[k], m.get(f"recall[{k[6:-1]}]"), m.get(f"n[{k[6:-1]}]")) for name, m in results.items()
              for k in m if k.startswith("auroc[")]
     if kinds:
-        lines += ["", "### Per defect kind", "", "| Category | kind | image AUROC | recall at the calibrated threshold |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {kind} | {pct(auroc)} | {pct(recall)} |" for name, kind, auroc, recall in kinds]
+        lines += ["", "### Per defect kind", "",
+                  "| Category | kind | defects | image AUROC | recall at the calibrated threshold | recall 95 % |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {kind} | {'-' if n is None else int(_number(n))} | {pct(auroc)} | {pct(recall)} | "
+                  f"{recall_interval(recall, n)} |" for name, kind, auroc, recall, n in kinds]
     for kind, heading, what, column in (
             ("size", "Per defect size", "The share of the image each defect's mask covers", "defect area"),
             ("pixels", "Per defect size at the model's input",
@@ -194,10 +203,11 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
         if not sizes:
             continue
         lines += ["", f"### {heading}", "", f"{what} (defects with a mask only).", "",
-                  f"| Category | {column} | defects | image AUROC | recall at the calibrated threshold |",
-                  "|---|---|---|---|---|"]
+                  f"| Category | {column} | defects | image AUROC | recall at the calibrated threshold | recall 95 % |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {size} | {int(_number(n))} | {pct(results[name].get(f'{kind}_auroc[{size}]'))} | "
-                  f"{pct(results[name].get(f'{kind}_recall[{size}]'))} |" for name, size, n in sizes]
+                  f"{pct(results[name].get(f'{kind}_recall[{size}]'))} | "
+                  f"{recall_interval(results[name].get(f'{kind}_recall[{size}]'), n)} |" for name, size, n in sizes]
     return "\n".join(lines) + "\n"
 
 

@@ -223,7 +223,7 @@ def test_decision_metrics_give_ap_oracle_recalls_and_per_kind_figures():
     assert m["recall_at_5%"] == pytest.approx(4 / 6)
     assert m["recall[crack]"] == 1.0 and m["recall[pore]"] == pytest.approx(1 / 3)
     assert m["auroc[crack]"] > m["auroc[pore]"]
-    assert "auroc[good]" not in m
+    assert "auroc[good]" not in m and m["n[crack]"] == m["n[pore]"] == 3 and "n[good]" not in m
 
 
 def test_size_metrics_split_the_defects_by_the_share_of_the_image_their_mask_covers():

@@ -178,6 +178,15 @@ def test_decisions_carry_95_percent_intervals_per_category_and_none_in_the_mean(
     assert "recall" in mean and "recall_low" not in mean and "image_auroc_high" not in mean
 
 
+def test_per_kind_and_per_size_recalls_carry_their_count_and_interval(tmp_path):
+    m = {"image_ap": 0.9, "n[pit]": 4.0, "auroc[pit]": 0.8, "recall[pit]": 0.5,
+         "pixels_n[< 16 px]": 10.0, "pixels_auroc[< 16 px]": 0.7, "pixels_recall[< 16 px]": 0.2}
+    md = report.write_results(tmp_path, {"a": m}, title="t")["md"].read_text()
+    # 2 of 4 and 2 of 10, exact binomial: 6.8-93.2 % and 2.5-55.6 %
+    assert "| a | pit | 4 | 80.0 | 50.0 | 6.8-93.2 |" in md
+    assert "| a | < 16 px | 10 | 70.0 | 20.0 | 2.5-55.6 |" in md
+
+
 def test_a_threshold_that_rejected_more_than_twice_its_target_is_said_in_results_and_on_stderr(tmp_path, capsys):
     from prn.cli import _print_metrics
     from prn.deploy.calibrate import rates_at, threshold_warning
