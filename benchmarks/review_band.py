@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         total = {k: sum(r[k] for r in per_run.values())
                  for k in ("false_rejects", "good_reviewed", "misses", "defective_reviewed", "n_good", "n_defective")}
         print(f"| {100 * rate:g} % | mean of {len(per_run)} | {100 * mean['false_reject_rate']:.1f} | "
-              f"{100 * mean['review_rate']:.1f} | {100 * mean['recall']:.1f} | {100 * mean['recall_with_review']:.1f} |")
+              f"{100 * mean['review_rate']:.1f} | {100 * mean['recall']:.1f} | "
+              f"{100 * mean['recall_with_review']:.1f} |")
         stopped = total["n_defective"] - total["misses"]
         print(f"| {100 * rate:g} % | pooled | {total['false_rejects']} of {total['n_good']} | {total['good_reviewed']} "
               f"| {stopped} of {total['n_defective']} | {stopped + total['defective_reviewed']} |")

@@ -195,8 +195,9 @@ class InspectionService:
     def inspect(self, uploads: list[Upload], *, overlay: bool = False, mask: bool = False,
                 min_region_area: int | None = None) -> list[dict]:
         """Per upload, in order: name, width, height, score, normalized_score, prediction
-        (1 defective), review (1 passed but in the review band, None without a band), label, threshold, regions (None without a pixel threshold), milliseconds,
-        and id when corrections are on; overlay / mask as base64 PNG when asked. An upload that
+        (1 defective), review (1 passed but in the review band, None without a band), label,
+        threshold, regions (None without a pixel threshold), milliseconds, and id when corrections
+        are on; overlay / mask as base64 PNG when asked. An upload that
         cannot be read: name, error, milliseconds. None readable: DataError."""
         min_area = check_min_area(self.min_region_area if min_region_area is None else min_region_area)
         if mask and self.predictor.pixel_threshold is None:

@@ -262,7 +262,8 @@ function csvText() {
   for (const r of state.results) {
     // review: 1 for a part that passes the page's threshold inside the review band, empty without a band
     const review = reviewEdge() === null || !judged(r) ? null : Number(inReview(r));
-    lines.push([r.index, r.name, r.score, r.normalized_score, verdictWord(r), review, judged(r) ? state.threshold : null,
+    lines.push([r.index, r.name, r.score, r.normalized_score, verdictWord(r), review,
+                judged(r) ? state.threshold : null,
                 r.label, r.regions ? r.regions.length : null, Math.round(r.milliseconds * 10) / 10, r.time,
                 r.error, r.correction ? `${r.correction.label} (${r.correction.id})` : null].map(csvCell).join(","));
   }
