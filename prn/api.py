@@ -177,11 +177,13 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     name = category_name(cfg)
     write_results(out, {name: metrics}, title=f"{type(model).__name__} on {cfg.data.dataset} {name}")
     normalized, predictions = post.judge(preds.scores)
+    reviews = post.review(preds.scores)
     with ResultWriter(out / "predictions", split_root(cfg), post, maps="npy" if save_maps else "none") as writer:
         for i, s in enumerate(preds.samples):
             writer.add(s.image_path, preds.scores[i], None if normalized is None else normalized[i],
                        None if predictions is None else predictions[i], preds.maps[i],
-                       original_hw(s) if save_maps else None, label=preds.labels[i])
+                       original_hw(s) if save_maps else None, label=preds.labels[i],
+                       review=None if reviews is None else reviews[i])
     # the same pictures as prn predict's, beside the ground truth: the highest-scoring defective
     # and good test images, so a reader sees hits and false alarms
     for i, picture_name in _pick_overlays(preds, overlays):

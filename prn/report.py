@@ -283,7 +283,8 @@ class ResultWriter:
 
     - ``scores.csv``: SCORE_COLUMNS, one row per image (path relative to ``root``, absolute
       outside it; normalized_score and prediction from ``postprocess``, empty when uncalibrated;
-      review 1 for a part that passes but scores in the review band, empty without a band;
+      review 1 for a part that passes but scores in the review band (``Postprocess.review``),
+      empty without a band;
       label when known; error for an unreadable file, its other cells empty);
     - ``maps/<path>.npy`` (raw float32 map at the image's size) or ``.png`` (the display map,
       128 = the pixel threshold), per ``maps``; ``masks/<path>.png`` (pixels >= the pixel
@@ -341,17 +342,15 @@ class ResultWriter:
         self._csv.writerow([shown_path(image_path, self.root), "", "", "", "", "", message]
                            + ([""] if self.regions else []))
 
-    def _review(self, score: float):
-        review = self.post.review(np.array([score]))
-        return "" if review is None else int(review[0])
-
     def add(self, image_path: Path, score: float, normalized: float | None, prediction: int | None,
-            amap=None, hw: tuple[int, int] | None = None, label: int | None = None) -> None:
+            amap=None, hw: tuple[int, int] | None = None, label: int | None = None,
+            review: int | None = None) -> None:
         """One image's row, and its map, mask and regions at its original size ``hw`` (from
-        ``amap`` float32 (h, w) at the model's input size) when asked for."""
+        ``amap`` float32 (h, w) at the model's input size) when asked for. ``prediction`` and
+        ``review`` are the post-process's (``judge``, ``review``), None where it has none."""
         row = [shown_path(image_path, self.root), repr(float(score)),
                "" if normalized is None else repr(float(normalized)),
-               "" if prediction is None else int(prediction), self._review(score),
+               "" if prediction is None else int(prediction), "" if review is None else int(review),
                "" if label is None else int(label), ""]
         wanted = self.maps != "none" or self.masks or self._jsonl is not None
         full, found = None, None

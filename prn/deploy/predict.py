@@ -227,8 +227,6 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                 scores[ok] = scores_ok
             normalized, predictions = predictor.judge(scores)
             reviews = predictor.postprocess.review(scores)
-            if reviews is not None:
-                n_review += int(reviews[ok].sum())
             for j, index in enumerate(batch["index"].tolist()):
                 path, error = files[index], batch["error"][j]
                 if error:
@@ -236,14 +234,15 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                     writer.error(path, error)
                     continue
                 pred = None if predictions is None else int(predictions[j])
+                review = None if reviews is None else int(reviews[j])
                 n_defective += pred or 0
+                n_review += review or 0
                 small = amaps[ok.index(j)]
                 writer.add(path, scores[j], None if normalized is None else normalized[j], pred,
-                           small, tuple(batch["hw"][j].tolist()))
+                           small, tuple(batch["hw"][j].tolist()), review=review)
                 if rank + index * size < overlays:
-                    in_band = reviews is not None and reviews[j]
                     title = f"{path.name}  score {scores[j]:.3f}" + (
-                        "" if pred is None else ("  DEFECTIVE" if pred else "  REVIEW" if in_band else "  good"))
+                        "" if pred is None else ("  DEFECTIVE" if pred else "  REVIEW" if review else "  good"))
                     writer.overlay(path, batch["resized"][j].numpy(), small, title=title)
             writer.flush()
     return PredictSummary(out, writer.csv_path, len(files), n_defective, n_errors, time.perf_counter() - t0,

@@ -244,6 +244,7 @@ def remember(model: nn.Module, seen_images: Tensor, seen_masks: Tensor, good_ima
         from prn.baselines.patchcore import greedy_coreset
         keep = greedy_coreset(bank, MAX_FEATURES)
         bank, owner = bank[keep], owner[keep]
+
     def scored(images: Tensor) -> Tensor:
         taps, residuals, half = taps_of(images)
         return memory_scores(taps, residuals, bank, half)
