@@ -69,7 +69,8 @@ def sheet(run: Path, out: Path, top: int, n_random: int, seed: int) -> None:
     test_goods = [s for s in Split.load(run / "split.json").test if s.label == 0]
     samples = [sample_of(test_goods, r["path"]) for r, _ in picked]
     preds = predict_samples(loaded.model, samples, loaded.cfg.model.input_hw,
-                            batch_size=loaded.cfg.runtime.eval_batch_size, precision=loaded.cfg.training.precision)
+                            batch_size=loaded.cfg.runtime.eval_batch_size, precision=loaded.cfg.training.precision,
+                            detail=loaded.cfg.model.detail)
     tiles, key = [], []
     for i, ((row, group), sample, amap) in enumerate(zip(picked, samples, preds.maps)):
         image = Image.open(sample.image_path).convert("RGB")

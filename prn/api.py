@@ -129,7 +129,7 @@ def _run_dir_of(checkpoint: str | Path) -> Path:
 def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = False) -> tuple[dict, Predictions]:
     preds = predict_samples(model, samples, cfg.model.input_hw, batch_size=cfg.runtime.eval_batch_size,
                             device=resolve_device(cfg.runtime.device), max_pixels=cfg.data.max_image_pixels,
-                            progress=progress, precision=cfg.training.precision)
+                            progress=progress, precision=cfg.training.precision, detail=cfg.model.detail)
     exact = preds.pixel_exact  # pixel metrics over the images whose masks are pixel truth
     metrics = compute_all(preds.labels, preds.scores, preds.masks[exact], preds.maps[exact])
     metrics["seconds_per_image"] = preds.seconds_per_image
@@ -188,7 +188,7 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     # and good test images, so a reader sees hits and false alarms
     for i, picture_name in _pick_overlays(preds, overlays):
         s = preds.samples[i]
-        image, _ = load_sample(s, cfg.model.input_hw, cfg.data.max_image_pixels)
+        image, _ = load_sample(s, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
         result_picture(out / "images" / f"{picture_name}.png", image, preds.maps[i], post, preds.masks[i],
                        title=f"{s.image_path.name}  score {preds.scores[i]:.3f}")
     return metrics

@@ -43,6 +43,7 @@ PRECISIONS = ("32", "bf16", "16", "auto")  # prn.precision
 CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.deploy.calibrate.image_threshold
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 MEMORY_MODES = ("off", "on", "auto")  # prn.model.defect_memory
+RESIZE_DETAIL = ("off", "dark", "bright", "auto")  # prn.preprocess.Detail; auto: prn.runs.resolve_detail
 # seen_fraction at which every anomaly slot of the 2:1:1 batch is a real seen anomaly (no synthetic
 # ones): the last final_real_epochs of a fit, and a retrain with added defects (prn.retrain)
 ALL_REAL_SEEN_FRACTION = 0.5
@@ -163,6 +164,12 @@ class ModelConfig:
     defect_memory_gate: float = 0.9   # ours: "auto" keeps the memory when its leave-one-out AUROC is >= this
     defect_memory_stride: int = 4     # ours: the grid the memory matches at, 4 (the encoder's 1/4 map) or 2
                                       # (its 1/2 map too: pits under one 1/4 cell)
+    resize_detail: str = "off"        # ours: a filter of the full-size image before the resize keeps defects
+                                      # narrower than its step (prn.preprocess.Detail): "dark" (each pixel the
+                                      # darkest within detail_width), "bright", "auto" (fit takes the side the
+                                      # seen defects' masks are on), "off" (the paper's)
+    detail_width: int = 0             # ours: that filter's width in full-size pixels (odd); 0: fit takes it
+                                      # from the resize's step (3 for steps of 2 to 4, 5 for 4 to 6)
 
     def __post_init__(self) -> None:
         problems = []
@@ -204,6 +211,10 @@ class ModelConfig:
                             "use tiles 1 and use_prototypes true, or defect_memory auto or off")
         if not 0 < self.defect_memory_gate <= 1:
             problems.append(f"defect_memory_gate must be in (0, 1], got {self.defect_memory_gate}")
+        if self.resize_detail not in RESIZE_DETAIL:
+            problems.append(f"resize_detail must be one of {', '.join(RESIZE_DETAIL)}, got {self.resize_detail!r}")
+        if self.detail_width < 0 or (self.detail_width and self.detail_width % 2 == 0):
+            problems.append(f"detail_width must be 0 (set at fit) or an odd number of pixels, got {self.detail_width}")
         if self.defect_memory_stride not in (4, 2) or isinstance(self.defect_memory_stride, bool):
             problems.append(f"defect_memory_stride must be 4 or 2, got {self.defect_memory_stride!r}")
         _check(problems)
@@ -220,6 +231,15 @@ class ModelConfig:
         if self.top_k_share > 0:
             return max(1, round(self.top_k_share * height * width))
         return self.top_k
+
+    @property
+    def detail(self):
+        """The pre-process's filter before the resize (``prn.preprocess.Detail``); off until fit
+        has resolved "auto" and a width of 0 (prn.runs.resolve_detail)."""
+        from prn.preprocess import Detail  # here: prn.preprocess imports this module through prn.data.io
+        if self.resize_detail == "auto":
+            return Detail()
+        return Detail(self.resize_detail, self.detail_width)
 
     @property
     def input_hw(self) -> tuple[int, int]:

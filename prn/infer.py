@@ -21,6 +21,7 @@ from prn.data.datasets import ImageDataset, ValidationFold
 from prn.data.sample import Sample
 from prn.metrics import image_auroc, pixel_ap, pixel_auroc
 from prn.pipeline import forward_model
+from prn.preprocess import OFF, Detail
 
 
 @dataclass
@@ -49,12 +50,13 @@ class Predictions:
 def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | tuple[int, int], *,
                     batch_size: int = 16, device: torch.device | str = "cpu",
                     max_pixels: int = 50_000_000, num_workers: int = 0,
-                    progress: bool = False, precision: str = "32") -> Predictions:
+                    progress: bool = False, precision: str = "32", detail: Detail = OFF) -> Predictions:
     """precision: the run's training precision; the forward pass runs under its autocast
-    (prn.precision.inference_autocast), maps and scores come out float32 whatever it is."""
+    (prn.precision.inference_autocast), maps and scores come out float32 whatever it is.
+    detail: the pre-process's filter before the resize (``cfg.model.detail``)."""
     device = torch.device(device)
     model.eval().to(device)
-    dataset = ImageDataset(samples, size, max_pixels)
+    dataset = ImageDataset(samples, size, max_pixels, detail)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     n = len(samples)

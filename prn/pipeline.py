@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from prn.postprocess import Postprocess
 from prn.precision import inference_autocast
-from prn.preprocess import Preprocess
+from prn.preprocess import OFF, Detail, Preprocess
 
 
 @torch.no_grad()
@@ -40,9 +40,9 @@ class InferencePipeline(nn.Module):
     "prediction" bool (B,)."""
 
     def __init__(self, model: nn.Module, input_hw: tuple[int, int], calibration: dict | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, detail: Detail = OFF):
         super().__init__()
-        self.preprocess = Preprocess(input_hw)
+        self.preprocess = Preprocess(input_hw, detail)
         self.model = model
         self.postprocess = Postprocess(calibration, threshold)
 

@@ -107,7 +107,7 @@ def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitRe
     # random) draws them from the global generator, so without this the same config gave
     # another model after whatever ran before it in the process
     seed_everything(cfg.training.seed)
-    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels)
+    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
     model = build(kind, cfg).to(device)
     batches = (b.to(device) for b in batches_of(normals, cfg.runtime.eval_batch_size))
     t0 = time.perf_counter()

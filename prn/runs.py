@@ -173,6 +173,27 @@ def resolve_input_size(cfg: PRNConfig, split: Split) -> PRNConfig:
     return cfg.replace(image_hw=hw)
 
 
+def resolve_detail(cfg: PRNConfig, split: Split) -> PRNConfig:
+    """Fix the pre-process's filter (``resize_detail``, prn.preprocess.Detail) before any image is
+    read: "auto" becomes the side the seen defects (trained and held out) are on
+    (``prn.preprocess.defect_side``), and a
+    ``detail_width`` of 0 the width for the first training image's resize step
+    (``prn.preprocess.detail_width``).
+    The run's config.yaml keeps the result, so test, predict, serve and export filter alike."""
+    from prn.preprocess import defect_side, detail_width
+
+    m = cfg.model
+    if m.resize_detail == "off" or (m.resize_detail != "auto" and m.detail_width):
+        return cfg
+    mode = m.resize_detail
+    if mode == "auto":
+        side = defect_side(split.train_anomalous + split.val_anomalous, cfg.data.max_image_pixels)
+        mode = side["mode"]
+        print(f"prn: resize_detail auto -> {mode} ({side['why']})", file=sys.stderr)
+    width = m.detail_width or detail_width(original_hw(split.train_normal[0]), m.input_hw)
+    return cfg.replace(resize_detail=mode, detail_width=width)
+
+
 def start_run(cfg: PRNConfig, run_dir: str | Path | None,
               split: Split | None) -> tuple[Path, Split, PRNConfig]:
     """Split the data (unless given), fix the input size, make the run folder and write config,
@@ -180,7 +201,7 @@ def start_run(cfg: PRNConfig, run_dir: str | Path | None,
     split = split or make_split(cfg)
     if not split.train_normal:
         raise DataError(f"{cfg.data.root}: no defect-free training images found")
-    cfg = resolve_input_size(cfg, split)
+    cfg = resolve_detail(resolve_input_size(cfg, split), split)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")

@@ -92,7 +92,8 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     normals = uint8_images(6, seed=0).float() / 255
     out = {}
-    for name, kind, changes in (("prn", "prn", {"test_flips": "all", "defect_memory_stride": 2}),
+    for name, kind, changes in (("prn", "prn", {"test_flips": "all", "defect_memory_stride": 2,
+                                                "resize_detail": "dark", "detail_width": 3}),
                                 ("prototypes", "prototypes", {}),
                                 ("patchcore", "patchcore", {})):
         torch.manual_seed(0)
@@ -102,7 +103,7 @@ def checkpoints(tmp_path_factory):
         if kind == "prn":
             remember_some_defects(model)
         with torch.no_grad():
-            scores = InferencePipeline(model, HW)(BATCH7)["score"].numpy()
+            scores = InferencePipeline(model, HW, detail=cfg.model.detail)(BATCH7)["score"].numpy()
         path = folder / f"{name}.pt"
         save_checkpoint(path, model=kind, config=cfg.to_dict(), state_dict=model.state_dict(),
                         calibration=calibration_between(scores))
@@ -182,7 +183,7 @@ def test_exported_graph_is_prns_own_pipeline_on_images_of_the_models_size(checkp
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
         samples.append(Sample(path, None, 0, "unknown"))
     loaded = load_model(checkpoints["prn"], device="cpu")
-    prn = predict_samples(loaded.model, samples, HW, batch_size=4)
+    prn = predict_samples(loaded.model, samples, HW, batch_size=4, detail=loaded.cfg.model.detail)
     got = run_exported(exported("prn", "onnx"), BATCH7)
     np.testing.assert_allclose(got["anomaly_map"][:, 0], prn.maps, rtol=0, atol=TOL)
     np.testing.assert_allclose(got["score"], prn.scores, rtol=0, atol=TOL)
@@ -197,7 +198,8 @@ def test_raw_frames_give_prns_scores_on_the_same_files(checkpoints, exported, tm
         for j, image in enumerate(batch):
             paths.append(tmp_path / f"{i}_{j}.png")
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
-        prn = predict_samples(loaded.model, [Sample(p, None, 0, "unknown") for p in paths], HW)
+        prn = predict_samples(loaded.model, [Sample(p, None, 0, "unknown") for p in paths], HW,
+                              detail=loaded.cfg.model.detail)
         got = run_exported(exported("prn", "onnx"), batch)
         # the graph resizes as prn does, bit for bit: only the engines' float rounding remains
         np.testing.assert_allclose(got["score"], prn.scores, rtol=0, atol=TOL)
@@ -275,7 +277,8 @@ def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(checkpoin
     assert run.returncode == 0, run.stderr
     rows = {r["path"]: r for r in csv.DictReader(run.stdout.splitlines())}
     loaded = load_model(checkpoints["prn"], device="cpu")
-    prn = predict_samples(loaded.model, [Sample(p, None, 0, "unknown") for p in paths], HW)
+    prn = predict_samples(loaded.model, [Sample(p, None, 0, "unknown") for p in paths], HW,
+                          detail=loaded.cfg.model.detail)
     normalized, decisions = Postprocess(loaded.calibration).judge(prn.scores)
     assert len(rows) == len(paths)
     for path, score, norm, decision in zip(paths, prn.scores, normalized, decisions):

@@ -113,3 +113,47 @@ def test_the_exported_graph_gives_the_same_scores_and_maps_as_prn(tiled_run, til
         np.testing.assert_allclose(got["anomaly_map"][0, 0], test.maps[i], rtol=0, atol=TOL)
         assert bool(got["prediction"][0]) == bool(decisions[i])
         assert abs(float(got["normalized_score"][0]) - normalized[i]) <= TOL
+
+
+def test_a_run_with_the_detail_filter_filters_in_every_caller(demo_root, tiny_config, tmp_path):
+    # The filter before the resize (resize_detail) is a property of the run: fit resolves its width
+    # from the training images' step, and test, calibration, predict, serve and the exported graph
+    # all filter; a caller that did not would score other pixels (checked last).
+    from prn import api
+    from prn.config import PRNConfig
+    from prn.data.demo import make_demo_dataset
+    from prn.deploy.export import build_graph
+    from prn.preprocess import Detail
+    root = tmp_path / "data"
+    make_demo_dataset(root, seed=1, n_train=12, n_test_good=2, n_test_defect=2, size=192)
+    cfg = tiny_config(root, tmp_path / "out", epochs=1, steps_per_epoch=1, val_normal_min=4, resize_detail="dark")
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    written = PRNConfig.load(run / "config.yaml").model
+    assert (written.resize_detail, written.detail_width, written.detail) == ("dark", 3, Detail("dark", 3))
+
+    predictor = Predictor(run, device="cpu")
+    split = Split.load(run / "split.json")
+    files = [s.image_path for s in split.test]
+    test = predict_samples(predictor.model, split.test, predictor.input_hw, detail=predictor.cfg.model.detail)
+    fold = load_validation(predictor.cfg, Split(train_normal=[], train_anomalous=[], test=[], dataset="demo",
+                                                category="demo", k=0, seed=0, val_normal=split.test))
+    _, val = validate(predictor.model, fold, predictor.loaded.device, 2, predictor.cfg.training.precision)
+    np.testing.assert_allclose(val.scores, test.scores, rtol=0, atol=TOL)
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    arrays = predictor.predict_arrays(images)
+    graph = build_graph(predictor.loaded)
+    for i, image in enumerate(images):
+        assert abs(arrays[i]["score"] - test.scores[i]) <= TOL
+        with torch.no_grad():
+            out = graph(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
+        assert abs(float(out["score"][0]) - test.scores[i]) <= TOL
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for f in files:
+        (folder / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    summary = predict_folder(predictor, folder, tmp_path / "pred", maps="none", progress=False)
+    rows = {r["path"]: float(r["score"]) for r in csv.DictReader(summary.csv.open())}
+    for i, f in enumerate(files):
+        assert abs(rows[f"{f.parent.name}_{f.name}"] - test.scores[i]) <= TOL
+    unfiltered = predict_samples(predictor.model, split.test, predictor.input_hw)
+    assert np.abs(unfiltered.scores - test.scores).max() > 100 * TOL

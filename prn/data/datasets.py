@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from prn.data.io import DEFAULT_MAX_PIXELS, image_hw, read_mask
 from prn.data.sample import Sample
-from prn.preprocess import as_hw, batches_of, read_resized, to_tensor
+from prn.preprocess import OFF, Detail, as_hw, batches_of, read_resized, to_tensor
 
 
 def original_hw(sample: Sample) -> tuple[int, int]:
@@ -29,12 +29,13 @@ def original_hw(sample: Sample) -> tuple[int, int]:
     return image_hw(sample.image_path)
 
 
-def load_sample(sample: Sample, size: int | tuple[int, int],
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+def load_sample(sample: Sample, size: int | tuple[int, int], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                detail: Detail = OFF) -> tuple[np.ndarray, np.ndarray]:
     """Read and resize one sample to ``size`` (S or (H, W)): (uint8 (H, W, 3), bool (H, W)); the
-    mask is all False when the sample has none. The mask must have the image's size (else DataError)."""
+    mask is all False when the sample has none. The mask must have the image's size (else DataError).
+    detail: the pre-process's filter before the resize (``cfg.model.detail``)."""
     h, w = as_hw(size)
-    resized, full_hw = read_resized(sample.image_path, (h, w), max_pixels)
+    resized, full_hw = read_resized(sample.image_path, (h, w), max_pixels, detail)
     if sample.mask_path is None:
         return resized, np.zeros((h, w), dtype=bool)
     mask = read_mask(sample.mask_path, full_hw, max_pixels, image_path=sample.image_path)
@@ -47,17 +48,18 @@ class ImageDataset(Dataset):
     in {0, 1}, "label": int, "index": int (position in samples)}. size: S or (H, W)."""
 
     def __init__(self, samples: list[Sample], size: int | tuple[int, int],
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, detail: Detail = OFF):
         self.samples = list(samples)
         self.size = as_hw(size)
         self.max_pixels = max_pixels
+        self.detail = detail
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        image, mask = load_sample(sample, self.size, self.max_pixels)
+        image, mask = load_sample(sample, self.size, self.max_pixels, self.detail)
         return {
             "image": to_tensor(image),
             "mask": torch.from_numpy(mask).to(torch.float32)[None],
@@ -66,10 +68,10 @@ class ImageDataset(Dataset):
         }
 
 
-def load_arrays(samples: list[Sample], size: int | tuple[int, int],
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def load_arrays(samples: list[Sample], size: int | tuple[int, int], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                detail: Detail = OFF) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``load_sample`` of every sample: (images uint8 (H, W, 3), masks bool (H, W)), in order."""
-    pairs = [load_sample(s, size, max_pixels) for s in samples]
+    pairs = [load_sample(s, size, max_pixels, detail) for s in samples]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -87,14 +89,14 @@ def load_training_arrays(cfg, split):
     """The normal training images of ``split`` (uint8 arrays at the model's input size) and its
     seen anomalies as (image, mask, annotation) triples (``Sample.annotation``; with
     cfg.data.seen_annotation "box" or "label" each mask is made a box or dropped). cfg: a ``PRNConfig``."""
-    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels)
+    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
     return normals, load_seen_arrays(cfg, split)
 
 
 def load_seen_arrays(cfg, split) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """The seen anomalies of ``split`` as ``load_training_arrays`` gives them: (image, mask,
     annotation) triples, each mask made a box or dropped as cfg.data.seen_annotation says."""
-    images, masks = load_arrays(split.train_anomalous, cfg.model.input_hw, cfg.data.max_image_pixels)
+    images, masks = load_arrays(split.train_anomalous, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
     seen = []
     for sample, image, mask in zip(split.train_anomalous, images, masks):
         annotation = sample.annotation
@@ -134,6 +136,6 @@ def load_validation(cfg, split) -> ValidationFold | None:
     samples = split.val_normal + split.val_anomalous
     if not samples:
         return None
-    images, masks = load_arrays(samples, cfg.model.input_hw, cfg.data.max_image_pixels)
+    images, masks = load_arrays(samples, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
     return ValidationFold(samples, torch.cat(list(batches_of(images, len(images)))), np.stack(masks),
                           np.array([s.label for s in samples], dtype=np.int64))

@@ -344,7 +344,7 @@ def calibrate_model(model, cfg, split, *, device, progress: bool = False,
     preds = predict_samples(model, split.val_normal + split.val_anomalous, cfg.model.input_hw,
                             batch_size=cfg.runtime.eval_batch_size, device=device,
                             max_pixels=cfg.data.max_image_pixels, progress=progress,
-                            precision=cfg.training.precision)
+                            precision=cfg.training.precision, detail=cfg.model.detail)
     return calibrate_predictions(preds, cfg.calibration, score_bound, cfg.training.precision)
 
 

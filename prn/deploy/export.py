@@ -100,7 +100,8 @@ class _ScriptedGraph(nn.Module):
 
 def build_graph(loaded) -> InferencePipeline:
     """The ``InferencePipeline`` of a ``prn.deploy.loading.LoadedModel`` (on the CPU, eval mode)."""
-    return InferencePipeline(loaded.model, loaded.cfg.model.input_hw, loaded.calibration).eval().cpu()
+    return InferencePipeline(loaded.model, loaded.cfg.model.input_hw, loaded.calibration,
+                             detail=loaded.cfg.model.detail).eval().cpu()
 
 
 def metadata(loaded, fmt: str) -> dict[str, str]:
@@ -116,6 +117,9 @@ def metadata(loaded, fmt: str) -> dict[str, str]:
         "map_sigma": repr(float(cfg.model.map_sigma)), "top_k": str(cfg.model.top_k),
         "score_smoothed": "true" if cfg.model.score_smoothed else "false",
         "tiles": str(cfg.model.tiles),  # the graph cuts its input into tiles x tiles itself
+        # the filter before the resize, in the graph too; a caller that resizes first applies it
+        "resize_detail": cfg.model.detail.mode if cfg.model.detail.active else "off",
+        "detail_width": str(cfg.model.detail.width if cfg.model.detail.active else 0),
         "dataset": cfg.data.dataset, "category": str(cfg.data.category),
         "checkpoint": loaded.path.name,
         "calibrated": "true" if cal is not None else "false",

@@ -28,7 +28,7 @@ from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError, UsageError
 from prn.pipeline import InferencePipeline, forward_model
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
-from prn.preprocess import read_resized, resize_image, to_tensor
+from prn.preprocess import OFF, Detail, read_resized, resize_image, to_tensor
 from prn.report import MAP_FORMATS, ResultWriter
 from prn.runtime import read_ahead
 
@@ -45,11 +45,13 @@ class Predictor:
         self.loaded = load_model(checkpoint, device=device)
         self.model, self.cfg = self.loaded.model, self.loaded.cfg
         self.calibration = self.loaded.calibration
-        self.pipeline = InferencePipeline(self.model, self.cfg.model.input_hw, self.calibration, threshold)
+        self.pipeline = InferencePipeline(self.model, self.cfg.model.input_hw, self.calibration, threshold,
+                                          self.cfg.model.detail)
         self.postprocess = self.pipeline.postprocess
         self.threshold = self.postprocess.threshold
         self.pixel_threshold = self.postprocess.pixel_threshold
         self.input_hw = self.pipeline.preprocess.input_hw
+        self.detail = self.pipeline.preprocess.detail
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size or self.cfg.runtime.eval_batch_size
@@ -59,8 +61,8 @@ class Predictor:
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (h, w, 3) at any size -> uint8 (H, W, 3) at the model's input size (the pipeline's
-        resize, run by Pillow: ``prn.preprocess.resize_image``)."""
-        return resize_image(image, self.input_hw)
+        resize, and its filter before, run by Pillow: ``prn.preprocess.resize_image``)."""
+        return resize_image(image, self.input_hw, self.detail)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (h, w, 3) at any size -> float32 (3, H, W) model input (the pipeline's pre-process)."""
@@ -127,8 +129,8 @@ class ImageFiles(Dataset):
     when there are any, while the model runs on the previous batch; the items hold no model, so
     workers start light on any platform."""
 
-    def __init__(self, files: list[Path], input_hw: tuple[int, int], max_pixels: int):
-        self.files, self.input_hw, self.max_pixels = files, tuple(input_hw), max_pixels
+    def __init__(self, files: list[Path], input_hw: tuple[int, int], max_pixels: int, detail: Detail = OFF):
+        self.files, self.input_hw, self.max_pixels, self.detail = files, tuple(input_hw), max_pixels, detail
 
     def __len__(self) -> int:
         return len(self.files)
@@ -138,7 +140,7 @@ class ImageFiles(Dataset):
         item = {"index": i, "resized": torch.zeros(h, w, 3, dtype=torch.uint8),
                 "hw": torch.zeros(2, dtype=torch.int64), "error": ""}
         try:
-            resized, hw = read_resized(self.files[i], self.input_hw, self.max_pixels)
+            resized, hw = read_resized(self.files[i], self.input_hw, self.max_pixels, self.detail)
         except DataError as exc:
             item["error"] = str(exc)
             return item
@@ -206,7 +208,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     rank, size = shard
     files = files[rank::size]
     forward = predictor.engine if engine == predictor.engine_name else make_engine(predictor, engine, progress)
-    dataset = ImageFiles(files, predictor.input_hw, predictor.cfg.data.max_image_pixels)
+    dataset = ImageFiles(files, predictor.input_hw, predictor.cfg.data.max_image_pixels, predictor.detail)
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")
     n_defective = n_errors = n_review = 0
