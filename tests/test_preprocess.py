@@ -220,7 +220,7 @@ def test_defect_side_is_the_side_three_quarters_of_the_masked_defects_are_on(tmp
     assert side["mode"] == "off" and "no seen defect with a pixel mask" in side["why"]
 
 
-def test_fit_resolves_auto_and_a_width_of_0_once_before_any_image_is_read(tmp_path):
+def test_fit_resolves_auto_and_a_width_of_0_once_before_any_image_is_read(tmp_path, capsys):
     from prn.config import PRNConfig
     from prn.data.split import Split
     from prn.runs import resolve_detail
@@ -239,6 +239,9 @@ def test_fit_resolves_auto_and_a_width_of_0_once_before_any_image_is_read(tmp_pa
     assert resolved(resize_detail="bright") == ("bright", 3)
     assert resolved(resize_detail="dark", detail_width=5) == ("dark", 5)
     assert resolved() == ("off", 0)
+    m = resolve_detail(PRNConfig(image_hw=(256, 512), resize_detail="dark"), split).model
+    assert (m.resize_detail, m.detail_width, m.detail.active) == ("dark", 0, False)  # a step of 1.2: nothing to keep
+    assert "no filter" in capsys.readouterr().err
     assert PRNConfig(resize_detail="auto").model.detail == Detail()  # not filtered before fit resolves it
     for bad in ({"resize_detail": "darker"}, {"detail_width": 4}, {"detail_width": -1}):
         with pytest.raises(Exception, match="resize_detail|detail_width"):
