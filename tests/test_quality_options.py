@@ -105,13 +105,13 @@ def test_the_paper_preset_keeps_the_papers_optimiser():
     assert (cfg.training.optimizer, cfg.training.lr, cfg.training.weight_decay, cfg.training.lr_schedule, cfg.model.map_sigma) == ("adam", 1e-4, 1e-2, "constant", 0.0)
 
 
-def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention_strokes_or_the_detail_filter_in_native_precision():
+def test_the_fast_cpu_preset_is_the_cpu_preset_without_attention_or_strokes_in_native_precision():
     cpu, fast = PRNConfig().replace(**PRESETS["cpu"]), PRNConfig().replace(**PRESETS["cpu-fast"])
     assert cpu.model.use_attention and not fast.model.use_attention
     assert (cpu.training.precision, fast.training.precision) == ("32", "auto")
     assert (cpu.synthesis.strokes, fast.synthesis.strokes) == ("auto", "off")
-    assert (cpu.model.resize_detail, fast.model.resize_detail) == ("auto", "off")
-    assert fast.replace(use_attention=True, precision="32", strokes="auto", resize_detail="auto").to_dict() == cpu.to_dict()
+    assert (cpu.model.resize_detail, fast.model.resize_detail) == ("auto", "auto")
+    assert fast.replace(use_attention=True, precision="32", strokes="auto").to_dict() == cpu.to_dict()
 
 
 def test_the_cpu_presets_smooth_the_map_but_score_the_map_before_it():
