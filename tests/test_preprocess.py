@@ -56,19 +56,23 @@ def test_preprocess_refuses_what_is_not_a_batch_of_uint8_rgb_images():
         Preprocess((32, 32))(torch.zeros(1, 3, 40, 40))
 
 
-def test_exported_resize_equals_pillows_for_any_input_size(tmp_path):
+def exported_session(resize: Resize, example_hw, folder):
+    """``resize`` exported to ONNX with a dynamic batch and input size, as an onnxruntime session."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    resize = Resize((48, 80))
-    example = torch.randint(0, 256, (2, 3, 51, 83), dtype=torch.uint8)
+    example = torch.randint(0, 256, (2, 3, *example_hw), dtype=torch.uint8)
     dims = {0: torch.export.Dim("b", min=1, max=64), 2: torch.export.Dim("h", min=2, max=8192),
             3: torch.export.Dim("w", min=2, max=8192)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(resize, (example,), input_names=["images"], dynamo=True,
                                     dynamic_shapes={"images": dims}, opset_version=18, verbose=False)
-    program.save(str(tmp_path / "resize.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "resize.onnx"), providers=["CPUExecutionProvider"])
+    program.save(str(folder / "resize.onnx"))
+    return ort.InferenceSession(str(folder / "resize.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_exported_resize_equals_pillows_for_any_input_size(tmp_path):
+    session = exported_session(Resize((48, 80)), (51, 83), tmp_path)
     for src, _ in random_sizes(12, 3) + [((500, 1250), None), ((30, 20), None)]:
         image = np.random.default_rng(src[1]).integers(0, 256, (*src, 3), dtype=np.uint8)
         (got,) = session.run(None, {"images": image.transpose(2, 0, 1)[None].copy()})
@@ -172,18 +176,7 @@ def test_detail_width_follows_the_resize_step_and_detail_checks_its_values():
 
 
 def test_exported_resize_with_the_dark_filter_equals_pillows(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    resize = Resize((48, 80), Detail("dark", 3))
-    example = torch.randint(0, 256, (2, 3, 151, 243), dtype=torch.uint8)
-    dims = {0: torch.export.Dim("b", min=1, max=64), 2: torch.export.Dim("h", min=3, max=8192),
-            3: torch.export.Dim("w", min=3, max=8192)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(resize, (example,), input_names=["images"], dynamo=True,
-                                    dynamic_shapes={"images": dims}, opset_version=18, verbose=False)
-    program.save(str(tmp_path / "resize.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "resize.onnx"), providers=["CPUExecutionProvider"])
+    session = exported_session(Resize((48, 80), Detail("dark", 3)), (151, 243), tmp_path)
     for src in [(500, 1250), (160, 250), (48, 80)]:
         image = np.random.default_rng(src[1]).integers(0, 256, (*src, 3), dtype=np.uint8)
         (got,) = session.run(None, {"images": image.transpose(2, 0, 1)[None].copy()})
