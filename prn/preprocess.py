@@ -17,10 +17,10 @@ pixels, some fifty times faster than the torch twin on a CPU.
 
 Ours, off by default (``resize_detail``): before the resize, each full-size pixel may take the
 darkest (``dark``: a min filter, Pillow's ``MinFilter``) or brightest (``bright``: ``MaxFilter``)
-value within ``width`` pixels of it (``Detail``), wherever the resize changes the size. The resize averages a pit of 3 x 3 camera pixels
-into one input pixel at a third of its contrast, under the encoder's notice; filtered first, it
-stays a pixel wide at its full contrast. The filter keeps the resize's bit-for-bit twin: the min
-of a window is exact in torch (``max_pool2d`` of the negated image) as in Pillow.
+value of the window around it (``Detail``), wherever the resize changes the size. A resize by a
+step of 3 averages a pit of 2 x 2 camera pixels into its neighbours at a third of its depth, under
+the encoder's notice; filtered first, it keeps most of its depth in one input pixel. The resize
+keeps its bit-for-bit twin: a window's min is exact in torch (``max_pool2d`` of the negated image).
 
     >>> pre = Preprocess((160, 384))
     >>> x = pre(torch.randint(0, 256, (2, 3, 500, 1250), dtype=torch.uint8))   # (2, 3, 160, 384) in [0, 1]
@@ -28,9 +28,8 @@ of a window is exact in torch (``max_pool2d`` of the negated image) as in Pillow
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
