@@ -191,7 +191,7 @@ def resolve_detail(cfg: PRNConfig, split: Split) -> PRNConfig:
         mode = side["mode"]
         print(f"prn: resize_detail auto -> {mode} ({side['why']})", file=sys.stderr)
     width = m.detail_width or detail_width(original_hw(split.train_normal[0]), m.input_hw)
-    if mode != "off" and width < 3:
+    if mode != "off" and not width:  # the step gave none (a width of 1 asked for is the user's own)
         print(f"prn: resize_detail {mode}: no filter, the training images are resized by a step under 2",
               file=sys.stderr)
     return cfg.replace(resize_detail=mode, detail_width=width)

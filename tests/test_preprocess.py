@@ -235,6 +235,8 @@ def test_fit_resolves_auto_and_a_width_of_0_once_before_any_image_is_read(tmp_pa
     m = resolve_detail(PRNConfig(image_hw=(256, 512), resize_detail="dark"), split).model
     assert (m.resize_detail, m.detail_width, m.detail.active) == ("dark", 0, False)  # a step of 1.2: nothing to keep
     assert "no filter" in capsys.readouterr().err
+    m = resolve_detail(PRNConfig(image_hw=(96, 192), resize_detail="dark", detail_width=1), split).model
+    assert (m.detail_width, m.detail.active) == (1, False) and "step under 2" not in capsys.readouterr().err
     assert PRNConfig(resize_detail="auto").model.detail == Detail()  # not filtered before fit resolves it
     for bad in ({"resize_detail": "darker"}, {"detail_width": 4}, {"detail_width": -1}):
         with pytest.raises(Exception, match="resize_detail|detail_width"):

@@ -108,6 +108,7 @@ def metadata(loaded, fmt: str) -> dict[str, str]:
     """What the exported file says about itself: every value a string (ONNX metadata_props)."""
     cfg, cal = loaded.cfg, loaded.calibration
     h, w = cfg.model.input_hw
+    detail = cfg.model.detail
     meta = {
         "format": fmt, "prn_version": __version__, "model_kind": loaded.kind,
         "backbone": cfg.model.backbone, "input_height": str(h), "input_width": str(w),
@@ -118,8 +119,8 @@ def metadata(loaded, fmt: str) -> dict[str, str]:
         "score_smoothed": "true" if cfg.model.score_smoothed else "false",
         "tiles": str(cfg.model.tiles),  # the graph cuts its input into tiles x tiles itself
         # the filter before the resize, in the graph too; a caller that resizes first applies it
-        "resize_detail": cfg.model.detail.mode if cfg.model.detail.active else "off",
-        "detail_width": str(cfg.model.detail.width if cfg.model.detail.active else 0),
+        "resize_detail": detail.mode if detail.active else "off",
+        "detail_width": str(detail.width if detail.active else 0),
         "dataset": cfg.data.dataset, "category": str(cfg.data.category),
         "checkpoint": loaded.path.name,
         "calibrated": "true" if cal is not None else "false",
