@@ -176,10 +176,9 @@ def resolve_input_size(cfg: PRNConfig, split: Split) -> PRNConfig:
 def resolve_detail(cfg: PRNConfig, split: Split) -> PRNConfig:
     """Fix the pre-process's filter (``resize_detail``, prn.preprocess.Detail) before any image is
     read: "auto" becomes the side the seen defects (trained and held out) are on
-    (``prn.preprocess.defect_side``), and a
-    ``detail_width`` of 0 the width for the first training image's resize step
-    (``prn.preprocess.detail_width``).
-    The run's config.yaml keeps the result, so test, predict, serve and export filter alike."""
+    (``prn.preprocess.defect_side``), and a ``detail_width`` of 0 the width for the first training
+    image's resize step (``prn.preprocess.detail_width``). The run's config.yaml keeps the result,
+    so test, predict, serve and export filter alike."""
     from prn.preprocess import defect_side, detail_width
 
     m = cfg.model
