@@ -155,3 +155,49 @@ def test_review_band_from_stored_scores_equals_calibrate_and_test(calibrated_run
                 "false_rejects", "review_rate"):
         assert offline[key] == pytest.approx(tested[key], rel=1e-9), key
     assert "| 50 % | pooled |" in capsys.readouterr().out
+
+
+def test_inverted_set_turns_dark_defects_bright_and_keeps_masks_and_names(monkeypatch, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from prn.data.sample import Sample
+    from prn.preprocess import defect_side
+
+    src = tmp_path / "set"
+    for folder in ("train/good", "test/crack", "ground_truth/crack"):
+        (src / folder).mkdir(parents=True)
+    surface = np.full((40, 50), 150, np.uint8)
+    Image.fromarray(surface).save(src / "train/good/0.png")
+    seen = []
+    for i in range(3):
+        image = surface.copy()
+        image[10 + i:16 + i, 20:26] = 60  # a dark spot
+        mask = np.zeros_like(image)
+        mask[10 + i:16 + i, 20:26] = 255
+        Image.fromarray(np.stack([image] * 3, axis=2)).save(src / f"test/crack/{i}.jpg", quality=98)
+        Image.fromarray(mask).save(src / f"ground_truth/crack/{i}_mask.png")
+        seen.append((f"test/crack/{i}.jpg", f"ground_truth/crack/{i}_mask.png"))
+    (src / "README.md").write_text("provenance\n")
+
+    inverted = script("inverted_set", monkeypatch)
+    inverted.main([str(src), str(tmp_path / "inv")])
+    dst = tmp_path / "inv"
+    names = sorted(p.relative_to(src) for p in src.rglob("*"))
+    assert names == sorted(p.relative_to(dst) for p in dst.rglob("*"))
+    assert np.array_equal(np.asarray(Image.open(dst / "train/good/0.png")), 255 - surface)  # PNG: exact
+    for _, mask in seen:
+        assert (dst / mask).read_bytes() == (src / mask).read_bytes()
+    assert (dst / "README.md").read_text() == "provenance\n"
+
+    def side(root):
+        return defect_side([Sample(root / img, root / mask, 1, "crack") for img, mask in seen])["mode"]
+    assert (side(src), side(dst)) == ("dark", "bright")
+
+    with pytest.raises(SystemExit, match="not empty"):
+        inverted.main([str(src), str(dst)])
+    with pytest.raises(SystemExit, match="inside"):
+        inverted.main([str(src), str(src / "inv")])
+    Image.new("CMYK", (4, 4)).save(src / "train/good/1.jpg")
+    with pytest.raises(SystemExit, match="1.jpg: image mode CMYK"):
+        inverted.main([str(src), str(tmp_path / "inv2")])
