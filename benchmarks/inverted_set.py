@@ -22,9 +22,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
-from prn.data.io import is_image_file
+from prn.data.io import DEFAULT_MAX_PIXELS, decode_image, is_image_file
+from prn.errors import DataError
 
 MASKS = "ground_truth"
 MODES = ("L", "RGB")  # what ImageOps.invert takes and the sets here hold
@@ -41,24 +42,25 @@ def invert_tree(src: Path, dst: Path, quality: int = 95) -> dict:
         raise SystemExit(f"{dst}: inside {src}; give a folder outside it")
     counts = {"inverted": 0, "copied": 0}
     for path in sorted(src.rglob("*")):
-        out = dst / path.relative_to(src)
+        rel = path.relative_to(src)
+        out = dst / rel
         if path.is_dir():
             out.mkdir(parents=True, exist_ok=True)
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
-        if MASKS in path.relative_to(src).parts or not is_image_file(path):
+        if MASKS in rel.parts or not is_image_file(path):
             shutil.copy2(path, out)
             counts["copied"] += 1
             continue
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except OSError as err:
-            raise SystemExit(f"{path}: not a readable image ({err})") from err
-        if im.mode not in MODES:
-            raise SystemExit(f"{path}: image mode {im.mode}; only {', '.join(MODES)} are inverted here")
-        jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-        ImageOps.invert(im).save(out, **({"quality": quality} if jpeg else {}))
+        try:  # the package's checked decode: a missing, empty, huge or corrupt file is named
+            im = decode_image(path, DEFAULT_MAX_PIXELS)
+        except DataError as err:
+            raise SystemExit(str(err)) from err
+        with im:
+            if im.mode not in MODES:
+                raise SystemExit(f"{path}: image mode {im.mode}; only {', '.join(MODES)} are inverted here")
+            jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+            ImageOps.invert(im).save(out, **({"quality": quality} if jpeg else {}))
         counts["inverted"] += 1
     return counts
 
