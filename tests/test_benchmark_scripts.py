@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_script
@@ -157,7 +158,29 @@ def test_review_band_from_stored_scores_equals_calibrate_and_test(calibrated_run
     assert "| 50 % | pooled |" in capsys.readouterr().out
 
 
-def test_inverted_set_turns_dark_defects_bright_and_keeps_masks_and_names(monkeypatch, tmp_path):
+def _spotted_set(root):
+    """A small MVTec tree: a flat good surface, three test images with a dark spot and masks."""
+    import numpy as np
+    from PIL import Image
+
+    for folder in ("train/good", "test/crack", "ground_truth/crack"):
+        (root / folder).mkdir(parents=True)
+    surface = np.full((40, 50), 150, np.uint8)
+    Image.fromarray(surface).save(root / "train/good/0.png")
+    seen = []
+    for i in range(3):
+        image = surface.copy()
+        image[10 + i:16 + i, 20:26] = 60  # a dark spot
+        mask = np.zeros_like(image)
+        mask[10 + i:16 + i, 20:26] = 255
+        Image.fromarray(np.stack([image] * 3, axis=2)).save(root / f"test/crack/{i}.jpg", quality=98)
+        Image.fromarray(mask).save(root / f"ground_truth/crack/{i}_mask.png")
+        seen.append((f"test/crack/{i}.jpg", f"ground_truth/crack/{i}_mask.png"))
+    (root / "README.md").write_text("provenance\n")
+    return surface, seen
+
+
+def test_transformed_set_inverted_turns_dark_defects_bright_and_keeps_masks_and_names(monkeypatch, tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -165,23 +188,9 @@ def test_inverted_set_turns_dark_defects_bright_and_keeps_masks_and_names(monkey
     from prn.preprocess import defect_side
 
     src = tmp_path / "set"
-    for folder in ("train/good", "test/crack", "ground_truth/crack"):
-        (src / folder).mkdir(parents=True)
-    surface = np.full((40, 50), 150, np.uint8)
-    Image.fromarray(surface).save(src / "train/good/0.png")
-    seen = []
-    for i in range(3):
-        image = surface.copy()
-        image[10 + i:16 + i, 20:26] = 60  # a dark spot
-        mask = np.zeros_like(image)
-        mask[10 + i:16 + i, 20:26] = 255
-        Image.fromarray(np.stack([image] * 3, axis=2)).save(src / f"test/crack/{i}.jpg", quality=98)
-        Image.fromarray(mask).save(src / f"ground_truth/crack/{i}_mask.png")
-        seen.append((f"test/crack/{i}.jpg", f"ground_truth/crack/{i}_mask.png"))
-    (src / "README.md").write_text("provenance\n")
-
-    inverted = script("inverted_set", monkeypatch)
-    inverted.main([str(src), str(tmp_path / "inv")])
+    surface, seen = _spotted_set(src)
+    transformed = script("transformed_set", monkeypatch)
+    transformed.main([str(src), str(tmp_path / "inv"), "--invert"])
     dst = tmp_path / "inv"
     names = sorted(p.relative_to(src) for p in src.rglob("*"))
     assert names == sorted(p.relative_to(dst) for p in dst.rglob("*"))
@@ -195,9 +204,56 @@ def test_inverted_set_turns_dark_defects_bright_and_keeps_masks_and_names(monkey
     assert (side(src), side(dst)) == ("dark", "bright")
 
     with pytest.raises(SystemExit, match="not empty"):
-        inverted.main([str(src), str(dst)])
+        transformed.main([str(src), str(dst), "--invert"])
     with pytest.raises(SystemExit, match="inside"):
-        inverted.main([str(src), str(src / "inv")])
+        transformed.main([str(src), str(src / "inv"), "--invert"])
+    with pytest.raises(SystemExit, match="nothing to do"):
+        transformed.main([str(src), str(tmp_path / "same")])
     Image.new("CMYK", (4, 4)).save(src / "train/good/1.jpg")
     with pytest.raises(SystemExit, match="1.jpg: image mode CMYK"):
-        inverted.main([str(src), str(tmp_path / "inv2")])
+        transformed.main([str(src), str(tmp_path / "inv2"), "--invert"])
+
+
+def test_transformed_set_scaled_enlarges_photos_and_masks_together(monkeypatch, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from prn.preprocess import detail_width
+
+    src = tmp_path / "set"
+    surface, seen = _spotted_set(src)
+    transformed = script("transformed_set", monkeypatch)
+    dst = tmp_path / "x2"
+    transformed.main([str(src), str(dst), "--scale", "2"])
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == sorted(p.relative_to(dst) for p in dst.rglob("*"))
+    good = np.asarray(Image.open(dst / "train/good/0.png"))
+    assert good.shape == (80, 100) and (good == 150).all()  # a flat surface stays flat
+    for img, mask in seen:
+        big = np.asarray(Image.open(dst / mask))
+        small = np.asarray(Image.open(src / mask))
+        assert big.shape == (80, 100) and set(np.unique(big)) == {0, 255}  # nearest: still binary
+        assert np.array_equal(big, np.kron(small, np.ones((2, 2), np.uint8)))  # the same defect, twice the size
+        photo = np.asarray(Image.open(dst / img).convert("L")).astype(int)
+        assert photo[big > 0].mean() < 80 < 140 < photo[big == 0].mean()  # the spot is where its mask is
+    assert (dst / "README.md").read_text() == "provenance\n"
+    # the same input size is a resize twice as steep, so the width rule gives a wider filter
+    assert detail_width((40, 50), (16, 20)) == 3 and detail_width((80, 100), (16, 20)) == 5
+    with pytest.raises(SystemExit, match="--scale 9"):
+        transformed.main([str(src), str(tmp_path / "x9"), "--scale", "9"])
+
+
+@pytest.mark.parametrize("mirror,flip", [("lr", np.fliplr), ("ud", np.flipud), ("both", lambda a: a[::-1, ::-1])])
+def test_transformed_set_mirrored_moves_masks_with_their_photos(monkeypatch, tmp_path, mirror, flip):
+    from PIL import Image
+
+    src = tmp_path / "set"
+    _, seen = _spotted_set(src)
+    transformed = script("transformed_set", monkeypatch)
+    dst = tmp_path / mirror
+    transformed.main([str(src), str(dst), "--mirror", mirror])
+    for img, mask in seen:
+        moved = np.asarray(Image.open(dst / mask))
+        assert np.array_equal(moved, flip(np.asarray(Image.open(src / mask))))
+        assert not np.array_equal(moved, np.asarray(Image.open(src / mask)))  # the spot is off-centre
+        photo = np.asarray(Image.open(dst / img).convert("L")).astype(int)
+        assert photo[moved > 0].mean() < 80 < 140 < photo[moved == 0].mean()
