@@ -160,7 +160,6 @@ def test_review_band_from_stored_scores_equals_calibrate_and_test(calibrated_run
 
 def _spotted_set(root):
     """A small MVTec tree: a flat good surface, three test images with a dark spot and masks."""
-    import numpy as np
     from PIL import Image
 
     for folder in ("train/good", "test/crack", "ground_truth/crack"):
@@ -181,7 +180,6 @@ def _spotted_set(root):
 
 
 def test_transformed_set_inverted_turns_dark_defects_bright_and_keeps_masks_and_names(monkeypatch, tmp_path):
-    import numpy as np
     from PIL import Image
 
     from prn.data.sample import Sample
@@ -215,7 +213,6 @@ def test_transformed_set_inverted_turns_dark_defects_bright_and_keeps_masks_and_
 
 
 def test_transformed_set_scaled_enlarges_photos_and_masks_together(monkeypatch, tmp_path):
-    import numpy as np
     from PIL import Image
 
     from prn.preprocess import detail_width
