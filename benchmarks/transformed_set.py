@@ -87,12 +87,12 @@ def transform_tree(src: Path, dst: Path, invert: bool = False, scale: int = 1, q
             out.mkdir(parents=True, exist_ok=True)
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not is_image_file(path) or (MASKS in rel.parts and not moved):
+        mask = MASKS in rel.parts
+        if not is_image_file(path) or (mask and not moved):
             shutil.copy2(path, out)
             counts["copied"] += 1
             continue
         jpeg = {"quality": quality} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-        mask = MASKS in rel.parts
         with decoded(path, photo=not mask) as im:
             if mask:
                 placed(im, mirror, scale, Image.Resampling.NEAREST).save(out, **jpeg)
