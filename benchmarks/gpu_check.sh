@@ -9,6 +9,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check}"
 mkdir -p "$out"
+# The package is checked as it is in this checkout (first on the path, ahead of any install). A GPU
+# machine often has torch and no way to fetch packages, so pip runs only if that does not import.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import prn.train" 2>/dev/null || python3 -m pip install -q -e '.[dev]' 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.txt" 2>&1
 # the parts carry their own time limits; this one bounds the whole (8 minutes less the install)
