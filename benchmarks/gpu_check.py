@@ -14,7 +14,9 @@ Parts, each timed and recorded even when it fails (one failure does not hide the
 4. ``ddp``: the demo data trained by one process and by two (``torchrun -m prn fit``; with one
    GPU both ranks share it and talk over gloo), the training images/s of each from its
    metrics.csv, and the largest difference between their trained weights (SyncBatchNorm on CUDA
-   makes the two the same computation up to float rounding and non-deterministic kernels).
+   makes the two the same computation up to float rounding and non-deterministic kernels);
+5. ``fit_precisions``: the same demo fitted by one process in float32 and in bf16, the wall
+   seconds and the seconds of each phase of both (timings.json).
 
 ``--cpu`` runs every part on the CPU at tiny sizes (the CUDA tests then skip), so this script is
 checked where no GPU is (tests/test_gpu_check.py); its figures mean nothing.
@@ -94,34 +96,61 @@ def epoch_rates(run: Path, batch: int) -> list[float]:
         return [round(int(r["steps"]) * batch / float(r["seconds"]), 2) for r in csv.DictReader(f)]
 
 
-def ddp(sizes: dict, work: Path, timeout: float) -> dict:
-    """One process, then two (torchrun), on the demo data with the same config and global batch."""
-    from prn.checkpoint import load_checkpoint
+def demo_config(sizes: dict, work: Path):
+    """The demo data in ``work/data`` and the check's config for it, saved as ``work/config.yaml``."""
     from prn.config import PRNConfig
     from prn.data.demo import make_demo_dataset
 
     d = dict(sizes["ddp"])
-    make_demo_dataset(work / "data", seed=0, n_train=d.pop("n_train"), n_test_good=4, n_test_defect=6,
-                      size=max(64, d["image_size"]))
+    if not (work / "data").is_dir():
+        make_demo_dataset(work / "data", seed=0, n_train=d.pop("n_train"), n_test_good=4, n_test_defect=6,
+                          size=max(64, d["image_size"]))
+    d.pop("n_train", None)
     cfg = PRNConfig(dataset="demo", root=str(work / "data"), category="demo", backbone=sizes["backbone"],
                     backbone_weights="random", seen_anomalies=3, device=sizes["device"], output_dir=str(work),
                     **d)
     cfg.save(work / "config.yaml")
+    return cfg
+
+
+def fit_once(launcher: list[str], work: Path, run: Path, batch: int, timeout: float, *extra: str) -> dict:
+    """``prn fit`` of work/config.yaml into ``run``: its wall seconds, training images/s per epoch
+    and the seconds of each phase (timings.json)."""
+    t0 = time.perf_counter()
+    done = subprocess.run([*launcher, "fit", "--config", str(work / "config.yaml"), "--run-dir", str(run),
+                           "--quiet", *extra], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PRN_DIST_TIMEOUT="120"))
+    if done.returncode:
+        raise RuntimeError(f"{run.name} exited {done.returncode}: {done.stderr[-2000:]}")
+    return {"wall_seconds": round(time.perf_counter() - t0, 1),
+            "train_images_per_s_by_epoch": epoch_rates(run, batch),
+            "phases_seconds": json.loads((run / "timings.json").read_text()).get("fit_phases_seconds")}
+
+
+def fit_precisions(sizes: dict, work: Path, timeout: float) -> dict:
+    """The demo fitted by one process in float32 and in bf16: wall and phases of each (a bf16 fit
+    of a real set on one H100 was much slower than float32's outside its training steps)."""
+    cfg = demo_config(sizes, work)
+    out = {"config": {k: cfg.flat()[k] for k in ("backbone", "image_size", "batch_size", "epochs",
+                                                       "steps_per_epoch", "device")}}
+    for precision in ("32", "bf16"):
+        out[precision] = fit_once([sys.executable, "-m", "prn"], work, work / f"fit_{precision}",
+                                  cfg.training.batch_size, timeout, "--precision", precision)
+    return out
+
+
+def ddp(sizes: dict, work: Path, timeout: float) -> dict:
+    """One process, then two (torchrun), on the demo data with the same config and global batch."""
+    from prn.checkpoint import load_checkpoint
+
+    cfg = demo_config(sizes, work)
     out = {"config": {k: cfg.flat()[k] for k in ("backbone", "image_size", "batch_size", "epochs",
                                                        "steps_per_epoch", "device")}}
     commands = {"one_process": [sys.executable, "-m", "prn"],
                 "two_processes": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   "--nproc_per_node", "2", "-m", "prn"]}
     for name, launcher in commands.items():
-        run = work / name
-        t0 = time.perf_counter()
-        done = subprocess.run([*launcher, "fit", "--config", str(work / "config.yaml"), "--run-dir", str(run),
-                               "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, PRN_DIST_TIMEOUT="120"))
-        if done.returncode:
-            raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-2000:]}")
-        out[name] = {"wall_seconds": round(time.perf_counter() - t0, 1),
-                     "train_images_per_s_by_epoch": epoch_rates(run, cfg.training.batch_size)}
+        out[name] = fit_once(launcher, work, work / name, cfg.training.batch_size, timeout)
     a = load_checkpoint(work / "one_process" / "checkpoints" / "last.pt")["state_dict"]
     b = load_checkpoint(work / "two_processes" / "checkpoints" / "last.pt")["state_dict"]
     from prn.model.network import trained_weight_keys
@@ -135,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU at tiny sizes")
     ap.add_argument("--out", type=Path, default=Path("gpu_check") / "gpu_check.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("cuda_tests", "throughput", "ddp"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("cuda_tests", "throughput", "ddp", "fit_precisions"))
     args = ap.parse_args(argv)
     sizes = DRY if args.cpu else FULL
     if not args.cpu and not torch.cuda.is_available():
@@ -147,9 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
         part(report, "cuda_tests", cuda_tests, 180)
     if "throughput" not in args.skip:
         part(report, "throughput", run_throughput, sizes)
-    if "ddp" not in args.skip:
-        with tempfile.TemporaryDirectory(prefix="prn_gpu_check_") as work:
+    with tempfile.TemporaryDirectory(prefix="prn_gpu_check_") as work:  # one demo set for both
+        if "ddp" not in args.skip:
             part(report, "ddp", ddp, sizes, Path(work), 150)
+        if "fit_precisions" not in args.skip:
+            part(report, "fit_precisions", fit_precisions, sizes, Path(work), 150)
     if torch.cuda.is_available():
         report["peak_gpu_memory_mb_this_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

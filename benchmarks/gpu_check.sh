@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one short script for a session lent one (under 8 minutes):
 # the CUDA tests, training images/s (fp32, bf16; batch 64), inference images/s (batch 1, 16, 64),
-# peak GPU memory, and a 2-process DDP run (both on one GPU when only one is there).
+# peak GPU memory, a 2-process DDP run (both on one GPU when only one is there), and the demo fitted
+# in float32 and in bf16 with the seconds of each phase.
 # Everything lands in one JSON file, ${OUT:-gpu_check}/gpu_check.json, with a log beside it.
 # benchmarks/gpu_check.py says what each part measures; `python benchmarks/gpu_check.py --cpu`
 # is its dry run on the CPU. Extra arguments go to gpu_check.py (e.g. --skip ddp).

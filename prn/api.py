@@ -76,12 +76,17 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
     release_memory()  # training's batches and gradients, before calibration and a test
     if distributed.is_main():
         note(run_dir, "fit_seconds", time.perf_counter() - t0)
+        t_cal = time.perf_counter()
         cal = calibrate_predictions(result.validation, cfg.calibration, registry.score_bound(kind),
                                     cfg.training.precision)
         if cal is not None and "defect_memory" in result.extra:  # kept with the threshold it moved
             cal["defect_memory"] = result.extra["defect_memory"]
         registry.save_model(run_dir, kind, cfg, result, cal)
         write_calibration(run_dir, cal)
+        # where the fit's time went (fit_seconds less these: building the model, the synthesis's
+        # set-up, checkpoints), and the calibration after it
+        note(run_dir, "fit_phases_seconds", {**{k: round(v, 3) for k, v in result.phases.items()},
+                                             "calibration": round(time.perf_counter() - t_cal, 3)})
         warning = suspect_warning(cal)
         if warning:
             print(f"prn fit: warning: {warning}", file=sys.stderr)

@@ -36,12 +36,14 @@ KINDS = ("prn", "patchcore", "prototypes")
 class FitResult:
     """A fitted model (eval mode), its history (epochs, timings), the epoch kept (0 for the kinds
     that train nothing), the validation fold's outputs of that model (``prn.infer.Predictions``,
-    None without a fold) and what the checkpoint's ``extra`` should record."""
+    None without a fold), what the checkpoint's ``extra`` should record, and the seconds spent in
+    each phase of the fit (``timings.json``'s ``fit_phases_seconds``)."""
     model: nn.Module
     history: list
     epoch: int = 0
     validation: object = None
     extra: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
 
 
 def score_bound(kind: str) -> float | None:
@@ -90,7 +92,7 @@ def fit(kind: str, cfg: PRNConfig, split, run_dir: Path, *, progress: bool = Tru
             found = [h for h in result.history if h.get("event") == event]
             if found:
                 extra[key] = {k: v for k, v in found[-1].items() if k not in ("event", "seconds")}
-        return FitResult(result.model, result.history, result.epoch, result.validation, extra)
+        return FitResult(result.model, result.history, result.epoch, result.validation, extra, result.phases)
     return _fit_unsupervised(kind, cfg, split, progress)
 
 
@@ -107,7 +109,9 @@ def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitRe
     # random) draws them from the global generator, so without this the same config gave
     # another model after whatever ran before it in the process
     seed_everything(cfg.training.seed)
+    t_load = time.perf_counter()
     normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
+    phases = {"load images": time.perf_counter() - t_load}
     model = build(kind, cfg).to(device)
     batches = (b.to(device) for b in batches_of(normals, cfg.runtime.eval_batch_size))
     t0 = time.perf_counter()
@@ -120,12 +124,17 @@ def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitRe
     seconds = time.perf_counter() - t0
     if progress:
         print(f"{kind}: fitted on {len(normals)} normal images in {seconds:.1f} s")
+    phases[event.replace("_", " ")] = seconds
     model.eval()
+    t_load = time.perf_counter()
     val = load_validation(cfg, split)
+    phases["load images"] += time.perf_counter() - t_load
+    t_val = time.perf_counter()
     outputs = None if val is None else validate(model, val, device, cfg.runtime.eval_batch_size,
                                                 cfg.training.precision)[1]
+    phases["validation"] = time.perf_counter() - t_val
     return FitResult(model, [{"event": event, "seconds": seconds}], 0, outputs,
-                     {"n_normal": len(normals), **extra})
+                     {"n_normal": len(normals), **extra}, phases)
 
 
 def save_model(run_dir: str | Path, kind: str, cfg: PRNConfig, result: FitResult,

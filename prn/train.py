@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -148,11 +148,14 @@ def append_metrics(path: Path, record: dict) -> None:
 @dataclass
 class TrainResult:
     """What ``train`` leaves: the kept model (eval mode), the per-epoch history, the epoch kept,
-    and the validation fold's outputs of that model (None without a fold)."""
+    the validation fold's outputs of that model (None without a fold), and the seconds this
+    process spent in each phase (``phases``: loading images, prototypes, training steps,
+    validation, the defect memory; ``timings.json`` keeps them as ``fit_phases_seconds``)."""
     model: PRN
     history: list
     epoch: int
     validation: Predictions | None
+    phases: dict = field(default_factory=dict)
 
 
 def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
@@ -178,7 +181,12 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     seed_everything(cfg.training.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
 
+    # Seconds per phase, so a slow fit shows where it went (``timings.json``); a resumed fit
+    # counts its own part.
+    phases = dict.fromkeys(("load images", "prototypes", "training", "validation", "defect memory"), 0.0)
+    t_load = time.perf_counter()
     normals, seen = load_training_arrays(cfg, split)
+    phases["load images"] += time.perf_counter() - t_load
     if resume:
         payload = load_checkpoint(ckpt_path, expect_model="prn")
         check_compatible(ckpt_path, payload, cfg)
@@ -202,6 +210,7 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             t0 = time.perf_counter()
             model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=cfg.training.seed)
             history = [{"event": "prototypes", "seconds": time.perf_counter() - t0}]
+            phases["prototypes"] = history[0]["seconds"]
             release_memory()  # k-means' copies of the features, before training's activations
             (run_dir / "metrics.csv").unlink(missing_ok=True)
         distributed.share_buffers(model, ("prototypes.",))
@@ -240,7 +249,9 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     total_steps = steps_per_epoch * cfg.training.epochs
     workers = loader_workers(cfg.runtime.num_workers, device)
 
+    t_load = time.perf_counter()
     val = load_validation(cfg, split) if main else None
+    phases["load images"] += time.perf_counter() - t_load
     val_outputs = None
     best_path = run_dir / "checkpoints" / "best.pt"
 
@@ -289,11 +300,14 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         with torch.no_grad():
             distributed.average_buffers(model, ("running_mean", "running_var"))
         record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
+        phases["training"] += record["seconds"]
         record.update({k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())
                        if k in ("loss", "smooth_l1", "focal") or v})  # image, weak, top_k: when trained
         if val is not None:
+            t_val = time.perf_counter()
             scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
             record.update(scores)
+            phases["validation"] += time.perf_counter() - t_val
         history.append(record)
         if main:
             append_metrics(run_dir / "metrics.csv", record)
@@ -309,14 +323,16 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             checkpoint(epoch + 1)
         if stop_after_epoch is not None and stop_after_epoch(epoch + 1):
             model.eval()
-            return TrainResult(model, history, epoch + 1, val_outputs)
+            return TrainResult(model, history, epoch + 1, val_outputs, phases)
     kept = len([r for r in history if "epoch" in r])
     if main and cfg.training.select_epoch == "best" and best_path.is_file():
         best = load_checkpoint(best_path, expect_model="prn")
         model.load_state_dict(best["state_dict"])
         kept = best["epoch"]
         if val is not None:  # the fold's outputs of the weights kept, for calibration
+            t_val = time.perf_counter()
             val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
+            phases["validation"] += time.perf_counter() - t_val
     model.eval()
     if main and cfg.model.defect_memory != "off":
         t0 = time.perf_counter()
@@ -327,7 +343,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             tqdm.write(memory_summary(found))
         if found["used"]:  # the fold's outputs with the fused score, for calibration
             val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
-    return TrainResult(model, history, kept, val_outputs)
+        phases["defect memory"] = time.perf_counter() - t0
+    return TrainResult(model, history, kept, val_outputs, phases)
 
 
 def remember_seen_defects(model: PRN, cfg: PRNConfig, seen: list, val, val_outputs: Predictions | None,

@@ -41,9 +41,13 @@ def test_the_gpu_check_dry_run_writes_every_part_to_one_json_file(tmp_path, monk
     out = tmp_path / "gpu_check.json"
     report = gpu_check.main(["--cpu", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    for part in ("environment", "cuda_tests", "throughput", "ddp"):
+    for part in ("environment", "cuda_tests", "throughput", "ddp", "fit_precisions"):
         assert report[part]["ok"], report[part].get("traceback")
     assert "skipped" in report["cuda_tests"]["summary"] or not torch.cuda.is_available()
     ddp = report["ddp"]
     assert ddp["one_process"]["train_images_per_s_by_epoch"] and ddp["two_processes"]["train_images_per_s_by_epoch"]
     assert 0 <= ddp["max_abs_weight_difference"] < ddp["max_abs_weight"]
+    for precision in ("32", "bf16"):
+        fitted = report["fit_precisions"][precision]
+        assert fitted["train_images_per_s_by_epoch"] and fitted["phases_seconds"]["training"] > 0
+        assert sum(fitted["phases_seconds"].values()) <= fitted["wall_seconds"]

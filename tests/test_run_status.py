@@ -70,6 +70,30 @@ def test_a_finished_fit_is_marked_finished_with_its_process_and_times(calibrated
     assert "error" not in status
 
 
+def _phases(run):
+    timings = json.loads((run / "timings.json").read_text())
+    phases = timings["fit_phases_seconds"]
+    assert all(v >= 0 for v in phases.values())
+    # the fit's phases lie inside its wall time; the calibration comes after it
+    assert sum(v for k, v in phases.items() if k != "calibration") <= timings["fit_seconds"]
+    return phases
+
+
+def test_timings_say_where_the_fit_went(calibrated_run):
+    phases = _phases(calibrated_run)
+    assert set(phases) == {"load images", "prototypes", "training", "validation", "defect memory", "calibration"}
+    assert min(phases[k] for k in ("load images", "prototypes", "training", "validation")) > 0
+
+
+@pytest.mark.parametrize("kind, fitted", [("patchcore", "memory bank"), ("prototypes", "prototypes")])
+def test_timings_of_a_model_that_trains_nothing(kind, fitted, demo_root, tiny_config, tmp_path):
+    run = api.fit(tiny_config(demo_root, tmp_path, val_normal_min=4), run_dir=tmp_path / kind, progress=False,
+                  model=kind)
+    phases = _phases(run)
+    assert set(phases) == {"load images", fitted, "validation", "calibration"}
+    assert phases[fitted] > 0 and phases["validation"] > 0
+
+
 def test_prn_test_on_a_latest_that_failed_says_why_and_names_the_last_good_run(fit_with, tmp_path, capsys):
     good = _earlier_run_with_checkpoint(_latest(tmp_path).parent)
     with pytest.raises(DataError, match="bad.png"):
