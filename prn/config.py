@@ -343,6 +343,10 @@ class TrainingConfig:
                                       # precision
     select_epoch: str = "last"        # "last", or "best": the epoch with the best validation score
                                       # (pixel AP + image AUROC on the held-out fold, never test data)
+    val_every: int = 1                # ours: score the held-out fold after every N-th epoch and after the
+                                      # last; 0: after the last only. Scoring changes no weight, so N
+                                      # changes metrics.csv's curve, the fit's time and the epochs "best"
+                                      # can pick, not the model
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, int) and not isinstance(self.precision, bool):
@@ -366,6 +370,8 @@ class TrainingConfig:
             problems.append(f"added_seen_share must be in [0, 1), got {self.added_seen_share}")
         if self.top_k_loss_weight < 0:
             problems.append(f"top_k_loss_weight must be >= 0, got {self.top_k_loss_weight}")
+        if self.val_every < 0:
+            problems.append(f"val_every must be >= 0 (0: after the last epoch only), got {self.val_every}")
         if self.select_epoch not in ("last", "best"):
             problems.append(f"select_epoch must be last or best, got {self.select_epoch!r}")
         if self.precision not in PRECISIONS:

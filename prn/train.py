@@ -303,7 +303,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         phases["training"] += record["seconds"]
         record.update({k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())
                        if k in ("loss", "smooth_l1", "focal") or v})  # image, weak, top_k: when trained
-        if val is not None:
+        every = cfg.training.val_every
+        if val is not None and (epoch + 1 == cfg.training.epochs or (every and (epoch + 1) % every == 0)):
             t_val = time.perf_counter()
             scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
             record.update(scores)

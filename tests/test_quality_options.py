@@ -3,6 +3,7 @@ seen anomalies as themselves, synthesis settings, H x W inputs, map smoothing, t
 prototype-only model and the held-out validation fold."""
 
 import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_input_size_is_square_unless_image_hw_is_set():
 
 
 @pytest.mark.parametrize("change", [dict(optimizer="sgd"), dict(lr_schedule="step"), dict(map_sigma=-1),
-                                    dict(seen_fraction=0.9), dict(select_epoch="first"),
+                                    dict(seen_fraction=0.9), dict(select_epoch="first"), dict(val_every=-1),
                                     dict(output_bias_prior=1.0), dict(gray_textures="maybe"),
                                     dict(perlin_min_scale=3, perlin_max_scale=3), dict(target_size=(0.5, 0.2)),
                                     dict(final_real_epochs=-1), dict(stroke_share=1.5), dict(stroke_width=(0, 2)),
@@ -362,6 +363,30 @@ def test_fit_writes_validation_metrics_per_epoch_and_keeps_the_best_epoch(demo_r
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
     assert kept["epoch"] == kept["extra"]["selected_epoch"] and kept["config"]["model"]["map_sigma"] == 1.0
     assert "pixel_auroc" in api.test(run, progress=False, overlays=0)
+
+
+def test_scoring_the_fold_less_often_changes_the_curve_and_the_time_not_the_model(demo_root, tiny_config, tmp_path):
+    fitted = {}
+    for every in (1, 2, 0):
+        cfg = tiny_config(demo_root, tmp_path, epochs=3, val_normal_min=4, val_every=every)
+        run = api.fit(cfg, run_dir=tmp_path / f"every{every}", progress=False)
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        fitted[every] = (load_checkpoint(run / "checkpoints" / "model.pt"), rows,
+                         json.loads((run / "calibration.json").read_text()))
+        # scored after every N-th epoch and always after the last, whose outputs set the threshold
+        scored = [int(r["epoch"]) for r in rows if r["val_image_auroc"]]
+        assert scored == {1: [1, 2, 3], 2: [2, 3], 0: [3]}[every]
+    for every in (2, 0):
+        a, b = fitted[1][0]["state_dict"], fitted[every][0]["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert fitted[every][2] == fitted[1][2]
+        assert fitted[every][1][-1]["val_pixel_ap"] == fitted[1][1][-1]["val_pixel_ap"]
+
+
+def test_best_is_picked_among_the_epochs_scored(demo_root, tiny_config, tmp_path):
+    cfg = tiny_config(demo_root, tmp_path, epochs=3, val_normal_min=4, val_every=2, select_epoch="best")
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    assert load_checkpoint(run / "checkpoints" / "model.pt")["extra"]["selected_epoch"] in (2, 3)
 
 
 def test_keep_aspect_sets_the_input_size_from_the_images(tmp_path):
