@@ -208,6 +208,9 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         history = []
         if main:  # k-means once, on rank 0; the other ranks receive its prototypes
             t0 = time.perf_counter()
+            # the frozen encoder's features on the fit's device (they went through the CPU's
+            # encoder on a GPU machine); the prototypes stay where the model is until it moves
+            model.encoder.to(device)
             model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=cfg.training.seed)
             history = [{"event": "prototypes", "seconds": time.perf_counter() - t0}]
             phases["prototypes"] = history[0]["seconds"]
