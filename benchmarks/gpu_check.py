@@ -102,10 +102,10 @@ def demo_config(sizes: dict, work: Path):
     from prn.data.demo import make_demo_dataset
 
     d = dict(sizes["ddp"])
-    if not (work / "data").is_dir():
-        make_demo_dataset(work / "data", seed=0, n_train=d.pop("n_train"), n_test_good=4, n_test_defect=6,
+    n_train = d.pop("n_train")
+    if not (work / "data").is_dir():  # made once, for every part that fits it
+        make_demo_dataset(work / "data", seed=0, n_train=n_train, n_test_good=4, n_test_defect=6,
                           size=max(64, d["image_size"]))
-    d.pop("n_train", None)
     cfg = PRNConfig(dataset="demo", root=str(work / "data"), category="demo", backbone=sizes["backbone"],
                     backbone_weights="random", seen_anomalies=3, device=sizes["device"], output_dir=str(work),
                     **d)
