@@ -282,6 +282,10 @@ class SynthesisConfig:
     stroke_share: float = 0.5         # share of the simulated anomalies drawn as strokes when on
     stroke_width: tuple[int, int] = (1, 4)  # a stroke's width in pixels of the input, min and max
     stroke_gate: float = 4.0          # auto: the median elongation (long / short axis) that turns strokes on
+    # ours: each training item's normal image mirrored at random before anything is drawn on it:
+    # "none", "lr" (left-right, half the items), "ud" (upside down), "both" (each, independently);
+    # only for parts whose mirror image is a good part
+    normal_flips: str = "none"
 
     def __post_init__(self) -> None:
         problems = []
@@ -293,6 +297,8 @@ class SynthesisConfig:
             problems.append("aug1_prob must be in [0, 1] and aug1_ops in 0..7")
         if not 0 < self.ea_scale_min <= 1:
             problems.append(f"ea_scale_min must be in (0, 1], got {self.ea_scale_min}")
+        if self.normal_flips not in ("none", "lr", "ud", "both"):
+            problems.append(f"normal_flips must be none, lr, ud or both, got {self.normal_flips!r}")
         if self.gray_textures not in ("auto", "yes", "no"):
             problems.append(f"gray_textures must be auto, yes or no, got {self.gray_textures!r}")
         if not 0 <= self.perlin_min_scale < self.perlin_max_scale <= 8:

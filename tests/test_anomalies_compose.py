@@ -179,6 +179,31 @@ def test_anomalous_items_are_seeded_tensors_in_range(kind):
     assert not torch.equal(data[(kind, 1, 78)]["image"], image)
 
 
+def _as_uint8(image):
+    return (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("flips, expected", [("lr", {"as is", "lr"}), ("ud", {"as is", "ud"}),
+                                             ("both", {"as is", "lr", "ud", "lr+ud"})])
+def test_normal_flips_mirror_the_image_before_anything_is_drawn_on_it(flips, expected):
+    data, _ = training_set(normal_flips=flips)
+    variants = {i: {"as is": n, "lr": n[:, ::-1], "ud": n[::-1], "lr+ud": n[::-1, ::-1]} for i, n in enumerate(NORMALS)}
+    assert all(not np.array_equal(v["as is"], v[m]) for v in variants.values() for m in ("lr", "ud", "lr+ud"))
+    seen = set()
+    for seed in range(40):
+        image = _as_uint8(data[("normal", 2, seed)]["image"])
+        found = [name for name, v in variants[2].items() if np.array_equal(image, v)]
+        assert len(found) == 1
+        seen.add(found[0])
+    assert seen == expected
+    # a simulated anomaly is drawn on the mirrored image: outside its mask the item is one of them
+    for seed in range(10):
+        item = data[("simulated", 1, seed)]
+        image, outside = _as_uint8(item["image"]), item["mask"][0].numpy() == 0
+        assert outside.any() and (~outside).any()
+        assert any(np.array_equal(image[outside], v[outside]) for v in variants[1].values())
+
+
 # ---------------------------------------------------------------- BalancedBatchSampler
 
 def test_batches_are_two_to_one_to_one_and_cover_the_normals():

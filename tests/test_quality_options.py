@@ -74,6 +74,7 @@ def test_input_size_is_square_unless_image_hw_is_set():
 
 @pytest.mark.parametrize("change", [dict(optimizer="sgd"), dict(lr_schedule="step"), dict(map_sigma=-1),
                                     dict(seen_fraction=0.9), dict(select_epoch="first"), dict(val_every=-1),
+                                    dict(normal_flips="lr+ud"),
                                     dict(output_bias_prior=1.0), dict(gray_textures="maybe"),
                                     dict(perlin_min_scale=3, perlin_max_scale=3), dict(target_size=(0.5, 0.2)),
                                     dict(final_real_epochs=-1), dict(stroke_share=1.5), dict(stroke_width=(0, 2)),

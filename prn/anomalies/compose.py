@@ -313,6 +313,12 @@ class TrainingSet(Dataset):
         foreground = self.foreground(i) if kind != "normal" else None
         t = self.cfg.model.tiles
         rng = np.random.default_rng(seed)
+        flips = self.cfg.synthesis.normal_flips
+        if flips != "none":  # no draw otherwise, so the default's items stay as they were
+            axes = [axis for axis, name in ((1, "lr"), (0, "ud")) if flips in (name, "both") and rng.random() < 0.5]
+            if axes:
+                normal = np.ascontiguousarray(np.flip(normal, axis=axes))
+                foreground = None if foreground is None else np.ascontiguousarray(np.flip(foreground, axis=axes))
         if t > 1:  # one tile of the grid, at random (prn.tiling)
             row, col = (int(v) for v in rng.integers(t, size=2))
             normal = np.ascontiguousarray(tile_at(normal, t, row, col))
