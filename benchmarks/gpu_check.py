@@ -113,6 +113,11 @@ def demo_config(sizes: dict, work: Path):
     return cfg
 
 
+def config_summary(cfg) -> dict:
+    """What a fitting part's report says of the config it fitted."""
+    return {k: cfg.flat()[k] for k in ("backbone", "image_size", "batch_size", "epochs", "steps_per_epoch", "device")}
+
+
 def fit_once(launcher: list[str], work: Path, run: Path, batch: int, timeout: float, *extra: str) -> dict:
     """``prn fit`` of work/config.yaml into ``run``: its wall seconds, training images/s per epoch
     and the seconds of each phase (timings.json)."""
@@ -131,8 +136,7 @@ def fit_precisions(sizes: dict, work: Path, timeout: float) -> dict:
     """The demo fitted by one process in float32 and in bf16: wall and phases of each (a bf16 fit
     of a real set on one H100 was much slower than float32's outside its training steps)."""
     cfg = demo_config(sizes, work)
-    out = {"config": {k: cfg.flat()[k] for k in ("backbone", "image_size", "batch_size", "epochs",
-                                                       "steps_per_epoch", "device")}}
+    out = {"config": config_summary(cfg)}
     for precision in ("32", "bf16"):
         out[precision] = fit_once([sys.executable, "-m", "prn"], work, work / f"fit_{precision}",
                                   cfg.training.batch_size, timeout, "--precision", precision)
@@ -144,8 +148,7 @@ def ddp(sizes: dict, work: Path, timeout: float) -> dict:
     from prn.checkpoint import load_checkpoint
 
     cfg = demo_config(sizes, work)
-    out = {"config": {k: cfg.flat()[k] for k in ("backbone", "image_size", "batch_size", "epochs",
-                                                       "steps_per_epoch", "device")}}
+    out = {"config": config_summary(cfg)}
     commands = {"one_process": [sys.executable, "-m", "prn"],
                 "two_processes": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   "--nproc_per_node", "2", "-m", "prn"]}

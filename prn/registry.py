@@ -102,16 +102,16 @@ def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitRe
     from prn.data.datasets import load_arrays, load_validation
     from prn.infer import validate
     from prn.preprocess import batches_of
-    from prn.runtime import resolve_device, seed_everything
+    from prn.runtime import resolve_device, seed_everything, timed
 
     device = resolve_device(cfg.runtime.device)
     # as train() does for PRN: an encoder built without pretrained weights (backbone_weights
     # random) draws them from the global generator, so without this the same config gave
     # another model after whatever ran before it in the process
     seed_everything(cfg.training.seed)
-    t_load = time.perf_counter()
-    normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
-    phases = {"load images": time.perf_counter() - t_load}
+    phases: dict[str, float] = {}
+    with timed(phases, "load images"):
+        normals, _ = load_arrays(split.train_normal, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)
     model = build(kind, cfg).to(device)
     batches = (b.to(device) for b in batches_of(normals, cfg.runtime.eval_batch_size))
     t0 = time.perf_counter()
@@ -126,13 +126,11 @@ def _fit_unsupervised(kind: str, cfg: PRNConfig, split, progress: bool) -> FitRe
         print(f"{kind}: fitted on {len(normals)} normal images in {seconds:.1f} s")
     phases[event.replace("_", " ")] = seconds
     model.eval()
-    t_load = time.perf_counter()
-    val = load_validation(cfg, split)
-    phases["load images"] += time.perf_counter() - t_load
-    t_val = time.perf_counter()
-    outputs = None if val is None else validate(model, val, device, cfg.runtime.eval_batch_size,
-                                                cfg.training.precision)[1]
-    phases["validation"] = time.perf_counter() - t_val
+    with timed(phases, "load images"):
+        val = load_validation(cfg, split)
+    with timed(phases, "validation"):
+        outputs = None if val is None else validate(model, val, device, cfg.runtime.eval_batch_size,
+                                                    cfg.training.precision)[1]
     return FitResult(model, [{"event": event, "seconds": seconds}], 0, outputs,
                      {"n_normal": len(normals), **extra}, phases)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import random
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +100,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, key: str) -> Iterator[None]:
+    """Add the block's wall seconds to ``seconds[key]``: the phases of a fit (``timings.json``'s
+    ``fit_phases_seconds``)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
 
 
 def release_memory() -> None:

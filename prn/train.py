@@ -43,7 +43,7 @@ from prn.model.loss import prn_loss, top_k_loss, weak_loss
 from prn.model.network import PRN
 from prn.precision import autocast, check_precision, grad_scaler, inference_autocast
 from prn.preprocess import batches_of, to_tensor
-from prn.runtime import loader_workers, release_memory, resolve_device, seed_everything
+from prn.runtime import loader_workers, release_memory, resolve_device, seed_everything, timed
 
 
 # the per-epoch means in metrics.csv: the total, Eq. 5's parts, the image head's, weak labels' and
@@ -184,9 +184,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     # Seconds per phase, so a slow fit shows where it went (``timings.json``); a resumed fit
     # counts its own part.
     phases = dict.fromkeys(("load images", "prototypes", "training", "validation", "defect memory"), 0.0)
-    t_load = time.perf_counter()
-    normals, seen = load_training_arrays(cfg, split)
-    phases["load images"] += time.perf_counter() - t_load
+    with timed(phases, "load images"):
+        normals, seen = load_training_arrays(cfg, split)
     if resume:
         payload = load_checkpoint(ckpt_path, expect_model="prn")
         check_compatible(ckpt_path, payload, cfg)
@@ -207,13 +206,12 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         model = registry.build("prn", cfg)
         history = []
         if main:  # k-means once, on rank 0; the other ranks receive its prototypes
-            t0 = time.perf_counter()
-            # the frozen encoder's features on the fit's device (they went through the CPU's
-            # encoder on a GPU machine); the prototypes stay where the model is until it moves
-            model.encoder.to(device)
-            model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=cfg.training.seed)
-            history = [{"event": "prototypes", "seconds": time.perf_counter() - t0}]
-            phases["prototypes"] = history[0]["seconds"]
+            with timed(phases, "prototypes"):
+                # the frozen encoder's features on the fit's device (they went through the CPU's
+                # encoder on a GPU machine); the prototypes stay where the model is until it moves
+                model.encoder.to(device)
+                model.fit_prototypes(batches_of(normals, cfg.runtime.eval_batch_size), seed=cfg.training.seed)
+            history = [{"event": "prototypes", "seconds": phases["prototypes"]}]
             release_memory()  # k-means' copies of the features, before training's activations
             (run_dir / "metrics.csv").unlink(missing_ok=True)
         distributed.share_buffers(model, ("prototypes.",))
@@ -252,9 +250,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
     total_steps = steps_per_epoch * cfg.training.epochs
     workers = loader_workers(cfg.runtime.num_workers, device)
 
-    t_load = time.perf_counter()
-    val = load_validation(cfg, split) if main else None
-    phases["load images"] += time.perf_counter() - t_load
+    with timed(phases, "load images"):
+        val = load_validation(cfg, split) if main else None
     val_outputs = None
     best_path = run_dir / "checkpoints" / "best.pt"
 
@@ -308,10 +305,9 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
                        if k in ("loss", "smooth_l1", "focal") or v})  # image, weak, top_k: when trained
         every = cfg.training.val_every
         if val is not None and (epoch + 1 == cfg.training.epochs or (every and (epoch + 1) % every == 0)):
-            t_val = time.perf_counter()
-            scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
+            with timed(phases, "validation"):
+                scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
             record.update(scores)
-            phases["validation"] += time.perf_counter() - t_val
         history.append(record)
         if main:
             append_metrics(run_dir / "metrics.csv", record)
@@ -334,9 +330,8 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
         model.load_state_dict(best["state_dict"])
         kept = best["epoch"]
         if val is not None:  # the fold's outputs of the weights kept, for calibration
-            t_val = time.perf_counter()
-            val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
-            phases["validation"] += time.perf_counter() - t_val
+            with timed(phases, "validation"):
+                val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
     model.eval()
     if main and cfg.model.defect_memory != "off":
         t0 = time.perf_counter()
