@@ -21,8 +21,10 @@ and writes files. ``cfg.training.precision`` "bf16" or "16" runs the forward pas
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,7 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from prn import distributed, registry
-from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, is_gray, seen_draw_weights
+from prn.anomalies.compose import (AnomalyGenerator, BalancedBatchSampler, EpochBatches, TrainingSet, is_gray,
+                                  seen_draw_weights)
 from prn.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from prn.config import PRNConfig
 from prn.data.datasets import load_training_arrays, load_validation, small_seen_defects
@@ -266,64 +269,71 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
 
     if not resume and main:
         checkpoint(0)  # prototypes are the costly part of epoch 0: keep them even if stopped now
-    for epoch in range(start_epoch, cfg.training.epochs):
-        sampler = BalancedBatchSampler(len(normals), cfg.replace(training=cfg.training.at_epoch(epoch)),
-                                       seed=cfg.training.seed, epoch=epoch, rank=world.rank, world_size=world.size)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        net.train()
-        sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
-        steps, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.training.epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            lr = lr_at(epoch * steps_per_epoch + steps, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = batch["image"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            loss, parts = forward_loss(net, images, masks, cfg, device, batch["weight"].to(device),
-                                       batch["label"].to(device), batch["weak"].to(device))
-            # The global batch's losses are the ranks' mean (their shares are equal in size). This
-            # one small all-reduce also stops every rank together when any loss is not finite.
-            step = distributed.mean_over_ranks(torch.stack(
-                [loss.detach()] + [parts.get(k, torch.zeros_like(loss)) for k in LOSS_TERMS[1:]]))
-            step = step.double().cpu()
-            if not torch.isfinite(step[0]):
-                raise TrainingError(
-                    f"loss became {step[0].item()} at epoch {epoch + 1}, step {steps + 1}; training stopped. "
-                    f"The last good checkpoint ({ckpt_path}, epoch {epoch}) is intact: lower --lr or "
-                    f"keep grad_clip > 0 and resume with `prn fit --resume {run_dir}`")
-            optimizer_step(model, loss, optimizer, scaler, cfg)
-            steps += 1
-            sums += step
-            bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
-        with torch.no_grad():
-            distributed.average_buffers(model, ("running_mean", "running_var"))
-        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
-        phases["training"] += record["seconds"]
-        record.update({k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())
-                       if k in ("loss", "smooth_l1", "focal") or v})  # image, weak, top_k: when trained
-        every = cfg.training.val_every
-        if val is not None and (epoch + 1 == cfg.training.epochs or (every and (epoch + 1) % every == 0)):
-            with timed(phases, "validation"):
-                scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
-            record.update(scores)
-        history.append(record)
-        if main:
-            append_metrics(run_dir / "metrics.csv", record)
-        if progress:
-            shown = "  ".join(f"{k[4:]} {record[k]:.3f}" for k in ("val_image_auroc", "val_pixel_ap")
-                              if k in record and not math.isnan(record[k]))
-            tqdm.write(f"epoch {epoch + 1}/{cfg.training.epochs}  loss {record['loss']:.4f}  "
-                       f"({record['seconds']:.1f} s)  {shown}")
-        if val is not None and val_score(record) > max(
-                (val_score(r) for r in history[:-1] if "epoch" in r), default=-math.inf):
-            checkpoint(epoch + 1, best_path)
-        if main:
-            checkpoint(epoch + 1)
-        if stop_after_epoch is not None and stop_after_epoch(epoch + 1):
-            model.eval()
-            return TrainResult(model, history, epoch + 1, val_outputs, phases)
+    samplers = [BalancedBatchSampler(len(normals), cfg.replace(training=cfg.training.at_epoch(epoch)),
+                                     seed=cfg.training.seed, epoch=epoch, rank=world.rank, world_size=world.size)
+                for epoch in range(start_epoch, cfg.training.epochs)]
+    # One loader for the whole fit: its workers start once and read ahead across epochs (EpochBatches).
+    batches = _closable(DataLoader(dataset, batch_sampler=EpochBatches(samplers), num_workers=workers,
+                                   pin_memory=device.type == "cuda"))
+    try:
+        for epoch, sampler in zip(range(start_epoch, cfg.training.epochs), samplers):
+            net.train()
+            sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64)
+            steps, t0 = 0, time.perf_counter()
+            bar = tqdm(itertools.islice(batches, len(sampler)), total=len(sampler),
+                       desc=f"epoch {epoch + 1}/{cfg.training.epochs}", disable=not progress, leave=False)
+            for batch in bar:
+                lr = lr_at(epoch * steps_per_epoch + steps, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = batch["image"].to(device, non_blocking=True)
+                masks = batch["mask"].to(device, non_blocking=True)
+                loss, parts = forward_loss(net, images, masks, cfg, device, batch["weight"].to(device),
+                                           batch["label"].to(device), batch["weak"].to(device))
+                # The global batch's losses are the ranks' mean (their shares are equal in size). This
+                # one small all-reduce also stops every rank together when any loss is not finite.
+                step = distributed.mean_over_ranks(torch.stack(
+                    [loss.detach()] + [parts.get(k, torch.zeros_like(loss)) for k in LOSS_TERMS[1:]]))
+                step = step.double().cpu()
+                if not torch.isfinite(step[0]):
+                    raise TrainingError(
+                        f"loss became {step[0].item()} at epoch {epoch + 1}, step {steps + 1}; training stopped. "
+                        f"The last good checkpoint ({ckpt_path}, epoch {epoch}) is intact: lower --lr or "
+                        f"keep grad_clip > 0 and resume with `prn fit --resume {run_dir}`")
+                optimizer_step(model, loss, optimizer, scaler, cfg)
+                steps += 1
+                sums += step
+                bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
+            with torch.no_grad():
+                distributed.average_buffers(model, ("running_mean", "running_var"))
+            record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "steps": steps, "lr": lr}
+            phases["training"] += record["seconds"]
+            record.update({k: v / max(steps, 1) for k, v in zip(LOSS_TERMS, sums.tolist())
+                           if k in ("loss", "smooth_l1", "focal") or v})  # image, weak, top_k: when trained
+            every = cfg.training.val_every
+            if val is not None and (epoch + 1 == cfg.training.epochs or (every and (epoch + 1) % every == 0)):
+                with timed(phases, "validation"):
+                    scores, val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)
+                record.update(scores)
+            history.append(record)
+            if main:
+                append_metrics(run_dir / "metrics.csv", record)
+            if progress:
+                shown = "  ".join(f"{k[4:]} {record[k]:.3f}" for k in ("val_image_auroc", "val_pixel_ap")
+                                  if k in record and not math.isnan(record[k]))
+                tqdm.write(f"epoch {epoch + 1}/{cfg.training.epochs}  loss {record['loss']:.4f}  "
+                           f"({record['seconds']:.1f} s)  {shown}")
+            if val is not None and val_score(record) > max(
+                    (val_score(r) for r in history[:-1] if "epoch" in r), default=-math.inf):
+                checkpoint(epoch + 1, best_path)
+            if main:
+                checkpoint(epoch + 1)
+            if stop_after_epoch is not None and stop_after_epoch(epoch + 1):
+                model.eval()
+                return TrainResult(model, history, epoch + 1, val_outputs, phases)
+    finally:
+        batches.close()  # the workers stop here, on an early return or an error as well
+
     kept = len([r for r in history if "epoch" in r])
     if main and cfg.training.select_epoch == "best" and best_path.is_file():
         best = load_checkpoint(best_path, expect_model="prn")
@@ -344,6 +354,13 @@ def train(cfg: PRNConfig, split: Split, run_dir: Path, *, resume: bool = False,
             val_outputs = validate(model, val, device, cfg.runtime.eval_batch_size, cfg.training.precision)[1]
         phases["defect memory"] = time.perf_counter() - t0
     return TrainResult(model, history, kept, val_outputs, phases)
+
+
+def _closable(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches as a generator, whose ``close()`` ends the loader's iterator and so
+    stops its worker processes, even while a progress bar or an error's traceback still refers to
+    the generator (a DataLoader iterator has no close of its own)."""
+    yield from loader
 
 
 def remember_seen_defects(model: PRN, cfg: PRNConfig, seen: list, val, val_outputs: Predictions | None,

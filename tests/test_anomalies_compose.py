@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from types import SimpleNamespace
 
-from prn.anomalies.compose import AnomalyGenerator, BalancedBatchSampler, TrainingSet, seen_draw_weights
+from prn.anomalies.compose import (AnomalyGenerator, BalancedBatchSampler, EpochBatches, TrainingSet,
+                                  seen_draw_weights)
 from prn.anomalies.show import show_anomalies
 from prn.anomalies.target_areas import foreground_mask
 from prn.config import PRNConfig
@@ -249,6 +250,22 @@ def test_dataloader_with_two_workers_gives_the_same_batch_as_without():
     assert a["kind"] == b["kind"] == ["normal"] * 4 + ["extended"] * 2 + ["simulated"] * 2
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert (a["mask"][4:].flatten(1).sum(1) > 0).all() and a["mask"][:4].sum() == 0
+
+
+def test_one_loader_over_the_epochs_gives_each_epochs_batches_in_order():
+    # prn.train keeps one DataLoader (one set of workers) for the whole fit: its batches must be
+    # those of a loader an epoch, epoch after epoch, with workers reading ahead across the seam
+    data, cfg = training_set()
+    samplers = [BalancedBatchSampler(len(NORMALS), cfg, seed=0, epoch=e, steps=2) for e in (1, 2)]
+    chained = EpochBatches(samplers)
+    assert len(chained) == 4 and list(chained) == list(samplers[0]) + list(samplers[1])
+    one = list(DataLoader(data, batch_sampler=chained, num_workers=2))
+    apart = [b for s in samplers for b in DataLoader(data, batch_sampler=s, num_workers=0)]
+    assert len(one) == len(apart) == 4
+    for a, b in zip(one, apart):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert not torch.equal(one[1]["image"], one[2]["image"])  # the two epochs draw differently
+    assert len(EpochBatches([])) == 0 and list(EpochBatches([])) == []
 
 
 # ---------------------------------------------------------------- show_anomalies

@@ -36,6 +36,26 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(demo_r
     assert any(not torch.equal(after_one["state_dict"][k], v) for k, v in full.items())
 
 
+@pytest.mark.parametrize("ending", ["early return", "error"])
+def test_the_fit_s_data_workers_stop_with_it(ending, demo_root, tiny_config, tmp_path, monkeypatch):
+    # one DataLoader serves every epoch (prn.anomalies.compose.EpochBatches), its workers reading
+    # ahead; a fit that ends before its last batch, by a hook or by an error whose traceback still
+    # holds the fit's frame, must not leave them running
+    import multiprocessing
+    import prn.train as train_module
+    cfg = tiny_config(demo_root, tmp_path, epochs=3, num_workers=2)
+    split = api.make_split(cfg)
+    if ending == "early return":
+        assert train(cfg, split, tmp_path / "run", progress=False, stop_after_epoch=lambda e: e == 1).epoch == 1
+    else:
+        real_loss = train_module.prn_loss
+        monkeypatch.setattr(train_module, "prn_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
+        with pytest.raises(TrainingError, match="nan") as raised:
+            train(cfg, split, tmp_path / "run", progress=False)
+        assert raised.tb is not None  # the fit's frame is still referenced here
+    assert multiprocessing.active_children() == []
+
+
 def test_same_seed_data_and_config_give_the_same_metrics(demo_root, tiny_config, tmp_path):
     cfg = tiny_config(demo_root, tmp_path, epochs=2)
     results = []

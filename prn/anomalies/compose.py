@@ -406,3 +406,22 @@ class BalancedBatchSampler(Sampler):
             batch = [(kind, int(i), item_seed(self.seed, self.epoch, b, slot))
                      for slot, (kind, i) in enumerate(zip(kinds, indices))]
             yield batch[self.rank::self.world_size]
+
+
+class EpochBatches(Sampler):
+    """The batches of several epochs, one after the other, each epoch's from its own
+    ``BalancedBatchSampler``: one DataLoader, and one set of worker processes, for a whole fit.
+    Workers started anew each epoch made the first step of every epoch wait for them (about 2 s
+    an epoch on the 2-core machine, BENCHMARKS.md); kept, they make the next epoch's first
+    batches while the last epoch is scored and saved. The keys are those of the samplers, so
+    every batch is the same as with a loader an epoch."""
+
+    def __init__(self, samplers: Sequence[BalancedBatchSampler]):
+        self.samplers = list(samplers)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.samplers)
+
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
+        for sampler in self.samplers:
+            yield from sampler
