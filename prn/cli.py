@@ -127,7 +127,7 @@ def cmd_calibrate(args) -> None:
                         tail=args.tail, device=args.device, precision=args.precision,
                         defect_memory=args.defect_memory, test_flips=args.test_flips,
                         defect_memory_stride=args.defect_memory_stride, review_fpr=args.review_fpr,
-                        progress=not args.quiet)
+                        good_images=args.good_images, progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on")
@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-flips", choices=tuple(TEST_FLIPS),
                    help="from now on average each map with those of the mirrored image: lr (left-right, "
                         "twice the inference time), ud, all (four times), none; the fold is scored so; no refit")
+    p.add_argument("--good-images", type=Path, metavar="DIR",
+                   help="a folder of more good parts (e.g. from the line since the fit), never trained on and "
+                        "outside the run's split, to set the thresholds on with the held-out good images: the "
+                        "more good parts, the nearer the threshold lands to its target rate")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

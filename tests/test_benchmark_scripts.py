@@ -105,6 +105,21 @@ def test_threshold_rules_read_what_the_image_score_study_cached(calibrated_run, 
     assert "gumbel" in out and "conformal" in out
 
 
+def test_added_goods_judges_the_fold_alone_and_with_test_goods_added(calibrated_run, tmp_path, capsys):
+    added = load_script(BENCH / "added_goods.py")
+    added.main([str(calibrated_run), "--draws", "3", "--shares", "0.5"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {calibrated_run.name} | 50% |")]
+    fold = len(json.loads((calibrated_run / "calibration.json").read_text())["normal_scores"])
+    goods = sum(1 for line in (calibrated_run / "predictions" / "scores.csv").read_text().splitlines()[1:]
+                if line.split(",")[5] == "0")
+    counts = {line.split(" | ")[2]: int(line.split(" | ")[3]) for line in lines}  # good parts the rule saw
+    assert counts == {"held-out fold alone": fold, "fold + added": fold + round(goods / 2)}
+    bare = shutil.copytree(calibrated_run, tmp_path / "untested", ignore=shutil.ignore_patterns("predictions"))
+    with pytest.raises(SystemExit):
+        added.main([str(bare)])
+    assert "prn test" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_onnx_speed_times_three_backends(monkeypatch, tmp_path, capsys):
     onnx_speed = script("onnx_speed", monkeypatch, "--height", 64, "--width", 64, "--batches", 1, "--repeats", 1,

@@ -362,6 +362,47 @@ def test_calibrate_verb_sets_a_new_target_rate_and_writes_it_back(run, tmp_path,
     assert "target_fpr: 0.3" in text and "calibration_tail: normal" in text
 
 
+def test_calibrate_sets_the_thresholds_on_the_fold_and_a_folder_of_more_good_parts(run, tmp_path):
+    from prn.deploy.calibrate import calibrate_run
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    split = Split.load(work / "split.json")
+    before = load_checkpoint(work)["calibration"]
+    # good parts from "the line": the fold's good pictures mirrored (new files, good parts still),
+    # and one of the fold's own pictures, which is in the calibration already and counts once
+    line = tmp_path / "line"
+    line.mkdir()
+    for k, sample in enumerate(split.val_normal):
+        Image.open(sample.image_path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(line / f"{k}.png")
+    (line / "again.png").write_bytes(split.val_normal[0].image_path.read_bytes())
+    n = len(split.val_normal)
+    assert main(["calibrate", str(work), "--good-images", str(line), "--quiet"]) == 0
+    after = load_checkpoint(work)["calibration"]
+    assert after["added_good"] == {"folder": str(line), "n": n, "left_out": 1}
+    assert after["n_normal"] == before["n_normal"] + n and str(line) in after["source"]
+    # the threshold is the rule's over the fold's scores and the new parts' scores together
+    from prn.data.sample import Sample
+    from prn.deploy.loading import load_model
+    loaded = load_model(work)
+    new = predict_samples(loaded.model, [Sample(p, None, 0, "good") for p in sorted(line.glob("[0-9]*.png"))],
+                          loaded.cfg.model.input_hw, batch_size=4, device=torch.device("cpu")).scores
+    assert np.allclose(after["normal_scores"], np.sort(np.concatenate([before["normal_scores"], new])), atol=1e-6)
+    cal = loaded.cfg.calibration
+    assert after["image_threshold"] == pytest.approx(
+        image_threshold(np.array(after["normal_scores"]), cal.target_fpr, cal.calibration_tail, 1.0)[0], rel=1e-9)
+    # refused, naming the file: a picture the run trained on, and one of its test split
+    for source, why in ((split.train_normal[0], "which the run trained on"),
+                        (split.test[0], "which is in the run's test split")):
+        bad = tmp_path / f"bad_{why.split()[-1]}"
+        shutil.copytree(line, bad)
+        (bad / "copy.png").write_bytes(source.image_path.read_bytes())
+        with pytest.raises(UsageError, match=f"copy.png: the same image as .*, {why}"):
+            calibrate_run(work, good_images=bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PRNError, match="holds no images"):
+        calibrate_run(work, good_images=tmp_path / "empty")
+
+
 def test_calibrating_at_bf16_makes_every_inference_of_the_run_bf16(run, tmp_path, capsys):
     from prn.data.io import read_image
     from prn.deploy.loading import load_model

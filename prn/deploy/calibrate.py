@@ -332,16 +332,51 @@ def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | No
     return calibration
 
 
+def added_good_images(folder: str | Path, split) -> tuple[list, dict]:
+    """The good parts in ``folder`` (``prn calibrate --good-images``: parts known good, e.g.
+    collected from the line after the fit) as samples to calibrate on beside the held-out fold,
+    and what was found: {"folder", "n", "left_out"}. Refused, naming the file: an image with the
+    bytes of one the run trained on (a model scores its training images low, so the threshold
+    would come out too low) or of one in its test split (the test would then judge the
+    threshold on images that set it). Images already in the fold, or in the folder twice, count
+    once."""
+    from prn.data.io import require_images
+    from prn.data.sample import Sample
+    from prn.data.split import drop_copies
+
+    folder = Path(folder)
+    added = [Sample(path, None, 0, "good") for path in require_images(folder, "good-images folder")]
+    refused = {"which the run trained on": list(split.train_normal) + list(split.train_anomalous),
+               "which is in the run's test split": list(split.test)}
+    known = [s for group in refused.values() for s in group] + list(split.val_normal)
+    _, pairs = drop_copies(known + added)
+    where = {id(s): why for why, group in refused.items() for s in group}
+    mine = {id(s) for s in added}
+    left_out = set()
+    for copy, kept in pairs:
+        if id(copy) not in mine:
+            continue
+        if id(kept) in where:
+            raise UsageError(f"{copy.image_path}: the same image as {kept.image_path}, {where[id(kept)]}; "
+                             f"calibrate on good parts outside the run's split")
+        left_out.add(id(copy))  # in the fold already, or twice in the folder
+    kept = [s for s in added if id(s) not in left_out]
+    return kept, {"folder": str(folder), "n": len(kept), "left_out": len(left_out)}
+
+
 def calibrate_model(model, cfg, split, *, device, progress: bool = False,
-                    score_bound: float | None = None) -> dict | None:
+                    score_bound: float | None = None, added_good: list | None = None) -> dict | None:
     """Score the split's held-out fold with ``model`` (from its files) at cfg.training.precision
     and calibrate; None when the split holds no held-out normal images (then there is nothing to
-    calibrate on). The calibration records that precision: the run then infers at it."""
+    calibrate on). The calibration records that precision: the run then infers at it.
+    ``added_good``: more good parts' samples (``added_good_images``), scored and calibrated on
+    with the fold's."""
     from prn.infer import predict_samples
 
     if not split.val_normal:
         return None
-    preds = predict_samples(model, split.val_normal + split.val_anomalous, cfg.model.input_hw,
+    samples = split.val_normal + list(added_good or []) + split.val_anomalous
+    preds = predict_samples(model, samples, cfg.model.input_hw,
                             batch_size=cfg.runtime.eval_batch_size, device=device,
                             max_pixels=cfg.data.max_image_pixels, progress=progress,
                             precision=cfg.training.precision, detail=cfg.model.detail)
@@ -359,7 +394,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   device: str | None = None, precision: str | None = None,
                   defect_memory: str | None = None, test_flips: str | None = None,
                   defect_memory_stride: int | None = None, review_fpr: float | None = None,
-                  progress: bool = False) -> dict | None:
+                  good_images: str | Path | None = None, progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
@@ -375,7 +410,10 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     built anew on those scores (its standardisation is of PRN's score), and the setting is stored in
     the checkpoint and config.yaml. ``defect_memory_stride`` (4 or 2): the grid a memory matches at;
     the memory is built anew with it (and the run's ``defect_memory`` unless given). ``review_fpr``:
-    the review band's share of good parts (0 removes the band), written back to config.yaml."""
+    the review band's share of good parts (0 removes the band), written back to config.yaml.
+    ``good_images``: a folder of more good parts, never trained on and outside the run's split
+    (``added_good_images``), scored and calibrated on with the fold's good images; the calibration
+    says how many (``added_good``). Each calibration is of the fold and the folder it is given."""
     from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -399,6 +437,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         check_precision(precision, loaded.device)
         cfg = cfg.replace(precision=precision)
     split = Split.load(split_path)
+    added, added_info = added_good_images(good_images, split) if good_images is not None else ([], None)
     memory = (loaded.calibration or {}).get("defect_memory")  # what the fit found, kept
     stored = {}  # the checkpoint's fields a new memory changes, written with the calibration
     if test_flips is not None:
@@ -420,8 +459,11 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         config = stored.get("config") or load_checkpoint(run_dir)["config"]
         stored["config"] = PRNConfig.from_dict(config).replace(test_flips=test_flips).to_dict(runtime=False)
     from prn.registry import score_bound
-    calibration = calibrate_model(loaded.model, cfg, split, device=loaded.device,
-                                  progress=progress, score_bound=score_bound(loaded.kind))
+    calibration = calibrate_model(loaded.model, cfg, split, device=loaded.device, progress=progress,
+                                  score_bound=score_bound(loaded.kind), added_good=added)
+    if calibration is not None and added_info is not None:
+        calibration["added_good"] = added_info
+        calibration["source"] = f"{SOURCE} and {added_info['n']} good images of {added_info['folder']}"
     if calibration is not None and memory is not None:
         calibration["defect_memory"] = memory
     if changes and (run_dir / "config.yaml").is_file():
