@@ -130,7 +130,7 @@ def cmd_calibrate(args) -> None:
                         good_images=args.good_images, progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
-                       f"so there is nothing to calibrate on")
+                       f"so there is nothing to calibrate on; --good-images DIR gives good parts to calibrate on")
     _print_metrics(cal, "calibrate")
 
 

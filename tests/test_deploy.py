@@ -401,6 +401,15 @@ def test_calibrate_sets_the_thresholds_on_the_fold_and_a_folder_of_more_good_par
     (tmp_path / "empty").mkdir()
     with pytest.raises(PRNError, match="holds no images"):
         calibrate_run(work, good_images=tmp_path / "empty")
+    # a run without a held-out fold calibrates on the folder alone, and without it on nothing
+    data = json.loads((work / "split.json").read_text())
+    data["val_normal"], data["val_anomalous"] = [], []
+    (work / "split.json").write_text(json.dumps(data))
+    assert calibrate_run(work) is None
+    alone = calibrate_run(work, good_images=line)  # the fold's picture in the folder now counts too
+    assert alone["n_normal"] == n + 1 and alone["source"] == f"{n + 1} good images of {line}"
+    assert alone["added_good"]["left_out"] == 0 and alone["n_anomalous"] == 0
+    assert all(np.isclose(alone["normal_scores"], score, atol=1e-6).any() for score in new)
 
 
 def test_calibrating_at_bf16_makes_every_inference_of_the_run_bf16(run, tmp_path, capsys):

@@ -370,10 +370,10 @@ def calibrate_model(model, cfg, split, *, device, progress: bool = False,
     and calibrate; None when the split holds no held-out normal images (then there is nothing to
     calibrate on). The calibration records that precision: the run then infers at it.
     ``added_good``: more good parts' samples (``added_good_images``), scored and calibrated on
-    with the fold's."""
+    with the fold's, or alone where the split holds no fold."""
     from prn.infer import predict_samples
 
-    if not split.val_normal:
+    if not split.val_normal and not added_good:
         return None
     samples = split.val_normal + list(added_good or []) + split.val_anomalous
     preds = predict_samples(model, samples, cfg.model.input_hw,
@@ -463,7 +463,8 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                                   score_bound=score_bound(loaded.kind), added_good=added)
     if calibration is not None and added_info is not None:
         calibration["added_good"] = added_info
-        calibration["source"] = f"{SOURCE} and {added_info['n']} good images of {added_info['folder']}"
+        folder = f"{added_info['n']} good images of {added_info['folder']}"
+        calibration["source"] = f"{SOURCE} and {folder}" if split.val_normal else folder
     if calibration is not None and memory is not None:
         calibration["defect_memory"] = memory
     if changes and (run_dir / "config.yaml").is_file():
