@@ -17,7 +17,6 @@ the runs keep their thresholds.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -26,25 +25,10 @@ import numpy as np
 
 from prn.config import PRNConfig
 from prn.deploy.calibrate import image_threshold
-from prn.metrics import oracle_threshold, recall_at
 from prn.registry import score_bound
-
-
-def run_scores(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, PRNConfig]:
-    """The held-out good scores, the test's labels and scores, and the run's config."""
-    cal = json.loads((run / "calibration.json").read_text())
-    with open(run / "predictions" / "scores.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["label"] in ("0", "1") and r["score"]]
-    labels = np.array([int(r["label"]) for r in rows])
-    scores = np.array([float(r["score"]) for r in rows])
-    return np.array(cal["normal_scores"]), labels, scores, PRNConfig.load(run / "config.yaml")
-
-
-def judge(t: float, good: np.ndarray, bad: np.ndarray) -> tuple[float, float, float]:
-    """FRR on ``good``, recall on ``bad``, and the oracle's recall at that FRR."""
-    y, s = np.r_[np.zeros(len(good), int), np.ones(len(bad), int)], np.r_[good, bad]
-    frr = float(np.mean(good >= t))
-    return frr, float(np.mean(bad >= t)), float(recall_at(y, s, oracle_threshold(y, s, frr)))
+# benchmarks/ is the script's folder, so on sys.path
+from threshold_rules import judge  # (FRR, recall, the oracle's recall at that FRR)
+from threshold_tails import test_labels_and_scores
 
 
 def main(argv: list[str]) -> None:
@@ -59,7 +43,9 @@ def main(argv: list[str]) -> None:
     for run in args.runs:
         if not (run / "calibration.json").is_file() or not (run / "predictions" / "scores.csv").is_file():
             ap.error(f"{run}: needs calibration.json and predictions/scores.csv (prn fit --test, or prn test RUN)")
-        fold, labels, scores, cfg = run_scores(run)
+        fold = np.array(json.loads((run / "calibration.json").read_text())["normal_scores"])
+        labels, scores = test_labels_and_scores(run)
+        cfg = PRNConfig.load(run / "config.yaml")
         goods, bad = scores[labels == 0], scores[labels == 1]
         rule = dict(target_fpr=cfg.calibration.target_fpr, tail=cfg.calibration.calibration_tail,
                     score_bound=score_bound("prn"))
@@ -71,11 +57,12 @@ def main(argv: list[str]) -> None:
                 perm = rng.permutation(len(goods))
                 added, rest = goods[perm[:n]], goods[perm[n:]]
                 both = image_threshold(np.r_[fold, added], **rule)[0]
+                y, s = np.r_[np.zeros(len(rest), int), np.ones(len(bad), int)], np.r_[rest, bad]
+                judged = {"held-out fold alone": (len(fold), alone, *judge(alone, rest, y, s)),
+                          "fold + added": (len(fold) + n, both, *judge(both, rest, y, s))}
                 for name in (run.name, "all runs"):
-                    rows.setdefault((name, f"{share:.0%}", "held-out fold alone"), []).append(
-                        (len(fold), alone, *judge(alone, rest, bad)))
-                    rows.setdefault((name, f"{share:.0%}", "fold + added"), []).append(
-                        (len(fold) + n, both, *judge(both, rest, bad)))
+                    for on, row in judged.items():
+                        rows.setdefault((name, f"{share:.0%}", on), []).append(row)
     print("| run | test goods added | threshold set on | good parts (mean) | threshold (mean) | mean FRR % | "
           "worst FRR % | mean recall % | oracle recall at FRR % |")
     print("|---|---|---|---|---|---|---|---|---|")

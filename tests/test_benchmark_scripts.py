@@ -105,8 +105,8 @@ def test_threshold_rules_read_what_the_image_score_study_cached(calibrated_run, 
     assert "gumbel" in out and "conformal" in out
 
 
-def test_added_goods_judges_the_fold_alone_and_with_test_goods_added(calibrated_run, tmp_path, capsys):
-    added = load_script(BENCH / "added_goods.py")
+def test_added_goods_judges_the_fold_alone_and_with_test_goods_added(calibrated_run, tmp_path, capsys, monkeypatch):
+    added = load_script(BENCH / "added_goods.py", monkeypatch)
     added.main([str(calibrated_run), "--draws", "3", "--shares", "0.5"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {calibrated_run.name} | 50% |")]
     fold = len(json.loads((calibrated_run / "calibration.json").read_text())["normal_scores"])

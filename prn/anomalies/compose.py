@@ -411,9 +411,9 @@ class BalancedBatchSampler(Sampler):
 class EpochBatches(Sampler):
     """The batches of several epochs, one after the other, each epoch's from its own
     ``BalancedBatchSampler``: one DataLoader, and one set of worker processes, for a whole fit.
-    Workers started anew each epoch made the first step of every epoch wait for them (about 2 s
-    an epoch on the 2-core machine, BENCHMARKS.md); kept, they make the next epoch's first
-    batches while the last epoch is scored and saved. The keys are those of the samplers, so
+    Workers started anew each epoch made the first step of every epoch wait for them (0.3-0.4 s
+    an epoch on the 2-core machine, BENCHMARKS.md "One set of data workers for a fit"); kept,
+    they make the next epoch's first batches while the last epoch is scored and saved. The keys are those of the samplers, so
     every batch is the same as with a loader an epoch."""
 
     def __init__(self, samplers: Sequence[BalancedBatchSampler]):
