@@ -58,7 +58,7 @@ def held_out_scores(run: Path, views: int, seed: int) -> tuple[np.ndarray, np.nd
     transform = line_views(cfg.model.input_hw)
     plain, viewed = [], []
     for sample in split.val_normal:
-        image = to_tensor(load_sample(sample, cfg.model.input_hw, cfg.data.max_image_pixels)[0])
+        image = to_tensor(load_sample(sample, cfg.model.input_hw, cfg.data.max_image_pixels, cfg.model.detail)[0])
         batch = torch.stack([image] + [transform(image).clamp(0, 1) for _ in range(views)])
         scores = model(batch)["pred_score"].float().numpy()
         plain.append(scores[0])

@@ -269,3 +269,57 @@ def test_transformed_set_mirrored_moves_masks_with_their_photos(monkeypatch, tmp
         assert not np.array_equal(moved, np.asarray(Image.open(src / mask)))  # the spot is off-centre
         photo = np.asarray(Image.open(dst / img).convert("L")).astype(int)
         assert photo[moved > 0].mean() < 80 < 140 < photo[moved == 0].mean()
+
+
+def test_transformed_set_changes_the_light_and_focus_of_photos_not_of_masks(monkeypatch, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "set"
+    surface, seen = _spotted_set(src)
+    transformed = script("transformed_set", monkeypatch)
+    transformed.main([str(src), str(tmp_path / "dark"), "--brightness", "0.5"])
+    assert (np.asarray(Image.open(tmp_path / "dark/train/good/0.png")) == 75).all()  # 150 x 0.5
+    transformed.main([str(src), str(tmp_path / "soft"), "--blur", "2"])
+    img, mask = seen[0]
+    sharp = np.asarray(Image.open(src / img).convert("L")).astype(int)
+    soft = np.asarray(Image.open(tmp_path / "soft" / img).convert("L")).astype(int)
+    assert soft.min() > sharp.min() and np.abs(np.diff(soft, axis=1)).max() < np.abs(np.diff(sharp, axis=1)).max()
+    for name in ("dark", "soft"):
+        assert all((tmp_path / name / m).read_bytes() == (src / m).read_bytes() for _, m in seen)
+    transformed.main([str(src), str(tmp_path / "same"), "--reencode"])  # PNG: the same pixels
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "same/train/good/0.png")), surface)
+    with pytest.raises(SystemExit, match="brightness over 0"):
+        transformed.main([str(src), str(tmp_path / "black"), "--brightness", "0"])
+
+
+def test_line_drift_judges_the_runs_threshold_on_drifted_copies_of_its_test_split(calibrated_run, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from PIL import Image
+
+    drift = script("line_drift", monkeypatch)
+    from threshold_tails import test_labels_and_scores  # beside line_drift, on sys.path now
+    out = tmp_path / "drift.json"
+    drift.main([str(calibrated_run), "--drift", "brightness 0.8", "--work", str(tmp_path / "copies"),
+                "--json", str(out)])
+    rows = {r["drift"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"re-encoded", "brightness 0.8"}
+    # the demo set's photos are PNG: the re-encoded copy has the test's own pixels, so its row is
+    # what prn test found with the run's threshold
+    y, s = test_labels_and_scores(calibrated_run)
+    t = json.loads((calibrated_run / "calibration.json").read_text())["image_threshold"]
+    same = rows["re-encoded"]
+    assert (same["n_good"], same["n_defective"]) == (int((y == 0).sum()), int((y == 1).sum()))
+    assert same["false_reject_rate"] == pytest.approx(np.mean(s[y == 0] >= t))
+    assert same["recall"] == pytest.approx(np.mean(s[y == 1] >= t))
+    # and the held-out images, unchanged too, give the fit's threshold again
+    assert same["recalibrated_threshold"] == pytest.approx(t, rel=1e-5)
+    assert same["recalibrated_recall"] == pytest.approx(same["recall"])
+    dark = rows["brightness 0.8"]
+    assert 0 <= dark["false_reject_rate"] <= 1 and 0 <= dark["image_auroc"] <= 1
+    root = Path(json.loads((calibrated_run / "split.json").read_text())["root"])
+    photo = next(p for p in sorted((root / "test").rglob("*.png")))
+    darker = tmp_path / "copies" / root.name / "brightness_0.8" / "test" / photo.relative_to(root / "test")
+    before, after = (np.asarray(Image.open(p).convert("L")).astype(float) for p in (photo, darker))
+    assert after.mean() == pytest.approx(0.8 * before.mean(), rel=0.02)
+    printed = capsys.readouterr().out
+    assert "| brightness 0.8 |" in printed and "| data | drift | runs |" in printed

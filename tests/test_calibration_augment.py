@@ -27,3 +27,16 @@ def test_the_plain_rule_is_the_fits_threshold_and_the_views_are_seeded(calibrate
     np.testing.assert_allclose(np.sort(plain), np.sort(calibration["normal_scores"]), rtol=1e-5)
     assert viewed.shape == (len(plain), 3) and not np.allclose(viewed, plain[:, None])  # the views differ
     np.testing.assert_array_equal(study.held_out_scores(calibrated_run, 3, seed=0)[1], viewed)
+
+
+def test_the_held_out_images_pass_the_runs_filter_before_the_resize(demo_root, tiny_config, tmp_path, monkeypatch):
+    # A run whose pre-process filters the photo before the resize (resize_detail): the views are
+    # of the images as the fit scored them, so the plain scores are the calibration's.
+    from prn import api
+    cfg = tiny_config(demo_root, tmp_path, image_size=32, resize_detail="dark", epochs=1,
+                      steps_per_epoch=1, val_normal_min=4)
+    run = api.fit(cfg, run_dir=tmp_path / "run", progress=False)
+    calibration = json.loads((run / "calibration.json").read_text())
+    study = load_script(SCRIPT, monkeypatch)
+    plain, _, _ = study.held_out_scores(run, 1, seed=0)
+    np.testing.assert_allclose(np.sort(plain), np.sort(calibration["normal_scores"]), rtol=1e-5)

@@ -1,0 +1,132 @@
+"""Whether a run's calibrated threshold holds when the line's photos drift: other light, a softer
+focus, stronger compression.
+
+A threshold is set once, on the good parts of the day of the fit; the line's lamp ages, its lens is
+knocked, its camera's settings change. For each run this copies the run's test folder with every
+photo changed one way (``transformed_set.transform_tree``: values times F, a Gaussian blur of S
+pixels of the photo, JPEG quality Q), scores the copy with ``prn predict`` (the run's pre-process,
+model and calibrated threshold, its ``prediction`` column), and judges the split's test images:
+the false-reject rate on the good parts, the recall on the defects, and image AUROC (how well the
+scores still rank, whatever the threshold). Beside them, the same after a calibration on the
+changed line: the run's held-out good images (``split.json`` ``val_normal``) changed the same way,
+scored, and a threshold fitted to them as the fit fits one (``prn.deploy.calibrate.image_threshold``,
+the run's target and tail), which is what `prn calibrate RUN --good-images DIR` with photos of the
+changed line would do. ``re-encoded``, the photos written again unchanged at quality 95 as every
+other copy is, is the row to compare the others with. Nothing is chosen here: it says how far the
+decision moves with each drift, and whether calibrating again brings it back.
+
+    python benchmarks/line_drift.py RUN [RUN ...] [--drift NAME ...] [--work DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from prn import api, registry
+from prn.data.split import Split
+from prn.deploy.calibrate import image_threshold
+from transformed_set import transform_tree  # benchmarks/ is the script's folder, so on sys.path
+
+DRIFTS = {"re-encoded": {}, "brightness 0.8": {"brightness": 0.8}, "brightness 0.9": {"brightness": 0.9},
+          "brightness 1.1": {"brightness": 1.1}, "brightness 1.2": {"brightness": 1.2},
+          "blur 1.5 px": {"blur": 1.5}, "JPEG 70": {"quality": 70}}
+KEYS = ("false_reject_rate", "recall", "image_auroc", "recalibrated_false_reject_rate", "recalibrated_recall")
+
+
+def drifted_copy(root: Path, drift: str, work: Path) -> Path:
+    """A copy of ``root``'s test and train/good folders under ``work`` with ``drift``, made once: a
+    copy already there (its ``.done`` written last) is used again."""
+    dst = work / root.name / drift.replace(" ", "_")
+    if (dst / ".done").is_file():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    for part in ("test", "train/good"):  # the test split, and the held-out good images among these
+        transform_tree(root / part, dst / part, reencode=True, **DRIFTS[drift])
+    (dst / ".done").write_text("")
+    return dst
+
+
+def scored(run: Path, copy: Path, root: Path, samples: list, out: Path) -> list[dict]:
+    """The ``scores.csv`` rows of ``samples`` (images under ``root``) in ``copy``: ``prn predict``
+    of the run on a folder of their drifted copies alone."""
+    rels = [Path(s.image_path).resolve().relative_to(root.resolve()).as_posix() for s in samples]
+    folder = out / "inputs"
+    for rel in rels:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(copy / rel, folder / rel)
+    summary = api.predict(run, folder, out / "predicted", maps="none", progress=False)
+    with Path(summary.csv).open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    missing = [rel for rel in rels if not (rows.get(rel) or {}).get("score")]
+    if missing:
+        raise SystemExit(f"{copy}: no score for {missing[0]} in {summary.csv}")
+    return [rows[rel] for rel in rels]
+
+
+def judged(run: Path, copy: Path, root: Path, out: Path) -> dict:
+    """The run on ``copy``: its test split judged at its calibrated threshold (FRR, recall, AUROC)
+    and at a threshold fitted to its held-out good images in ``copy`` (``recalibrated_*``)."""
+    split = Split.load(run / "split.json")
+    rows = scored(run, copy, root, split.test, out / "test")
+    y = np.array([s.label for s in split.test])
+    s = np.array([float(r["score"]) for r in rows])
+    d = np.array([r["prediction"] == "1" for r in rows])
+    held_out = np.array([float(r["score"]) for r in scored(run, copy, root, split.val_normal, out / "held_out")])
+    target = json.loads((run / "calibration.json").read_text())["target_fpr"]
+    tail = yaml.safe_load((run / "config.yaml").read_text())["calibration"]["calibration_tail"]
+    t, _ = image_threshold(held_out, target, tail, score_bound=registry.score_bound("prn"))
+    return {"n_good": int((y == 0).sum()), "n_defective": int((y == 1).sum()),
+            "false_reject_rate": float(d[y == 0].mean()), "recall": float(d[y == 1].mean()),
+            "image_auroc": float(roc_auc_score(y, s)), "recalibrated_threshold": float(t),
+            "recalibrated_false_reject_rate": float(np.mean(s[y == 0] >= t)),
+            "recalibrated_recall": float(np.mean(s[y == 1] >= t))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", type=Path, nargs="+", help="fitted and calibrated run folders")
+    ap.add_argument("--drift", action="append", choices=tuple(DRIFTS), help="these drifts only "
+                    "(re-encoded is always measured)")
+    ap.add_argument("--work", type=Path, help="keep the drifted copies here and use them again "
+                    "(default: a temporary folder, removed at the end)")
+    ap.add_argument("--json", type=Path, help="write every row here")
+    args = ap.parse_args(argv)
+    drifts = ["re-encoded"] + [d for d in DRIFTS if d != "re-encoded" and (not args.drift or d in args.drift)]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        results = []
+        print("| run | drift | FRR % | recall % | image AUROC | recalibrated: FRR % | recall % |\n"
+              "|---|---|---|---|---|---|---|")
+        for run in args.runs:
+            if not (run / "split.json").is_file():
+                raise SystemExit(f"{run}: no split.json; give a run folder of prn fit")
+            root = Path(Split.load(run / "split.json").root)
+            for drift in drifts:
+                copy = drifted_copy(root, drift, work)
+                row = {"run": str(run), "data": root.name, "drift": drift,
+                       **judged(run, copy, root, Path(tmp) / "predict" / run.name / drift.replace(" ", "_"))}
+                results.append(row)
+                print(f"| {run.name} | {drift} | " + " | ".join(f"{100 * row[k]:.1f}" for k in KEYS) + " |",
+                      flush=True)
+    print("\n| data | drift | runs | FRR % | recall % | image AUROC | recalibrated: FRR % | recall % |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for data in dict.fromkeys(r["data"] for r in results):
+        for drift in drifts:
+            rows = [r for r in results if r["data"] == data and r["drift"] == drift]
+            print(f"| {data} | {drift} | {len(rows)} | "
+                  + " | ".join(f"{100 * np.mean([r[k] for r in rows]):.1f}" for k in KEYS) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
