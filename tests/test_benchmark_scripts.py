@@ -297,7 +297,7 @@ def test_line_drift_judges_the_runs_threshold_on_drifted_copies_of_its_test_spli
     from PIL import Image
 
     drift = script("line_drift", monkeypatch)
-    from threshold_tails import test_labels_and_scores  # beside line_drift, on sys.path now
+    test_labels_and_scores = load_script(BENCH / "threshold_tails.py").test_labels_and_scores
     out = tmp_path / "drift.json"
     drift.main([str(calibrated_run), "--drift", "brightness 0.8", "--work", str(tmp_path / "copies"),
                 "--json", str(out)])
