@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from prn import api, registry
 from prn.data.split import Split
-from prn.deploy.calibrate import image_threshold
+from prn.deploy.calibrate import image_threshold, rates_at
 from transformed_set import transform_tree  # benchmarks/ is the script's folder, so on sys.path
 
 DRIFTS = {"re-encoded": {}, "brightness 0.8": {"brightness": 0.8}, "brightness 0.9": {"brightness": 0.9},
@@ -72,23 +72,22 @@ def scored(run: Path, copy: Path, root: Path, samples: list, out: Path) -> list[
     return [rows[rel] for rel in rels]
 
 
-def judged(run: Path, copy: Path, root: Path, out: Path) -> dict:
+def judged(run: Path, split: Split, target: float, tail: str, copy: Path, root: Path, out: Path) -> dict:
     """The run on ``copy``: its test split judged at its calibrated threshold (FRR, recall, AUROC)
-    and at a threshold fitted to its held-out good images in ``copy`` (``recalibrated_*``)."""
-    split = Split.load(run / "split.json")
+    and at a threshold fitted by the fit's rule (the run's ``target`` false-reject rate and
+    ``tail``) to its held-out good images in ``copy`` (``recalibrated_*``)."""
     rows = scored(run, copy, root, split.test, out / "test")
     y = np.array([s.label for s in split.test])
     s = np.array([float(r["score"]) for r in rows])
     d = np.array([r["prediction"] == "1" for r in rows])
     held_out = np.array([float(r["score"]) for r in scored(run, copy, root, split.val_normal, out / "held_out")])
-    target = json.loads((run / "calibration.json").read_text())["target_fpr"]
-    tail = yaml.safe_load((run / "config.yaml").read_text())["calibration"]["calibration_tail"]
     t, _ = image_threshold(held_out, target, tail, score_bound=registry.score_bound("prn"))
+    again = rates_at(y, s, t)
     return {"n_good": int((y == 0).sum()), "n_defective": int((y == 1).sum()),
             "false_reject_rate": float(d[y == 0].mean()), "recall": float(d[y == 1].mean()),
             "image_auroc": float(roc_auc_score(y, s)), "recalibrated_threshold": float(t),
-            "recalibrated_false_reject_rate": float(np.mean(s[y == 0] >= t)),
-            "recalibrated_recall": float(np.mean(s[y == 1] >= t))}
+            "recalibrated_false_reject_rate": again["false_reject_rate"],
+            "recalibrated_recall": again["recall"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,11 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         for run in args.runs:
             if not (run / "split.json").is_file():
                 raise SystemExit(f"{run}: no split.json; give a run folder of prn fit")
-            root = Path(Split.load(run / "split.json").root)
+            split = Split.load(run / "split.json")
+            root = Path(split.root)
+            target = json.loads((run / "calibration.json").read_text())["target_fpr"]
+            tail = yaml.safe_load((run / "config.yaml").read_text())["calibration"]["calibration_tail"]
             for drift in drifts:
                 copy = drifted_copy(root, drift, work)
+                out = Path(tmp) / "predict" / run.name / drift.replace(" ", "_")
                 row = {"run": str(run), "data": root.name, "drift": drift,
-                       **judged(run, copy, root, Path(tmp) / "predict" / run.name / drift.replace(" ", "_"))}
+                       **judged(run, split, target, tail, copy, root, out)}
                 results.append(row)
                 print(f"| {run.name} | {drift} | " + " | ".join(f"{100 * row[k]:.1f}" for k in KEYS) + " |",
                       flush=True)

@@ -83,7 +83,8 @@ def transform_tree(src: Path, dst: Path, invert: bool = False, scale: int = 1, q
                    mirror: str = "none", brightness: float = 1.0, blur: float = 0.0,
                    reencode: bool = False) -> dict:
     """Write the transformed copy of ``src`` to ``dst`` (which must not exist or be empty); with
-    ``reencode`` a copy with no change but the photos' encoding is allowed. Returns {"transformed": photos, "masks": masks mirrored or enlarged, "copied": other files}."""
+    ``reencode`` a copy with no change but the photos' encoding is allowed. Returns
+    {"transformed": photos, "masks": masks mirrored or enlarged, "copied": other files}."""
     if not src.is_dir():
         raise SystemExit(f"{src}: not a folder")
     if dst.exists() and any(dst.iterdir()):
