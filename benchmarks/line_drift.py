@@ -28,12 +28,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
-from sklearn.metrics import roc_auc_score
 
 from prn import api, registry
+from prn.config import PRNConfig
 from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold, rates_at
+from prn.metrics import image_auroc
 from transformed_set import transform_tree  # benchmarks/ is the script's folder, so on sys.path
 
 DRIFTS = {"re-encoded": {}, "brightness 0.8": {"brightness": 0.8}, "brightness 0.9": {"brightness": 0.9},
@@ -85,7 +85,7 @@ def judged(run: Path, split: Split, target: float, tail: str, copy: Path, root: 
     again = rates_at(y, s, t)
     return {"n_good": int((y == 0).sum()), "n_defective": int((y == 1).sum()),
             "false_reject_rate": float(d[y == 0].mean()), "recall": float(d[y == 1].mean()),
-            "image_auroc": float(roc_auc_score(y, s)), "recalibrated_threshold": float(t),
+            "image_auroc": image_auroc(y, s), "recalibrated_threshold": float(t),
             "recalibrated_false_reject_rate": again["false_reject_rate"],
             "recalibrated_recall": again["recall"]}
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             split = Split.load(run / "split.json")
             root = Path(split.root)
             target = json.loads((run / "calibration.json").read_text())["target_fpr"]
-            tail = yaml.safe_load((run / "config.yaml").read_text())["calibration"]["calibration_tail"]
+            tail = PRNConfig.load(run / "config.yaml").calibration.calibration_tail
             for drift in drifts:
                 copy = drifted_copy(root, drift, work)
                 out = Path(tmp) / "predict" / run.name / drift.replace(" ", "_")
