@@ -11,7 +11,9 @@ scores still rank, whatever the threshold). Beside them, the same after a calibr
 changed line: the run's held-out good images (``split.json`` ``val_normal``) changed the same way,
 scored, and a threshold fitted to them as the fit fits one (``prn.deploy.calibrate.image_threshold``,
 the run's target and tail), which is what `prn calibrate RUN --good-images DIR` with photos of the
-changed line would do. ``re-encoded``, the photos written again unchanged at quality 95 as every
+changed line would do. And what ``prn predict`` says of the good parts' look against the good images
+the run was calibrated on (``prn.deploy.drift``: the change of their median brightness and detail,
+and whether it warned). ``re-encoded``, the photos written again unchanged at quality 95 as every
 other copy is, is the row to compare the others with. Nothing is chosen here: it says how far the
 decision moves with each drift, and whether calibrating again brings it back.
 
@@ -33,6 +35,7 @@ from prn import api, registry
 from prn.config import PRNConfig
 from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold, rates_at
+from prn.deploy.drift import compare_appearance
 from prn.metrics import image_auroc
 from transformed_set import transform_tree  # benchmarks/ is the script's folder, so on sys.path
 
@@ -55,9 +58,10 @@ def drifted_copy(root: Path, drift: str, work: Path) -> Path:
     return dst
 
 
-def scored(run: Path, copy: Path, root: Path, samples: list, out: Path) -> list[dict]:
+def scored(run: Path, copy: Path, root: Path, samples: list, out: Path) -> tuple[list[dict], np.ndarray]:
     """The ``scores.csv`` rows of ``samples`` (images under ``root``) in ``copy``: ``prn predict``
-    of the run on a folder of their drifted copies alone."""
+    of the run on a folder of their drifted copies alone; and their brightness and detail as
+    predict measured them (``summary.looks``, (N, 2), in the samples' order)."""
     rels = [Path(s.image_path).resolve().relative_to(root.resolve()).as_posix() for s in samples]
     folder = out / "inputs"
     for rel in rels:
@@ -65,29 +69,49 @@ def scored(run: Path, copy: Path, root: Path, samples: list, out: Path) -> list[
         shutil.copy2(copy / rel, folder / rel)
     summary = api.predict(run, folder, out / "predicted", maps="none", progress=False)
     with Path(summary.csv).open() as f:
-        rows = {r["path"]: r for r in csv.DictReader(f)}
+        listed = list(csv.DictReader(f))  # in the order predict read the files, as summary.looks
+    rows = {r["path"]: r for r in listed}
     missing = [rel for rel in rels if not (rows.get(rel) or {}).get("score")]
-    if missing:
-        raise SystemExit(f"{copy}: no score for {missing[0]} in {summary.csv}")
-    return [rows[rel] for rel in rels]
+    if missing or any(r["error"] for r in listed):
+        raise SystemExit(f"{copy}: no score for {(missing or [listed[0]['path']])[0]} in {summary.csv}")
+    looks = dict(zip((r["path"] for r in listed), summary.looks))
+    return [rows[rel] for rel in rels], np.array([looks[rel] for rel in rels])
 
 
 def judged(run: Path, split: Split, target: float, tail: str, copy: Path, root: Path, out: Path) -> dict:
     """The run on ``copy``: its test split judged at its calibrated threshold (FRR, recall, AUROC)
     and at a threshold fitted by the fit's rule (the run's ``target`` false-reject rate and
     ``tail``) to its held-out good images in ``copy`` (``recalibrated_*``)."""
-    rows = scored(run, copy, root, split.test, out / "test")
+    rows, looks = scored(run, copy, root, split.test, out / "test")
     y = np.array([s.label for s in split.test])
     s = np.array([float(r["score"]) for r in rows])
     d = np.array([r["prediction"] == "1" for r in rows])
-    held_out = np.array([float(r["score"]) for r in scored(run, copy, root, split.val_normal, out / "held_out")])
+    held_out = np.array([float(r["score"]) for r in scored(run, copy, root, split.val_normal, out / "held_out")[0]])
     t, _ = image_threshold(held_out, target, tail, score_bound=registry.score_bound("prn"))
     again = rates_at(y, s, t)
+    # what predict says of the good test parts' look against the calibration's (prn.deploy.drift):
+    # the good ones alone, as on a line, where a few defective parts do not move the medians
+    # (a test split of BSData is half defects); None for a run calibrated before the check
+    calibration = json.loads((run / "calibration.json").read_text())
+    look = compare_appearance(calibration.get("appearance"), looks[y == 0],
+                              PRNConfig.load(run / "config.yaml").calibration)
     return {"n_good": int((y == 0).sum()), "n_defective": int((y == 1).sum()),
             "false_reject_rate": float(d[y == 0].mean()), "recall": float(d[y == 1].mean()),
             "image_auroc": image_auroc(y, s), "recalibrated_threshold": float(t),
             "recalibrated_false_reject_rate": again["false_reject_rate"],
-            "recalibrated_recall": again["recall"]}
+            "recalibrated_recall": again["recall"],
+            "brightness_change": None if look is None else look["brightness_change"],
+            "detail_change": None if look is None else look["detail_change"],
+            "warned": None if look is None else look["drifted"]}
+
+
+def look_cells(rows: list[dict]) -> str:
+    """The table's last three cells: the good parts' brightness and detail changes (% against the
+    calibration's good images, means over ``rows``) and how many of the rows predict warned on."""
+    if any(r["warned"] is None for r in rows):
+        return "- | - | -"
+    return (f"{100 * np.mean([r['brightness_change'] for r in rows]):+.1f} | "
+            f"{100 * np.mean([r['detail_change'] for r in rows]):+.1f} | {sum(r['warned'] for r in rows)} of {len(rows)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         results = []
-        print("| run | drift | FRR % | recall % | image AUROC | recalibrated: FRR % | recall % |\n"
-              "|---|---|---|---|---|---|---|")
+        print("| run | drift | FRR % | recall % | image AUROC | recalibrated: FRR % | recall % "
+              "| goods' brightness % | detail % | warned |\n|---|---|---|---|---|---|---|---|---|---|")
         for run in args.runs:
             if not (run / "split.json").is_file():
                 raise SystemExit(f"{run}: no split.json; give a run folder of prn fit")
@@ -118,15 +142,15 @@ def main(argv: list[str] | None = None) -> None:
                 row = {"run": str(run), "data": root.name, "drift": drift,
                        **judged(run, split, target, tail, copy, root, out)}
                 results.append(row)
-                print(f"| {run.name} | {drift} | " + " | ".join(f"{100 * row[k]:.1f}" for k in KEYS) + " |",
-                      flush=True)
-    print("\n| data | drift | runs | FRR % | recall % | image AUROC | recalibrated: FRR % | recall % |\n"
-          "|---|---|---|---|---|---|---|---|")
+                print(f"| {run.name} | {drift} | " + " | ".join(f"{100 * row[k]:.1f}" for k in KEYS)
+                      + f" | {look_cells([row])} |", flush=True)
+    print("\n| data | drift | runs | FRR % | recall % | image AUROC | recalibrated: FRR % | recall % "
+          "| goods' brightness % | detail % | warned |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for data in dict.fromkeys(r["data"] for r in results):
         for drift in drifts:
             rows = [r for r in results if r["data"] == data and r["drift"] == drift]
             print(f"| {data} | {drift} | {len(rows)} | "
-                  + " | ".join(f"{100 * np.mean([r[k] for r in rows]):.1f}" for k in KEYS) + " |")
+                  + " | ".join(f"{100 * np.mean([r[k] for r in rows]):.1f}" for k in KEYS) + f" | {look_cells(rows)} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

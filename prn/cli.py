@@ -109,6 +109,9 @@ def cmd_predict(args) -> int | None:
     if summary.n_errors:
         print(f"prn predict: warning: {summary.n_errors} unreadable file(s), listed with their error "
               f"in {summary.csv}", file=sys.stderr)
+    look = getattr(summary, "appearance", None)
+    if look and look["message"]:
+        print(f"prn predict: warning: {look['message']}", file=sys.stderr)
     if args.fail_on_defect and summary.n_defective:
         return ExitStatus.DEFECT  # the exit status a line script acts on (README: exit statuses)
 

@@ -419,9 +419,15 @@ class CalibrationConfig:
     review_fpr: float = 0.0           # ours: a review band under the image threshold, from the threshold at
     #                                   this share of good parts up to it: parts there pass the image
     #                                   threshold but go to a person; 0: no band
+    drift_brightness: float = 0.1     # ours (prn.deploy.drift): predict and serve warn when the median
+    drift_detail: float = 0.08        # brightness or detail of what they score differs from the held-out
+    drift_min_images: int = 20        # good images' by more than this share, once they have this many
 
     def __post_init__(self) -> None:
         problems = []
+        if not self.drift_brightness > 0 or not self.drift_detail > 0 or self.drift_min_images < 1:
+            problems.append(f"drift_brightness and drift_detail must be > 0 and drift_min_images >= 1, got "
+                            f"{self.drift_brightness}, {self.drift_detail}, {self.drift_min_images}")
         if not 0 < self.target_fpr < 1 or not 0 < self.pixel_target_fpr < 1:
             problems.append(f"target_fpr and pixel_target_fpr must be in (0, 1), got "
                             f"{self.target_fpr}, {self.pixel_target_fpr}")

@@ -306,6 +306,25 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device)
 
 
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``values`` (n_r, d), rank 0's first, as one (sum of n_r, d) tensor on
+    every rank (``values`` itself in one process). Ranks may hold different numbers of rows: each
+    sends its rows padded to the longest, with its count (tensors only, nothing pickled)."""
+    if not _active():
+        return values
+    device, size = _comm_device(), dist.get_world_size()
+    rows = values.detach().to(device)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
+    with _collective("gathering rows from the processes"):
+        dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.int64, device=device))
+        longest = max(int(c.item()) for c in counts)
+        padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=device)
+        padded[:len(rows)] = rows
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded)
+    return torch.cat([part[:int(c.item())] for part, c in zip(parts, counts)]).to(values.device)
+
+
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` over the ranks (``values`` itself in one process)."""
     return sum_over_ranks(values) / dist.get_world_size() if _active() else values

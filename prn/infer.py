@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from prn.data.datasets import ImageDataset, ValidationFold
 from prn.data.sample import Sample
+from prn.deploy.drift import appearance
 from prn.metrics import image_auroc, pixel_ap, pixel_auroc
 from prn.pipeline import forward_model
 from prn.preprocess import OFF, Detail
@@ -29,7 +30,9 @@ class Predictions:
     """Per-image outputs at the model's input size H x W.
 
     scores: float64 (N,); maps: float32 (N,H,W); masks: bool (N,H,W); labels: int (N,);
-    seconds_per_image: model time (forward pass, synchronised on CUDA) divided by N.
+    seconds_per_image: model time (forward pass, synchronised on CUDA) divided by N;
+    appearance: float64 (N, 2), each input's brightness and detail (``prn.deploy.drift``), which
+    calibration keeps of the good images.
     """
 
     samples: list[Sample]
@@ -38,6 +41,7 @@ class Predictions:
     masks: np.ndarray
     labels: np.ndarray
     seconds_per_image: float
+    appearance: np.ndarray | None = None
 
     @property
     def pixel_exact(self) -> np.ndarray:
@@ -64,6 +68,7 @@ def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | t
     maps = np.zeros((n, *dataset.size), dtype=np.float32)
     masks = np.zeros((n, *dataset.size), dtype=bool)
     labels = np.zeros(n, dtype=np.int64)
+    looks = np.zeros((n, 2), dtype=np.float64)
     model_seconds = 0.0
     for batch in tqdm(loader, desc="inference", disable=not progress, leave=False):
         idx = batch["index"].numpy()
@@ -73,7 +78,8 @@ def predict_samples(model: torch.nn.Module, samples: list[Sample], size: int | t
         model_seconds += time.perf_counter() - t0
         masks[idx] = batch["mask"][:, 0].numpy() > 0.5
         labels[idx] = batch["label"].numpy()
-    return Predictions(samples, scores, maps, masks, labels, model_seconds / max(n, 1))
+        looks[idx] = appearance(batch["image"])
+    return Predictions(samples, scores, maps, masks, labels, model_seconds / max(n, 1), looks)
 
 
 @torch.no_grad()
@@ -90,7 +96,7 @@ def validate(model: torch.nn.Module, val: ValidationFold, device: torch.device, 
     model.train(was_training)
     scores, maps = (np.concatenate(parts) for parts in zip(*outputs))
     preds = Predictions(val.samples, scores, maps, val.masks, val.labels,
-                        (time.perf_counter() - t0) / len(val.samples))
+                        (time.perf_counter() - t0) / len(val.samples), appearance(val.images))
     exact = preds.pixel_exact
     masks, maps = val.masks[exact], maps[exact]
     has_defects = bool(masks.any()) and bool((~masks).any())

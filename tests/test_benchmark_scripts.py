@@ -296,8 +296,12 @@ def test_line_drift_judges_the_runs_threshold_on_drifted_copies_of_its_test_spli
                                                                                   monkeypatch, capsys):
     from PIL import Image
 
+    from prn.config import PRNConfig
+
     drift = script("line_drift", monkeypatch)
     test_labels_and_scores = load_script(BENCH / "threshold_tails.py").test_labels_and_scores
+    calibrated_run = shutil.copytree(calibrated_run, tmp_path / "run")  # 4 good test parts: the look
+    PRNConfig.load(calibrated_run / "config.yaml").replace(drift_min_images=4).save(calibrated_run / "config.yaml")
     out = tmp_path / "drift.json"
     drift.main([str(calibrated_run), "--drift", "brightness 0.8", "--work", str(tmp_path / "copies"),
                 "--json", str(out)])
@@ -323,3 +327,6 @@ def test_line_drift_judges_the_runs_threshold_on_drifted_copies_of_its_test_spli
     assert after.mean() == pytest.approx(0.8 * before.mean(), rel=0.02)
     printed = capsys.readouterr().out
     assert "| brightness 0.8 |" in printed and "| data | drift | runs |" in printed
+    # the good parts' look: a fifth less light is a fifth less brightness, and predict warned of it
+    assert (1 + dark["brightness_change"]) / (1 + same["brightness_change"]) == pytest.approx(0.8, rel=0.02)
+    assert dark["warned"] and not same["warned"] and "| 1 of 1 |" in printed

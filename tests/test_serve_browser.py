@@ -360,3 +360,37 @@ def test_parts_in_the_review_band_show_review_and_the_slider_moves_its_upper_edg
     assert browser.save_screenshot(str(shot))
     if os.environ.get("PRN_SERVE_SCREENSHOT"):
         shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_name("review.png"))
+
+
+@pytest.fixture(scope="module")
+def drift_server(calibrated_run):
+    """The calibrated run whose calibration says its good images were twice as bright as any
+    upload: after two images (drift_min_images 2) every upload looks half as bright."""
+    from prn.deploy.predict import Predictor
+    predictor = Predictor(calibrated_run)
+    predictor.cfg = predictor.cfg.replace(drift_min_images=2)
+    reference = predictor.calibration["appearance"]
+    predictor.calibration = {**predictor.calibration,
+                             "appearance": {**reference, "brightness": 2 * reference["brightness"]}}
+    yield from live(create_app(InspectionService(predictor)))
+
+
+def test_the_page_warns_when_the_photos_no_longer_look_like_the_calibrations(drift_server, browser, demo_root,
+                                                                              tmp_path):
+    wait = WebDriverWait(browser, 30)
+    browser.get(drift_server)
+    wait.until(lambda d: "prn model" in d.find_element(By.ID, "model-info").text)
+    banner = browser.find_element(By.ID, "drift")
+    assert not banner.is_displayed()                     # nothing scored yet: nothing to say
+    images = sorted((demo_root / "demo" / "test" / "good").iterdir())[:3]
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in images))
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 3)
+    wait.until(lambda d: d.find_element(By.ID, "drift").is_displayed())
+    text = banner.text
+    assert "darker than the" in text and "prn calibrate RUN --good-images" in text
+    browser.refresh()                                    # the server remembers: shown again on load
+    wait.until(lambda d: d.find_element(By.ID, "drift").is_displayed())
+    shot = tmp_path / "drift.png"
+    assert browser.save_screenshot(str(shot))
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_name("drift.png"))

@@ -21,6 +21,7 @@ def _rows(path):
 
 def test_two_processes_write_the_one_process_scores_in_input_order(calibrated_run, demo_root, tmp_path):
     folder = shutil.copytree(demo_root / "demo" / "test", tmp_path / "incoming")
+    shutil.copytree(demo_root / "demo" / "test", folder / "again")  # 20 readable: the look is compared
     (folder / "good" / "broken.png").write_bytes(b"not an image")  # an error row keeps its place too
     one = api.predict(calibrated_run, folder, tmp_path / "one", progress=False, overlays=3, device="cpu")
     done = torchrun("predict", str(calibrated_run), str(folder), "--out", str(tmp_path / "two"),
@@ -39,6 +40,11 @@ def test_two_processes_write_the_one_process_scores_in_input_order(calibrated_ru
     assert [r["path"] for r in regions_a] == [r["path"] for r in regions_b]
     files = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())  # noqa: E731
     assert files(tmp_path / "one") == files(tmp_path / "two")  # maps and the first 3 pictures, no rank folders
+    # the images' look over both ranks' shares, compared once, as one process compares its own
+    look_a, look_b = (json.loads((tmp_path / d / "appearance.json").read_text()) for d in ("one", "two"))
+    assert look_a["images"] == look_b["images"] == one.n_images - 1
+    for key in ("brightness", "detail"):
+        assert abs(look_a[key] - look_b[key]) <= 1e-6 * abs(look_a[key]), key
     for rel in files(tmp_path / "one"):
         if rel.endswith(".npy"):
             np.testing.assert_allclose(np.load(tmp_path / "one" / rel), np.load(tmp_path / "two" / rel), atol=1e-5)

@@ -13,7 +13,9 @@ trained on and never used for prototypes. Its scores set
   the threshold whatever the model's score scale (PRN's probabilities, PatchCore's distances).
 
 The result is stored in the checkpoint (``payload["calibration"]``) and in the run folder's
-``calibration.json``; ``prn.postprocess.Postprocess`` decides and normalises with it.
+``calibration.json``; ``prn.postprocess.Postprocess`` decides and normalises with it. Beside the
+thresholds it keeps how the fold's good images look (``appearance``: ``prn.deploy.drift``), so
+that predict and serve can say when the line's photos no longer look like them.
 
 ``fit`` calibrates the model it holds on the fold's outputs that the last validation computed
 (``calibrate_predictions``); ``prn calibrate`` scores the fold again from its files
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from prn.config import CALIBRATION_TAILS, CalibrationConfig
+from prn.deploy.drift import appearance_reference
 from prn.errors import DataError, PRNError, UsageError
 
 SOURCE = "held-out normal training images (split.json val_normal)"
@@ -329,6 +332,8 @@ def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | No
         suspect["path"] = str(good_samples[suspect["index"]].image_path)
     if precision is not None:
         calibration["precision"] = precision
+    if preds.appearance is not None:  # what predict and serve compare the line's photos with
+        calibration["appearance"] = appearance_reference(preds.appearance[good])
     return calibration
 
 

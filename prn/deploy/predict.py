@@ -13,8 +13,9 @@ checkpoint (``prn.deploy.calibrate``), so a bare checkpoint copied anywhere deci
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from prn.data.io import require_images
+from prn.deploy.drift import appearance, compare_appearance
 from prn.deploy.engine import make_engine
 from prn.deploy.loading import load_model
 from prn.errors import CheckpointError, DataError, PRNError, UsageError
@@ -77,22 +79,25 @@ class Predictor:
         return self.postprocess.judge(scores)
 
     def _batches(self, images: list[np.ndarray]):
-        """(chunk, scores, maps at the input size) for each batch of uint8 (h, w, 3) images."""
+        """(chunk, looks (``prn.deploy.drift.appearance``), scores, maps at the input size) for
+        each batch of uint8 (h, w, 3) images."""
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
-            yield chunk, *self.engine(torch.stack([torch.from_numpy(self.resize(im)) for im in chunk]))
+            resized = torch.stack([torch.from_numpy(self.resize(im)) for im in chunk])
+            yield chunk, appearance(resized), *self.engine(resized)
 
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         """float64 (N,) image scores of uint8 (h, w, 3) images, without their maps."""
-        return np.concatenate([s for _, s, _ in self._batches(images)]) if images else np.zeros(0)
+        return np.concatenate([s for _, _, s, _ in self._batches(images)]) if images else np.zeros(0)
 
     def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction", "review"
         (1 in the review band, None without one), "threshold", "map" (float32 at the image's own
         size; at the model's input size with ``full_size=False``, for a caller that resizes only
-        what it needs: ``Postprocess.map_for``)}."""
+        what it needs: ``Postprocess.map_for``), "brightness" and "detail" (at the model's input:
+        ``prn.deploy.drift``)}."""
         results = []
-        for chunk, scores, maps in self._batches(images):
+        for chunk, looks, scores, maps in self._batches(images):
             normalized, predictions = self.judge(scores)
             reviews = self.postprocess.review(scores)
             for j, image in enumerate(chunk):
@@ -103,6 +108,7 @@ class Predictor:
                     "review": None if reviews is None else int(reviews[j]),
                     "threshold": self.threshold,
                     "map": resize_map(maps[j], image.shape[:2]) if full_size else maps[j],
+                    "brightness": float(looks[j, 0]), "detail": float(looks[j, 1]),
                 })
         return results
 
@@ -159,10 +165,27 @@ class PredictSummary:
     decided: bool = True  # False: no threshold, so no prediction was made
     regions: Path | None = None  # regions.jsonl; None without a pixel threshold
     n_review: int | None = None  # passed, but in the review band; None without a band
+    # the scored images' look against the calibration's (prn.deploy.drift.compare_appearance),
+    # also in appearance.json; None without a reference or with too few images
+    appearance: dict | None = None
+    looks: np.ndarray | None = field(default=None, repr=False)  # (N, 2) brightness, detail of each
 
     @property
     def images_per_second(self) -> float:
         return self.n_images / self.seconds if self.seconds > 0 else float("nan")
+
+
+APPEARANCE_FILE = "appearance.json"
+
+
+def check_appearance(predictor: Predictor, looks: np.ndarray, out: Path) -> dict | None:
+    """The scored images' ``looks`` against the calibration's good images, written to
+    ``out/appearance.json`` (with the reference) when there is anything to compare."""
+    reference = (predictor.calibration or {}).get("appearance")
+    check = compare_appearance(reference, looks, predictor.cfg.calibration)
+    if check is not None:
+        (out / APPEARANCE_FILE).write_text(json.dumps({**check, "reference": reference}, indent=1) + "\n")
+    return check
 
 
 def input_files(inputs: Path) -> tuple[list[Path], Path]:
@@ -195,6 +218,10 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     shard (rank, size): score only the files rank, rank + size, ... of the input list, into
     ``out_dir`` as given (``prn.deploy.sharded`` gives each rank its own folder and merges them);
     overlays stay those of the first N images of the whole list.
+
+    The images' brightness and detail at the model's input are compared with those of the good
+    images the run was calibrated on (``prn.deploy.drift``): ``summary.appearance`` and
+    ``appearance.json`` (by ``prn.deploy.sharded`` over all ranks when sharded).
     """
     min_region_area = check_min_area(min_region_area)
     if maps not in MAP_FORMATS:
@@ -212,6 +239,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
     loader = DataLoader(dataset, batch_size=predictor.batch_size, num_workers=num_workers,
                         pin_memory=predictor.loaded.device.type == "cuda")
     n_defective = n_errors = n_review = 0
+    looks = []
     t0 = time.perf_counter()
     with ResultWriter(out, root, predictor.postprocess, maps=maps, masks=masks, regions=True,
                       min_region_area=min_region_area) as writer:
@@ -227,6 +255,7 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
             if ok:
                 scores_ok, amaps = forward(batch["resized"][ok])
                 scores[ok] = scores_ok
+                looks.append(appearance(batch["resized"][ok]))
             normalized, predictions = predictor.judge(scores)
             reviews = predictor.postprocess.review(scores)
             for j, index in enumerate(batch["index"].tolist()):
@@ -247,6 +276,8 @@ def predict_folder(predictor: Predictor, inputs: str | Path, out_dir: str | Path
                         "" if pred is None else ("  DEFECTIVE" if pred else "  REVIEW" if review else "  good"))
                     writer.overlay(path, batch["resized"][j].numpy(), small, title=title)
             writer.flush()
+    looks = np.concatenate(looks) if looks else np.zeros((0, 2))
     return PredictSummary(out, writer.csv_path, len(files), n_defective, n_errors, time.perf_counter() - t0,
                           predictor.postprocess.calibrated, writer.regions_path,
-                          None if predictor.postprocess.review_threshold is None else n_review)
+                          None if predictor.postprocess.review_threshold is None else n_review,
+                          check_appearance(predictor, looks, out) if size == 1 else None, looks)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from prn import distributed
-from prn.deploy.predict import PredictSummary, Predictor, input_files, predict_folder
+from prn.deploy.predict import PredictSummary, Predictor, check_appearance, input_files, predict_folder
 from prn.report import REGIONS_FILE, shown_path
 from prn.runtime import resolve_device
 
@@ -53,13 +53,15 @@ def predict_sharded(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
     # every rank has closed its files once it gets past this sum
     n_images, n_defective, n_errors, n_review = (int(v) for v in distributed.sum_over_ranks(
         torch.tensor([mine.n_images, mine.n_defective, mine.n_errors, mine.n_review or 0], dtype=torch.int64)))
+    looks = distributed.gather_rows(torch.from_numpy(mine.looks)).numpy()
     if w.rank != 0:
         return mine
     merge(out, w.size, Path(inputs))
     regions = out / REGIONS_FILE if mine.regions is not None else None
     return PredictSummary(out, out / "scores.csv", n_images, n_defective, n_errors,
                           time.perf_counter() - t0, mine.decided, regions,
-                          None if mine.n_review is None else n_review)
+                          None if mine.n_review is None else n_review,
+                          check_appearance(predictor, looks, out), looks)
 
 
 def merge(out: Path, size: int, inputs: Path) -> None:

@@ -315,7 +315,10 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
         # decoding, the model and PNG encoding are CPU work: off the event loop
         results = await run_in_threadpool(service.inspect, uploads, overlay=overlay, mask=mask,
                                           min_region_area=min_region_area)
-        return {"results": results, "milliseconds": (time.perf_counter() - t0) * 1000}
+        # the recent images' look against the calibration's (prn.deploy.drift): a line's client
+        # hears when its photos changed, which its false rejects may not show
+        return {"results": results, "milliseconds": (time.perf_counter() - t0) * 1000,
+                "appearance": service.appearance()}
 
     add_correction_routes(app, service, token is not None)
 

@@ -24,7 +24,9 @@ import base64
 import io
 import json
 import platform
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,7 @@ from PIL import Image
 
 from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
+from prn.deploy.drift import compare_appearance
 from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
@@ -47,6 +50,8 @@ OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the imag
 NAME_MAX_CHARS = 200     # upload names are echoed back, never used as paths
 # what the pixel-limit message names as the limit's source: the serve option by default
 PIXEL_LIMIT_OPTION = "--max-pixels"
+# the last images scored whose look (prn.deploy.drift) is compared with the calibration's
+APPEARANCE_WINDOW = 200
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,9 @@ class InspectionService:
         self.recent = None if corrections is None else (recent if recent is not None else RecentUploads())
         self.loader = loader
         self.model_thread = model_thread if model_thread is not None else ModelThread()
+        # (brightness, detail) of the last images scored, against the calibration's good images
+        self.looks: deque = deque(maxlen=APPEARANCE_WINDOW)
+        self._looks_lock = threading.Lock()
 
     def reload(self) -> dict:
         """Load the model again from where the service was started (e.g. after ``latest`` was
@@ -134,6 +142,8 @@ class InspectionService:
                 self.corrections.model = model_description(predictor)
             if self.recent is not None:
                 self.recent.clear()  # their scores are the old model's: a correction must name the model that erred
+            with self._looks_lock:
+                self.looks.clear()  # compared with the new calibration from the next image on
             return predictor
         predictor = self.model_thread.run(swap)
         return {"previous_checkpoint": str(before), "checkpoint": str(predictor.loaded.path.resolve()),
@@ -173,10 +183,21 @@ class InspectionService:
             "trained_with": _read_json(run_dir / "environment.json") if run_dir else None,
             "limits": asdict(self.limits),
             "min_region_area": self.min_region_area,
+            "appearance": {"reference": (cal or {}).get("appearance"), "recent": self.appearance()},
             "corrections": None if self.corrections is None else {
                 "folder": str(self.corrections.folder), "count": len(self.corrections.records()),
                 "kept_uploads": self.recent.max_items, "kept_megabytes": self.recent.max_bytes // 2**20},
         })
+
+    def appearance(self) -> dict | None:
+        """The last APPEARANCE_WINDOW scored images' brightness and detail against the good images
+        the model was calibrated on (``prn.deploy.drift.compare_appearance``): "drifted" and a
+        "message" saying what changed; None before enough images or without a reference."""
+        with self._looks_lock:
+            looks = np.array(self.looks, dtype=np.float64).reshape(-1, 2)
+        p = self.predictor
+        return json_safe(compare_appearance((p.calibration or {}).get("appearance"), looks, p.cfg.calibration,
+                                            subject="the last {n} images scored"))
 
     # ------------------------------------------------------------------------- inspecting
 
@@ -210,6 +231,9 @@ class InspectionService:
             raise next(d for d in decoded if isinstance(d, DataError))
         t_decoded = time.perf_counter()
         predictor, raw, pictures = self.model_thread.run(self._infer, images, overlay, mask)
+        if predictor is self.predictor:  # not a model swapped out meanwhile, whose reference differs
+            with self._looks_lock:
+                self.looks.extend((r["brightness"], r["detail"]) for r in raw)
         raw, pictures = iter(raw), iter(pictures)
         model_ms = (time.perf_counter() - t_decoded) * 1000 / len(images)
         decode_ms = (t_decoded - t0) * 1000 / len(uploads)

@@ -222,6 +222,14 @@ function batches(files) {
   return out;
 }
 
+// whether the last images the server scored look like the good parts its threshold was set on
+// (prn.deploy.drift): a warning stays up while they do not, since the verdicts alone do not show it
+function showDrift(look) {
+  const box = $("drift");
+  box.hidden = !(look && look.drifted);
+  box.textContent = box.hidden ? "" : `The photos changed: ${look.message}.`;
+}
+
 async function upload(fileList) {
   const files = Array.from(fileList);
   if (!files.length || !state.model) return;
@@ -233,6 +241,7 @@ async function upload(fileList) {
     try {
       const response = await api("predict?overlay=1", { method: "POST", body: form });
       addResults(batch, response);
+      showDrift(response.appearance);
       const failed = response.results.filter((r) => r.error).length;
       done += batch.length - failed;
       unread += failed;
@@ -302,6 +311,7 @@ async function start() {
   }
   state.calibrated = state.model.image_threshold;
   $("model-info").textContent = describe(state.model);
+  showDrift(state.model.appearance ? state.model.appearance.recent : null);
   const l = state.model.limits;
   $("limits").textContent = `up to ${l.max_images} images and ${(l.max_request_bytes / 1048576).toFixed(0)} MB ` +
     `a request, ${(l.max_pixels / 1e6).toFixed(1)} megapixels an image`;
