@@ -388,9 +388,10 @@ def test_the_page_warns_when_the_photos_no_longer_look_like_the_calibrations(dri
     wait.until(lambda d: d.find_element(By.ID, "drift").is_displayed())
     text = banner.text
     assert "darker than the" in text and "prn calibrate RUN --good-images" in text
-    browser.refresh()                                    # the server remembers: shown again on load
-    wait.until(lambda d: d.find_element(By.ID, "drift").is_displayed())
     shot = tmp_path / "drift.png"
     assert browser.save_screenshot(str(shot))
     if os.environ.get("PRN_SERVE_SCREENSHOT"):
         shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_name("drift.png"))
+    browser.refresh()                                    # the server remembers: shown again on load
+    wait.until(lambda d: d.find_element(By.ID, "drift").is_displayed())
+    assert "darker than the" in browser.find_element(By.ID, "drift").text
