@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from prn import api, registry
-from prn.config import PRNConfig
+from prn.config import CalibrationConfig, PRNConfig
 from prn.data.split import Split
 from prn.deploy.calibrate import image_threshold, rates_at
 from prn.deploy.drift import compare_appearance
@@ -72,29 +72,29 @@ def scored(run: Path, copy: Path, root: Path, samples: list, out: Path) -> tuple
         listed = list(csv.DictReader(f))  # in the order predict read the files, as summary.looks
     rows = {r["path"]: r for r in listed}
     missing = [rel for rel in rels if not (rows.get(rel) or {}).get("score")]
-    if missing or any(r["error"] for r in listed):
-        raise SystemExit(f"{copy}: no score for {(missing or [listed[0]['path']])[0]} in {summary.csv}")
+    if missing:  # the folder holds these files alone, so none unread is left: looks align with rows
+        raise SystemExit(f"{copy}: no score for {missing[0]} in {summary.csv}")
     looks = dict(zip((r["path"] for r in listed), summary.looks))
     return [rows[rel] for rel in rels], np.array([looks[rel] for rel in rels])
 
 
-def judged(run: Path, split: Split, target: float, tail: str, copy: Path, root: Path, out: Path) -> dict:
+def judged(run: Path, split: Split, calibration: dict, cfg: CalibrationConfig, copy: Path, root: Path,
+           out: Path) -> dict:
     """The run on ``copy``: its test split judged at its calibrated threshold (FRR, recall, AUROC)
-    and at a threshold fitted by the fit's rule (the run's ``target`` false-reject rate and
-    ``tail``) to its held-out good images in ``copy`` (``recalibrated_*``)."""
+    and at a threshold fitted by the fit's rule (the ``calibration``'s target false-reject rate and
+    the config's tail) to its held-out good images in ``copy`` (``recalibrated_*``)."""
     rows, looks = scored(run, copy, root, split.test, out / "test")
     y = np.array([s.label for s in split.test])
     s = np.array([float(r["score"]) for r in rows])
     d = np.array([r["prediction"] == "1" for r in rows])
     held_out = np.array([float(r["score"]) for r in scored(run, copy, root, split.val_normal, out / "held_out")[0]])
-    t, _ = image_threshold(held_out, target, tail, score_bound=registry.score_bound("prn"))
+    t, _ = image_threshold(held_out, calibration["target_fpr"], cfg.calibration_tail,
+                           score_bound=registry.score_bound("prn"))
     again = rates_at(y, s, t)
     # what predict says of the good test parts' look against the calibration's (prn.deploy.drift):
     # the good ones alone, as on a line, where a few defective parts do not move the medians
     # (a test split of BSData is half defects); None for a run calibrated before the check
-    calibration = json.loads((run / "calibration.json").read_text())
-    look = compare_appearance(calibration.get("appearance"), looks[y == 0],
-                              PRNConfig.load(run / "config.yaml").calibration)
+    look = compare_appearance(calibration.get("appearance"), looks[y == 0], cfg)
     return {"n_good": int((y == 0).sum()), "n_defective": int((y == 1).sum()),
             "false_reject_rate": float(d[y == 0].mean()), "recall": float(d[y == 1].mean()),
             "image_auroc": image_auroc(y, s), "recalibrated_threshold": float(t),
@@ -134,13 +134,13 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{run}: no split.json; give a run folder of prn fit")
             split = Split.load(run / "split.json")
             root = Path(split.root)
-            target = json.loads((run / "calibration.json").read_text())["target_fpr"]
-            tail = PRNConfig.load(run / "config.yaml").calibration.calibration_tail
+            calibration = json.loads((run / "calibration.json").read_text())
+            cfg = PRNConfig.load(run / "config.yaml").calibration
             for drift in drifts:
                 copy = drifted_copy(root, drift, work)
                 out = Path(tmp) / "predict" / run.name / drift.replace(" ", "_")
                 row = {"run": str(run), "data": root.name, "drift": drift,
-                       **judged(run, split, target, tail, copy, root, out)}
+                       **judged(run, split, calibration, cfg, copy, root, out)}
                 results.append(row)
                 print(f"| {run.name} | {drift} | " + " | ".join(f"{100 * row[k]:.1f}" for k in KEYS)
                       + f" | {look_cells([row])} |", flush=True)

@@ -81,13 +81,18 @@ def test_calibration_keeps_the_medians_of_the_good_images_it_was_set_on(calibrat
     assert again["detail"] == pytest.approx(reference["detail"], rel=1e-5)
 
 
+def _scaled(path, gain):
+    """The image at ``path`` with each value times ``gain``, as a Pillow image."""
+    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    return Image.fromarray(np.clip(image * gain, 0, 255).round().astype(np.uint8))
+
+
 def _changed_copies(source, dest, gain=1.0, times=1):
     """The images of ``source`` saved into ``dest`` ``times`` over, each value times ``gain``."""
     dest.mkdir(parents=True)
     for k in range(times):
         for path in sorted(source.glob("*.png")):
-            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-            Image.fromarray(np.clip(image * gain, 0, 255).round().astype(np.uint8)).save(dest / f"{k}_{path.name}")
+            _scaled(path, gain).save(dest / f"{k}_{path.name}")
     return dest
 
 
@@ -141,10 +146,8 @@ def test_serve_answers_each_request_with_the_recent_images_look(calibrated_run, 
     from prn.serve.service import InspectionService
 
     def upload(path, gain):
-        image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-        out = Image.fromarray(np.clip(image * gain, 0, 255).round().astype(np.uint8))
         buf = io.BytesIO()
-        out.save(buf, format="PNG")
+        _scaled(path, gain).save(buf, format="PNG")
         return ("files", (path.name, buf.getvalue(), "image/png"))
 
     goods = sorted((demo_root / "demo" / "train" / "good").glob("*.png"))

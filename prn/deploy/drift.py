@@ -78,6 +78,6 @@ def compare_appearance(reference: dict | None, stats: np.ndarray, cfg, subject: 
                    f"threshold was calibrated on (medians at the model's input); a changed lamp, exposure or "
                    f"focus can let more defects through while the false rejects stay low: calibrate again on "
                    f"good parts photographed now (prn calibrate RUN --good-images DIR)")
-    return {"images": len(stats), "brightness": float(brightness), "detail": float(detail),
-            "brightness_change": float(changes["brightness"]), "detail_change": float(changes["detail"]),
+    return {"images": len(stats), "brightness": brightness, "detail": detail,
+            "brightness_change": changes["brightness"], "detail_change": changes["detail"],
             "drifted": bool(past), "message": message}

@@ -79,16 +79,21 @@ class Predictor:
         return self.postprocess.judge(scores)
 
     def _batches(self, images: list[np.ndarray]):
-        """(chunk, looks (``prn.deploy.drift.appearance``), scores, maps at the input size) for
-        each batch of uint8 (h, w, 3) images."""
+        """(chunk, the uint8 (B, H, W, 3) batch at the input size, scores, maps at the input size)
+        for each batch of uint8 (h, w, 3) images."""
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
             resized = torch.stack([torch.from_numpy(self.resize(im)) for im in chunk])
-            yield chunk, appearance(resized), *self.engine(resized)
+            yield chunk, resized, *self.engine(resized)
 
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         """float64 (N,) image scores of uint8 (h, w, 3) images, without their maps."""
         return np.concatenate([s for _, _, s, _ in self._batches(images)]) if images else np.zeros(0)
+
+    def compare_look(self, looks: np.ndarray, subject: str = "these {n} images") -> dict | None:
+        """``prn.deploy.drift.compare_appearance`` of (N, 2) ``looks`` against this model's
+        calibration, with its config's tolerances."""
+        return compare_appearance((self.calibration or {}).get("appearance"), looks, self.cfg.calibration, subject)
 
     def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction", "review"
@@ -97,7 +102,8 @@ class Predictor:
         what it needs: ``Postprocess.map_for``), "brightness" and "detail" (at the model's input:
         ``prn.deploy.drift``)}."""
         results = []
-        for chunk, looks, scores, maps in self._batches(images):
+        for chunk, resized, scores, maps in self._batches(images):
+            looks = appearance(resized)
             normalized, predictions = self.judge(scores)
             reviews = self.postprocess.review(scores)
             for j, image in enumerate(chunk):
@@ -181,9 +187,9 @@ APPEARANCE_FILE = "appearance.json"
 def check_appearance(predictor: Predictor, looks: np.ndarray, out: Path) -> dict | None:
     """The scored images' ``looks`` against the calibration's good images, written to
     ``out/appearance.json`` (with the reference) when there is anything to compare."""
-    reference = (predictor.calibration or {}).get("appearance")
-    check = compare_appearance(reference, looks, predictor.cfg.calibration)
+    check = predictor.compare_look(looks)
     if check is not None:
+        reference = predictor.calibration["appearance"]
         (out / APPEARANCE_FILE).write_text(json.dumps({**check, "reference": reference}, indent=1) + "\n")
     return check
 

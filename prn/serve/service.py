@@ -36,7 +36,6 @@ from PIL import Image
 
 from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
-from prn.deploy.drift import compare_appearance
 from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
@@ -195,9 +194,7 @@ class InspectionService:
         "message" saying what changed; None before enough images or without a reference."""
         with self._looks_lock:
             looks = np.array(self.looks, dtype=np.float64).reshape(-1, 2)
-        p = self.predictor
-        return json_safe(compare_appearance((p.calibration or {}).get("appearance"), looks, p.cfg.calibration,
-                                            subject="the last {n} images scored"))
+        return json_safe(self.predictor.compare_look(looks, subject="the last {n} images scored"))
 
     # ------------------------------------------------------------------------- inspecting
 
