@@ -44,6 +44,7 @@ CALIBRATION_TAILS = ("gumbel", "gumbel_logit", "normal", "conformal")  # prn.dep
 IMAGE_SCORES = ("top_k", "head", "mean")  # prn.model.network.PRN.image_score
 MEMORY_MODES = ("off", "on", "auto")  # prn.model.defect_memory
 RESIZE_DETAIL = ("off", "dark", "bright", "auto")  # prn.preprocess.Detail; auto: prn.runs.resolve_detail
+PROTOTYPE_MATCHES = ("map", "position")  # prn.model.prototypes
 # seen_fraction at which every anomaly slot of the 2:1:1 batch is a real seen anomaly (no synthetic
 # ones): the last final_real_epochs of a fit, and a retrain with added defects (prn.retrain)
 ALL_REAL_SEEN_FRACTION = 0.5
@@ -135,6 +136,9 @@ class ModelConfig:
     image_hw: tuple[int, int] = (0, 0)  # ours: explicit input height, width (multiples of 32); (0, 0): square
     keep_aspect: bool = False         # ours: fit sets image_hw from the training images' aspect, long side image_size
     prototype_ratio: float = 0.1      # K = ceil(ratio * number of normal training images)
+    prototype_match: str = "map"      # the nearest prototype P* of Eq. 1: "map" (the paper's: the whole map
+                                      # nearest in L2), "position" (ours: at each position the prototypes'
+                                      # feature vector nearest to the input's)
     kmeans_max_iter: int = 300
     use_prototypes: bool = True       # MP (Table 4)
     use_attention: bool = True        # MSA (Table 4)
@@ -187,6 +191,9 @@ class ModelConfig:
                             f"{' (32 per tile)' if self.tiles > 1 else ''}, got {self.image_size}")
         if not 0 < self.prototype_ratio <= 1:
             problems.append(f"prototype_ratio must be in (0, 1], got {self.prototype_ratio}")
+        if self.prototype_match not in PROTOTYPE_MATCHES:
+            problems.append(f"prototype_match must be one of {', '.join(PROTOTYPE_MATCHES)}, "
+                            f"got {self.prototype_match!r}")
         if len(self.image_hw) != 2 or (any(self.image_hw) and (
                 min(self.image_hw) < step or any(v % step for v in self.image_hw))):
             problems.append(f"image_hw must be (0, 0) or two multiples of {step} >= {step}, got {self.image_hw}")

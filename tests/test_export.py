@@ -85,15 +85,17 @@ def remember_some_defects(model) -> None:
 def checkpoints(tmp_path_factory):
     """{kind: checkpoint path} of calibrated tiny models, plus "prn-uncalibrated". PRN averages
     the maps of its input's four mirrored copies (``test_flips`` "all") and fuses its score with a
-    memory of seen defects matched at 1/2 of the input (``defect_memory``, ``defect_memory_stride`` 2), so
-    that one export holds the network, its mirrored pass and the memory's match (an export takes
+    memory of seen defects matched at 1/2 of the input (``defect_memory``, ``defect_memory_stride`` 2), and
+    matches its prototypes position by position (``prototype_match``), so that one export holds the
+    network, its mirrored pass, the memory's match and the per-position match (an export takes
     half a minute or more here; the graph without either is exported from the shared tiled run,
     conftest.tiled_run_onnx)."""
     folder = tmp_path_factory.mktemp("export")
     normals = uint8_images(6, seed=0).float() / 255
     out = {}
     for name, kind, changes in (("prn", "prn", {"test_flips": "all", "defect_memory_stride": 2,
-                                                "resize_detail": "dark", "detail_width": 3}),
+                                                "resize_detail": "dark", "detail_width": 3,
+                                                "prototype_match": "position"}),
                                 ("prototypes", "prototypes", {}),
                                 ("patchcore", "patchcore", {})):
         torch.manual_seed(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prn.model.prototypes import Prototypes, kmeans_prototypes, nearest_prototype, num_prototypes
+from prn.model.prototypes import Prototypes, kmeans_prototypes, nearest_per_position, nearest_prototype, num_prototypes
 
 
 def brute_force_nearest(feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,94 @@ def test_residual_is_absolute_difference_to_the_nearest_prototype_at_each_scale(
         assert torch.equal(idx, nearest)
         for b in range(3):
             torch.testing.assert_close(d[b], (f[b] - p[nearest[b]]).abs(), atol=0, rtol=0)
+
+
+def brute_force_per_position(feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """(B, h, w): the index of the prototype whose vector at each position is nearest, in float64."""
+    d = (feats.double()[:, None] - protos.double()[None]).square().sum(dim=2)  # (B, K, h, w)
+    return d.argmin(dim=1)
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (300.0, 1e-3)])
+def test_position_match_takes_each_positions_nearest_prototype_vector(offset, spread):
+    # the large common offset with tiny differences is the case float32 loses about the origin
+    g = torch.Generator().manual_seed(9)
+    base = offset + torch.randn(1, 6, 5, 7, generator=g)
+    protos = base + spread * torch.randn(4, 6, 5, 7, generator=g)
+    feats = base + spread * torch.randn(3, 6, 5, 7, generator=g)
+    expected = brute_force_per_position(feats, protos)
+    matched, index = nearest_per_position(feats, protos)
+    assert len(set(expected.flatten().tolist())) == 4
+    assert torch.equal(index, expected)
+    for b, y, x in itertools.product(range(3), range(5), range(7)):
+        assert torch.equal(matched[b, :, y, x], protos[expected[b, y, x], :, y, x])
+
+
+def test_position_residuals_are_never_larger_than_the_whole_maps_at_any_position():
+    g = torch.Generator().manual_seed(10)
+    shapes = [(4, 8, 8), (6, 4, 4), (8, 2, 2)]
+    protos = [torch.randn(5, *s, generator=g) for s in shapes]
+    feats = [torch.randn(3, *s, generator=g) for s in shapes]
+    whole, local = Prototypes(), Prototypes(match="position")
+    whole.set(protos)
+    local.set(protos)
+    res_map, idx_map = whole.residuals_and_indices(feats)
+    res_pos, idx_pos = local.residuals_and_indices(feats)
+    for f, a, b, i in zip(feats, res_map, res_pos, idx_pos):
+        assert i.shape == (3, *f.shape[-2:])
+        norm_map, norm_pos = a.square().sum(dim=1), b.square().sum(dim=1)
+        assert (norm_pos <= norm_map + 1e-5).all()
+        assert (norm_pos < norm_map - 1e-3).any()  # random maps: some position has a nearer vector
+    # one prototype: both matches are the same
+    single = [p[:1] for p in protos]
+    whole.set(single)
+    local.set(single)
+    assert all(torch.equal(a, b) for a, b in zip(whole.residuals(feats), local.residuals(feats)))
+
+
+@pytest.mark.parametrize("match", ["map", "position"])
+def test_what_the_match_prepares_is_made_on_set_and_on_load_and_never_saved(match):
+    g = torch.Generator().manual_seed(11)
+    shapes = [(4, 8, 8), (6, 4, 4), (8, 2, 2)]
+    fitted = Prototypes(match=match)
+    fitted.set([torch.randn(5, *s, generator=g) for s in shapes])
+    assert set(fitted.state_dict()) == {"p1", "p2", "p3"}  # checkpoints hold the prototypes alone
+    fresh = Prototypes(match=match)
+    fresh.load_state_dict(fitted.state_dict())
+    feats = [torch.randn(2, *s, generator=g) for s in shapes]
+    # the same figures as the match made from the prototypes on the spot
+    nearest = nearest_per_position if match == "position" else nearest_prototype
+    for name, f, got in zip(fresh.names, feats, fresh.residuals_and_indices(feats)[1]):
+        want = nearest(f, getattr(fitted, name))
+        assert torch.equal(got, want[1] if match == "position" else want)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.prepared(name), fitted.prepared(name)))
+    fresh.set([torch.randn(3, *s, generator=g) for s in shapes])  # set again: prepared anew
+    assert fresh.prepared("p1")[1].shape[-1 if match == "position" else 0] == 3
+
+
+def test_a_traced_graph_makes_what_the_match_needs_from_the_prototypes_instead_of_storing_it():
+    module = Prototypes(num_scales=1, match="position")
+    module.set([torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(12))])
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, f):
+            seen.append(module.prepared("p1"))
+            return module.residuals([f])[0]
+
+    f = torch.randn(2, 2, 4, 4)
+    traced = torch.jit.trace(Probe(), f, check_trace=False)
+    assert seen == [None] and module.prepared("p1") is not None
+    assert torch.equal(traced(f), module.residuals([f])[0])
+
+
+def test_unknown_prototype_match_is_refused():
+    from prn.config import PRNConfig
+
+    with pytest.raises(ValueError, match="match must be one of map, position"):
+        Prototypes(match="pixel")
+    with pytest.raises(ValueError, match="invalid PRN config: prototype_match must be one of map, position"):
+        PRNConfig(prototype_match="patch")
 
 
 def test_scales_choose_their_nearest_prototype_independently():

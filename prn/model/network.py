@@ -54,7 +54,7 @@ class PRN(nn.Module):
         self.encoder = encoder
         feat = list(encoder.channels)
         self.skip_channels = [2 * c for c in feat] if cfg.use_prototypes else feat
-        self.prototypes = Prototypes(len(feat)) if cfg.use_prototypes else None
+        self.prototypes = Prototypes(len(feat), cfg.prototype_match) if cfg.use_prototypes else None
         self.fuse_features = MultiScaleFusion(feat) if cfg.use_fusion else None
         self.fuse_residuals = MultiScaleFusion(feat) if cfg.use_fusion and cfg.use_prototypes else None
         self.attention = None

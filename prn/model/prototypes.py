@@ -2,7 +2,9 @@
 
 The prototypes of one scale are K feature maps of normal images, clustered with k-means over
 whole flattened maps (L2 over c*h*w). An input's residual at that scale is the element-wise
-distance ``|F - P*|`` to its nearest prototype ``P*``.
+distance ``|F - P*|`` to its nearest prototype ``P*`` (match "map", Eq. 1). With match "position"
+(ours) ``P*`` is taken at each position on its own: the prototypes' feature vector there nearest
+to the input's (L2 over c), so a good part is matched where it looks like any of the K maps.
 
     >>> protos = Prototypes()
     >>> protos.set([kmeans_prototypes(f, num_prototypes(len(f), 0.1)) for f in normal_feats])
@@ -18,7 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prn.config import PROTOTYPE_MATCHES
+
 SCALE_NAMES = ("p1", "p2", "p3")
+PREPARED = ("_centre", "_centred", "_norms")  # non-persistent buffers of Prototypes, per scale
 
 
 def num_prototypes(n_normal: int, ratio: float) -> int:
@@ -58,24 +63,63 @@ def _kmeans(flat: np.ndarray, k: int, max_iter: int, seed: int) -> Tensor:
     return torch.from_numpy(km.cluster_centers_).float()
 
 
-def nearest_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
+def prepare_map(prototypes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``nearest_prototype`` needs of (K, c, h, w) ``prototypes`` whatever the input: their
+    mean (1, D), the prototypes about it (K, D), pixel-major, and their squared norms (K,)."""
+    # Flattened pixel-major (h, w, c): a free view of channels_last maps. L2 ignores the order.
+    b = prototypes.permute(0, 2, 3, 1).reshape(prototypes.shape[0], -1)
+    centre = b.mean(dim=0, keepdim=True)
+    b = b - centre
+    return centre, b, b.square().sum(dim=1)
+
+
+def nearest_prototype(features: Tensor, prototypes: Tensor,
+                      prepared: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Index of the nearest prototype of each map (L2 over c*h*w).
 
-    features: (B, c, h, w); prototypes: (K, c, h, w). Returns int64 (B,).
+    features: (B, c, h, w); prototypes: (K, c, h, w); ``prepared``: ``prepare_map(prototypes)``,
+    made once where the prototypes are fixed. Returns int64 (B,).
     """
-    # Flattened pixel-major (h, w, c): a free view of channels_last maps. L2 ignores the order.
-    a = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1)
-    b = prototypes.permute(0, 2, 3, 1).reshape(prototypes.shape[0], -1)
     # ||a - b||^2 = ||a||^2 - 2ab + ||b||^2 (one matrix product), with ||a||^2 left out as it is
     # the same for every prototype. Taken about the origin, float32 cancellation loses the argmin
     # when maps share a large offset and differ little; about the prototypes' mean the offset is
     # gone (the subtractions are exact for values within a factor 2 of the mean), so the rounding
     # scales with the maps' spread, not their magnitude. Float32 throughout, so the same code
     # runs in exported graphs (ONNX, TorchScript) as in eager mode.
-    centre = b.mean(dim=0, keepdim=True)
-    a, b = a - centre, b - centre
-    d2 = b.square().sum(dim=1)[None, :] - 2.0 * (a @ b.T)
-    return d2.argmin(dim=1)
+    centre, b, norms = prepared if prepared is not None else prepare_map(prototypes)
+    a = features.permute(0, 2, 3, 1).reshape(features.shape[0], -1) - centre
+    return (norms[None, :] - 2.0 * (a @ b.T)).argmin(dim=1)
+
+
+def prepare_position(prototypes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``nearest_per_position`` needs of (K, c, h, w) ``prototypes``, position-major: their
+    mean (h*w, 1, c), the prototypes about it (h*w, c, K) and their squared norms (h*w, 1, K)."""
+    k, c, h, w = prototypes.shape
+    centre = prototypes.mean(dim=0, keepdim=True)
+    b = (prototypes - centre).permute(2, 3, 1, 0).reshape(h * w, c, k)
+    return centre.permute(2, 3, 0, 1).reshape(h * w, 1, c), b, b.square().sum(dim=1, keepdim=True)
+
+
+def nearest_per_position(features: Tensor, prototypes: Tensor,
+                         prepared: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """At each position, the prototypes' feature vector nearest to the input's (L2 over c).
+
+    features: (B, c, h, w); prototypes: (K, c, h, w); ``prepared``: ``prepare_position(prototypes)``.
+    Returns the matched maps (B, c, h, w, channels_last), each vector a prototype's exactly, and
+    the index of the prototype chosen at each position, int64 (B, h, w).
+    """
+    # The expansion of nearest_prototype about the prototypes' mean, one small matrix product per
+    # position (a batch of h*w).
+    centre, b, norms = prepared if prepared is not None else prepare_position(prototypes)
+    n, c, h, w = features.shape
+    a = features.permute(2, 3, 0, 1).reshape(h * w, n, c) - centre
+    index = (norms - 2.0 * torch.bmm(a, b)).argmin(dim=2)  # (h*w, B)
+    # The chosen vectors gathered from the prototypes as rows (K*h*w, c), a free view of
+    # channels_last maps: no copy of the prototypes per input, in eager mode or in exported graphs.
+    rows = prototypes.permute(0, 2, 3, 1).reshape(-1, c)
+    position = torch.arange(h * w, device=index.device)[:, None]
+    matched = rows[(index * (h * w) + position).reshape(-1)].reshape(h * w, n, c).transpose(0, 1)
+    return matched.reshape(n, h, w, c).permute(0, 3, 1, 2), index.transpose(0, 1).reshape(n, h, w)
 
 
 class Prototypes(nn.Module):
@@ -87,11 +131,36 @@ class Prototypes(nn.Module):
     exports to ONNX and TorchScript as it runs.
     """
 
-    def __init__(self, num_scales: int = 3):
+    def __init__(self, num_scales: int = 3, match: str = "map"):
         super().__init__()
+        if match not in PROTOTYPE_MATCHES:
+            raise ValueError(f"match must be one of {', '.join(PROTOTYPE_MATCHES)}, got {match!r}")
         self.names = SCALE_NAMES[:num_scales]
+        self.match = match
         for name in self.names:
             self.register_buffer(name, torch.empty(0))
+            # What the match needs of the prototypes whatever the input, made once when they are set
+            # or loaded (remade per batch it was most of the match's time), and never saved.
+            for part in PREPARED:
+                self.register_buffer(name + part, torch.empty(0), persistent=False)
+
+    def _prepare(self) -> None:
+        prepare = prepare_position if self.match == "position" else prepare_map
+        for name in self.names:
+            p = getattr(self, name)
+            parts = prepare(p) if p.dim() == 4 and p.shape[0] > 0 else (torch.empty(0, device=p.device),) * 3
+            for part, value in zip(PREPARED, parts):
+                setattr(self, name + part, value)
+
+    def prepared(self, name: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """What the match prepared of scale ``name``'s prototypes; None while a graph is exported,
+        which makes them from the prototypes instead, as it did before they were kept: stored
+        beside the prototypes they made KolektorSDD's ONNX file 37.2 MB instead of 22.7 MB, and
+        onnxruntime's graph optimisations can fold a graph's constant parts when it loads it."""
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting() \
+                or torch.onnx.is_in_onnx_export():
+            return None
+        return tuple(getattr(self, name + part) for part in PREPARED)
 
     @property
     def fitted(self) -> bool:
@@ -107,6 +176,7 @@ class Prototypes(nn.Module):
             old = getattr(self, name)
             p = p.detach().to(device=old.device, dtype=torch.float32)
             setattr(self, name, p.contiguous(memory_format=torch.channels_last))
+        self._prepare()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Resize the buffers to the stored K (and map size) so any checkpoint loads.
@@ -118,13 +188,15 @@ class Prototypes(nn.Module):
                 setattr(self, name, torch.empty(stored.shape, dtype=stored.dtype, device=old.device,
                                                 memory_format=layout))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._prepare()
 
     def residuals(self, feats: list[Tensor]) -> list[Tensor]:
         """feats: per scale (B, c_j, h_j, w_j). Returns per scale D_j = |F_j - P*_j|, same shape."""
         return self.residuals_and_indices(feats)[0]
 
     def residuals_and_indices(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """The residuals D_j and, per scale, the nearest prototype's index, int64 (B,)."""
+        """The residuals D_j and, per scale, the nearest prototype's index: int64 (B,), or (B, h_j,
+        w_j) with match "position"."""
         if not self.fitted:
             raise RuntimeError("prototypes are not fitted: call PRN.fit_prototypes(normal_batches) first")
         out, indices = [], []
@@ -134,13 +206,18 @@ class Prototypes(nn.Module):
                 raise ValueError(
                     f"prototypes {name} have map shape {tuple(protos.shape[1:])} but features are "
                     f"{tuple(f.shape[1:])}; were they fitted at another image size?")
-            idx = nearest_prototype(f, protos)
-            out.append(torch.sub(f, protos[idx]).abs_())
+            if self.match == "position":
+                matched, idx = nearest_per_position(f, protos, self.prepared(name))
+            else:
+                idx = nearest_prototype(f, protos, self.prepared(name))
+                matched = protos[idx]
+            out.append(torch.sub(f, matched).abs_())
             indices.append(idx)
         return out, indices
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.names)
+        return shapes if self.match == "map" else f"{shapes}, match={self.match}"
 
 
 def batch_images(batch: Tensor | Mapping) -> Tensor:
