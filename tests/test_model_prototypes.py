@@ -137,7 +137,7 @@ def test_position_residuals_are_never_larger_than_the_whole_maps_at_any_position
     whole, local = Prototypes(), Prototypes(match="position")
     whole.set(protos)
     local.set(protos)
-    res_map, idx_map = whole.residuals_and_indices(feats)
+    res_map = whole.residuals(feats)
     res_pos, idx_pos = local.residuals_and_indices(feats)
     for f, a, b, i in zip(feats, res_map, res_pos, idx_pos):
         assert i.shape == (3, *f.shape[-2:])

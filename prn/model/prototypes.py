@@ -122,6 +122,17 @@ def nearest_per_position(features: Tensor, prototypes: Tensor,
     return matched.reshape(n, h, w, c).permute(0, 3, 1, 2), index.transpose(0, 1).reshape(n, h, w)
 
 
+def _nearest_whole_map(features: Tensor, prototypes: Tensor,
+                       prepared: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The nearest prototype of each map (Eq. 1) and its index, as ``nearest_per_position`` returns."""
+    index = nearest_prototype(features, prototypes, prepared)
+    return prototypes[index], index
+
+
+# Per match: what it prepares of the prototypes once, and the match itself -> (matched maps, indices).
+MATCHERS = {"map": (prepare_map, _nearest_whole_map), "position": (prepare_position, nearest_per_position)}
+
+
 class Prototypes(nn.Module):
     """Prototype buffers ``p1, p2, p3`` of shape (K, c_j, h_j, w_j), fixed after fitting, kept
     in channels_last layout like the network's feature maps.
@@ -145,7 +156,7 @@ class Prototypes(nn.Module):
                 self.register_buffer(name + part, torch.empty(0), persistent=False)
 
     def _prepare(self) -> None:
-        prepare = prepare_position if self.match == "position" else prepare_map
+        prepare = MATCHERS[self.match][0]
         for name in self.names:
             p = getattr(self, name)
             parts = prepare(p) if p.dim() == 4 and p.shape[0] > 0 else (torch.empty(0, device=p.device),) * 3
@@ -206,11 +217,7 @@ class Prototypes(nn.Module):
                 raise ValueError(
                     f"prototypes {name} have map shape {tuple(protos.shape[1:])} but features are "
                     f"{tuple(f.shape[1:])}; were they fitted at another image size?")
-            if self.match == "position":
-                matched, idx = nearest_per_position(f, protos, self.prepared(name))
-            else:
-                idx = nearest_prototype(f, protos, self.prepared(name))
-                matched = protos[idx]
+            matched, idx = MATCHERS[self.match][1](f, protos, self.prepared(name))
             out.append(torch.sub(f, matched).abs_())
             indices.append(idx)
         return out, indices
