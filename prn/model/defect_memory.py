@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prn.model.prototypes import exporting
 from prn.precision import full_precision
 
 # The fused score is sigmoid of the z-sum over this: a score in (0, 1) as PRN's, which keeps its
@@ -74,8 +75,8 @@ def nearest_distance(query: Tensor, bank: Tensor, chunk: int = 1024, rows: int =
     twice as fast on the CPU (3.4 against 7.6 ms per KolektorSDD image, 502 features, one thread);
     an exported graph has a symbolic batch, so there only the bank, whose size is fixed, is cut, in
     blocks of at most 256 (a batch of 16 BSData images against 256 features: 100 MB)."""
-    exporting = torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    if exporting:  # every pixel of the batch against a block at once: keep the block small
+    in_graph = exporting()
+    if in_graph:  # every pixel of the batch against a block at once: keep the block small
         chunk = min(chunk, 256)
     centre = bank.mean(dim=0, keepdim=True)
     q = query - centre
@@ -88,7 +89,7 @@ def nearest_distance(query: Tensor, bank: Tensor, chunk: int = 1024, rows: int =
             best = d2 if best is None else torch.minimum(best, d2)
         return best + block.square().sum(dim=1)
 
-    d2 = nearest_squared(q) if exporting else torch.cat([nearest_squared(block) for block in q.split(rows)])
+    d2 = nearest_squared(q) if in_graph else torch.cat([nearest_squared(block) for block in q.split(rows)])
     return d2.clamp_min(0.0).sqrt()
 
 

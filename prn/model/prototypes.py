@@ -26,6 +26,13 @@ SCALE_NAMES = ("p1", "p2", "p3")
 PREPARED = ("_centre", "_centred", "_norms")  # non-persistent buffers of Prototypes, per scale
 
 
+def exporting() -> bool:
+    """Whether a graph is being traced or exported (TorchScript's trace, torch.export, ONNX), where
+    work the eager model keeps from call to call is done in the graph instead. (A traced graph is
+    what gets scripted, so scripting never runs this module's Python.)"""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 def num_prototypes(n_normal: int, ratio: float) -> int:
     """K = ceil(ratio * n_normal), at least 1 and at most n_normal."""
     if n_normal < 1:
@@ -168,8 +175,7 @@ class Prototypes(nn.Module):
         which makes them from the prototypes instead, as it did before they were kept: stored
         beside the prototypes they made KolektorSDD's ONNX file 37.2 MB instead of 22.7 MB, and
         onnxruntime's graph optimisations can fold a graph's constant parts when it loads it."""
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting() \
-                or torch.onnx.is_in_onnx_export():
+        if exporting():
             return None
         return tuple(getattr(self, name + part) for part in PREPARED)
 
