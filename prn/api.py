@@ -24,7 +24,8 @@ from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
 from prn.data.sample import Sample
 from prn.data.split import Split
-from prn.deploy.calibrate import calibrate_predictions, rates_at, review_rates, suspect_warning, write_calibration
+from prn.deploy.calibrate import (calibrate_predictions, rates_at, review_rates, suspect_warning,
+                                  threshold_image_note, write_calibration)
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
@@ -90,6 +91,9 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
         warning = suspect_warning(cal)
         if warning:
             print(f"prn fit: warning: {warning}", file=sys.stderr)
+        top = threshold_image_note(cal)
+        if top:
+            print(f"prn fit: note: {top}", file=sys.stderr)
         if progress:
             band = (f"; review band from {cal['review_threshold']:.4g} ({100 * cal['review_fpr']:g} % of good "
                     f"parts)" if cal and "review_threshold" in cal else "")
@@ -165,6 +169,10 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
         if post.review_threshold is not None:
             metrics.update(review_rates(preds.labels, preds.scores, post),
                            review_target_fpr=float(loaded.calibration["review_fpr"]))
+        top = loaded.calibration.get("threshold_image")  # one held-out image's score decides (or not)
+        metrics["threshold_from_one_image"] = float(top is not None)
+        if top is not None and top.get("next_score") is not None:
+            metrics["threshold_image_next_score"] = float(top["next_score"])
         memory = loaded.calibration.get("defect_memory")
         if memory:  # whether the score carries the memory of the seen defects, and why
             auroc = memory.get("loo_auroc")

@@ -204,7 +204,7 @@ def region_area(text: str) -> int:
 def _print_metrics(metrics: dict, verb: str) -> None:
     """The figures as JSON on stdout; on stderr, after a test, the decision at the calibrated
     threshold in one line, and the threshold's warning, each prefixed with the verb that was run."""
-    from prn.deploy.calibrate import decision_summary, suspect_warning, threshold_warning
+    from prn.deploy.calibrate import decision_summary, suspect_warning, threshold_image_note, threshold_warning
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
     decided = decision_summary(metrics) if verb != "calibrate" else None
     if decided:
@@ -212,6 +212,9 @@ def _print_metrics(metrics: dict, verb: str) -> None:
     for warning in (threshold_warning(metrics), suspect_warning(metrics) if verb == "calibrate" else None):
         if warning:
             print(f"prn {verb}: warning: {warning}", file=sys.stderr)
+    top = threshold_image_note(metrics) if verb == "calibrate" else None
+    if top:
+        print(f"prn {verb}: note: {top}", file=sys.stderr)
 
 
 EXIT_STATUSES = """exit statuses:

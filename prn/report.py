@@ -170,6 +170,14 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
     warnings = [(name, threshold_warning(m)) for name, m in results.items()]
     lines += [f"\n**{name}**: {text}." for name, text in warnings if text]
     for name, m in results.items():
+        if name != MEAN_ROW and m.get("threshold_from_one_image") == 1.0:
+            nxt = _number(m.get("threshold_image_next_score"))
+            lines.append(f"\n**{name}**: the threshold is the score of one held-out good image ("
+                         f"`threshold_image` in calibration.json names it"
+                         + ("" if math.isnan(nxt) else f"; the next held-out good part scores {nxt:.4g}")
+                         + "): if that image shows a defect, the threshold stands above where the "
+                         "other good parts put it; look at it, and run prn calibrate RUN again without it.")
+    for name, m in results.items():
         if "defect_memory_kept" not in m or name == MEAN_ROW:
             continue
         auroc = _number(m.get("defect_memory_auroc"))

@@ -261,3 +261,17 @@ def test_result_pictures_name_the_pixel_threshold_their_region_is_cut_at(tmp_pat
     assert (picture == viz.CONTOUR_COLOR).all(axis=2).any()  # the 0.2 square is outlined
     report.result_picture(tmp_path / "u.png", np.zeros((64, 64, 3), np.uint8), amap, Postprocess())
     assert seen["region_label"] is None  # uncalibrated: the map itself, cut at 0.5
+
+
+def test_results_say_when_one_held_out_image_set_the_threshold(tmp_path):
+    from prn.deploy.calibrate import rates_at
+    labels, scores = np.r_[np.zeros(10), np.ones(4)], np.r_[np.linspace(0, 0.3, 10), [0.4, 0.5, 0.6, 0.7]]
+    base = {**rates_at(labels, scores, 0.45), "target_fpr": 0.01, "image_ap": 1.0}
+    one = {**base, "threshold_from_one_image": 1.0, "threshold_image_next_score": 0.3311}
+    md = report.write_results(tmp_path / "a", {"parts": one}, title="t")["md"].read_text()
+    assert ("**parts**: the threshold is the score of one held-out good image (`threshold_image` in "
+            "calibration.json names it; the next held-out good part scores 0.3311)") in md
+    assert "prn calibrate RUN" in md
+    for other in ({**base, "threshold_from_one_image": 0.0}, base):  # set by a fit, or a run from before
+        assert "one held-out good image" not in report.write_results(tmp_path / "b", {"parts": other},
+                                                                     title="t")["md"].read_text()

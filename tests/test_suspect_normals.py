@@ -1,6 +1,7 @@
 """Held-out good images that the others make unlikely are named, never left out
 (prn.deploy.calibrate.suspect_normals): one "good" image with a defect sets the threshold."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,74 @@ def test_fit_warns_with_the_suspect_held_out_file(demo_root, tiny_config, tmp_pa
 def test_at_least_eight_scores_below_are_needed_and_enough(n_rest):
     found = suspect_normals(np.concatenate([_goods(n_rest, seed=3), [5.0]]))
     assert [s["index"] for s in found] == [n_rest]
+
+
+def test_when_the_largest_held_out_score_is_the_threshold_the_method_and_calibration_say_so():
+    goods = _goods(53, seed=1)
+    fitted = float(gumbel_r.ppf(0.99, *gumbel_r.fit(goods)))
+    # a fold whose largest score is above its own tail fit: that score decides
+    top = np.concatenate([goods, [fitted + 0.05]])
+    threshold, method = cal_module.image_threshold(top, 0.01)
+    assert threshold == np.nextafter(fitted + 0.05, np.inf)
+    assert method.startswith("largest held-out score (the gumbel tail fit") and "is below it" in method
+    cal = calibrate(top, np.zeros((1, 2, 2)))
+    assert cal["threshold_image"] == {"index": 53, "score": fitted + 0.05, "next_score": float(goods.max())}
+    # the fit above every held-out score: it decides, the method says so, no image is named
+    threshold, method = cal_module.image_threshold(goods, 0.01)
+    assert threshold == pytest.approx(float(gumbel_r.ppf(0.99, *gumbel_r.fit(goods))))
+    assert threshold > goods.max() and method.startswith("gumbel tail fit")
+    assert calibrate(goods, np.zeros((1, 2, 2)))["threshold_image"] is None
+    # an empirical quantile (enough images for the rate) is not one image's score pinned above all
+    assert calibrate(_goods(200, seed=2), np.zeros((1, 2, 2)))["threshold_image"] is None
+    # a single held-out image: its score, and nothing below it
+    assert calibrate(np.array([0.3]), np.zeros((1, 2, 2)))["threshold_image"] == {
+        "index": 0, "score": 0.3, "next_score": None}
+
+
+def test_the_image_that_sets_the_threshold_is_named_with_its_file_unless_named_as_a_suspect(tmp_path, capsys):
+    rest = _goods(30, seed=1)
+    # a score that is above the tail fitted with it, yet not unlikely enough to be a suspect
+    for x in np.linspace(rest.max(), rest.max() + 0.3, 301):
+        goods = np.concatenate([rest[:10], [x], rest[10:]])
+        if cal_module.image_threshold(goods, 0.01)[1].startswith("largest") and not suspect_normals(goods):
+            break
+    else:
+        pytest.fail("no such score")
+    samples = [Sample(tmp_path / f"good_{i:02d}.png", None, 0, "good") for i in range(len(goods))]
+    preds = Predictions(samples, goods, np.zeros((len(goods), 4, 4), np.float32),
+                        np.zeros((len(goods), 4, 4), bool), np.zeros(len(goods), int), 0.0)
+    cal = calibrate_predictions(preds, CalibrationConfig(), score_bound=1.0)
+    assert cal["suspect_normals"] == []
+    assert Path(cal["threshold_image"]["path"]) == tmp_path / "good_10.png"
+    note = cal_module.threshold_image_note(cal)
+    assert str(tmp_path / "good_10.png") in note and f"{cal['image_threshold']:.4g}" in note
+    assert f"{goods[np.arange(len(goods)) != 10].max():.4g}" in note and "prn calibrate RUN" in note
+    _print_metrics(cal, "calibrate")
+    assert "prn calibrate: note: the image threshold" in capsys.readouterr().err
+    # named as a suspect already: the warning says it, the note does not repeat it
+    as_suspect = {**cal, "suspect_normals": [{"index": 10, "score": cal["threshold_image"]["score"], "p": 1e-4}]}
+    assert cal_module.threshold_image_note(as_suspect) is None
+    assert cal_module.threshold_image_note({**cal, "threshold_image": None}) is None
+    assert cal_module.threshold_image_note(None) is None
+    # without a file (a calibration made from scores alone) it is named by its place in the fold
+    bare = calibrate(goods, np.zeros((1, 2, 2)))
+    assert "number 10 of the fold" in cal_module.threshold_image_note(bare)
+
+
+def test_fit_notes_the_held_out_file_whose_score_is_the_threshold(demo_root, tiny_config, tmp_path, monkeypatch,
+                                                                   capsys):
+    from prn import api
+    from prn.data.split import Split
+    # the demo's fold is set by its tail fit: the first image is made the one whose score decides
+    monkeypatch.setattr(cal_module, "threshold_image",
+                        lambda scores, threshold: {"index": 0, "score": float(scores[0]), "next_score": 0.0})
+    run = api.fit(tiny_config(demo_root, tmp_path, epochs=1, steps_per_epoch=1, val_normal_min=4),
+                  run_dir=tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    first = str(Split.load(run / "split.json").val_normal[0].image_path)
+    assert "prn fit: note: the image threshold (" in err and first in err
+    assert json.loads((run / "calibration.json").read_text())["threshold_image"]["path"] == first
+    # and a test of the run says so in its results (the figure, and a line of results.md)
+    metrics = api.test(run, overlays=0, progress=False)
+    assert metrics["threshold_from_one_image"] == 1.0 and metrics["threshold_image_next_score"] == 0.0
+    assert "the threshold is the score of one held-out good image" in (run / "results.md").read_text()
