@@ -169,10 +169,11 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
         if post.review_threshold is not None:
             metrics.update(review_rates(preds.labels, preds.scores, post),
                            review_target_fpr=float(loaded.calibration["review_fpr"]))
-        top = loaded.calibration.get("threshold_image")  # one held-out image's score decides (or not)
-        metrics["threshold_from_one_image"] = float(top is not None)
-        if top is not None and top.get("next_score") is not None:
-            metrics["threshold_image_next_score"] = float(top["next_score"])
+        if "threshold_image" in loaded.calibration:  # whether one held-out image's score decides
+            top = loaded.calibration["threshold_image"]  # (not recorded by calibrations before it)
+            metrics["threshold_from_one_image"] = float(top is not None)
+            if top is not None and top.get("next_score") is not None:
+                metrics["threshold_image_next_score"] = float(top["next_score"])
         memory = loaded.calibration.get("defect_memory")
         if memory:  # whether the score carries the memory of the seen defects, and why
             auroc = memory.get("loo_auroc")

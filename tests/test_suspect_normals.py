@@ -146,3 +146,12 @@ def test_fit_notes_the_held_out_file_whose_score_is_the_threshold(demo_root, tin
     metrics = api.test(run, overlays=0, progress=False)
     assert metrics["threshold_from_one_image"] == 1.0 and metrics["threshold_image_next_score"] == 0.0
     assert "the threshold is the score of one held-out good image" in (run / "results.md").read_text()
+    # a calibration made before the field existed says nothing either way
+    from prn.checkpoint import checkpoint_file, load_checkpoint, set_calibration
+    cal = load_checkpoint(checkpoint_file(run))["calibration"]
+    set_calibration(run, {k: v for k, v in cal.items() if k != "threshold_image"})
+    metrics = api.test(run, overlays=0, progress=False)
+    assert "threshold_from_one_image" not in metrics and "threshold_image_next_score" not in metrics
+    assert "one held-out good image" not in (run / "results.md").read_text()
+    set_calibration(run, {**cal, "threshold_image": None})  # a fit set it: said as such
+    assert api.test(run, overlays=0, progress=False)["threshold_from_one_image"] == 0.0
