@@ -24,8 +24,8 @@ from prn.config import PRNConfig
 from prn.data.datasets import load_sample, original_hw
 from prn.data.sample import Sample
 from prn.data.split import Split
-from prn.deploy.calibrate import (calibrate_predictions, rates_at, review_rates, suspect_warning,
-                                  threshold_image_note, write_calibration)
+from prn.deploy.calibrate import (calibrate_predictions, calibration_messages, rates_at, review_rates,
+                                  write_calibration)
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
@@ -88,12 +88,8 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
         # set-up, checkpoints), and the calibration after it
         note(run_dir, "fit_phases_seconds", {**{k: round(v, 3) for k, v in result.phases.items()},
                                              "calibration": round(time.perf_counter() - t_cal, 3)})
-        warning = suspect_warning(cal)
-        if warning:
-            print(f"prn fit: warning: {warning}", file=sys.stderr)
-        top = threshold_image_note(cal)
-        if top:
-            print(f"prn fit: note: {top}", file=sys.stderr)
+        for kind, text in calibration_messages(cal):
+            print(f"prn fit: {kind}: {text}", file=sys.stderr)
         if progress:
             band = (f"; review band from {cal['review_threshold']:.4g} ({100 * cal['review_fpr']:g} % of good "
                     f"parts)" if cal and "review_threshold" in cal else "")

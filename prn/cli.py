@@ -204,17 +204,17 @@ def region_area(text: str) -> int:
 def _print_metrics(metrics: dict, verb: str) -> None:
     """The figures as JSON on stdout; on stderr, after a test, the decision at the calibrated
     threshold in one line, and the threshold's warning, each prefixed with the verb that was run."""
-    from prn.deploy.calibrate import decision_summary, suspect_warning, threshold_image_note, threshold_warning
+    from prn.deploy.calibrate import calibration_messages, decision_summary, threshold_warning
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=2))
     decided = decision_summary(metrics) if verb != "calibrate" else None
     if decided:
         print(f"prn {verb}: {decided}", file=sys.stderr)
-    for warning in (threshold_warning(metrics), suspect_warning(metrics) if verb == "calibrate" else None):
-        if warning:
-            print(f"prn {verb}: warning: {warning}", file=sys.stderr)
-    top = threshold_image_note(metrics) if verb == "calibrate" else None
-    if top:
-        print(f"prn {verb}: note: {top}", file=sys.stderr)
+    warning = threshold_warning(metrics)
+    said = [("warning", warning)] if warning else []
+    if verb == "calibrate":  # what it says of the held-out images, as fit does
+        said += calibration_messages(metrics)
+    for kind, text in said:
+        print(f"prn {verb}: {kind}: {text}", file=sys.stderr)
 
 
 EXIT_STATUSES = """exit statuses:

@@ -184,6 +184,14 @@ def threshold_image_note(calibration: dict | None) -> str | None:
             f"(or out of the data) and run prn calibrate RUN again")
 
 
+def calibration_messages(calibration: dict | None) -> list[tuple[str, str]]:
+    """What `fit` and `prn calibrate` say on stderr about a calibration's held-out images, as
+    ("warning" | "note", text) pairs in order: the suspects (``suspect_warning``), then the image
+    whose score is the threshold (``threshold_image_note``)."""
+    said = (("warning", suspect_warning(calibration)), ("note", threshold_image_note(calibration)))
+    return [(kind, text) for kind, text in said if text]
+
+
 def suspect_warning(calibration: dict | None) -> str | None:
     """A warning naming the suspect held-out good images of a calibration (``suspect_normals``,
     with their paths where known), or None."""
@@ -366,9 +374,9 @@ def calibrate_predictions(preds, cfg: CalibrationConfig, score_bound: float | No
                             target_fpr=cfg.target_fpr, pixel_target_fpr=cfg.pixel_target_fpr,
                             tail=cfg.calibration_tail, score_bound=score_bound, review_fpr=cfg.review_fpr)
     good_samples = [sample for sample, g in zip(preds.samples, good) if g]
-    for named in calibration["suspect_normals"] + [calibration["threshold_image"] or {}]:
-        if named:
-            named["path"] = str(good_samples[named["index"]].image_path)
+    top = calibration["threshold_image"]
+    for named in calibration["suspect_normals"] + ([top] if top else []):
+        named["path"] = str(good_samples[named["index"]].image_path)
     if precision is not None:
         calibration["precision"] = precision
     if preds.appearance is not None:  # what predict and serve compare the line's photos with
