@@ -130,7 +130,8 @@ def cmd_calibrate(args) -> None:
                         tail=args.tail, device=args.device, precision=args.precision,
                         defect_memory=args.defect_memory, test_flips=args.test_flips,
                         defect_memory_stride=args.defect_memory_stride, review_fpr=args.review_fpr,
-                        good_images=args.good_images, progress=not args.quiet)
+                        good_images=args.good_images, not_good=args.not_good or (),
+                        good_again=args.good_again or (), progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on; --good-images DIR gives good parts to calibrate on")
@@ -368,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of more good parts (e.g. from the line since the fit), never trained on and "
                         "outside the run's split, to set the thresholds on with the held-out good images: the "
                         "more good parts, the nearer the threshold lands to its target rate")
+    p.add_argument("--not-good", nargs="+", type=Path, metavar="IMAGE",
+                   help="held-out good images you judged not good (e.g. named by the warning of a fit), left "
+                        "out of the thresholds from now on, without a refit; split.json lists them under not_good")
+    p.add_argument("--good-again", nargs="+", type=Path, metavar="IMAGE",
+                   help="images given to --not-good before that are good after all: back into the held-out fold")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

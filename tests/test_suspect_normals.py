@@ -155,3 +155,74 @@ def test_fit_notes_the_held_out_file_whose_score_is_the_threshold(demo_root, tin
     assert "one held-out good image" not in (run / "results.md").read_text()
     set_calibration(run, {**cal, "threshold_image": None})  # a fit set it: said as such
     assert api.test(run, overlays=0, progress=False)["threshold_from_one_image"] == 0.0
+
+
+def test_a_held_out_image_judged_not_good_leaves_the_thresholds_until_put_back(calibrated_run, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from prn.checkpoint import load_checkpoint
+    from prn.cli import main
+    from prn.data.split import Split
+    from prn.deploy.calibrate import calibrate_run, image_threshold
+    from prn.deploy.loading import load_model
+    from prn.errors import DataError, UsageError
+    from prn.infer import predict_samples
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    split = Split.load(run / "split.json")
+    before = load_checkpoint(run)["calibration"]
+    judged = split.val_normal[1]
+    loaded = load_model(run)
+    own = predict_samples(loaded.model, [judged], loaded.cfg.model.input_hw, batch_size=1,
+                          device=torch.device("cpu")).scores[0]
+    rest = list(before["normal_scores"])
+    rest.pop(int(np.argmin(np.abs(np.array(rest) - own))))
+    # named as the dataset's folders name it (relative to its root), from the command line
+    relative = judged.image_path.relative_to(split.root)
+    assert main(["calibrate", str(run), "--not-good", str(relative), "--quiet"]) == 0
+    after = load_checkpoint(run)["calibration"]
+    assert after["n_normal"] == before["n_normal"] - 1 and after["not_good"] == [str(judged.image_path)]
+    assert np.allclose(after["normal_scores"], rest, atol=1e-6)
+    cfg = loaded.cfg.calibration
+    assert after["image_threshold"] == pytest.approx(
+        image_threshold(np.array(after["normal_scores"]), cfg.target_fpr, cfg.calibration_tail, 1.0)[0], rel=1e-9)
+    kept = Split.load(run / "split.json")
+    assert judged not in kept.val_normal and kept.not_good == [judged] and len(kept.val_normal) == len(split.val_normal) - 1
+    assert json.loads((run / "calibration.json").read_text())["not_good"] == [str(judged.image_path)]
+    # named again, or a plain calibration later: it stays out
+    assert calibrate_run(run, not_good=[judged.image_path])["n_normal"] == before["n_normal"] - 1
+    assert calibrate_run(run)["n_normal"] == before["n_normal"] - 1
+    # only held-out good images can be judged so, and not all of them
+    for other in (split.train_normal[0].image_path, tmp_path / "nowhere.png"):
+        with pytest.raises(UsageError, match=f"{other}: not one of the run's {len(kept.val_normal)} held-out good"):
+            calibrate_run(run, not_good=[other])
+    with pytest.raises(UsageError, match="leaves none of its"):
+        calibrate_run(run, not_good=[s.image_path for s in kept.val_normal])
+    with pytest.raises(UsageError, match="not one of the run's held-out images judged not good"):
+        calibrate_run(run, good_again=[split.train_normal[0].image_path])
+    assert Split.load(run / "split.json") == kept  # refusals change nothing
+    assert calibrate_run(run, good_again=[split.val_normal[0].image_path])["n_normal"] == before["n_normal"] - 1
+    # put back: the calibration of before, and no list
+    back = calibrate_run(run, good_again=[judged.image_path])
+    assert back["n_normal"] == before["n_normal"] and "not_good" not in back
+    assert np.allclose(back["normal_scores"], before["normal_scores"], atol=1e-6)
+    assert Split.load(run / "split.json").not_good == []
+    # a fold image whose file is gone: refused with what to do, which then works
+    data = json.loads((run / "split.json").read_text())
+    gone = str(tmp_path / "moved_away.png")
+    data["val_normal"][0]["image"] = gone
+    (run / "split.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=f"{gone}: not found; it is one of the run's held-out good images.*"
+                                        f"prn calibrate {run} --not-good {gone}"):
+        calibrate_run(run)
+    assert calibrate_run(run, not_good=[gone])["n_normal"] == before["n_normal"] - 1
+
+
+def test_the_warnings_say_the_command_that_leaves_an_image_out():
+    goods = np.concatenate([_goods(30), [0.95]])
+    cal = calibrate(goods, np.zeros((1, 2, 2)))
+    assert "prn calibrate RUN --not-good IMAGE" in suspect_warning(cal)
+    assert "prn calibrate RUN --not-good IMAGE" in cal_module.NOT_GOOD_ADVICE

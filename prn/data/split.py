@@ -30,7 +30,8 @@ from prn.data.sample import DatasetIndex, Sample
 from prn.errors import DataError
 
 
-LISTS = ("train_normal", "train_anomalous", "val_normal", "val_anomalous", "test", "excluded", "copies")
+LISTS = ("train_normal", "train_anomalous", "val_normal", "val_anomalous", "test", "excluded", "copies",
+         "not_good")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class Split:
     copies: images of the dataset whose bytes another of its images has (``drop_copies``), left out.
     val_normal, val_anomalous: the held-out fold of the training data (``hold_out_validation``):
     taken out of train_normal and train_anomalous, never trained on; it validates each epoch
-    and calibrates thresholds. Test images are never in it.
+    and calibrates thresholds. Test images are never in it. not_good: held-out good images a person
+    judged not good (``prn calibrate RUN --not-good IMAGE``), taken out of val_normal: nothing
+    calibrates on them any more, nothing trains or tests on them.
     """
 
     train_normal: list[Sample]
@@ -57,6 +60,7 @@ class Split:
     val_normal: list[Sample] = field(default_factory=list)
     val_anomalous: list[Sample] = field(default_factory=list)
     copies: list[Sample] = field(default_factory=list)
+    not_good: list[Sample] = field(default_factory=list)
 
     @property
     def val(self) -> list[Sample]:
@@ -75,6 +79,7 @@ class Split:
             "copies": len(self.copies),
             "val_normal": len(self.val_normal),
             "val_anomalous": len(self.val_anomalous),
+            "not_good": len(self.not_good),
             "seen_defect_types": dict(sorted(Counter(s.defect_type
                                                      for s in self.train_anomalous).items())),
         }

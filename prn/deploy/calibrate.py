@@ -38,6 +38,9 @@ from prn.deploy.drift import appearance_reference
 from prn.errors import DataError, PRNError, UsageError
 
 SOURCE = "held-out normal training images (split.json val_normal)"
+# what the suspect warning and the threshold image's note tell a person to do about an image
+NOT_GOOD_ADVICE = ("if a defect shows, set the thresholds without it: prn calibrate RUN --not-good IMAGE "
+                   "(and put it with the defects before the next fit)")
 
 
 TAILS = CALIBRATION_TAILS
@@ -180,8 +183,7 @@ def threshold_image_note(calibration: dict | None) -> str | None:
     nxt = "" if top["next_score"] is None else f"; the next held-out good part scores {top['next_score']:.4g}"
     look = f" (prn predict RUN {top['path']} --out DIR --overlays 1)" if "path" in top else ""
     return (f"the image threshold ({calibration['image_threshold']:.4g}) is the score of one held-out good "
-            f"image{where}{nxt}. Look at it{look}: if a defect shows, move it to the defect folder "
-            f"(or out of the data) and run prn calibrate RUN again")
+            f"image{where}{nxt}. Look at it{look}; {NOT_GOOD_ADVICE}")
 
 
 def calibration_messages(calibration: dict | None) -> list[tuple[str, str]]:
@@ -203,8 +205,7 @@ def suspect_warning(calibration: dict | None) -> str | None:
     return (f"{len(suspects)} held-out good image(s) score far above the other "
             f"{calibration['n_normal'] - len(suspects)}: {named}. The image threshold "
             f"({calibration['image_threshold']:.4g}) is set by the top of these scores: look at "
-            f"{'them' if len(suspects) > 1 else 'it'}, and if a defect shows, move the image to the defect "
-            f"folder (or out of the data) and run prn calibrate RUN again")
+            f"{'them' if len(suspects) > 1 else 'it'}; {NOT_GOOD_ADVICE}")
 
 
 def pixel_threshold(normal_maps: np.ndarray, pixel_target_fpr: float) -> float:
@@ -416,6 +417,60 @@ def added_good_images(folder: str | Path, split) -> tuple[list, dict]:
     return kept, {"folder": str(folder), "n": len(kept), "left_out": len(left_out)}
 
 
+def _find(given: str | Path, samples: list, root: str) -> int | None:
+    """The index in ``samples`` of the image ``given`` names (as split.json lists it, from the
+    working folder, or relative to the dataset's root), or None."""
+    import os
+    given = Path(given)
+    tries = [given] + ([Path(root) / given] if root and not given.is_absolute() else [])
+    keys = {os.path.normpath(os.path.abspath(t)) for t in tries}
+    for i, sample in enumerate(samples):
+        path = Path(sample.image_path)
+        if os.path.normpath(os.path.abspath(path)) in keys:
+            return i
+        if path.exists() and any(t.exists() and os.path.samefile(t, path) for t in tries):
+            return i
+    return None
+
+
+def judge_fold(split, not_good=(), good_again=()):
+    """The split with the held-out good images a person judged not good (``not_good``) moved from
+    ``val_normal`` to ``not_good``, and those judged good after all (``good_again``) moved back.
+    Why: one such image in the fold is the largest held-out score, so the threshold sits above it
+    and every part that scores under that defect passes (BENCHMARKS.md, "The held-out image that
+    sets the threshold"); the suspect check and the threshold image's note name the image, a person
+    looks, and this takes it out without a refit (the network never trained on it). Naming an image
+    already where it is asked to go is no change; any other image is refused by name."""
+    import dataclasses
+    fold, out = list(split.val_normal), list(split.not_good)
+    for given in not_good:
+        i = _find(given, fold, split.root)
+        if i is not None:
+            out.append(fold.pop(i))
+        elif _find(given, out, split.root) is None:
+            raise UsageError(f"{given}: not one of the run's {len(fold)} held-out good images (split.json "
+                             f"val_normal), the only images its thresholds are set on")
+    for given in good_again:
+        i = _find(given, out, split.root)
+        if i is not None:
+            fold.append(out.pop(i))
+        elif _find(given, fold, split.root) is None:
+            raise UsageError(f"{given}: not one of the run's held-out images judged not good (split.json "
+                             f"not_good: {len(out)})")
+    return dataclasses.replace(split, val_normal=fold, not_good=out)
+
+
+def check_fold_files(split, run: str | Path) -> None:
+    """DataError naming the first held-out good image whose file is gone, and what to do: the
+    thresholds are the fold's, so scoring a smaller fold unasked would move them silently."""
+    missing = [s.image_path for s in split.val_normal if not Path(s.image_path).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: not found{more}; it is one of the run's held-out good images "
+                        f"(split.json val_normal), on which its thresholds are set: put it back, or set "
+                        f"them without it: prn calibrate {run} --not-good {missing[0]}")
+
+
 def calibrate_model(model, cfg, split, *, device, progress: bool = False,
                     score_bound: float | None = None, added_good: list | None = None) -> dict | None:
     """Score the split's held-out fold with ``model`` (from its files) at cfg.training.precision
@@ -446,7 +501,8 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   device: str | None = None, precision: str | None = None,
                   defect_memory: str | None = None, test_flips: str | None = None,
                   defect_memory_stride: int | None = None, review_fpr: float | None = None,
-                  good_images: str | Path | None = None, progress: bool = False) -> dict | None:
+                  good_images: str | Path | None = None, not_good=(), good_again=(),
+                  progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
@@ -465,7 +521,10 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     the review band's share of good parts (0 removes the band), written back to config.yaml.
     ``good_images``: a folder of more good parts, never trained on and outside the run's split
     (``added_good_images``), scored and calibrated on with the fold's good images; the calibration
-    says how many (``added_good``). Each calibration is of the fold and the folder it is given."""
+    says how many (``added_good``). Each calibration is of the fold and the folder it is given.
+    ``not_good``, ``good_again``: held-out good images a person judged not good, left out of the
+    fold from now on, or good after all, put back (``judge_fold``); split.json keeps the change
+    (its ``not_good`` list) and the calibration names them (``not_good``)."""
     from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -488,7 +547,12 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         precision = resolve_precision(precision, loaded.device)
         check_precision(precision, loaded.device)
         cfg = cfg.replace(precision=precision)
-    split = Split.load(split_path)
+    loaded_split = Split.load(split_path)
+    split = judge_fold(loaded_split, not_good, good_again)
+    if loaded_split.val_normal and not split.val_normal and good_images is None:
+        raise UsageError(f"{run}: that leaves none of its {len(loaded_split.val_normal)} held-out good images to "
+                         f"set the thresholds on; give good parts to set them on with --good-images DIR")
+    check_fold_files(split, run)
     added, added_info = added_good_images(good_images, split) if good_images is not None else ([], None)
     memory = (loaded.calibration or {}).get("defect_memory")  # what the fit found, kept
     stored = {}  # the checkpoint's fields a new memory changes, written with the calibration
@@ -519,12 +583,16 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         calibration["source"] = f"{SOURCE} and {folder}" if split.val_normal else folder
     if calibration is not None and memory is not None:
         calibration["defect_memory"] = memory
+    if calibration is not None and split.not_good:
+        calibration["not_good"] = [str(s.image_path) for s in split.not_good]
     if changes and (run_dir / "config.yaml").is_file():
         from prn.config import PRNConfig
         PRNConfig.load(run_dir / "config.yaml").replace(**changes).save(run_dir / "config.yaml")
     # one rewrite: a memory is never stored beside the thresholds of the score without it
     update_checkpoint(run_dir, calibration=calibration, **stored)
     write_calibration(run_dir, calibration)
+    if split != loaded_split:  # after the thresholds it set are stored
+        split.save(split_path)
     return calibration
 
 
