@@ -88,7 +88,7 @@ def _fit_and_keep(kind: str, cfg: PRNConfig, split: Split, run_dir: Path, *, pro
         # set-up, checkpoints), and the calibration after it
         note(run_dir, "fit_phases_seconds", {**{k: round(v, 3) for k, v in result.phases.items()},
                                              "calibration": round(time.perf_counter() - t_cal, 3)})
-        for kind, text in calibration_messages(cal):
+        for kind, text in calibration_messages(cal, run_dir):
             print(f"prn fit: {kind}: {text}", file=sys.stderr)
         if progress:
             band = (f"; review band from {cal['review_threshold']:.4g} ({100 * cal['review_fpr']:g} % of good "

@@ -135,7 +135,7 @@ def cmd_calibrate(args) -> None:
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on; --good-images DIR gives good parts to calibrate on")
-    _print_metrics(cal, "calibrate")
+    _print_metrics(cal, "calibrate", args.run)
 
 
 def cmd_export(args) -> None:
@@ -202,7 +202,7 @@ def region_area(text: str) -> int:
     return positive_int(text, "a whole number of pixels")
 
 
-def _print_metrics(metrics: dict, verb: str) -> None:
+def _print_metrics(metrics: dict, verb: str, run: Path | None = None) -> None:
     """The figures as JSON on stdout; on stderr, after a test, the decision at the calibrated
     threshold in one line, and the threshold's warning, each prefixed with the verb that was run."""
     from prn.deploy.calibrate import calibration_messages, decision_summary, threshold_warning
@@ -213,7 +213,7 @@ def _print_metrics(metrics: dict, verb: str) -> None:
     warning = threshold_warning(metrics)
     said = [("warning", warning)] if warning else []
     if verb == "calibrate":  # what it says of the held-out images, as fit does
-        said += calibration_messages(metrics)
+        said += calibration_messages(metrics, run)
     for kind, text in said:
         print(f"prn {verb}: {kind}: {text}", file=sys.stderr)
 

@@ -225,4 +225,12 @@ def test_the_warnings_say_the_command_that_leaves_an_image_out():
     goods = np.concatenate([_goods(30), [0.95]])
     cal = calibrate(goods, np.zeros((1, 2, 2)))
     assert "prn calibrate RUN --not-good IMAGE" in suspect_warning(cal)
-    assert "prn calibrate RUN --not-good IMAGE" in cal_module.NOT_GOOD_ADVICE
+    # with the files and the run known, the command to paste
+    named = {**cal, "suspect_normals": [{**cal["suspect_normals"][0], "path": "/data/train/good/7.png"}]}
+    assert "prn calibrate runs/x --not-good /data/train/good/7.png (and" in suspect_warning(named, "runs/x")
+    top = {**cal, "suspect_normals": [], "threshold_image": {"index": 30, "score": 0.95, "next_score": 0.3,
+                                                             "path": "/data/train/good/7.png"}}
+    note = cal_module.threshold_image_note(top, "runs/x")
+    assert "prn predict runs/x /data/train/good/7.png --out DIR" in note
+    assert "prn calibrate runs/x --not-good /data/train/good/7.png (and" in note
+    assert [kind for kind, _ in cal_module.calibration_messages(named, "runs/x")] == ["warning"]

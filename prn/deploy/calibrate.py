@@ -43,6 +43,12 @@ NOT_GOOD_ADVICE = ("if a defect shows, set the thresholds without it: prn calibr
                    "(and put it with the defects before the next fit)")
 
 
+def not_good_advice(paths: list[str], run: str | Path | None = None) -> str:
+    """``NOT_GOOD_ADVICE`` with the run folder and the images' paths where known."""
+    images = " ".join(paths) if paths and all(paths) else "IMAGE"
+    return NOT_GOOD_ADVICE.replace("RUN", str(run) if run else "RUN").replace("IMAGE", images)
+
+
 TAILS = CALIBRATION_TAILS
 
 
@@ -172,31 +178,33 @@ def threshold_image(normal_scores, threshold: float) -> dict | None:
     return {"index": top, "score": float(s[top]), "next_score": float(rest.max()) if rest.size else None}
 
 
-def threshold_image_note(calibration: dict | None) -> str | None:
+def threshold_image_note(calibration: dict | None, run: str | Path | None = None) -> str | None:
     """A line naming the held-out good image whose score is the image threshold
     (``threshold_image``, with its path where known), or None: none did, or it is named as a
-    suspect already (``suspect_warning``)."""
+    suspect already (``suspect_warning``). ``run``: the run folder the commands it gives name
+    (else RUN)."""
     top = (calibration or {}).get("threshold_image")
     if not top or any(s["index"] == top["index"] for s in calibration.get("suspect_normals") or []):
         return None
     where = f", {top['path']}" if "path" in top else f" (number {top['index']} of the fold)"
     nxt = "" if top["next_score"] is None else f"; the next held-out good part scores {top['next_score']:.4g}"
-    look = f" (prn predict RUN {top['path']} --out DIR --overlays 1)" if "path" in top else ""
+    look = f" (prn predict {run or 'RUN'} {top['path']} --out DIR --overlays 1)" if "path" in top else ""
     return (f"the image threshold ({calibration['image_threshold']:.4g}) is the score of one held-out good "
-            f"image{where}{nxt}. Look at it{look}; {NOT_GOOD_ADVICE}")
+            f"image{where}{nxt}. Look at it{look}; {not_good_advice([top.get('path')], run)}")
 
 
-def calibration_messages(calibration: dict | None) -> list[tuple[str, str]]:
+def calibration_messages(calibration: dict | None, run: str | Path | None = None) -> list[tuple[str, str]]:
     """What `fit` and `prn calibrate` say on stderr about a calibration's held-out images, as
     ("warning" | "note", text) pairs in order: the suspects (``suspect_warning``), then the image
-    whose score is the threshold (``threshold_image_note``)."""
-    said = (("warning", suspect_warning(calibration)), ("note", threshold_image_note(calibration)))
+    whose score is the threshold (``threshold_image_note``); ``run`` names the run folder in the
+    commands they give."""
+    said = (("warning", suspect_warning(calibration, run)), ("note", threshold_image_note(calibration, run)))
     return [(kind, text) for kind, text in said if text]
 
 
-def suspect_warning(calibration: dict | None) -> str | None:
+def suspect_warning(calibration: dict | None, run: str | Path | None = None) -> str | None:
     """A warning naming the suspect held-out good images of a calibration (``suspect_normals``,
-    with their paths where known), or None."""
+    with their paths where known), or None. ``run``: the run folder its command names (else RUN)."""
     suspects = (calibration or {}).get("suspect_normals") or []
     if not suspects:
         return None
@@ -205,7 +213,8 @@ def suspect_warning(calibration: dict | None) -> str | None:
     return (f"{len(suspects)} held-out good image(s) score far above the other "
             f"{calibration['n_normal'] - len(suspects)}: {named}. The image threshold "
             f"({calibration['image_threshold']:.4g}) is set by the top of these scores: look at "
-            f"{'them' if len(suspects) > 1 else 'it'}; {NOT_GOOD_ADVICE}")
+            f"{'them' if len(suspects) > 1 else 'it'}; "
+            f"{not_good_advice([s.get('path') for s in suspects], run)}")
 
 
 def pixel_threshold(normal_maps: np.ndarray, pixel_target_fpr: float) -> float:
