@@ -452,21 +452,22 @@ def judge_fold(split, not_good=(), good_again=()):
     already where it is asked to go is no change; any other image is refused by name."""
     import dataclasses
     fold, out = list(split.val_normal), list(split.not_good)
-    for given in not_good:
-        i = _find(given, fold, split.root)
-        if i is not None:
-            out.append(fold.pop(i))
-        elif _find(given, out, split.root) is None:
-            raise UsageError(f"{given}: not one of the run's {len(fold)} held-out good images (split.json "
-                             f"val_normal), the only images its thresholds are set on")
-    for given in good_again:
-        i = _find(given, out, split.root)
-        if i is not None:
-            fold.append(out.pop(i))
-        elif _find(given, fold, split.root) is None:
-            raise UsageError(f"{given}: not one of the run's held-out images judged not good (split.json "
-                             f"not_good: {len(out)})")
+    _move(not_good, fold, out, split.root, lambda: f"not one of the run's {len(fold)} held-out good images "
+                                                   f"(split.json val_normal), the only images its thresholds are set on")
+    _move(good_again, out, fold, split.root, lambda: f"not one of the run's held-out images judged not good "
+                                                     f"(split.json not_good: {len(out)})")
     return dataclasses.replace(split, val_normal=fold, not_good=out)
+
+
+def _move(names, source: list, target: list, root: str, refusal) -> None:
+    """Each image of ``names`` from ``source`` to the end of ``target`` (in place); one already in
+    ``target`` stays, one in neither is refused: UsageError "NAME: refusal()"."""
+    for given in names:
+        i = _find(given, source, root)
+        if i is not None:
+            target.append(source.pop(i))
+        elif _find(given, target, root) is None:
+            raise UsageError(f"{given}: {refusal()}")
 
 
 def check_fold_files(split, run: str | Path) -> None:
