@@ -176,7 +176,8 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
                          f"`threshold_image` in calibration.json names it"
                          + ("" if math.isnan(nxt) else f"; the next held-out good part scores {nxt:.4g}")
                          + "): if that image shows a defect, the threshold stands above where the "
-                         "other good parts put it; look at it, and run prn calibrate RUN again without it.")
+                         "other good parts put it; look at it, and if a defect shows set the thresholds without it: "
+                         "prn calibrate RUN --not-good IMAGE.")
     for name, m in results.items():
         if "defect_memory_kept" not in m or name == MEAN_ROW:
             continue

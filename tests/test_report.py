@@ -271,7 +271,7 @@ def test_results_say_when_one_held_out_image_set_the_threshold(tmp_path):
     md = report.write_results(tmp_path / "a", {"parts": one}, title="t")["md"].read_text()
     assert ("**parts**: the threshold is the score of one held-out good image (`threshold_image` in "
             "calibration.json names it; the next held-out good part scores 0.3311)") in md
-    assert "prn calibrate RUN" in md
+    assert "prn calibrate RUN --not-good IMAGE" in md
     for other in ({**base, "threshold_from_one_image": 0.0}, base):  # set by a fit, or a run from before
         assert "one held-out good image" not in report.write_results(tmp_path / "b", {"parts": other},
                                                                      title="t")["md"].read_text()
