@@ -9,7 +9,9 @@ realised false-reject rate, the recall and the oracle's recall at that rate (all
 test's milliseconds per image (the paper's T; measured under whatever else ran) and the fit's wall
 seconds (timings.json). Runs tested since `prn test` reports figures per defect size add two more
 tables, the defects binned by their share of the image and by their pixels at the model's input:
-per bin, the defects over all seeds, image AUROC and recall at the calibrated threshold.
+per bin, the defects over all seeds, image AUROC and recall at the calibrated threshold. Runs whose
+test records whether one held-out good image's score was the threshold (``threshold_from_one_image``)
+add a line per variant and data set: on how many of them it was.
 """
 
 from __future__ import annotations
@@ -66,7 +68,21 @@ def main(argv: list[str]) -> None:
             ms = cell([m.get("seconds_per_image") for m, _ in rows], 1000.0, 0)
             print(f"| {variant.name} | {data} | {len(rows)} | " + " | ".join(cells)
                   + f" | {ms} | {cell([f for _, f in rows], 1.0, 0)} |")
+    one_image_lines(args.variants)
     size_rows(args.variants)
+
+
+def one_image_lines(variants: list[Path]) -> None:
+    """Per variant and data set, of the runs whose test records ``threshold_from_one_image``, how
+    many had their threshold set by one held-out good image's score (the floor of the rule)."""
+    lines = []
+    for variant in variants:
+        for data, rows in sorted(runs_of(variant).items()):
+            said = [m["threshold_from_one_image"] for m, _ in rows if m.get("threshold_from_one_image") is not None]
+            if said:
+                lines.append(f"- {variant.name}, {data}: on {sum(v == 1.0 for v in said)} of {len(said)} runs")
+    if lines:
+        print("\nThreshold set by one held-out good image's score:\n" + "\n".join(lines))
 
 
 def size_rows(variants: list[Path]) -> None:

@@ -57,3 +57,17 @@ def test_no_size_table_without_per_size_figures(tmp_path, capsys):
     make_run(tmp_path / "v" / "bsdata_s0", 0.97, 300)
     load_script(SCRIPT).main([str(tmp_path / "v")])
     assert "defect area" not in capsys.readouterr().out
+
+
+def test_how_many_thresholds_one_held_out_image_set_is_counted_where_recorded(tmp_path, capsys):
+    for seed, said in enumerate([1.0, 0.0, None]):
+        make_run(tmp_path / "v" / f"kolektorsdd_s{seed}", 0.99, 300)
+        if said is not None:
+            results = tmp_path / "v" / f"kolektorsdd_s{seed}" / "results.json"
+            payload = json.loads(results.read_text())
+            payload["categories"]["c"]["threshold_from_one_image"] = said
+            results.write_text(json.dumps(payload))
+    make_run(tmp_path / "v" / "bsdata_s0", 0.97, 300)  # tested before the field: no line
+    load_script(SCRIPT).main([str(tmp_path / "v")])
+    out = capsys.readouterr().out.splitlines()
+    assert "- v, kolektorsdd: on 1 of 2 runs" in out and not any(line.startswith("- v, bsdata") for line in out)
