@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,13 @@ class Split:
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write the split as JSON (absolute paths as strings)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the split as JSON (absolute paths as strings), through a temporary file renamed over
+        ``path``: ``prn calibrate --not-good`` rewrites a run's split, and a kill then must leave the
+        old file or the new one, never half of one."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
 
     @classmethod
     def from_dict(cls, d: dict) -> Split:
