@@ -234,3 +234,6 @@ def test_the_warnings_say_the_command_that_leaves_an_image_out():
     assert "prn predict runs/x /data/train/good/7.png --out DIR" in note
     assert "prn calibrate runs/x --not-good /data/train/good/7.png (and" in note
     assert [kind for kind, _ in cal_module.calibration_messages(named, "runs/x")] == ["warning"]
+    # a path with a space is quoted, so that the command can be pasted as it is
+    assert "prn calibrate 'my runs/x' --not-good '/data/good parts/7.png' (and" in \
+        cal_module.not_good_advice(["/data/good parts/7.png"], "my runs/x")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,15 @@ from prn.errors import DataError, PRNError, UsageError
 
 SOURCE = "held-out normal training images (split.json val_normal)"
 # what the suspect warning and the threshold image's note tell a person to do about an image
-NOT_GOOD_ADVICE = ("if a defect shows, set the thresholds without it: prn calibrate RUN --not-good IMAGE "
+NOT_GOOD_ADVICE = ("if a defect shows, set the thresholds without it: prn calibrate {run} --not-good {images} "
                    "(and put it with the defects before the next fit)")
 
 
 def not_good_advice(paths: list[str], run: str | Path | None = None) -> str:
-    """``NOT_GOOD_ADVICE`` with the run folder and the images' paths where known."""
-    images = " ".join(paths) if paths and all(paths) else "IMAGE"
-    return NOT_GOOD_ADVICE.replace("RUN", str(run) if run else "RUN").replace("IMAGE", images)
+    """``NOT_GOOD_ADVICE`` with the run folder and the images' paths where known (quoted for a
+    shell), else RUN and IMAGE."""
+    images = " ".join(shlex.quote(str(p)) for p in paths) if paths and all(paths) else "IMAGE"
+    return NOT_GOOD_ADVICE.format(run=shlex.quote(str(run)) if run else "RUN", images=images)
 
 
 TAILS = CALIBRATION_TAILS
@@ -188,7 +190,8 @@ def threshold_image_note(calibration: dict | None, run: str | Path | None = None
         return None
     where = f", {top['path']}" if "path" in top else f" (number {top['index']} of the fold)"
     nxt = "" if top["next_score"] is None else f"; the next held-out good part scores {top['next_score']:.4g}"
-    look = f" (prn predict {run or 'RUN'} {top['path']} --out DIR --overlays 1)" if "path" in top else ""
+    look = (f" (prn predict {shlex.quote(str(run)) if run else 'RUN'} {shlex.quote(top['path'])} --out DIR "
+            f"--overlays 1)" if "path" in top else "")
     return (f"the image threshold ({calibration['image_threshold']:.4g}) is the score of one held-out good "
             f"image{where}{nxt}. Look at it{look}; {not_good_advice([top.get('path')], run)}")
 
