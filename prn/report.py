@@ -166,7 +166,7 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
         cells = [pct(m.get(k)) for _, k in DECISION_COLUMNS]
         cells += ["-" if name == MEAN_ROW else interval(m, k) for _, k in INTERVAL_COLUMNS]
         lines.append(f"| {name} | {'-' if math.isnan(t) else f'{t:.4g}'} | " + " | ".join(cells) + " |")
-    from prn.deploy.calibrate import threshold_warning
+    from prn.deploy.calibrate import not_good_advice, threshold_warning
     warnings = [(name, threshold_warning(m)) for name, m in results.items()]
     lines += [f"\n**{name}**: {text}." for name, text in warnings if text]
     for name, m in results.items():
@@ -176,8 +176,7 @@ def decisions_table(results: dict[str, dict], with_mean: bool = True) -> str:
                          f"`threshold_image` in calibration.json names it"
                          + ("" if math.isnan(nxt) else f"; the next held-out good part scores {nxt:.4g}")
                          + "): if that image shows a defect, the threshold stands above where the "
-                         "other good parts put it; look at it, and if a defect shows set the thresholds without it: "
-                         "prn calibrate RUN --not-good IMAGE.")
+                         f"other good parts put it; look at it; {not_good_advice([])}.")
     for name, m in results.items():
         if "defect_memory_kept" not in m or name == MEAN_ROW:
             continue

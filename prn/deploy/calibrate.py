@@ -47,8 +47,14 @@ NOT_GOOD_ADVICE = ("if a defect shows, set the thresholds without it: prn calibr
 def not_good_advice(paths: list[str], run: str | Path | None = None) -> str:
     """``NOT_GOOD_ADVICE`` with the run folder and the images' paths where known (quoted for a
     shell), else RUN and IMAGE."""
-    images = " ".join(shlex.quote(str(p)) for p in paths) if paths and all(paths) else "IMAGE"
-    return NOT_GOOD_ADVICE.format(run=shlex.quote(str(run)) if run else "RUN", images=images)
+    images = " ".join(shell_word(p) for p in paths) if paths and all(paths) else "IMAGE"
+    return NOT_GOOD_ADVICE.format(run=shell_word(run, "RUN"), images=images)
+
+
+def shell_word(value: str | Path | None, placeholder: str = "") -> str:
+    """``value`` quoted for a shell, so that a command the messages give can be pasted as it is
+    (a path with a space); ``placeholder`` where it is unknown."""
+    return shlex.quote(str(value)) if value else placeholder
 
 
 TAILS = CALIBRATION_TAILS
@@ -190,8 +196,8 @@ def threshold_image_note(calibration: dict | None, run: str | Path | None = None
         return None
     where = f", {top['path']}" if "path" in top else f" (number {top['index']} of the fold)"
     nxt = "" if top["next_score"] is None else f"; the next held-out good part scores {top['next_score']:.4g}"
-    look = (f" (prn predict {shlex.quote(str(run)) if run else 'RUN'} {shlex.quote(top['path'])} --out DIR "
-            f"--overlays 1)" if "path" in top else "")
+    look = (f" (prn predict {shell_word(run, 'RUN')} {shell_word(top['path'])} --out DIR --overlays 1)"
+            if "path" in top else "")
     return (f"the image threshold ({calibration['image_threshold']:.4g}) is the score of one held-out good "
             f"image{where}{nxt}. Look at it{look}; {not_good_advice([top.get('path')], run)}")
 
@@ -436,11 +442,12 @@ def _find(given: str | Path, samples: list, root: str) -> int | None:
     given = Path(given)
     tries = [given] + ([Path(root) / given] if root and not given.is_absolute() else [])
     keys = {os.path.normpath(os.path.abspath(t)) for t in tries}
+    existing = [t for t in tries if t.exists()]  # for a name reached another way (a link): once
     for i, sample in enumerate(samples):
         path = Path(sample.image_path)
         if os.path.normpath(os.path.abspath(path)) in keys:
             return i
-        if path.exists() and any(t.exists() and os.path.samefile(t, path) for t in tries):
+        if existing and path.exists() and any(os.path.samefile(t, path) for t in existing):
             return i
     return None
 
@@ -481,7 +488,7 @@ def check_fold_files(split, run: str | Path) -> None:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{missing[0]}: not found{more}; it is one of the run's held-out good images "
                         f"(split.json val_normal), on which its thresholds are set: put it back, or set "
-                        f"them without it: prn calibrate {run} --not-good {missing[0]}")
+                        f"them without it: prn calibrate {shell_word(run)} --not-good {shell_word(missing[0])}")
 
 
 def calibrate_model(model, cfg, split, *, device, progress: bool = False,
