@@ -2,10 +2,13 @@
 on black then have their defects exactly where they were drawn, so tests can pin region boxes
 in the original image's pixels through the real pre-process, resize and post-process."""
 
+import shutil
+
 import numpy as np
 import torch
 from torch import nn
 
+from prn.checkpoint import load_checkpoint, set_calibration
 from prn.deploy.predict import Predictor
 from prn.postprocess import Postprocess
 
@@ -46,4 +49,22 @@ def region_boxes(regions) -> list[tuple[int, int, int, int]]:
     return sorted((r["x"], r["y"], r["width"], r["height"]) for r in regions)
 
 
-__all__ = ["Brightness", "CALIBRATION", "brightness_predictor", "drawn", "region_boxes", "torch"]
+def named_calibration_model(calibrated_run, demo_root, folder):
+    """A copy of the calibrated run's checkpoint in ``folder``/checkpoints whose calibration names
+    a suspect held-out image, the one whose score is the threshold, and one whose file is gone,
+    as fit records them; returns (model path, the two readable images' paths)."""
+    model = folder / "checkpoints" / "model.pt"
+    model.parent.mkdir(parents=True)
+    shutil.copy(calibrated_run / "checkpoints" / "model.pt", model)
+    cal = load_checkpoint(model)["calibration"]
+    goods = sorted((demo_root / "demo" / "train" / "good").iterdir())[:2]
+    t = cal["image_threshold"]
+    cal = {**cal, "n_normal": 4,
+           "suspect_normals": [{"index": 3, "score": t + 0.5, "p": 1e-4, "path": str(goods[0])},
+                               {"index": 2, "score": t + 0.4, "p": 1e-3, "path": str(folder / "gone.png")}],
+           "threshold_image": {"index": 1, "score": t, "next_score": t - 0.1, "path": str(goods[1])}}
+    set_calibration(model, cal)
+    return model, goods
+
+
+__all__ = ["Brightness", "CALIBRATION", "brightness_predictor", "drawn", "named_calibration_model", "region_boxes", "torch"]

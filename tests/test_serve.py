@@ -11,8 +11,10 @@ import csv
 import io
 import json
 import shutil
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,9 @@ from prn.serve import build_app, check_binding, require_dependencies  # noqa: E4
 from prn.serve.app import create_app  # noqa: E402
 from prn.report import json_safe  # noqa: E402
 from prn.serve.service import OVERLAY_MAX_SIDE, InspectionService, Limits  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_models import named_calibration_model  # noqa: E402
 
 TOKEN = "a-test-token-of-some-length"
 # (H, W) and how each is saved: the service decodes every kind as prn predict reads files
@@ -144,6 +149,38 @@ def test_model_reports_kind_input_thresholds_metrics_and_limits(client, calibrat
                                                     "max_pixels": 50_000_000, "max_images": 16}
     assert client.get("/health").json() == {"status": "ok", "model": "prn"}
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_calibrations_notes_and_its_named_images_are_served(calibrated_run, demo_root, tmp_path):
+    model, goods = named_calibration_model(calibrated_run, demo_root, tmp_path / "run")
+    with TestClient(build_app(model)) as c:
+        m = c.get("/model").json()
+        # what fit and prn calibrate print, with the run folder in the commands
+        assert [n["level"] for n in m["calibration_notes"]] == ["warning", "note"]
+        warning, note = (n["text"] for n in m["calibration_notes"])
+        assert str(goods[0]) in warning and "--not-good" in warning and str(tmp_path / "run") in warning
+        assert str(goods[1]) in note and "is the score of one held-out good image" in note
+        # readable files only: the suspect whose file is gone is named in the text, not offered
+        assert [(i["index"], i["why"], i["name"]) for i in m["held_out_images"]] == [
+            (3, "suspect", goods[0].name), (1, "threshold", goods[1].name)]
+        for index, path in ((3, goods[0]), (1, goods[1])):
+            r = c.get(f"/model/held-out/{index}")
+            assert r.status_code == 200 and r.content == path.read_bytes()
+        for index in (2, 0, 99):                 # gone, or not named: nothing else is served
+            r = c.get(f"/model/held-out/{index}")
+            assert r.status_code == 404 and "not one the calibration names" in r.json()["error"]
+        assert c.get("/model/held-out/one").status_code == 400             # a number, never a path
+        assert c.get("/model/held-out/..%2F..%2Fmodel.pt").status_code == 404
+        # the named image scores as an upload of its bytes
+        r = c.post("/predict", files=[("files", (goods[1].name, goods[1].read_bytes(), "image/png"))])
+        expected = Predictor(model).scores([read_image_bytes(goods[1].read_bytes(), goods[1].name)])[0]
+        assert r.json()["results"][0]["score"] == pytest.approx(float(expected), abs=1e-6)
+    # a threshold set when the server starts is not the calibration's: no notes, nothing offered
+    with TestClient(build_app(model, threshold=0.5)) as c:
+        m = c.get("/model").json()
+        assert m["threshold_source"] == "set when the server started"
+        assert m["calibration_notes"] == [] and m["held_out_images"] == []
+        assert c.get("/model/held-out/1").status_code == 404
 
 
 def test_page_and_its_files_are_served_by_the_package(client):
@@ -333,7 +370,8 @@ def guarded(predictor):
         yield c
 
 
-@pytest.mark.parametrize("path", ["/", "/health", "/model", "/static/app.js", "/docs", "/openapi.json"])
+@pytest.mark.parametrize("path", ["/", "/health", "/model", "/model/held-out/0", "/static/app.js", "/docs",
+                                  "/openapi.json"])
 def test_with_a_token_every_request_without_it_is_a_401(guarded, path):
     r = guarded.get(path)
     assert r.status_code == 401 and "token" in r.json()["error"]

@@ -40,7 +40,7 @@ from prn.serve.corrections import CorrectionStore  # noqa: E402
 from prn.serve.service import InspectionService  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_models import brightness_predictor, drawn  # noqa: E402
+from fake_models import brightness_predictor, drawn, named_calibration_model  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -105,6 +105,15 @@ def review_server(calibrated_run, tmp_path_factory):
     cal = load_checkpoint(model)["calibration"]
     set_calibration(model, {**cal, "review_threshold": cal["score_min"] - 1.0, "review_fpr": 0.5})
     yield from live(build_app(model))
+
+
+@pytest.fixture(scope="module")
+def named_server(calibrated_run, demo_root, tmp_path_factory):
+    """The calibrated run whose calibration names a suspect held-out image and the one whose
+    score is the threshold (fake_models.named_calibration_model), behind a token."""
+    model, goods = named_calibration_model(calibrated_run, demo_root, tmp_path_factory.mktemp("named"))
+    for url in live(build_app(model, token=TOKEN)):
+        yield url, goods
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +228,10 @@ def test_a_model_without_a_threshold_judges_nothing_until_one_is_set(uncalibrate
 def test_the_docs_page_renders_every_endpoint_offline(server, browser):
     browser.get(f"{server}/?token={TOKEN}")
     browser.get(f"{server}/docs")                        # Swagger UI from the package, no CDN
-    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 7)
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) == 8)
     paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
-    assert paths == {"/health", "/model", "/model/reload", "/predict", "/corrections", "/corrections.zip"}
+    assert paths == {"/health", "/model", "/model/held-out/{index}", "/model/reload", "/predict", "/corrections",
+                     "/corrections.zip"}
 
 
 def test_page_without_the_token_gets_a_401_that_says_how(server, browser):
@@ -395,3 +405,35 @@ def test_the_page_warns_when_the_photos_no_longer_look_like_the_calibrations(dri
     browser.refresh()                                    # the server remembers: shown again on load
     wait.until(lambda d: d.find_element(By.ID, "drift").is_displayed())
     assert "darker than the" in browser.find_element(By.ID, "drift").text
+
+
+def test_the_calibrations_notes_show_and_a_named_image_is_scored_on_request(named_server, browser, tmp_path):
+    url, goods = named_server
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{url}/?token={TOKEN}")
+    wait.until(lambda d: d.find_element(By.ID, "calibration-notes").is_displayed())
+    notes = browser.find_elements(By.CSS_SELECTOR, "#calibration-notes p")
+    assert [n.get_attribute("class") for n in notes] == ["warning", "note"]
+    assert notes[0].text.startswith("Calibration warning:") and str(goods[0]) in notes[0].text
+    assert "--not-good" in notes[0].text and str(goods[1]) in notes[1].text
+    # each named image's button under the message that names it (a suspect, the threshold's image)
+    buttons = [n.find_elements(By.CSS_SELECTOR, "button.held-out") for n in notes]
+    assert [[b.text for b in bs] for bs in buttons] == [[f"Look at {goods[0].name}"], [f"Look at {goods[1].name}"]]
+    buttons = [bs[0] for bs in buttons]
+    buttons[1].click()                                   # fetched from the server, scored as an upload
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 1)
+    card = browser.find_element(By.CLASS_NAME, "card")
+    assert goods[1].name in card.text and card.find_elements(By.TAG_NAME, "img")
+    assert [r["file"] for r in _csv(browser)] == [goods[1].name]
+    shot = tmp_path / "notes.png"
+    assert browser.save_screenshot(str(shot))
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        shutil.copy(shot, Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_suffix(".notes.png"))
+
+
+def test_a_model_without_notes_shows_none(server, browser):
+    browser.get(f"{server}/?token={TOKEN}")
+    WebDriverWait(browser, 30).until(lambda d: "prn model" in d.find_element(By.ID, "model-info").text)
+    assert browser.execute_script("return window.prnPage.state.model.calibration_notes") == []
+    box = browser.find_element(By.ID, "calibration-notes")
+    assert not box.is_displayed() and not box.find_elements(By.TAG_NAME, "p")

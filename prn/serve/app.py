@@ -4,7 +4,8 @@ Routes: ``GET /`` (the page, ``static/``), ``POST /predict`` (multipart field ``
 ``file`` as ``curl -F file=@a.png`` habitually sends, one or several images; ``?overlay=1``,
 ``?mask=1``, ``?min_region_area=N``), ``POST /corrections`` (a verdict marked wrong: the
 result's id, its label and, for a missed defect, the painted mask), ``GET /corrections``,
-``GET /corrections.zip``, ``GET /health``, ``GET /model``, and FastAPI's ``/docs`` and
+``GET /corrections.zip``, ``GET /health``, ``GET /model``, ``GET /model/held-out/N`` (a
+held-out good image the calibration names, the only files of the run it serves), and FastAPI's ``/docs`` and
 ``/openapi.json``.
 Every error is JSON, ``{"error": "<what is wrong>", "status": N}``. An image that cannot be read
 does not fail a request that holds others: its result is ``{"name": ..., "error": ...}`` (200);
@@ -293,6 +294,14 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
     @app.get("/model", summary="The model, its thresholds, versions, metrics and the limits")
     async def model():
         return service.model_info()
+
+    @app.get("/model/held-out/{index}", summary="A held-out good image the calibration names (a suspect, or the "
+                                               "one whose score is the threshold), to look at or score")
+    async def held_out(index: int):
+        try:
+            return FileResponse(service.held_out_file(index), headers={"Cache-Control": "no-cache"})
+        except DataError as exc:  # nothing outside the calibration's named images is served
+            return error(404, str(exc))
 
     @app.post("/model/reload", summary="Load the model again from the path the server started with "
                                        "(e.g. after 'latest' was pointed at a retrained run)")

@@ -36,6 +36,7 @@ from PIL import Image
 
 from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
+from prn.deploy.calibrate import calibration_messages
 from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
@@ -159,10 +160,7 @@ class InspectionService:
         p = self.predictor
         cal = p.calibration
         run_dir = p.loaded.path.parent.parent if p.loaded.path.parent.name == "checkpoints" else None
-        threshold_source = None
-        if p.threshold is not None:
-            threshold_source = ("calibration" if cal and p.threshold == cal["image_threshold"]
-                                else "set when the server started")
+        threshold_source = self.threshold_source()
         return json_safe({
             "kind": p.loaded.kind,
             "backbone": p.cfg.model.backbone,
@@ -176,6 +174,11 @@ class InspectionService:
             "pixel_threshold": p.pixel_threshold,
             "score_range": [cal["score_min"], cal["score_max"]] if cal else None,
             "calibration": cal,
+            # what fit and prn calibrate said of the held-out images (a suspect one, the one whose
+            # score is the threshold): a person at the line sees it too, and can look at the image
+            "calibration_notes": [{"level": level, "text": text} for level, text in
+                                  (calibration_messages(cal, run_dir) if threshold_source == "calibration" else [])],
+            "held_out_images": self.held_out_images(),
             "metrics": _read_json(run_dir / "results.json") if run_dir else None,
             "versions": {"prn": prn.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},
@@ -187,6 +190,39 @@ class InspectionService:
                 "folder": str(self.corrections.folder), "count": len(self.corrections.records()),
                 "kept_uploads": self.recent.max_items, "kept_megabytes": self.recent.max_bytes // 2**20},
         })
+
+    def threshold_source(self) -> str | None:
+        """Where the image threshold comes from: "calibration", "set when the server started", or
+        None (no threshold)."""
+        p = self.predictor
+        if p.threshold is None:
+            return None
+        return ("calibration" if p.calibration and p.threshold == p.calibration["image_threshold"]
+                else "set when the server started")
+
+    def held_out_images(self) -> list[dict]:
+        """The held-out good images the calibration names (suspects, then the one whose score is
+        the threshold), with their fold index, score and why, for those whose file is readable
+        here; none when the server decides with a threshold of its own. The page offers to score
+        them; only these files are ever sent (``held_out_file``)."""
+        if self.threshold_source() != "calibration":
+            return []
+        cal = self.predictor.calibration
+        named = [("suspect", s) for s in cal.get("suspect_normals") or []]
+        top = cal.get("threshold_image")
+        if top and not any(s["index"] == top["index"] for _, s in named):
+            named.append(("threshold", top))
+        return [{"index": n["index"], "name": Path(n["path"]).name, "path": n["path"], "score": n["score"],
+                 "why": why} for why, n in named if n.get("path") and Path(n["path"]).is_file()]
+
+    def held_out_file(self, index: int) -> Path:
+        """The file of the held-out image ``index`` of the fold, if the calibration names it
+        (``held_out_images``); else a DataError: nothing else on disk is served."""
+        for image in self.held_out_images():
+            if image["index"] == index:
+                return Path(image["path"])
+        raise DataError(f"held-out image {index} is not one the calibration names (see GET /model's "
+                        f"held_out_images), or its file is not readable here")
 
     def appearance(self) -> dict | None:
         """The last APPEARANCE_WINDOW scored images' brightness and detail against the good images

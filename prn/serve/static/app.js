@@ -230,6 +230,46 @@ function showDrift(look) {
   box.textContent = box.hidden ? "" : `The photos changed: ${look.message}.`;
 }
 
+// what fit and prn calibrate said of the held-out good images (a suspect one, the one whose score is
+// the threshold), and a button per named image that scores it here like an upload, to look at it
+function showCalibrationNotes(m) {
+  const box = $("calibration-notes");
+  box.replaceChildren();
+  const images = m.held_out_images || [];
+  for (const note of m.calibration_notes || []) {
+    const p = document.createElement("p");
+    p.className = note.level;
+    p.textContent = `${note.level === "warning" ? "Calibration warning" : "Calibration note"}: ${note.text}`;
+    // the warning names the suspects, the note the image whose score is the threshold
+    const mine = images.filter((image) => (image.why === "suspect") === (note.level === "warning"));
+    if (mine.length) p.append(document.createElement("br"));
+    for (const image of mine) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "held-out";
+      button.textContent = `Look at ${image.name}`;
+      button.title = `${image.path}: a held-out good image scoring ${fmt(image.score)}; scored here like an upload`;
+      button.addEventListener("click", () => lookAtHeldOut(image));
+      p.append(button);
+    }
+    box.append(p);
+  }
+  box.hidden = !box.childElementCount;
+}
+
+async function lookAtHeldOut(image) {
+  let blob;
+  try {
+    const response = await fetch(`model/held-out/${image.index}`);
+    if (!response.ok) throw new Error((await response.json().catch(() => ({}))).error || response.statusText);
+    blob = await response.blob();
+  } catch (e) {
+    say(`${image.name} could not be fetched: ${e.message}`, true);
+    return;
+  }
+  await upload([new File([blob], image.name, { type: blob.type })]);
+}
+
 async function upload(fileList) {
   const files = Array.from(fileList);
   if (!files.length || !state.model) return;
@@ -311,6 +351,7 @@ async function start() {
   }
   state.calibrated = state.model.image_threshold;
   $("model-info").textContent = describe(state.model);
+  showCalibrationNotes(state.model);
   showDrift(state.model.appearance ? state.model.appearance.recent : null);
   const l = state.model.limits;
   $("limits").textContent = `up to ${l.max_images} images and ${(l.max_request_bytes / 1048576).toFixed(0)} MB ` +
