@@ -42,6 +42,11 @@ def cmd_fit(args) -> None:
                        epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet,
                        changes=parse_sets(args.set, RETRAIN_SECTIONS), added_annotation=args.added_annotation)
         print(f"run folder: {run}")
+        judged = json.loads((run / "parent.json").read_text()).get("judged_not_good") or []
+        if judged:
+            print(f"prn fit --from: {len(judged)} of the parent's held-out good images came back as defects: "
+                  f"{', '.join(judged)}; trained as defects, and left out of the held-out fold the "
+                  f"thresholds are set on (split.json not_good)")
         decided = run / "added_decisions.json"
         print("prn fit --from: " + added_summary(json.loads(decided.read_text()) if decided.is_file() else None,
                                                  by_region=args.added_annotation != "label"))

@@ -28,6 +28,7 @@ from prn.config import ALL_REAL_SEEN_FRACTION, SEEN_ANNOTATIONS, PRNConfig
 from prn.data.io import require_images
 from prn.data.layouts import added_images
 from prn.data.split import Split, drop_copies
+from prn.deploy.calibrate import judge_fold
 from prn.errors import DataError, UsageError
 
 RETRAIN_EPOCHS = 3  # of the run's steps per epoch: 60 steps for the cpu preset, about a third
@@ -85,8 +86,22 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
     # and leave a corrected test image in the test split, counted twice. The held-out fold counts as
     # known: it calibrates the retrain, so it must stay untrained.
     _, pairs = drop_copies(split.train_normal + split.train_anomalous + split.val + anomalies + normals)
-    known = {copy for copy, _ in pairs}
+    # A held-out good image sent back as a defect (a person looked at the image a calibration named,
+    # on prn serve's page or with prn predict, and saved what it shows) is the judgement `prn
+    # calibrate --not-good` records: it leaves the fold for split.json's not_good, so the retrain's
+    # thresholds are set without it, and it is trained as the defect it is, not dropped as known.
+    held_out, sent = set(split.val_normal), set(anomalies)
+    judged = {}  # held-out image -> the first added defect with its bytes
+    for copy, first in pairs:
+        if first in held_out and copy in sent:
+            judged.setdefault(first, copy)
+    known = {copy for copy, _ in pairs} - set(judged.values())
     anomalies = [s for s in anomalies if s not in known]
+    if judged and len(judged) == len(split.val_normal):
+        raise UsageError(f"{add_anomalies}: holds every one of {parent}'s {len(judged)} held-out good images as a "
+                         f"defect; the retrain's thresholds are set on that fold, so at least one must stay good")
+    if judged:
+        split = judge_fold(split, not_good=[str(s.image_path) for s in judged])
     # The default trains each added defect by what it comes with. With their masks the retrains
     # caught 4 of 15 corrected BSData pits (their own pixels mostly under 0.5 after training) and
     # 7 of 14 KolektorSDD cracks, with labels alone all of them, deciding on the rest of the split
@@ -133,6 +148,8 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         "added_normals": [str(s.image_path) for s in normals],
         "annotations": {a: sum(s.annotation == a for s in anomalies) for a in ("mask", "box", "label")},
         "added_annotation": added_annotation, "epochs": new_cfg.training.epochs,
+        # held-out good images of the parent sent back as defects: out of the retrain's fold
+        "judged_not_good": [str(s.image_path) for s in judged],
         "changes": changes or {}}, indent=2) + "\n")
     # How the new model decides the very images it was given: the first thing an engineer asks
     # of a retrain, and cheap (a few images, scored by both models); kept beside the parent.

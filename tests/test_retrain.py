@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from prn import api
 from prn.checkpoint import load_checkpoint
@@ -325,3 +326,48 @@ def test_a_retrain_may_change_the_schedule_and_thresholds_but_not_the_network(ca
     assert main(["fit", "--from", str(calibrated_run), "--add-normals", str(corrections),
                  "--set", "model.top_k=5"]) == 2
     assert "of the sections training, calibration" in capsys.readouterr().err
+
+
+def test_a_held_out_good_image_sent_back_as_a_defect_leaves_the_fold_and_is_trained(calibrated_run, tmp_path, capsys):
+    """The image a calibration named, looked at and saved as a defect (prn serve's corrections
+    layout): the judgement `prn calibrate --not-good` records, so the retrain sets its thresholds
+    without it and trains it as a defect, instead of dropping it as an image the run has."""
+    split = Split.load(calibrated_run / "split.json")
+    named = split.val_normal[1]
+    folder = tmp_path / "corrections"
+    (folder / "test" / "missed").mkdir(parents=True)
+    (folder / "ground_truth" / "missed").mkdir(parents=True)
+    shutil.copy(named.image_path, folder / "test" / "missed" / "held-out.png")
+    mask = np.zeros(np.asarray(Image.open(named.image_path)).shape[:2], np.uint8)
+    mask[10:20, 10:30] = 255
+    Image.fromarray(mask).save(folder / "ground_truth" / "missed" / "held-out_mask.png")
+    rc = main(["fit", "--from", str(calibrated_run), "--add-anomalies", str(folder), "--epochs", "1",
+               "--run-dir", str(tmp_path / "new"), "--quiet"])
+    assert rc in (0, None)
+    out = capsys.readouterr().out
+    assert "1 of the parent's held-out good images came back as defects" in out and str(named.image_path) in out
+    new = Split.load(tmp_path / "new" / "split.json")
+    assert [s.image_path for s in new.not_good] == [named.image_path]
+    assert [s.image_path for s in new.val_normal] == [s.image_path for s in split.val_normal if s != named]
+    added = [s for s in new.train_anomalous if s.added]
+    assert [s.image_path.name for s in added] == ["held-out.png"] and added[0].mask_path is not None
+    parent = json.loads((tmp_path / "new" / "parent.json").read_text())
+    assert parent["judged_not_good"] == [str(named.image_path)]
+    assert json.loads((tmp_path / "new" / "calibration.json").read_text())["n_normal"] == len(split.val_normal) - 1
+    # a good image of the fold sent back as good again is known, as before: nothing to add
+    goods = tmp_path / "goods"
+    (goods / "train" / "good").mkdir(parents=True)
+    shutil.copy(named.image_path, goods / "train" / "good" / "again.png")
+    with pytest.raises(DataError, match="already in"):
+        fit_from(calibrated_run, add_normals=goods, epochs=1, run_dir=tmp_path / "none", progress=False)
+
+
+def test_a_retrain_refuses_to_send_the_whole_held_out_fold_back_as_defects(calibrated_run, tmp_path):
+    split = Split.load(calibrated_run / "split.json")
+    folder = tmp_path / "all"
+    (folder / "test" / "missed").mkdir(parents=True)
+    for i, s in enumerate(split.val_normal):
+        shutil.copy(s.image_path, folder / "test" / "missed" / f"{i}.png")
+    with pytest.raises(UsageError, match="at least one must stay good"):
+        fit_from(calibrated_run, add_anomalies=folder, added_annotation="label", epochs=1,
+                 run_dir=tmp_path / "new", progress=False)
