@@ -173,6 +173,7 @@ def test_the_calibrations_notes_and_its_named_images_are_served(calibrated_run, 
         assert c.get("/model/held-out/..%2F..%2Fmodel.pt").status_code == 404
         # the named image scores as an upload of its bytes
         r = c.post("/predict", files=[("files", (goods[1].name, goods[1].read_bytes(), "image/png"))])
+        assert r.json()["model_generation"] == m["generation"] == 0     # no reload yet
         expected = Predictor(model).scores([read_image_bytes(goods[1].read_bytes(), goods[1].name)])[0]
         assert r.json()["results"][0]["score"] == pytest.approx(float(expected), abs=1e-6)
     # a threshold set when the server starts is not the calibration's: no notes, nothing offered

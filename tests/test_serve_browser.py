@@ -437,3 +437,47 @@ def test_a_model_without_notes_shows_none(server, browser):
     assert browser.execute_script("return window.prnPage.state.model.calibration_notes") == []
     box = browser.find_element(By.ID, "calibration-notes")
     assert not box.is_displayed() and not box.find_elements(By.TAG_NAME, "p")
+
+
+@pytest.fixture(scope="module")
+def reloading_server(calibrated_run, tmp_path_factory):
+    """The calibrated run's checkpoint copied, served by its path, so that a test can change its
+    calibration on disk and have the server reload it."""
+    model = tmp_path_factory.mktemp("reloading") / "checkpoints" / "model.pt"
+    model.parent.mkdir(parents=True)
+    shutil.copy(calibrated_run / "checkpoints" / "model.pt", model)
+    for url in live(build_app(model)):
+        yield url, model
+
+
+def test_a_page_open_across_a_model_reload_takes_the_new_threshold_and_notes(reloading_server, browser, demo_root):
+    from urllib.request import Request, urlopen
+
+    from prn.checkpoint import load_checkpoint, set_calibration
+    url, model = reloading_server
+    wait = WebDriverWait(browser, 30)
+    browser.get(url)
+    wait.until(lambda d: "prn model" in d.find_element(By.ID, "model-info").text)
+    images = sorted((demo_root / "demo" / "test" / "good").iterdir())[:2]
+    browser.find_element(By.ID, "files").send_keys(str(images[0]))
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 1)
+    assert not browser.find_element(By.ID, "model-changed").is_displayed()
+
+    cal = load_checkpoint(model)["calibration"]
+    low = cal["score_min"] - 1.0                         # every part fails at the new threshold
+    set_calibration(model, {**cal, "image_threshold": low, "threshold_image": {
+        "index": 0, "score": low, "next_score": None, "path": str(images[1])}})
+    with urlopen(Request(f"{url}/model/reload", method="POST")) as r:
+        assert json.loads(r.read())["model"]["generation"] == 1
+
+    browser.find_element(By.ID, "files").send_keys(str(images[1]))
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 2)
+    notice = browser.find_element(By.ID, "model-changed")
+    wait.until(lambda d: notice.is_displayed())
+    assert "another model" in notice.text and "the 1 result shown before was scored by the previous one" in notice.text
+    assert f"threshold {low:.4g}" in browser.find_element(By.ID, "model-info").text
+    assert str(images[1]) in browser.find_element(By.ID, "calibration-notes").text
+    # the slider followed the new calibrated threshold: both cards judged at it
+    assert _verdicts(browser) == (["FAIL"] * 2, ["FAIL"] * 2)
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        browser.save_screenshot(str(Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_suffix(".reload.png")))

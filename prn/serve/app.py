@@ -327,7 +327,7 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
         # the recent images' look against the calibration's (prn.deploy.drift): a line's client
         # hears when its photos changed, which its false rejects may not show
         return {"results": results, "milliseconds": (time.perf_counter() - t0) * 1000,
-                "appearance": service.appearance()}
+                "appearance": service.appearance(), "model_generation": service.generation}
 
     add_correction_routes(app, service, token is not None)
 

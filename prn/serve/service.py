@@ -122,6 +122,9 @@ class InspectionService:
         self.recent = None if corrections is None else (recent if recent is not None else RecentUploads())
         self.loader = loader
         self.model_thread = model_thread if model_thread is not None else ModelThread()
+        # how many times the model was swapped (``reload``): each /predict answer carries it, so a
+        # page open across a swap learns that its threshold and notes are the old model's
+        self.generation = 0
         # (brightness, detail) of the last images scored, against the calibration's good images
         self.looks: deque = deque(maxlen=APPEARANCE_WINDOW)
         self._looks_lock = threading.Lock()
@@ -138,6 +141,7 @@ class InspectionService:
         def swap() -> Predictor:
             predictor = self.loader()
             self.predictor = predictor
+            self.generation += 1
             if self.corrections is not None:
                 self.corrections.model = model_description(predictor)
             if self.recent is not None:
@@ -163,6 +167,7 @@ class InspectionService:
         threshold_source = self.threshold_source()
         return json_safe({
             "kind": p.loaded.kind,
+            "generation": self.generation,
             "backbone": p.cfg.model.backbone,
             "input_size": list(p.input_hw),
             "checkpoint": p.loaded.path.name,

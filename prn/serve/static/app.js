@@ -280,6 +280,7 @@ async function upload(fileList) {
     for (const f of batch) form.append("files", f, f.name);
     try {
       const response = await api("predict?overlay=1", { method: "POST", body: form });
+      if (response.model_generation !== state.model.generation) await modelChanged(state.results.length);
       addResults(batch, response);
       showDrift(response.appearance);
       const failed = response.results.filter((r) => r.error).length;
@@ -340,6 +341,27 @@ function describe(m) {
     : `threshold ${fmt(m.image_threshold)} (${m.threshold_source})` +
       (reviewEdge() === null ? "" : `, review band from ${fmt(reviewEdge())}`));
   return parts.join(" · ");
+}
+
+// the server swapped its model (POST /model/reload) while the page was open: its threshold, band and
+// notes are the new model's from here on; a slider left at the old calibrated threshold follows
+async function modelChanged(shown) {
+  const before = state.calibrated;
+  const followed = state.threshold === before;
+  state.model = await api("model");
+  state.calibrated = state.model.image_threshold;
+  if (followed) state.threshold = state.calibrated;
+  $("model-info").textContent = describe(state.model);
+  showCalibrationNotes(state.model);
+  $("reset").disabled = state.calibrated === null;
+  updateRange();
+  $("threshold-value").textContent = fmt(state.threshold);
+  rejudge();
+  const notice = $("model-changed");
+  notice.textContent = `The server loaded another model (calibrated threshold ${fmt(before)} → ${fmt(state.calibrated)}` +
+    `${followed ? ", the slider moved with it" : ", the slider kept where you set it"}); ` +
+    `the ${shown} result${shown === 1 ? "" : "s"} shown before ${shown === 1 ? "was" : "were"} scored by the previous one.`;
+  notice.hidden = false;
 }
 
 async function start() {
