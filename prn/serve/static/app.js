@@ -348,7 +348,15 @@ function describe(m) {
 async function modelChanged(shown) {
   const before = state.calibrated;
   const followed = state.threshold === before;
-  state.model = await api("model");
+  const notice = $("model-changed");
+  notice.hidden = false;
+  try {
+    state.model = await api("model");
+  } catch (e) {  // the scores just returned still show; only the new model's details are missing
+    notice.textContent = `The server loaded another model, whose threshold could not be read (${e.message}): ` +
+      "reload the page before judging by the verdicts shown.";
+    return;
+  }
   state.calibrated = state.model.image_threshold;
   if (followed) state.threshold = state.calibrated;
   $("model-info").textContent = describe(state.model);
@@ -357,11 +365,9 @@ async function modelChanged(shown) {
   updateRange();
   $("threshold-value").textContent = fmt(state.threshold);
   rejudge();
-  const notice = $("model-changed");
   notice.textContent = `The server loaded another model (calibrated threshold ${fmt(before)} → ${fmt(state.calibrated)}` +
     `${followed ? ", the slider moved with it" : ", the slider kept where you set it"}); ` +
     `the ${shown} result${shown === 1 ? "" : "s"} shown before ${shown === 1 ? "was" : "were"} scored by the previous one.`;
-  notice.hidden = false;
 }
 
 async function start() {
