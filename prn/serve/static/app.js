@@ -343,6 +343,20 @@ function describe(m) {
   return parts.join(" · ");
 }
 
+// the model's description, threshold, review band and notes on the page, the results judged again;
+// follow: the slider goes to the model's calibrated threshold (else it stays where it is)
+function showModel(m, follow) {
+  state.model = m;
+  state.calibrated = m.image_threshold;
+  if (follow) state.threshold = state.calibrated;
+  $("model-info").textContent = describe(m);
+  showCalibrationNotes(m);
+  $("reset").disabled = state.calibrated === null;
+  updateRange();                       // an unset slider starts at the calibrated threshold
+  $("threshold-value").textContent = fmt(state.threshold);
+  rejudge();
+}
+
 // the server swapped its model (POST /model/reload) while the page was open: its threshold, band and
 // notes are the new model's from here on; a slider left at the old calibrated threshold follows
 async function modelChanged(shown) {
@@ -350,45 +364,34 @@ async function modelChanged(shown) {
   const followed = state.threshold === before;
   const notice = $("model-changed");
   notice.hidden = false;
+  let m;
   try {
-    state.model = await api("model");
+    m = await api("model");
   } catch (e) {  // the scores just returned still show; only the new model's details are missing
     notice.textContent = `The server loaded another model, whose threshold could not be read (${e.message}): ` +
       "reload the page before judging by the verdicts shown.";
     return;
   }
-  state.calibrated = state.model.image_threshold;
-  if (followed) state.threshold = state.calibrated;
-  $("model-info").textContent = describe(state.model);
-  showCalibrationNotes(state.model);
-  $("reset").disabled = state.calibrated === null;
-  updateRange();
-  $("threshold-value").textContent = fmt(state.threshold);
-  rejudge();
+  showModel(m, followed);
   notice.textContent = `The server loaded another model (calibrated threshold ${fmt(before)} → ${fmt(state.calibrated)}` +
     `${followed ? ", the slider moved with it" : ", the slider kept where you set it"}); ` +
     `the ${shown} result${shown === 1 ? "" : "s"} shown before ${shown === 1 ? "was" : "were"} scored by the previous one.`;
 }
 
 async function start() {
+  let m;
   try {
-    state.model = await api("model");
+    m = await api("model");
   } catch (e) {
     $("model-info").textContent = `The model is not reachable: ${e.message}`;
     return;
   }
-  state.calibrated = state.model.image_threshold;
-  $("model-info").textContent = describe(state.model);
-  showCalibrationNotes(state.model);
-  showDrift(state.model.appearance ? state.model.appearance.recent : null);
-  const l = state.model.limits;
+  showModel(m, false);
+  showDrift(m.appearance ? m.appearance.recent : null);
+  const l = m.limits;
   $("limits").textContent = `up to ${l.max_images} images and ${(l.max_request_bytes / 1048576).toFixed(0)} MB ` +
     `a request, ${(l.max_pixels / 1e6).toFixed(1)} megapixels an image`;
-  $("reset").disabled = state.calibrated === null;
-  updateRange();
-  $("threshold-value").textContent = fmt(state.threshold);
-  rejudge();
-  if (window.prnCorrections) window.prnCorrections.start(state.model);
+  if (window.prnCorrections) window.prnCorrections.start(m);
 }
 
 $("files").addEventListener("change", async (e) => {
