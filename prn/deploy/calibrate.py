@@ -186,13 +186,25 @@ def threshold_image(normal_scores, threshold: float) -> dict | None:
     return {"index": top, "score": float(s[top]), "next_score": float(rest.max()) if rest.size else None}
 
 
+def named_held_out(calibration: dict | None) -> list[tuple[str, dict]]:
+    """The held-out good images a calibration names, as ("suspect" | "threshold", entry) pairs: the
+    suspects (``suspect_normals``), then the image whose score is the threshold (``threshold_image``)
+    unless it is one of them; what the messages and prn serve's page speak of."""
+    suspects = (calibration or {}).get("suspect_normals") or []
+    top = (calibration or {}).get("threshold_image")
+    named = [("suspect", s) for s in suspects]
+    if top and not any(s["index"] == top["index"] for s in suspects):
+        named.append(("threshold", top))
+    return named
+
+
 def threshold_image_note(calibration: dict | None, run: str | Path | None = None) -> str | None:
     """A line naming the held-out good image whose score is the image threshold
     (``threshold_image``, with its path where known), or None: none did, or it is named as a
     suspect already (``suspect_warning``). ``run``: the run folder the commands it gives name
     (else RUN)."""
-    top = (calibration or {}).get("threshold_image")
-    if not top or any(s["index"] == top["index"] for s in calibration.get("suspect_normals") or []):
+    top = next((n for why, n in named_held_out(calibration) if why == "threshold"), None)
+    if top is None:
         return None
     where = f", {top['path']}" if "path" in top else f" (number {top['index']} of the fold)"
     nxt = "" if top["next_score"] is None else f"; the next held-out good part scores {top['next_score']:.4g}"

@@ -36,7 +36,7 @@ from PIL import Image
 
 from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
-from prn.deploy.calibrate import calibration_messages
+from prn.deploy.calibrate import calibration_messages, named_held_out
 from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
@@ -212,11 +212,7 @@ class InspectionService:
         them; only these files are ever sent (``held_out_file``)."""
         if self.threshold_source() != "calibration":
             return []
-        cal = self.predictor.calibration
-        named = [("suspect", s) for s in cal.get("suspect_normals") or []]
-        top = cal.get("threshold_image")
-        if top and not any(s["index"] == top["index"] for _, s in named):
-            named.append(("threshold", top))
+        named = named_held_out(self.predictor.calibration)
         return [{"index": n["index"], "name": Path(n["path"]).name, "path": n["path"], "score": n["score"],
                  "why": why} for why, n in named if n.get("path") and Path(n["path"]).is_file()]
 
