@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from prn.errors import DataError
 from prn.postprocess import MIN_REGION_AREA, check_min_area
@@ -261,6 +260,11 @@ def mirrored_path(image_path: Path, root: Path, folder: Path, suffix: str, used:
 PICTURE_SIDE = (256, 512)  # a result picture's panels: the longer side at least, at most (pixels)
 
 
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from prn.viz import png_bytes  # here: prn.viz loads matplotlib, which npy maps and scores do not need
+    path.write_bytes(png_bytes(array))
+
+
 def result_picture(path: Path, image, amap, postprocess, truth=None, title: str | None = None) -> Path:
     """The picture of one result, the same in test and predict: image | ground truth | heat map |
     predicted region, the map shown as ``postprocess.display_map`` (0.5 = the pixel threshold)
@@ -384,10 +388,10 @@ class ResultWriter:
             np.save(self._target(image_path, "maps", ".npy"), full)
         elif self.maps == "png":
             level = np.round(self.post.display_map(full) * 255).astype(np.uint8)
-            Image.fromarray(level).save(self._target(image_path, "maps", ".png"))
+            _save_png(level, self._target(image_path, "maps", ".png"))
         if self.masks:
             region = self.post.region(full).astype(np.uint8) * 255
-            Image.fromarray(region).save(self._target(image_path, "masks", ".png"))
+            _save_png(region, self._target(image_path, "masks", ".png"))
 
     def overlay(self, image_path: Path, image, amap, truth=None, title: str | None = None) -> Path:
         """``images/<path>.png``: ``result_picture`` of one image."""

@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -538,6 +539,62 @@ def test_the_model_thread_runs_every_call_in_one_thread_of_its_own_and_raises_th
     finally:
         mt.close()
         torch.set_num_threads(before)
+
+
+def test_jobs_waiting_for_the_model_thread_go_through_it_together_up_to_a_batch():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from prn.runtime import JoinedCalls, ModelThread
+    mt, calls, gate = ModelThread(), [], threading.Event()
+
+    def fn(jobs):  # the first call holds the thread until the others are queued behind it
+        calls.append(list(jobs))
+        gate.wait(5)
+        if "boom" in jobs:
+            raise ValueError("boom in this pass")
+        return [job * 10 for job in jobs]
+
+    joined = JoinedCalls(mt, fn, max_items=4)
+    try:
+        assert joined(1) == 10 and calls == [[1]]  # a lone job runs at once, alone (the gate aside)
+        gate.clear()
+        calls.clear()
+        with ThreadPoolExecutor(8) as callers:
+            first = callers.submit(joined, 0)
+            while not calls:
+                time.sleep(0.005)
+            # sizes 1, 2, 1 fit one pass of 4 items; 3 more items do not, and go in the next
+            rest = []
+            for job, size in ((1, 1), (2, 2), (3, 1), (4, 3)):  # queued in this order behind the running pass
+                rest.append(callers.submit(joined, job, size))
+                while len(joined._pending) < len(rest):
+                    time.sleep(0.005)
+            gate.set()
+            assert first.result() == 0 and [f.result() for f in rest] == [10, 20, 30, 40]
+        assert calls == [[0], [1, 2, 3], [4]]
+        gate.clear()
+        calls.clear()
+        with ThreadPoolExecutor(4) as callers:  # an error reaches every job of its pass, and only those
+            first = callers.submit(joined, 5)
+            while not calls:
+                time.sleep(0.005)
+            mates = [callers.submit(joined, job) for job in ("boom", 6)]
+            while len(joined._pending) < 2:
+                time.sleep(0.005)
+            gate.set()
+            assert first.result() == 50
+            for f in mates:
+                with pytest.raises(ValueError, match="boom in this pass"):
+                    f.result()
+    finally:
+        mt.close()
+    mt = ModelThread()
+    try:  # a function that returns too few results fails its callers instead of leaving them waiting
+        with pytest.raises(RuntimeError, match="1 jobs went in and 0 results came out"):
+            JoinedCalls(mt, lambda jobs: [], max_items=2)(1)
+        assert JoinedCalls(mt, lambda jobs: [j + 1 for j in jobs], max_items=2)(1) == 2  # the thread goes on
+    finally:
+        mt.close()
 
 
 def test_the_review_band_passes_parts_under_the_threshold_to_a_person(tmp_path):

@@ -430,6 +430,57 @@ def test_the_model_runs_one_request_at_a_time_off_the_event_loop(predictor, uplo
     assert codes == [200] * 4 and most[0] == 1
 
 
+def test_requests_that_wait_for_the_model_together_go_through_it_in_one_pass(predictor, uploads, monkeypatch):
+    from prn.serve.service import _Job
+    lone = {}
+    with TestClient(create_app(InspectionService(predictor))) as c:
+        for name in uploads:
+            lone[name] = _one(c, uploads[name], name=name, overlay=1)
+    passes, busy, release = [], threading.Event(), threading.Event()
+    original = predictor.predict_arrays
+
+    def held(images, **kwargs):  # the first pass holds the model until the others are queued
+        passes.append(len(images))
+        busy.set()
+        release.wait(5)
+        return original(images, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict_arrays", held)
+    service = InspectionService(predictor)
+    names = ["wide.png", "tall.jpg", "gray.png", "rgba.png"]
+    overlays = {"wide.png": 1, "tall.jpg": 0, "gray.png": 1, "rgba.png": 0}  # the others ask for a mask
+    with TestClient(create_app(service)) as c:
+        got = {}
+
+        def ask(name):
+            got[name] = _one(c, uploads[name], name=name, overlay=overlays[name], mask=1 - overlays[name])
+        first = threading.Thread(target=ask, args=(names[0],))
+        first.start()
+        assert busy.wait(5)
+        others = [threading.Thread(target=ask, args=(n,)) for n in names[1:]]
+        for t in others:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(service._joined._pending) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        for t in [first, *others]:
+            t.join(10)
+    assert passes == [1, 3]  # the three that waited went in one forward pass
+    for name in names:  # each answer its own image's, as when it came alone, with what it asked for
+        assert got[name]["name"] == name and abs(got[name]["score"] - lone[name]["score"]) < 1e-6
+        assert ("overlay" in got[name]) == bool(overlays[name]) and ("mask" in got[name]) != bool(overlays[name])
+        if overlays[name]:  # the same picture, to the rounding of a batch's float sums
+            diff = np.abs(_png(got[name]["overlay"]).astype(int) - _png(lone[name]["overlay"]))
+            assert diff.max() <= 4 and (diff > 0).mean() < 0.01
+    # an image resized for a model swapped out meanwhile (its input size may differ) is resized again
+    monkeypatch.setattr(predictor, "predict_arrays", original)
+    image = read_image_bytes(uploads["tall.jpg"])
+    stale = _Job([image], [np.zeros((8, 8, 3), np.uint8)], object(), False, False)
+    (used, raw, _), = service._infer([stale])
+    assert used is predictor and abs(raw[0]["score"] - predictor.scores([image])[0]) < 1e-6
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def test_binding_beyond_this_machine_needs_a_long_token():

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prn.anomalies.compose import AnomalyGenerator
-from prn.viz import label_font
+from prn.viz import PNG_COMPRESS_LEVEL, label_font
 
 COLUMNS = ("normal", "anomaly", "mask", "target area")
 LABELS = {"extended": "EA", "heterologous": "HEA", "homologous": "HOA"}
@@ -60,6 +60,6 @@ def show_anomalies(normals: Sequence[np.ndarray], generator: AnomalyGenerator, o
             image, mask, target = generator.make(strategy, normal, rng)
             rows.append(_row(normal, image, mask, target))
         path = out_dir / f"anomalies_{strategy}.png"
-        _grid(rows, LABELS[strategy]).save(path)
+        _grid(rows, LABELS[strategy]).save(path, compress_level=PNG_COMPRESS_LEVEL)
         paths.append(path)
     return paths

@@ -78,13 +78,16 @@ class Predictor:
         """(normalised scores, predictions 0/1), each None when there is nothing to judge by."""
         return self.postprocess.judge(scores)
 
-    def _batches(self, images: list[np.ndarray]):
+    def _batches(self, images: list[np.ndarray], resized: list[np.ndarray] | None = None):
         """(chunk, the uint8 (B, H, W, 3) batch at the input size, scores, maps at the input size)
-        for each batch of uint8 (h, w, 3) images."""
+        for each batch of uint8 (h, w, 3) images; ``resized``: theirs already (``resize``)."""
+        if resized is not None and len(resized) != len(images):
+            raise ValueError(f"{len(images)} images and {len(resized)} resized ones")
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
-            resized = torch.stack([torch.from_numpy(self.resize(im)) for im in chunk])
-            yield chunk, resized, *self.engine(resized)
+            done = resized[i:i + self.batch_size] if resized is not None else [self.resize(im) for im in chunk]
+            batch = torch.stack([torch.from_numpy(im) for im in done])
+            yield chunk, batch, *self.engine(batch)
 
     def scores(self, images: list[np.ndarray]) -> np.ndarray:
         """float64 (N,) image scores of uint8 (h, w, 3) images, without their maps."""
@@ -95,14 +98,16 @@ class Predictor:
         calibration, with its config's tolerances."""
         return compare_appearance((self.calibration or {}).get("appearance"), looks, self.cfg.calibration, subject)
 
-    def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True) -> list[dict]:
+    def predict_arrays(self, images: list[np.ndarray], *, full_size: bool = True,
+                       resized: list[np.ndarray] | None = None) -> list[dict]:
         """uint8 (h, w, 3) images -> per image {"score", "normalized_score", "prediction", "review"
         (1 in the review band, None without one), "threshold", "map" (float32 at the image's own
         size; at the model's input size with ``full_size=False``, for a caller that resizes only
         what it needs: ``Postprocess.map_for``), "brightness" and "detail" (at the model's input:
-        ``prn.deploy.drift``)}."""
+        ``prn.deploy.drift``)}. ``resized``: the images already at the input size (``resize``,
+        e.g. made in the callers' threads while the model ran: ``prn serve``)."""
         results = []
-        for chunk, resized, scores, maps in self._batches(images):
+        for chunk, resized, scores, maps in self._batches(images, resized):
             looks = appearance(resized)
             normalized, predictions = self.judge(scores)
             reviews = self.postprocess.review(scores)

@@ -25,7 +25,6 @@ Images are stored as PNG of the decoded RGB pixels, exactly what prn reads back.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import secrets
@@ -41,6 +40,7 @@ from PIL import Image
 
 from prn.data.io import read_image_bytes
 from prn.errors import DataError, PRNError
+from prn.viz import png_bytes
 
 KEEP_UPLOADS = 256                # scored uploads held for corrections ...
 KEEP_BYTES = 256 * 1024 * 1024    # ... and at most this many of their bytes
@@ -173,12 +173,6 @@ def read_mask_upload(data: bytes, hw: tuple[int, int], max_pixels: int) -> np.nd
     return mask
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def model_description(predictor) -> dict:
     """What every correction record says of the model that erred (a ``Predictor``)."""
     return {"checkpoint": str(predictor.loaded.path.resolve()), "model_kind": predictor.loaded.kind,
@@ -220,9 +214,9 @@ class CorrectionStore:
             correction_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{new_id()[:6]}"
             stem = f"{safe_stem(scored.name)}-{correction_id}"
             sub = Path("train", "good") if label == "good" else Path("test", kind)
-            files = [(sub / f"{stem}.png", _png(image))]
+            files = [(sub / f"{stem}.png", png_bytes(image))]
             if mask is not None:
-                files.append((Path("ground_truth", kind, f"{stem}_mask.png"), _png(mask.astype(np.uint8) * 255)))
+                files.append((Path("ground_truth", kind, f"{stem}_mask.png"), png_bytes(mask.astype(np.uint8) * 255)))
             self._write_new(files)
             record = {
                 "id": correction_id, "time": utc_now(), "label": label, "kind": kind,

@@ -21,7 +21,6 @@ with the score it got, when an operator says the verdict was wrong.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import platform
 import threading
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from prn.preprocess import resize_image
 from prn.data.io import read_image_bytes
@@ -41,10 +39,10 @@ from prn.deploy.predict import Predictor
 from prn.errors import DataError, PRNError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area, resize_map
 from prn.report import json_safe
-from prn.runtime import ModelThread
+from prn.runtime import JoinedCalls, ModelThread
 from prn.serve.corrections import (CorrectionError, CorrectionStore, RecentUploads, Scored, model_description,
                                    new_id)
-from prn.viz import contour_overlay, heat_overlay, panel_shape
+from prn.viz import contour_overlay, heat_overlay, panel_shape, png_bytes
 
 OVERLAY_MAX_SIDE = 1024  # overlays are pictures to look at; masks keep the image's own size
 NAME_MAX_CHARS = 200     # upload names are echoed back, never used as paths
@@ -73,6 +71,17 @@ class Upload:
     data: bytes
 
 
+@dataclass
+class _Job:
+    """One request's readable images on their way through the model: resized (at ``resizer``'s
+    input size) in the request's thread, and whether it asked for pictures and masks."""
+    images: list[np.ndarray]
+    resized: list[np.ndarray]
+    resizer: Predictor
+    overlay: bool
+    mask: bool
+
+
 # what a correction's record keeps of the result it corrects
 MODEL_FIELDS = ("score", "normalized_score", "prediction", "label", "threshold")
 
@@ -82,9 +91,7 @@ class NotCalibratedError(PRNError):
 
 
 def _png_base64(array: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(array)).decode("ascii")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -98,10 +105,12 @@ def _read_json(path: Path) -> dict | None:
 class InspectionService:
     """The one model of a server and the thread that runs it.
 
-    Decoding, regions and PNG encoding run in the caller's thread; everything torch computes (the
-    forward pass, maps resized to the images, heat-map pictures) runs in one model thread
-    (``prn.runtime.ModelThread``), which serialises the model's use: torch called from many
-    threads ran 1.5-2x slower on the CPU than from one.
+    Decoding, the resize to the model's input, regions and PNG encoding run in the caller's
+    thread; everything torch computes (the forward pass, maps resized to the images, heat-map
+    pictures) runs in one model thread (``prn.runtime.ModelThread``), which serialises the
+    model's use: torch called from many threads ran 1.5-2x slower on the CPU than from one.
+    Requests that wait for the model together go through it in one forward pass
+    (``prn.runtime.JoinedCalls``), up to the predictor's batch size.
     """
 
     def __init__(self, predictor: Predictor, limits: Limits = Limits(), *,
@@ -122,6 +131,8 @@ class InspectionService:
         self.recent = None if corrections is None else (recent if recent is not None else RecentUploads())
         self.loader = loader
         self.model_thread = model_thread if model_thread is not None else ModelThread()
+        # requests waiting for the model go through it together, a batch's worth at most
+        self._joined = JoinedCalls(self.model_thread, self._infer, predictor.batch_size)
         # how many times the model was swapped (``reload``): each /predict answer carries it, so a
         # page open across a swap learns that its threshold and notes are the old model's
         self.generation = 0
@@ -263,8 +274,11 @@ class InspectionService:
         images = [d for d in decoded if not isinstance(d, DataError)]
         if not images:  # nothing to score: the request fails, naming the first upload
             raise next(d for d in decoded if isinstance(d, DataError))
+        # resized here, in the request's thread, while the model runs other requests' images
+        resizer = self.predictor
+        job = _Job(images, [resizer.resize(im) for im in images], resizer, overlay, mask)
         t_decoded = time.perf_counter()
-        predictor, raw, pictures = self.model_thread.run(self._infer, images, overlay, mask)
+        predictor, raw, pictures = self._joined(job, len(images))
         if predictor is self.predictor:  # not a model swapped out meanwhile, whose reference differs
             with self._looks_lock:
                 self.looks.extend((r["brightness"], r["detail"]) for r in raw)
@@ -303,18 +317,29 @@ class InspectionService:
             results.append(json_safe(out))
         return results
 
-    def _infer(self, images: list[np.ndarray], overlay: bool, mask: bool) -> tuple[Predictor, list[dict], list]:
-        """In the model thread: the predictor used (a reload may swap it after), its results with
-        maps at each image's size, and the heat-map pictures when asked (else Nones). A map none
-        of whose pixels reaches the pixel threshold is not resized when no picture or mask needs
-        it (it can have no region; its "map" is None), as in ``prn predict``."""
+    def _infer(self, jobs: list[_Job]) -> list[tuple[Predictor, list[dict], list]]:
+        """In the model thread, the requests that waited together in one forward pass
+        (``prn.runtime.JoinedCalls``); per request: the predictor used (a reload may swap it
+        after), its results with maps at each image's size, and the heat-map pictures when asked
+        (else Nones). A map none of whose pixels reaches the pixel threshold is not resized when
+        no picture or mask needs it (it can have no region; its "map" is None), as in
+        ``prn predict``."""
         predictor = self.predictor
-        raw = predictor.predict_arrays(images, full_size=False)
-        pictures = []
-        for image, r in zip(images, raw):
-            r["map"] = predictor.postprocess.map_for(r["map"], image.shape[:2], regions_only=not (overlay or mask))
-            pictures.append(self.overlay(image, r["map"], predictor) if overlay else None)
-        return predictor, raw, pictures
+        for job in jobs:
+            if job.resizer is not predictor:  # resized for a model swapped out since: its input size may differ
+                job.resized = [predictor.resize(im) for im in job.images]
+        raw = predictor.predict_arrays([im for job in jobs for im in job.images], full_size=False,
+                                       resized=[r for job in jobs for r in job.resized])
+        out, start = [], 0
+        for job in jobs:
+            mine, start = raw[start:start + len(job.images)], start + len(job.images)
+            pictures = []
+            for image, r in zip(job.images, mine):
+                r["map"] = predictor.postprocess.map_for(r["map"], image.shape[:2],
+                                                         regions_only=not (job.overlay or job.mask))
+                pictures.append(self.overlay(image, r["map"], predictor) if job.overlay else None)
+            out.append((predictor, mine, pictures))
+        return out
 
     def overlay(self, image: np.ndarray, amap: np.ndarray, predictor: Predictor | None = None) -> np.ndarray:
         """The heat map blended on the image with the defect region's contour, uint8 (h, w, 3),
