@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -110,3 +112,22 @@ def test_panel_labels_keep_the_spaces_between_their_words(tmp_path, image):
     runs = _ink_runs(strip)
     gaps = sorted(b[0] - a[1] for a, b in zip(runs, runs[1:]))
     assert len(gaps) >= 2 and gaps[-2] >= 3, f"word gaps of {gaps} px in the label"
+
+
+def _zlib_level(png: bytes) -> int:
+    """FLEVEL of the zlib stream in a PNG's first IDAT chunk: 0 fastest, 1 fast, 2 default, 3 best."""
+    at = png.index(b"IDAT") + 4
+    return png[at + 1] >> 6
+
+
+def test_pngs_are_written_at_zlibs_fastest_level_with_the_same_pixels(tmp_path):
+    from prn.viz import png_bytes, save_overlay
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    data = png_bytes(picture)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), picture)
+    slow = io.BytesIO()
+    Image.fromarray(picture).save(slow, format="PNG")  # Pillow's default level, to show the check can tell
+    assert _zlib_level(data) == 0 and _zlib_level(slow.getvalue()) == 2
+    path = save_overlay(tmp_path / "o.png", picture, rng.random((60, 90)), None, threshold=0.5)
+    assert _zlib_level(path.read_bytes()) == 0
