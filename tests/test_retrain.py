@@ -301,12 +301,14 @@ def test_serve_reloads_its_model_from_where_it_started(calibrated_run, tmp_path)
     assert r.status_code == 200, r.text
     assert r.json()["checkpoint"].startswith(str(retrained.resolve()))
     assert client.get("/model").json()["image_threshold"] == pytest.approx(0.123)
+    assert client.get("/health").json()["model_generation"] == 1  # what an open page polls for
 
     link.unlink()
     link.symlink_to(tmp_path / "gone")
     r = client.post("/model/reload")
     assert r.status_code == 409 and "keeps serving" in r.json()["error"]
     assert client.get("/model").json()["image_threshold"] == pytest.approx(0.123)
+    assert client.get("/health").json()["model_generation"] == 1  # no swap, no new generation
 
 
 def test_the_cli_refuses_added_images_without_a_run_and_settings_the_run_fixes(calibrated_run, tmp_path, capsys):

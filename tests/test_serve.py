@@ -147,7 +147,7 @@ def test_model_reports_kind_input_thresholds_metrics_and_limits(client, calibrat
     assert m["metrics"] == json_safe(results) and "image_auroc" in m["metrics"]["categories"]["demo"]
     assert m["versions"]["prn"] and m["limits"] == {"max_request_bytes": 32 * 2**20,
                                                     "max_pixels": 50_000_000, "max_images": 16}
-    assert client.get("/health").json() == {"status": "ok", "model": "prn"}
+    assert client.get("/health").json() == {"status": "ok", "model": "prn", "model_generation": 0}
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 
 

@@ -481,3 +481,18 @@ def test_a_page_open_across_a_model_reload_takes_the_new_threshold_and_notes(rel
     assert _verdicts(browser) == (["FAIL"] * 2, ["FAIL"] * 2)
     if os.environ.get("PRN_SERVE_SCREENSHOT"):
         browser.save_screenshot(str(Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_suffix(".reload.png")))
+
+    # a second reload, and no upload after it: the page learns of it from /health when it is shown
+    # again (as every 20 s while shown), before the next part is scored
+    high = cal["score_max"] + 1.0                        # every part passes at this one
+    set_calibration(model, {**cal, "image_threshold": high})
+    with urlopen(Request(f"{url}/model/reload", method="POST")) as r:
+        assert json.loads(r.read())["model"]["generation"] == 2
+    browser.execute_script("document.dispatchEvent(new Event('visibilitychange'))")
+    wait.until(lambda d: f"threshold {high:.4g}" in d.find_element(By.ID, "model-info").text)
+    assert "the 2 results shown before were scored by the previous one" in notice.text
+    assert browser.execute_script("return window.prnPage.state.model.generation") == 2
+    assert _verdicts(browser) == (["PASS"] * 2, ["PASS"] * 2)
+    browser.find_element(By.ID, "files").send_keys(str(images[0]))  # the same generation: nothing more to say
+    wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 3)
+    assert "the 2 results shown before" in notice.text and _verdicts(browser) == (["PASS"] * 3, ["PASS"] * 3)

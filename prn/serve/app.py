@@ -289,7 +289,8 @@ def create_app(service: InspectionService, *, token: str | None = None) -> FastA
 
     @app.get("/health", summary="Liveness: the model is loaded")
     async def health():
-        return {"status": "ok", "model": service.predictor.loaded.kind}
+        # model_generation: the page asks this, cheaply, to learn of a reload between uploads
+        return {"status": "ok", "model": service.predictor.loaded.kind, "model_generation": service.generation}
 
     @app.get("/model", summary="The model, its thresholds, versions, metrics and the limits")
     async def model():

@@ -280,7 +280,7 @@ async function upload(fileList) {
     for (const f of batch) form.append("files", f, f.name);
     try {
       const response = await api("predict?overlay=1", { method: "POST", body: form });
-      if (response.model_generation !== state.model.generation) await modelChanged(state.results.length);
+      if (response.model_generation !== state.model.generation) await followModel(state.results.length);
       addResults(batch, response);
       showDrift(response.appearance);
       const failed = response.results.filter((r) => r.error).length;
@@ -378,6 +378,28 @@ async function modelChanged(shown) {
     `the ${shown} result${shown === 1 ? "" : "s"} shown before ${shown === 1 ? "was" : "were"} scored by the previous one.`;
 }
 
+// one modelChanged at a time: an upload and the watch below can see the same reload together
+let following = null;
+function followModel(shown) {
+  if (!following) following = modelChanged(shown).finally(() => { following = null; });
+  return following;
+}
+
+// a page left open on a line's screen learns of a reload before the next part is scored: it asks
+// /health for the model's generation every MODEL_CHECK_MS while it is visible, and when it becomes
+// visible again; an unreachable server is left for the next upload to report
+const MODEL_CHECK_MS = 20000;
+async function checkModel() {
+  if (!state.model || following || document.visibilityState !== "visible") return;
+  let h;
+  try {
+    h = await api("health");
+  } catch (e) {
+    return;
+  }
+  if (h.model_generation !== state.model.generation) await followModel(state.results.length);
+}
+
 async function start() {
   let m;
   try {
@@ -414,4 +436,6 @@ $("reset").addEventListener("click", () => {
 $("download").addEventListener("click", download);
 // what correct.js needs of the page: the results and how they are judged now
 window.prnPage = { state, say, verdictWord, fmt, api };
+document.addEventListener("visibilitychange", checkModel);
+setInterval(checkModel, MODEL_CHECK_MS);
 start();
