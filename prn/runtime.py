@@ -7,10 +7,10 @@ import ctypes
 import ctypes.util
 import gc
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
