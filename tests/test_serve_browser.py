@@ -496,3 +496,5 @@ def test_a_page_open_across_a_model_reload_takes_the_new_threshold_and_notes(rel
     browser.find_element(By.ID, "files").send_keys(str(images[0]))  # the same generation: nothing more to say
     wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "card")) == 3)
     assert "the 2 results shown before" in notice.text and _verdicts(browser) == (["PASS"] * 3, ["PASS"] * 3)
+    if os.environ.get("PRN_SERVE_SCREENSHOT"):
+        browser.save_screenshot(str(Path(os.environ["PRN_SERVE_SCREENSHOT"]).with_suffix(".reload2.png")))
