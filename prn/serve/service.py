@@ -312,7 +312,8 @@ class InspectionService:
                 out["overlay"] = _png_base64(picture)
             if mask:
                 out["mask"] = _png_base64(predictor.region(r["map"]).astype(np.uint8) * 255)
-            # each image's own decode and pictures, and its share of the batch's forward pass
+            # each image's own decode, resize and pictures, and its share of the request's time with
+            # the model (its wait and the forward pass, perhaps shared with other requests)
             out["milliseconds"] = decode_ms + model_ms + (time.perf_counter() - t_pic) * 1000
             results.append(json_safe(out))
         return results
