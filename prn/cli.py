@@ -191,6 +191,17 @@ def cmd_serve(args) -> None:
           corrections=False if args.no_corrections else args.corrections, engine=args.engine)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 1 to 65535 (--port), refused by argparse with the text given."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return n
+
+
 def positive_int(text: str, what: str = "a whole number") -> int:
     """A whole number >= 1 (--batch-size), refused by argparse with the text given."""
     try:
@@ -435,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only; any other "
                         "needs --token)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--token", help="every request must carry it (Authorization: Bearer TOKEN; "
                                    "browsers: open /?token=TOKEN once); default $PRN_SERVE_TOKEN")
     p.add_argument("--threshold", type=float,

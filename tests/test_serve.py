@@ -501,6 +501,26 @@ def test_cli_refuses_an_open_host_without_token(calibrated_run, capsys, monkeypa
     assert "--token" in capsys.readouterr().err
 
 
+def test_a_port_out_of_range_or_taken_is_refused_before_the_model_loads(calibrated_run, capsys, monkeypatch):
+    import socket
+
+    import prn.serve as serve_module
+    for port in ("0", "65536", "http"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", str(calibrated_run), "--port", port])
+        assert exit_info.value.code == 2 and "expected a port number from 1 to 65535" in capsys.readouterr().err
+    monkeypatch.setattr(serve_module, "build_app", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", str(calibrated_run), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+    with pytest.raises(PRNError, match="from 1 to 65535"):
+        serve_module.serve(calibrated_run, port=70000)
+
+
 def test_cli_refuses_a_limit_below_one(calibrated_run, capsys):
     assert main(["serve", str(calibrated_run), "--max-images", "0"]) == 2
     assert "max_images must be a positive integer" in capsys.readouterr().err

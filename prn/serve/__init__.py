@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +55,25 @@ def check_binding(host: str, token: str | None) -> None:
     if len(token) < MIN_TOKEN_CHARS:
         raise UsageError(f"the token must have at least {MIN_TOKEN_CHARS} characters to guard a "
                          f"service other machines can reach")
+
+
+def check_port(host: str, port: int) -> None:
+    """The port can be listened on, checked before the model is loaded: uvicorn would find out
+    only after it, and say so among its log lines."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"--port must be a port number from 1 to 65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UsageError(f"--host {host}: not an address of this machine ({exc})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program, "
+                             f"or another prn serve, may hold it; stop it or choose another --port") from exc
 
 
 def default_corrections_folder(checkpoint: str | Path) -> Path:
@@ -117,6 +137,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     the loopback interface needs one. ``options``: see ``build_app``."""
     token = token or os.environ.get(TOKEN_ENV) or None
     check_binding(host, token)
+    check_port(host, port)
     app = build_app(checkpoint, token=token, **options)
     import uvicorn
     uvicorn.run(app, host=host, port=port, log_level=log_level)
