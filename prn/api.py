@@ -32,7 +32,7 @@ from prn.infer import Predictions, predict_samples
 from prn.metrics import auroc_interval, compute_all, decision_metrics, size_metrics
 from prn.postprocess import MIN_REGION_AREA, Postprocess
 from prn.precision import check_precision, resolve_precision
-from prn.report import ResultWriter, result_picture, write_results
+from prn.report import ResultWriter, check_out_folder, result_picture, write_results
 from prn.runs import category_name, make_split, new_run_dir, note, start_run  # noqa: F401 (API)
 from prn.runs import records_outcome
 from prn.runtime import release_memory, resolve_device
@@ -148,6 +148,8 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     """Evaluate a run on its own held-out test split; writes results, ``predictions/scores.csv``
     (decided at the calibrated threshold, as ``prn predict`` does) and overlay pictures."""
     run_dir = _run_dir_of(run)
+    if out_dir:
+        check_out_folder(out_dir)
     loaded = load_model_full(run, device=device)
     model, cfg = loaded.model, loaded.cfg
     split_path = run_dir / "split.json"
@@ -241,6 +243,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
     """
     from prn import distributed
     from prn.deploy.predict import Predictor, predict_folder
+    check_out_folder(out_dir)
     options = dict(maps=maps, masks=masks, overlays=overlays, strict=strict, num_workers=num_workers,
                    min_region_area=min_region_area, engine=engine)
     if distributed.world().distributed:

@@ -32,7 +32,7 @@ from prn.runs import category_name
 from prn.config import PRNConfig
 from prn.data.layouts import list_categories
 from prn.errors import PRNError, UsageError
-from prn.report import json_safe, markdown_table, mean_metrics, write_results
+from prn.report import check_out_folder, json_safe, markdown_table, mean_metrics, write_results
 
 class JobsFailed(PRNError):
     """Some jobs of ``run_benchmark(jobs=J)`` failed; the table of the others is written and
@@ -170,7 +170,7 @@ def run_benchmark(cfg: PRNConfig, *, model: str = "prn", categories: list[str] |
                          "category is already trained by all the processes: use one or the other")
     cats = categories_of(cfg, categories)
     tag = ablation or model
-    out = Path(out_dir) if out_dir else Path(cfg.runtime.output_dir) / "benchmark" / cfg.data.dataset / tag
+    out = check_out_folder(Path(out_dir) if out_dir else Path(cfg.runtime.output_dir) / "benchmark" / cfg.data.dataset / tag)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if ablation and ablation not in ABLATIONS:

@@ -27,9 +27,10 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, progress: bo
     not repeated in the path."""
     from prn import api
     from prn.data.demo import make_demo_dataset
+    from prn.report import check_out_folder
     from prn.runs import new_run_dir
 
-    out = Path(out)
+    out = check_out_folder(out)
     make_demo_dataset(out / "data", seed=0)
     cfg = demo_config(out, quick)
     run = api.fit(cfg, run_dir=new_run_dir(cfg, parent=out), progress=progress)
@@ -44,7 +45,9 @@ def show_anomalies_for_config(cfg: PRNConfig, out: Path, *, n: int = 6, seed: in
     from prn.data.demo import make_demo_dataset
     from prn.runs import make_split, resolve_input_size
     from prn.data.datasets import load_training_arrays
+    from prn.report import check_out_folder
 
+    check_out_folder(out)
     if not cfg.data.root:
         make_demo_dataset(out / "data", seed=0)
         cfg = cfg.replace(**{k: v for k, v in DEMO_SETTINGS.items() if k in ("dataset", "category")},

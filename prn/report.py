@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prn.errors import DataError
+from prn.errors import DataError, UsageError
 from prn.postprocess import MIN_REGION_AREA, check_min_area
 
 # (column, results key, scale, decimals)
@@ -258,6 +258,18 @@ def mirrored_path(image_path: Path, root: Path, folder: Path, suffix: str, used:
 
 
 PICTURE_SIDE = (256, 512)  # a result picture's panels: the longer side at least, at most (pixels)
+
+
+def check_out_folder(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as a folder results can be written to: refused, before any work, where it or the
+    nearest of its parents that exists is a file (os.makedirs would fail there, after the model
+    had loaded and with only "[Errno 17] File exists")."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise UsageError(f"{path}: {option} {where}; give a folder for the results")
+    return path
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:

@@ -35,7 +35,7 @@ from prn.data.datasets import original_hw
 from prn.data.layouts import load_index
 from prn.data.split import Split, drop_copies, few_shot_split, hold_out_validation
 from prn.errors import DataError, UsageError
-from prn.report import shown_path
+from prn.report import check_out_folder, shown_path
 
 def category_name(cfg: PRNConfig) -> str:
     """The category's display name: cfg.data.category, else the root's folder name when the root is
@@ -51,7 +51,9 @@ def category_name(cfg: PRNConfig) -> str:
 def new_run_dir(cfg: PRNConfig, name: str | None = None, parent: str | Path | None = None) -> Path:
     """Make a new, empty run folder ``<parent>/<time>`` (``-1``, ``-2``... when taken) and point
     ``<parent>/latest`` at it. parent defaults to ``<output_dir>/<dataset>/<category>``."""
-    parent = Path(parent) if parent is not None else Path(cfg.runtime.output_dir) / cfg.data.dataset / category_name(cfg)
+    if parent is None:
+        parent = check_out_folder(Path(cfg.runtime.output_dir) / cfg.data.dataset / category_name(cfg), "output_dir")
+    parent = Path(parent)
     base = parent / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir, i = base, 1
     while True:
@@ -200,6 +202,8 @@ def start_run(cfg: PRNConfig, run_dir: str | Path | None,
               split: Split | None) -> tuple[Path, Split, PRNConfig]:
     """Split the data (unless given), fix the input size, make the run folder and write config,
     split and versions. Returns the run folder, the split and the config as written."""
+    if not run_dir:  # before the data is read: new_run_dir checks the whole path again
+        check_out_folder(cfg.runtime.output_dir, "output_dir")
     split = split or make_split(cfg)
     if not split.train_normal:
         raise DataError(f"{cfg.data.root}: no defect-free training images found")

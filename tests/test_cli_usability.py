@@ -172,6 +172,29 @@ def test_resume_of_a_folder_that_is_no_run_is_a_model_error(tmp_path, capsys, no
     assert "no config.yaml" in capsys.readouterr().err and no_work == []
 
 
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import prn.deploy.loading
+    import prn.deploy.predict
+    file = tmp_path / "results"
+    file.write_text("not a folder")
+    # nothing is loaded or fitted: the check comes first
+    monkeypatch.setattr(prn.deploy.predict, "Predictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(api, "load_model_full", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(runs, "make_split", lambda *a, **k: pytest.fail("the data was read"))
+    for argv, named in (
+            (["predict", str(tmp_path), str(tmp_path), "--out", str(file)], f"{file}: --out is a file"),
+            (["predict", str(tmp_path), str(tmp_path), "--out", str(file / "a" / "b")],
+             f"--out is inside {file}, which is a file"),
+            (["test", str(tmp_path), "--out", str(file)], f"{file}: --out is a file"),
+            (["show-anomalies", "--out", str(file)], f"{file}: --out is a file"),
+            (["demo", "--out", str(file / "x")], f"--out is inside {file}, which is a file"),
+            (["fit", "--root", str(tmp_path), "--set", f"output_dir={file}"], f"{file}: output_dir is a file")):
+        assert main(argv) == ExitStatus.USAGE, argv
+        err = capsys.readouterr().err
+        assert named in err and "give a folder for the results" in err, (argv, err)
+    assert file.read_text() == "not a folder"
+
+
 def test_run_dir_holding_a_run_is_refused_and_kept(tmp_path, capsys, no_work):
     run = make_run(tmp_path / "run")
     assert main(["fit", "--root", str(tmp_path), "--run-dir", str(run)]) == ExitStatus.USAGE
