@@ -249,6 +249,12 @@ def test_export_refuses_unknown_formats_and_missing_checkpoints(checkpoints, tmp
         export(checkpoints["prn"], "tflite")
     with pytest.raises(PRNError, match="absent"):
         export(tmp_path / "absent.pt", "onnx")
+    with pytest.raises(PRNError, match="is a folder; --out takes the file"):
+        export(checkpoints["prn"], "onnx", tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(PRNError, match=r"--out is inside .*a_file, which is a file"):
+        export(checkpoints["prn"], "onnx", tmp_path / "a_file" / "model.onnx")
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_float32_threshold_decides_float32_scores_as_the_float64_threshold_does():

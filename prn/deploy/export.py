@@ -156,6 +156,9 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out: str | Path | None = N
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; --out takes the file to write")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{out}: --out is inside {parent}, which is a file; give a path in a folder")
     loaded = load_model(checkpoint, device="cpu")
     graph = build_graph(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
