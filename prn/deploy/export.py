@@ -47,6 +47,7 @@ from prn import __version__
 from prn.errors import CheckpointError, PRNError, UsageError
 from prn.pipeline import InferencePipeline
 from prn.preprocess import scale
+from prn.report import check_out_folder
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -156,9 +157,7 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out: str | Path | None = N
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; --out takes the file to write")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UsageError(f"{out}: --out is inside {parent}, which is a file; give a path in a folder")
+    check_out_folder(out.parent, "the folder of --out")
     loaded = load_model(checkpoint, device="cpu")
     graph = build_graph(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
