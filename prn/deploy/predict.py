@@ -107,8 +107,8 @@ class Predictor:
         ``prn.deploy.drift``)}. ``resized``: the images already at the input size (``resize``,
         e.g. made in the callers' threads while the model ran: ``prn serve``)."""
         results = []
-        for chunk, resized, scores, maps in self._batches(images, resized):
-            looks = appearance(resized)
+        for chunk, batch, scores, maps in self._batches(images, resized):
+            looks = appearance(batch)
             normalized, predictions = self.judge(scores)
             reviews = self.postprocess.review(scores)
             for j, image in enumerate(chunk):
