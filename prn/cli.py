@@ -493,12 +493,44 @@ def main(argv: list[str] | None = None) -> int:
     return int(status or ExitStatus.OK)
 
 
+# The status a command ends with once ``main`` has returned; None before (an uncaught exception,
+# argparse's own exit), and then Python's whole teardown runs as usual.
+_STATUS: int | None = None
+
+
+def _skip_teardown() -> None:
+    """The last exit handler of a ``prn`` command: once the others have run (logging's flush,
+    temporary folders, torch.distributed's group, multiprocessing's children; Python has joined
+    the other threads before them), end the process without Python's teardown of every module
+    and the destructors of torch's libraries.
+
+    Why: that teardown took about half a second after every command and paged in about 130 MB of
+    torch's libraries, which was `prn predict`'s peak resident set (BENCHMARKS.md, "The exit
+    after a command"); the operating system frees the process's memory at once anyway. Open
+    files are the writers' own, closed when each command finished with them. Handlers registered
+    before the command started (a coverage tool's, through a .pth file) would not run:
+    ``PRN_FULL_EXIT=1`` keeps the whole teardown."""
+    if _STATUS is None or os.environ.get("PRN_FULL_EXIT", "") not in ("", "0"):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`prn ... | head`) or a closed stream
+            pass
+    os._exit(_STATUS)
+
+
 def entry() -> None:
     """The ``prn`` command and ``python -m prn``: under tcmalloc where the machine has it
-    (prn.allocator; it must be chosen before torch is loaded), then ``main``."""
+    (prn.allocator; it must be chosen before torch is loaded), then ``main``, then an exit
+    without Python's teardown (``_skip_teardown``)."""
+    global _STATUS
     from prn.allocator import reexec_for_command
     reexec_for_command("prn")
-    sys.exit(main())
+    import atexit
+    atexit.register(_skip_teardown)  # registered first, so it runs after every other handler
+    _STATUS = main()
+    sys.exit(_STATUS)
 
 
 if __name__ == "__main__":
