@@ -8,7 +8,7 @@ A model of the cpu preset's shape (EfficientNet-Lite0, long side 384 with the as
 images and an untrained head, then calibrated on 8 of them: speed and memory do not depend on
 the head's values. Images are smooth random JPEGs written once to a temporary folder (5,000 of
 1250 x 500 take about 0.3 GB). Each count runs `prn predict` in its own process; its peak RSS is
-that process's ru_maxrss (os.wait4). Results: a markdown table on stdout and
+that process's ru_maxrss (os.wait4), in MiB. Results: a markdown table on stdout and
 benchmarks/results/predict_memory_<maps>.json.
 """
 
@@ -68,8 +68,9 @@ def make_checkpoint(path: Path, images: list[Path]) -> Path:
 
 
 def run_predict(ckpt: Path, folder: Path, out: Path, maps: str) -> dict:
-    cmd = [sys.executable, "-c", "import sys; from prn.cli import main; sys.exit(main(sys.argv[1:]))",
-           "predict", str(ckpt), str(folder), "--out", str(out), "--maps", maps, "--quiet"]
+    # as a user runs it: `python -m prn` is the `prn` command (its allocator, its exit)
+    cmd = [sys.executable, "-m", "prn", "predict", str(ckpt), str(folder), "--out", str(out), "--maps", maps,
+           "--quiet"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
