@@ -504,9 +504,9 @@ def _skip_teardown() -> None:
     the other threads before them), end the process without Python's teardown of every module
     and the destructors of torch's libraries.
 
-    Why: that teardown took half a second to a second after every command and paged in about 130 MB of
-    torch's libraries, which was `prn predict`'s peak resident set (BENCHMARKS.md, "The exit
-    after a command"); the operating system frees the process's memory at once anyway. Open
+    Why: that teardown took half a second to a second after every command and paged in about
+    130 MB of torch's libraries, which was `prn predict`'s peak resident set (BENCHMARKS.md, "The
+    exit after a command"); the operating system frees the process's memory at once anyway. Open
     files are the writers' own, closed when each command finished with them. Handlers registered
     before the command started (a coverage tool's, through a .pth file) would not run:
     ``PRN_FULL_EXIT=1`` keeps the whole teardown."""
