@@ -266,7 +266,10 @@ def test_float32_threshold_decides_float32_scores_as_the_float64_threshold_does(
             assert (s >= t32) == (float(s) >= t)
 
 
-def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(checkpoints, exported, tmp_path):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(engine, checkpoints, exported, tmp_path):
+    if engine == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is in the dev extra")
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     pictures = [uint8_images(1, hw=hw, seed=10 + i)[0] for i, hw in enumerate([HW, (50, 120), (90, 70)])]
@@ -280,8 +283,9 @@ def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(checkpoin
     # prn made unimportable in the subprocess: the script must run on onnxruntime, numpy, Pillow
     runner = ("import runpy, sys; sys.modules['prn'] = None; "
               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    flags = ["--openvino"] if engine == "openvino" else []
     run = subprocess.run([sys.executable, "-c", runner, str(script), str(exported("prn", "onnx")),
-                          str(folder)], capture_output=True, text=True, timeout=120)
+                          str(folder), *flags], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     rows = {r["path"]: r for r in csv.DictReader(run.stdout.splitlines())}
     loaded = load_model(checkpoints["prn"], device="cpu")
