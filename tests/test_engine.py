@@ -1,11 +1,14 @@
 """prn predict --engine onnx: onnxruntime on the run's exported graph, against the torch engine."""
 
 import csv
+import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 pytest.importorskip("onnxruntime")
 
@@ -113,3 +116,23 @@ def test_the_onnx_engine_warns_when_the_run_infers_below_float32(run, monkeypatc
     make_engine(predictor, "onnx")
     err = capsys.readouterr().err
     assert "float32" in err and "bf16" in err and "prn calibrate RUN --precision 32" in err
+
+
+def test_the_openvino_benchmark_scores_the_test_split_with_every_engine(run):
+    pytest.importorskip("openvino", reason="OpenVINO is in the dev extra")
+    bench = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "openvino_parity.py")
+    result = bench.study(run, batch=4, repeats=1, threads=1)
+    n = len(json.loads((run / "split.json").read_text())["test"])
+    assert result["images"] == n and 0 < result["defective"] < n
+    rows = result["rows"]
+    assert list(rows) == ["torch (prn predict)", "onnxruntime", *bench.VARIANTS]
+    for row in rows.values():
+        assert len(row["scores"]) == n and row["ms_per_image"] > 0
+        assert row["defects_stopped"] <= result["defective"] and row["goods_rejected"] <= n - result["defective"]
+    # prn's torch engine and OpenVINO as docs/deploy.md sets it up give onnxruntime's scores
+    span = np.ptp(rows["onnxruntime"]["scores"]) or 1.0
+    for name in ("torch (prn predict)", "openvino, image size fixed, f32"):
+        assert rows[name]["max_score_diff"] <= 1e-4 * span and rows[name]["decisions_unlike_onnxruntime"] == 0, name
+    assert rows["openvino, image size fixed, f32"]["precision"] == "float32"
+    table = bench.table(result)
+    assert all(f"| {name} |" in table for name in rows)
