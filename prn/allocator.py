@@ -9,6 +9,10 @@ process starts (``LD_PRELOAD``), so the command line re-executes itself once, be
 imported, with the library preloaded, as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu
 --enable-tcmalloc``) does. Nothing here imports torch.
 
+``prn export`` is left on the system's allocator (prn.cli.entry): OpenVINO, which ``--format
+openvino`` runs, aborts in a process preloaded with tcmalloc (BENCHMARKS.md, "OpenVINO on the
+exported graph").
+
 ``PRN_ALLOCATOR``: ``auto`` (default: tcmalloc if found, else the system's), ``tcmalloc`` (fail
 if not found) or ``system`` (never re-execute). An allocator the user preloads already (jemalloc,
 mimalloc, tcmalloc in ``LD_PRELOAD``) is kept. Debian and Ubuntu ship the library as

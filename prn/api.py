@@ -264,6 +264,7 @@ def predict(run: str | Path, inputs: str | Path, out_dir: str | Path, *,
 # ----------------------------------------------------------------------------- export
 
 def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> Path:
-    """The model as one ONNX or TorchScript file that runs without prn; see ``prn.deploy.export``."""
+    """The model as one ONNX, TorchScript or OpenVINO IR file that runs without prn; see
+    ``prn.deploy.export``."""
     from prn.deploy.export import export as export_model
     return export_model(run, fmt, out)

@@ -150,8 +150,11 @@ def cmd_export(args) -> None:
     meta = read_metadata(path)
     decision = (f"threshold {float(meta['image_threshold']):.6g} (calibrated)"
                 if meta["calibrated"] == "true" else "no calibration in the checkpoint: map and score only")
+    size = f"{meta['input_height']} x {meta['input_width']}"
+    shape = (f"at {size} exactly (resize first, as docs/deploy.md says; weights in {path.with_suffix('.bin').name})"
+             if args.format == "openvino" else f"resized to {size}")
     print(f"{args.format}: {path}\n{meta['model_kind']} on {meta['backbone']}, input uint8 RGB "
-          f"(batch, 3, H, W), resized to {meta['input_height']} x {meta['input_width']}; {decision}")
+          f"(batch, 3, H, W), {shape}; {decision}")
 
 
 def cmd_demo(args) -> None:
@@ -394,16 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("export", help="the model as one ONNX or TorchScript file that runs without prn",
+    p = sub.add_parser("export", help="the model as one ONNX, TorchScript or OpenVINO file that runs without prn",
                        description="The whole inference path in one graph with a dynamic batch: uint8 "
                                    "RGB images of any size in; resize, encoder, prototypes, head, map, "
                                    "image score out, plus the normalised score and the decision when "
                                    "the checkpoint is calibrated. Input size, model kind, thresholds "
-                                   "in the file's metadata. See docs/deploy.md.")
+                                   "in the file's metadata. openvino: OpenVINO's IR (model.xml and "
+                                   "model.bin) at the model's input size, the images resized first. "
+                                   "See docs/deploy.md.")
     p.add_argument("run", type=Path, help="run folder or checkpoint .pt")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default onnx")
-    p.add_argument("--out", type=Path, help="file to write (default RUN/export/model.onnx or "
-                                            "model.torchscript.pt; beside a .pt given as RUN)")
+    p.add_argument("--format", choices=("onnx", "torchscript", "openvino"), default="onnx", help="default onnx")
+    p.add_argument("--out", type=Path, help="file to write (default RUN/export/model.onnx, "
+                                            "model.torchscript.pt or model.xml; beside a .pt given as RUN)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="offline demo: synthetic data, short fit, test, report, pictures")
@@ -526,7 +531,8 @@ def entry() -> None:
     without Python's teardown (``_skip_teardown``)."""
     global _STATUS
     from prn.allocator import reexec_for_command
-    reexec_for_command("prn")
+    if sys.argv[1:2] != ["export"]:  # OpenVINO (export --format openvino) aborts under tcmalloc
+        reexec_for_command("prn")
     import atexit
     atexit.register(_skip_teardown)  # registered first, so it runs after every other handler
     _STATUS = main()

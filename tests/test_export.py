@@ -6,6 +6,7 @@ export to seconds; every exported file is made once per module and shared by the
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,49 @@ def test_torchscript_file_holds_the_same_metadata(exported):
     assert ts_meta == onnx_meta
 
 
+@pytest.fixture(scope="module")
+def openvino_file(checkpoints, tmp_path_factory):
+    """The PRN checkpoint exported to OpenVINO's IR by the command, as a user runs it: under the
+    machine's allocator choice (tcmalloc where it is installed, which OpenVINO aborts under, so
+    the command must not preload it for export)."""
+    pytest.importorskip("openvino", reason="OpenVINO is in the dev extra")
+    out = tmp_path_factory.mktemp("openvino") / "prn.xml"
+    env = {k: v for k, v in os.environ.items() if k not in ("PRN_ALLOCATOR", "LD_PRELOAD")}
+    done = subprocess.run([sys.executable, "-m", "prn", "export", str(checkpoints["prn"]), "--format", "openvino",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"openvino: {out}" in done.stdout and "32 x 64 exactly" in done.stdout and "prn.bin" in done.stdout
+    return out
+
+
+def test_openvino_ir_gives_prns_outputs_at_the_models_input_size(checkpoints, openvino_file):
+    assert sorted(p.name for p in openvino_file.parent.iterdir()) == ["prn.bin", "prn.xml"]  # nothing left over
+    for images in (BATCH1, BATCH7):
+        assert_parity(run_exported(openvino_file, images), torch_outputs(checkpoints["prn"], images), checkpoints["prn"])
+    import openvino as ov
+    model = ov.Core().read_model(str(openvino_file))
+    assert str(model.input(0).partial_shape) == "[?,3,32,64]"  # the batch open, the image size fixed
+    constants = {op.get_element_type().get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant"}
+    assert "f32" in constants and "f16" not in constants  # the weights kept in float32
+
+
+def test_openvino_ir_holds_the_metadata_with_its_own_input(openvino_file, exported):
+    meta, onnx_meta = read_metadata(openvino_file), read_metadata(exported("prn", "onnx"))
+    assert meta.pop("format") == "openvino" and onnx_meta.pop("format") == "onnx"
+    assert "resized by the caller" in meta.pop("input") and "resized inside" in onnx_meta.pop("input")
+    assert meta == onnx_meta
+
+
+def test_openvino_export_refuses_another_suffix_and_a_tcmalloc_process(checkpoints, tmp_path, monkeypatch):
+    with pytest.raises(PRNError, match="OpenVINO's IR is a .xml file"):
+        export(checkpoints["prn"], "openvino", tmp_path / "model.onnx")
+    import prn.allocator
+    monkeypatch.setattr(prn.allocator, "in_use", lambda: "tcmalloc")
+    with pytest.raises(PRNError, match="tcmalloc"):
+        export(checkpoints["prn"], "openvino", tmp_path / "model.xml")
+    assert not any(tmp_path.iterdir())
+
+
 def test_export_refuses_a_file_that_disagrees_with_prn(checkpoints, exported):
     path = exported("prn", "torchscript")
     graph = build_graph(load_model(checkpoints["prn"], device="cpu"))
@@ -266,10 +310,13 @@ def test_float32_threshold_decides_float32_scores_as_the_float64_threshold_does(
             assert (s >= t32) == (float(s) >= t)
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
-def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(engine, checkpoints, exported, tmp_path):
-    if engine == "openvino":
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino", "openvino-ir"])
+def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(engine, checkpoints, exported, tmp_path,
+                                                                       request):
+    if engine.startswith("openvino"):
         pytest.importorskip("openvino", reason="OpenVINO is in the dev extra")
+    # the ONNX file in onnxruntime or OpenVINO, or the OpenVINO form of prn export in OpenVINO
+    model = request.getfixturevalue("openvino_file") if engine == "openvino-ir" else exported("prn", "onnx")
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     pictures = [uint8_images(1, hw=hw, seed=10 + i)[0] for i, hw in enumerate([HW, (50, 120), (90, 70)])]
@@ -283,9 +330,9 @@ def test_docs_script_scores_a_folder_as_prn_does_without_importing_prn(engine, c
     # prn made unimportable in the subprocess: the script must run on onnxruntime, numpy, Pillow
     runner = ("import runpy, sys; sys.modules['prn'] = None; "
               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    flags = ["--openvino"] if engine == "openvino" else []
-    run = subprocess.run([sys.executable, "-c", runner, str(script), str(exported("prn", "onnx")),
-                          str(folder), *flags], capture_output=True, text=True, timeout=120)
+    flags = ["--openvino"] if engine.startswith("openvino") else []
+    run = subprocess.run([sys.executable, "-c", runner, str(script), str(model), str(folder), *flags],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     rows = {r["path"]: r for r in csv.DictReader(run.stdout.splitlines())}
     loaded = load_model(checkpoints["prn"], device="cpu")

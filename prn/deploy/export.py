@@ -1,5 +1,5 @@
-"""``prn export``: a trained model as one self-contained file (ONNX or TorchScript) that runs
-without prn, holding the whole inference path and the decision that travels with the model.
+"""``prn export``: a trained model as one self-contained file (ONNX, TorchScript, or OpenVINO's IR)
+that runs without prn, holding the whole inference path and the decision that travels with the model.
 
 The file is ``prn.pipeline.InferencePipeline``, the very modules ``prn test``, ``prn predict`` and
 ``prn serve`` run, for a batch of images:
@@ -14,9 +14,19 @@ The file is ``prn.pipeline.InferencePipeline``, the very modules ``prn test``, `
 
 Outputs, by name: ``anomaly_map`` float32 (B, 1, h, w) at the input size h x w of the model;
 ``score`` float32 (B,); with a calibration also ``normalized_score`` float32 (B,) and
-``prediction`` bool (B,). The batch size and H x W are dynamic. Metadata (input size, model
+``prediction`` bool (B,). The batch size and H x W are dynamic (the OpenVINO form: the batch
+only). Metadata (input size, model
 kind, backbone, prn version, thresholds and the whole calibration) is stored in the file:
-ONNX ``metadata_props``; TorchScript the extra file ``prn.json``. ``read_metadata`` reads both.
+ONNX ``metadata_props``; TorchScript the extra file ``prn.json``; OpenVINO's IR its ``rt_info``
+(section ``framework``, as OpenVINO reads an ONNX file's). ``read_metadata`` reads all three.
+
+The OpenVINO form (``model.xml`` and its weights ``model.bin``) is the ONNX graph read by OpenVINO
+with two settings that keep its outputs prn's (BENCHMARKS.md, "OpenVINO on the exported graph"):
+the image size fixed at the model's input size, since with the batch and the image size both open
+OpenVINO 2026.4's CPU plugin computed other scores than prn's, so its callers resize the images
+first (as ``docs/examples/score_folder.py`` does); and float32 weights (not compressed to float16).
+Its callers should also ask for float32 inference (``INFERENCE_PRECISION_HINT``): on CPUs with
+bfloat16 OpenVINO computes in it unless told, and the thresholds were set on float32 scores.
 
     >>> path = export("runs/mvtec/bottle/<time>", "onnx")      # runs/.../export/model.onnx
     >>> read_metadata(path)["input_height"]
@@ -49,13 +59,16 @@ from prn.pipeline import InferencePipeline
 from prn.preprocess import scale
 from prn.report import check_out_folder
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "openvino")
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score", "prediction")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "openvino": ".xml"}  # IR: .xml and .bin
 METADATA_FILE = "prn.json"  # the TorchScript extra file holding the metadata
 INPUT_CONTRACT = ("uint8 RGB images, NCHW (batch, 3, height, width), any height and width; "
                   "resized inside to input_height x input_width")
+FIXED_SIZE_CONTRACT = ("uint8 RGB images, NCHW (batch, 3, input_height, input_width): resized by the caller "
+                       "as prn does (Pillow's bilinear resize, after the resize_detail filter where there is one)")
+OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # the precision the thresholds were set in
 ONNX_OPSET = 18
 
 
@@ -113,7 +126,7 @@ def metadata(loaded, fmt: str) -> dict[str, str]:
     meta = {
         "format": fmt, "prn_version": __version__, "model_kind": loaded.kind,
         "backbone": cfg.model.backbone, "input_height": str(h), "input_width": str(w),
-        "input": INPUT_CONTRACT,
+        "input": FIXED_SIZE_CONTRACT if fmt == "openvino" else INPUT_CONTRACT,
         "outputs": ",".join(OUTPUT_NAMES if cal is not None else OUTPUT_NAMES[:2]),
         "map": "PRN: probability per pixel in [0, 1]; prototypes, patchcore: distance >= 0",
         "map_sigma": repr(float(cfg.model.map_sigma)), "top_k": str(cfg.model.top_k),
@@ -145,10 +158,11 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out: str | Path | None = N
            verify: bool = True) -> Path:
     """Export a run folder's model (or a checkpoint file) to ``out``; returns the file written.
 
-    fmt: "onnx" or "torchscript". verify: run the written file and prn on random batches of
-    other sizes than the one exported with (``check_parity``: at the model's input size, maps
-    and scores within 1e-4 of the map's scale and the same decisions), so a file with a batch
-    size, input size or branch baked in is reported, not left behind silently.
+    fmt: "onnx", "torchscript" or "openvino" (``out`` the .xml; its .bin is written beside it).
+    verify: run the written file and prn on random batches of other sizes than the one exported
+    with (``check_parity``: at the model's input size, maps and scores within 1e-4 of the map's
+    scale and the same decisions), so a file with a batch size, input size or branch baked in is
+    reported, not left behind silently; the OpenVINO form takes the input size only.
     """
     from prn.deploy.loading import load_model
 
@@ -157,6 +171,8 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out: str | Path | None = N
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; --out takes the file to write")
+    if fmt == "openvino" and out.suffix != ".xml":
+        raise UsageError(f"{out}: OpenVINO's IR is a .xml file (its weights go beside it, .bin)")
     check_out_folder(out.parent, "the folder of --out")
     loaded = load_model(checkpoint, device="cpu")
     graph = build_graph(loaded)
@@ -170,14 +186,18 @@ def export(checkpoint: str | Path, fmt: str = "onnx", out: str | Path | None = N
     with torch.no_grad():
         if fmt == "onnx":
             _export_onnx(graph, example, out, meta)
+        elif fmt == "openvino":
+            _export_openvino(graph, example, out, meta)
         else:
             _export_torchscript(graph, example, out, meta)
     if verify:
         g = torch.Generator().manual_seed(0)
         check_parity(graph, out, torch.randint(0, 256, (3, 3, h, w), dtype=torch.uint8, generator=g))
         # Other sizes, one for each order of the resize's passes: a size or branch baked in
-        # would be far off; the resize is exact in both, so the same tolerance holds.
-        for shape in [(2, 3, h + 7, w + 2), (1, 3, h // 2 + 1, 2 * w + 1)]:
+        # would be far off; the resize is exact in both, so the same tolerance holds. The
+        # OpenVINO form takes one image size; another batch size instead.
+        others = [(2, 3, h + 7, w + 2), (1, 3, h // 2 + 1, 2 * w + 1)] if fmt != "openvino" else [(1, 3, h, w)]
+        for shape in others:
             probe = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
             check_parity(graph, out, probe)
     return out
@@ -220,6 +240,31 @@ def _export_onnx(graph: InferencePipeline, example: Tensor, out: Path, meta: dic
     tmp.replace(out)
 
 
+def _export_openvino(graph: InferencePipeline, example: Tensor, out: Path, meta: dict[str, str]) -> None:
+    from prn.allocator import in_use
+    if in_use() == "tcmalloc":  # measured: OpenVINO 2026.4 frees memory tcmalloc gave, and aborts
+        raise PRNError("OpenVINO aborts in a process preloaded with tcmalloc (LD_PRELOAD); export "
+                       "to OpenVINO from a process without it (the prn command does not preload it "
+                       "for export)")
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise PRNError("OpenVINO export needs the package openvino (pip install 'prn[openvino]')") from exc
+    h, w = int(meta["input_height"]), int(meta["input_width"])
+    onnx_file = out.with_name(out.stem + ".tmp.onnx")
+    staging = out.with_name(out.stem + ".tmp" + out.suffix)  # its weights: .tmp.bin beside it
+    try:
+        _export_onnx(graph, example, onnx_file, meta)  # the metadata goes to rt_info["framework"]
+        model = ov.Core().read_model(str(onnx_file))
+        model.reshape({INPUT_NAME: [-1, 3, h, w]})  # the batch stays open, the image size is fixed
+        ov.save_model(model, str(staging), compress_to_fp16=False)
+        staging.with_suffix(".bin").replace(out.with_suffix(".bin"))
+        staging.replace(out)
+    finally:
+        for leftover in (onnx_file, staging, staging.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+
+
 def _export_torchscript(graph: InferencePipeline, example: Tensor, out: Path, meta: dict[str, str]) -> None:
     with warnings.catch_warnings():
         # Tracing warns at every Python int taken from a shape; the head's input has a fixed
@@ -245,6 +290,11 @@ def run_exported(path: str | Path, images: np.ndarray | Tensor) -> dict[str, np.
         import onnxruntime as ort
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         values = session.run(None, {INPUT_NAME: batch})
+    elif meta["format"] == "openvino":
+        import openvino as ov
+        compiled = ov.Core().compile_model(str(path), "CPU", OPENVINO_F32)
+        result = compiled(batch)
+        values = [result[compiled.output(name)] for name in names]
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
@@ -289,13 +339,16 @@ def check_parity(graph: InferencePipeline, path: Path, images: Tensor, tol: floa
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a file written by ``export`` (ONNX or TorchScript)."""
+    """The metadata of a file written by ``export`` (ONNX, TorchScript or OpenVINO's .xml)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: exported model not found")
     with open(path, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"  # TorchScript files are zip archives, ONNX protobuf
-    if not is_zip:
+        head = fh.read(5)
+    is_zip = head[:4] == b"PK\x03\x04"  # TorchScript files are zip archives, ONNX protobuf
+    if head in (b"<?xml", b"<net "):  # OpenVINO's IR: the metadata in <rt_info><framework>
+        meta = _ir_metadata(path)
+    elif not is_zip:
         import onnx
         try:
             model = onnx.load_model(str(path), load_external_data=False)
@@ -313,3 +366,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if "prn_version" not in meta:
         raise CheckpointError(f"{path}: holds no prn metadata; was it written by prn export?")
     return meta
+
+
+def _ir_metadata(path: Path) -> dict[str, str]:
+    """OpenVINO IR's ``<rt_info><framework><key value=...>`` entries, read without openvino."""
+    from xml.etree import ElementTree
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as exc:
+        raise CheckpointError(f"{path}: not a readable OpenVINO IR file ({exc})") from exc
+    section = root.find("rt_info/framework")
+    return {} if section is None else {e.tag: e.get("value", "") for e in section}
