@@ -387,3 +387,12 @@ def test_docs_page_shows_the_script_the_tests_run():
     script = (REPO / "docs" / "examples" / "score_folder.py").read_text()
     blocks = [b.split("\n", 1)[1] for b in page.split("```python")[1:]]
     assert any(b.split("```")[0] == script for b in blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["prototypes", "patchcore"])
+def test_the_models_that_train_nothing_export_to_openvino_too(kind, checkpoints, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is in the dev extra")
+    path = export(checkpoints[kind], "openvino", tmp_path / f"{kind}.xml")  # checked against prn inside
+    assert read_metadata(path)["model_kind"] == kind
+    assert_parity(run_exported(path, BATCH7), torch_outputs(checkpoints[kind], BATCH7), checkpoints[kind])

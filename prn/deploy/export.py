@@ -249,7 +249,7 @@ def _export_openvino(graph: InferencePipeline, example: Tensor, out: Path, meta:
     try:
         import openvino as ov
     except ImportError as exc:
-        raise PRNError("OpenVINO export needs the package openvino (pip install 'prn[openvino]')") from exc
+        raise PRNError("OpenVINO export needs the package openvino (pip install 'prn[export,openvino]')") from exc
     h, w = int(meta["input_height"]), int(meta["input_width"])
     onnx_file = out.with_name(out.stem + ".tmp.onnx")
     staging = out.with_name(out.stem + ".tmp" + out.suffix)  # its weights: .tmp.bin beside it
