@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from prn.data.datasets import ImageDataset, load_sample, original_hw
-from prn.data.io import image_hw, read_image, read_image_bytes, read_mask
+from prn.data.io import find_images, image_hw, read_image, read_image_bytes, read_mask
 from prn.data.sample import Sample
 from prn.errors import DataError
 
@@ -118,6 +118,16 @@ def _refused(path, match, **kw):
 
 def test_missing_file_is_refused_with_its_path(tmp_path):
     _refused(tmp_path / "nope.png", "not found")
+
+
+def test_a_link_to_a_missing_image_is_listed_and_refused_with_both_names(tmp_path):
+    _save(_rng_image(16, 16), tmp_path / "kept.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "away.png")
+    (tmp_path / "folder.png").mkdir()  # not a file: passed over, as before
+    assert find_images(tmp_path) == [tmp_path / "gone.png", tmp_path / "kept.png"]
+    _refused(tmp_path / "gone.png", "a link to")
+    with pytest.raises(DataError, match="moved/away.png, which does not exist"):
+        read_image(tmp_path / "gone.png")
 
 
 def test_zero_byte_file_is_refused(tmp_path):

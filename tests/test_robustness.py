@@ -119,10 +119,12 @@ def test_predict_reports_a_corrupt_image_in_the_csv_and_strict_stops_on_it(demo_
     folder = tmp_path / "incoming"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "gone.png").symlink_to(tmp_path / "moved_away.png")  # a link left behind: named, not skipped
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
-    assert [r["path"] for r in rows] == ["broken.png"] and "broken.png" in rows[0]["error"]
-    assert rows[0]["score"] == "" and "1 unreadable" in capsys.readouterr().err
+    assert [r["path"] for r in rows] == ["broken.png", "gone.png"] and "broken.png" in rows[0]["error"]
+    assert "gone.png: a link to" in rows[1]["error"] and "moved_away.png, which does not exist" in rows[1]["error"]
+    assert rows[0]["score"] == rows[1]["score"] == "" and "2 unreadable" in capsys.readouterr().err
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "out2"), "--quiet",
                  "--strict"]) == 4  # ExitStatus.DATA
     assert "broken.png" in capsys.readouterr().err

@@ -19,6 +19,7 @@ Conversions done by `read_image` (result: uint8 (H, W, 3) RGB):
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -39,12 +40,18 @@ def is_image_file(path: Path) -> bool:
 
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files in ``folder`` (at any depth, or directly in it), sorted so a seed picks the
-    same file everywhere; [] when the folder is absent or holds none."""
+    same file everywhere; [] when the folder is absent or holds none. A link to an image that is
+    gone is listed too, so that reading it names it (an image the line meant to send, not a file
+    to pass over in silence)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if is_image_file(p) and p.is_file())
+    return sorted(p for p in found if is_image_file(p) and (p.is_file() or is_broken_link(p)))
+
+
+def is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def require_images(folder: Path, what: str = "folder", recursive: bool = True) -> list[Path]:
@@ -66,6 +73,8 @@ def _open(path: Path | str, max_pixels: int | None, data: bytes | None = None,
     ``limit_name`` says in the message what set ``max_pixels``."""
     if data is None:
         if not path.is_file():
+            if is_broken_link(path):
+                raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
             raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
