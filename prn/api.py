@@ -25,7 +25,7 @@ from prn.data.datasets import load_sample, original_hw
 from prn.data.sample import Sample
 from prn.data.split import Split
 from prn.deploy.calibrate import (calibrate_predictions, calibration_messages, rates_at, review_rates,
-                                  write_calibration)
+                                  shell_word, write_calibration)
 from prn.deploy.loading import load_model as load_model_full
 from prn.errors import DataError, UsageError
 from prn.infer import Predictions, predict_samples
@@ -144,9 +144,11 @@ def evaluate(model, cfg: PRNConfig, samples: list[Sample], *, progress: bool = F
 
 
 def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool = False,
-         overlays: int = 8, progress: bool = True, device: str | None = None) -> dict:
+         overlays: int = 8, progress: bool = True, device: str | None = None,
+         root: str | Path | None = None) -> dict:
     """Evaluate a run on its own held-out test split; writes results, ``predictions/scores.csv``
-    (decided at the calibrated threshold, as ``prn predict`` does) and overlay pictures."""
+    (decided at the calibrated threshold, as ``prn predict`` does) and overlay pictures. ``root``:
+    where the run's data set is now, if it moved since the fit (``Split.rerooted``)."""
     run_dir = _run_dir_of(run)
     if out_dir:
         check_out_folder(out_dir)
@@ -156,6 +158,13 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
     if not split_path.is_file():
         raise DataError(f"{split_path}: the run has no split.json, so its test set is unknown")
     split = Split.load(split_path)
+    if root is not None:
+        split = split.rerooted(root)
+    missing = split.missing(split.test)
+    if missing:  # said before any scoring, with what to do where the data set moved
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: not found{more}; if the data set ({split.root}) has moved: "
+                        f"prn test {shell_word(run)} --root NEW_FOLDER")
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics, preds = evaluate(model, cfg, split.test, progress=progress)

@@ -84,7 +84,7 @@ def cmd_test(args) -> None:
     # -1 (all): more than any test set holds, since api.test takes a count
     overlays = args.overlays if args.overlays >= 0 else sys.maxsize
     metrics = api.test(args.run, out_dir=args.out, save_maps=args.save_maps, overlays=overlays,
-                       progress=not args.quiet, device=args.device)
+                       progress=not args.quiet, device=args.device, root=args.root)
     _print_metrics(metrics, "test")
 
 
@@ -136,7 +136,7 @@ def cmd_calibrate(args) -> None:
                         defect_memory=args.defect_memory, test_flips=args.test_flips,
                         defect_memory_stride=args.defect_memory_stride, review_fpr=args.review_fpr,
                         good_images=args.good_images, not_good=args.not_good or (),
-                        good_again=args.good_again or (), progress=not args.quiet)
+                        good_again=args.good_again or (), root=args.root, progress=not args.quiet)
     if cal is None:
         raise DataError(f"{args.run}: split.json holds no held-out normal images (val_normal), "
                        f"so there is nothing to calibrate on; --good-images DIR gives good parts to calibrate on")
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=overlay_count, default=8, metavar="N",
                    help="heat-map pictures of N test images, the highest-scoring defective and good "
                         "ones (0: none, -1: all; default 8)")
+    p.add_argument("--root", type=Path, metavar="FOLDER",
+                   help="where the run's data set is now, if it was moved or copied since the fit: its files "
+                        "are looked for under this folder instead of the one split.json names")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_test)
@@ -393,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "out of the thresholds from now on, without a refit; split.json lists them under not_good")
     p.add_argument("--good-again", nargs="+", type=Path, metavar="IMAGE",
                    help="images given to --not-good before that are good after all: back into the held-out fold")
+    p.add_argument("--root", type=Path, metavar="FOLDER",
+                   help="where the run's data set is now, if it was moved or copied since the fit: its files "
+                        "are looked for under this folder instead of the one split.json names")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

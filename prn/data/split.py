@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,36 @@ class Split:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         os.replace(tmp, path)
+
+    def rerooted(self, root: str | Path) -> Split:
+        """The split with every file under its data set's folder (``self.root``, as the fit found
+        it) moved under ``root``: a data set copied or moved since the fit. Files elsewhere (images
+        added by a retrain) keep their paths. DataError when ``root`` is not a folder or the split
+        records no folder of its own."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: --root is not a folder")
+        if not self.root:
+            raise DataError("the run's split.json records no data set folder, so its files cannot be moved "
+                            "under --root")
+        old = Path(self.root)
+
+        def moved(path: Path | None) -> Path | None:
+            if path is None:
+                return None
+            try:
+                return root / Path(path).relative_to(old)
+            except ValueError:  # not under the data set's folder
+                return path
+
+        lists = {name: [replace(s, image_path=moved(s.image_path), mask_path=moved(s.mask_path))
+                        for s in getattr(self, name)] for name in LISTS}
+        return replace(self, **lists, root=str(root))
+
+    @staticmethod
+    def missing(samples: list[Sample]) -> list[Path]:
+        """The image files of ``samples`` that are gone (a data set moved, or files deleted)."""
+        return [s.image_path for s in samples if not Path(s.image_path).is_file()]
 
     @classmethod
     def from_dict(cls, d: dict) -> Split:

@@ -495,12 +495,14 @@ def _move(names, source: list, target: list, root: str, refusal) -> None:
 def check_fold_files(split, run: str | Path) -> None:
     """DataError naming the first held-out good image whose file is gone, and what to do: the
     thresholds are the fold's, so scoring a smaller fold unasked would move them silently."""
-    missing = [s.image_path for s in split.val_normal if not Path(s.image_path).is_file()]
+    missing = split.missing(split.val_normal)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"{missing[0]}: not found{more}; it is one of the run's held-out good images "
                         f"(split.json val_normal), on which its thresholds are set: put it back, or set "
-                        f"them without it: prn calibrate {shell_word(run)} --not-good {shell_word(missing[0])}")
+                        f"them without it: prn calibrate {shell_word(run)} --not-good {shell_word(missing[0])}; "
+                        f"or, if the data set ({split.root}) has moved: prn calibrate {shell_word(run)} "
+                        f"--root NEW_FOLDER")
 
 
 def calibrate_model(model, cfg, split, *, device, progress: bool = False,
@@ -534,7 +536,7 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
                   defect_memory: str | None = None, test_flips: str | None = None,
                   defect_memory_stride: int | None = None, review_fpr: float | None = None,
                   good_images: str | Path | None = None, not_good=(), good_again=(),
-                  progress: bool = False) -> dict | None:
+                  root: str | Path | None = None, progress: bool = False) -> dict | None:
     """(Re)calibrate a run on its held-out fold (``split.json``) and store the result in its
     checkpoint and ``calibration.json``. ``target_fpr``/``pixel_target_fpr`` override the
     config's (and are written back to ``config.yaml``). Returns the calibration, or None when the
@@ -556,7 +558,9 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
     says how many (``added_good``). Each calibration is of the fold and the folder it is given.
     ``not_good``, ``good_again``: held-out good images a person judged not good, left out of the
     fold from now on, or good after all, put back (``judge_fold``); split.json keeps the change
-    (its ``not_good`` list) and the calibration names them (``not_good``)."""
+    (its ``not_good`` list) and the calibration names them (``not_good``). ``root``: where the run's
+    data set is now, if it moved since the fit (``Split.rerooted``); a split.json rewritten for
+    ``not_good`` keeps the new paths."""
     from prn.checkpoint import update_checkpoint
     from prn.data.split import Split
     from prn.deploy.loading import load_model
@@ -580,6 +584,8 @@ def calibrate_run(run: str | Path, *, target_fpr: float | None = None,
         check_precision(precision, loaded.device)
         cfg = cfg.replace(precision=precision)
     loaded_split = Split.load(split_path)
+    if root is not None:  # the data set moved since the fit (a split saved below keeps the new paths)
+        loaded_split = loaded_split.rerooted(root)
     split = judge_fold(loaded_split, not_good, good_again)
     if loaded_split.val_normal and not split.val_normal and good_images is None:
         raise UsageError(f"{run}: that leaves none of its {len(loaded_split.val_normal)} held-out good images to "
