@@ -32,15 +32,18 @@ def cmd_fit(args) -> None:
     if args.parent:
         from prn.retrain import RETRAIN_SECTIONS, added_summary, fit_from
         from prn.settings import parse_sets
-        ignored = [f for f in _flags_resume_would_ignore(args) if f != "--run-dir" and not f.startswith("--set")]
+        ignored = [f for f in _flags_resume_would_ignore(args)
+                   if f not in ("--run-dir", "--root") and not f.startswith("--set")]
         if ignored or args.resume:
             raise UsageError(f"--from {args.parent} retrains with that run's config and split, so "
                              f"{', '.join(ignored + (['--resume'] if args.resume else []))} would be ignored; "
                              f"--add-anomalies, --add-normals, --epochs, --set (training and calibration "
-                             f"settings), --run-dir, --test and --quiet go with --from")
+                             f"settings), --root (where its data set is now, if it moved), --run-dir, "
+                             f"--test and --quiet go with --from")
         run = fit_from(args.parent, add_anomalies=args.add_anomalies, add_normals=args.add_normals,
                        epochs=args.epochs, run_dir=args.run_dir, progress=not args.quiet,
-                       changes=parse_sets(args.set, RETRAIN_SECTIONS), added_annotation=args.added_annotation)
+                       changes=parse_sets(args.set, RETRAIN_SECTIONS), added_annotation=args.added_annotation,
+                       root=args.root)
         print(f"run folder: {run}")
         judged = json.loads((run / "parent.json").read_text()).get("judged_not_good") or []
         if judged:

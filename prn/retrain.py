@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +60,15 @@ RETRAIN_SECTIONS = ("training", "calibration")
 def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
              add_normals: str | Path | None = None, epochs: int | None = None,
              run_dir: str | Path | None = None, progress: bool = True, changes: dict | None = None,
-             added_annotation: str = "as_given") -> Path:
+             added_annotation: str = "as_given", root: str | Path | None = None) -> Path:
     """A new run from ``parent`` (a run folder) and the added images; returns its folder.
     ``changes``: fields of RETRAIN_SECTIONS to set on the parent's config; the learning rate is
     the parent's times RETRAIN_LR_FACTOR unless given; with added defects, RETRAIN_SEEN_FRACTION of
     each batch is real defects (never less than the parent's), RETRAIN_ADDED_SHARE of them the added.
     ``added_annotation`` (SEEN_ANNOTATIONS): "as_given" trains each added defect by what it comes
     with (mask, box or label); "box" each painted mask as the box around it (a loose region);
-    "label" by its label alone, its mask or box left unused."""
+    "label" by its label alone, its mask or box left unused. ``root``: where the parent's data set
+    is now, if it moved since its fit (``Split.rerooted``); the new run's split.json has the new paths."""
     from prn import api
     from prn.checkpoint import checkpoint_file
 
@@ -79,6 +81,14 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         raise UsageError(f"--added-annotation must be {', '.join(SEEN_ANNOTATIONS)}, got {added_annotation!r}")
     cfg = PRNConfig.load(parent / "config.yaml")
     split = Split.load(parent / "split.json")
+    if root is not None:
+        split = split.rerooted(root)
+    missing = split.missing(split.train_normal + split.train_anomalous + split.val)
+    if missing:  # said before any work, with what to do where the data set moved
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: not found{more}; it is one of {parent}'s training or held-out images: "
+                        f"if the data set ({split.root}) has moved, prn fit --from {shlex.quote(str(parent))} "
+                        f"--root NEW_FOLDER ...")
     anomalies = added_images(add_anomalies, normals=False) if add_anomalies is not None else []
     normals = added_images(add_normals, normals=True) if add_normals is not None else []
     # An image is known by its bytes, not its path: a correction is a copy (the service stores the

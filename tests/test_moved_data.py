@@ -57,3 +57,22 @@ def test_a_run_whose_data_set_moved_is_tested_and_calibrated_with_root(calibrate
     again = json.loads((run / "calibration.json").read_text())["image_threshold"]
     assert again == pytest.approx(threshold, rel=1e-5)
     assert "/gone/data" in (run / "split.json").read_text()  # nothing judged: split.json as it was
+
+
+def test_a_retrain_from_a_run_whose_data_set_moved_takes_root(calibrated_run, tmp_path, capsys):
+    from prn.retrain import fit_from
+    parent = Path(shutil.copytree(calibrated_run, tmp_path / "parent"))
+    split = Split.load(parent / "split.json")
+    (parent / "split.json").write_text((parent / "split.json").read_text().replace(split.root, "/gone/data"))
+    good = next(s for s in split.test if s.label == 0)
+    (tmp_path / "more" / "train" / "good").mkdir(parents=True)
+    shutil.copy(good.image_path, tmp_path / "more" / "train" / "good" / "fix.png")
+
+    with pytest.raises(DataError, match=r"/gone/data/train/.*not found.*--root NEW_FOLDER"):
+        fit_from(parent, add_normals=tmp_path / "more", epochs=1, run_dir=tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    assert main(["fit", "--from", str(parent), "--add-normals", str(tmp_path / "more"), "--root", split.root,
+                 "--epochs", "1", "--run-dir", str(tmp_path / "new"), "--quiet"]) in (0, None)
+    new = Split.load(tmp_path / "new" / "split.json")
+    assert new.root == split.root and "/gone/data" not in (tmp_path / "new" / "split.json").read_text()
+    assert new.train_normal[:len(split.train_normal)] == split.train_normal  # the parent's images, where they are
