@@ -162,8 +162,7 @@ def test(run: str | Path, *, out_dir: str | Path | None = None, save_maps: bool 
         split = split.rerooted(root)
     missing = split.missing(split.test)
     if missing:  # said before any scoring, with what to do where the data set moved
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: not found{more}; if the data set ({split.root}) has moved: "
+        raise DataError(f"{split.not_found(missing)}; if the data set ({split.root}) has moved: "
                         f"prn test {shell_word(run)} --root NEW_FOLDER")
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)

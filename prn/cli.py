@@ -263,6 +263,10 @@ def overlay_count(text: str) -> int:
     return n
 
 
+MOVED_ROOT_HELP = ("where the run's data set is now, if it was moved or copied since the fit: its files "
+                   "are looked for under this folder instead of the one split.json names")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prn", description="Prototypical Residual Network: supervised anomaly detection and localization",
@@ -318,9 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", type=overlay_count, default=8, metavar="N",
                    help="heat-map pictures of N test images, the highest-scoring defective and good "
                         "ones (0: none, -1: all; default 8)")
-    p.add_argument("--root", type=Path, metavar="FOLDER",
-                   help="where the run's data set is now, if it was moved or copied since the fit: its files "
-                        "are looked for under this folder instead of the one split.json names")
+    p.add_argument("--root", type=Path, metavar="FOLDER", help=MOVED_ROOT_HELP)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_test)
@@ -399,9 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "out of the thresholds from now on, without a refit; split.json lists them under not_good")
     p.add_argument("--good-again", nargs="+", type=Path, metavar="IMAGE",
                    help="images given to --not-good before that are good after all: back into the held-out fold")
-    p.add_argument("--root", type=Path, metavar="FOLDER",
-                   help="where the run's data set is now, if it was moved or copied since the fit: its files "
-                        "are looked for under this folder instead of the one split.json names")
+    p.add_argument("--root", type=Path, metavar="FOLDER", help=MOVED_ROOT_HELP)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)

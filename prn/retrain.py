@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from prn.config import ALL_REAL_SEEN_FRACTION, SEEN_ANNOTATIONS, PRNConfig
 from prn.data.io import require_images
 from prn.data.layouts import added_images
 from prn.data.split import Split, drop_copies
-from prn.deploy.calibrate import judge_fold
+from prn.deploy.calibrate import judge_fold, shell_word
 from prn.errors import DataError, UsageError
 
 RETRAIN_EPOCHS = 3  # of the run's steps per epoch: 60 steps for the cpu preset, about a third
@@ -85,9 +84,8 @@ def fit_from(parent: str | Path, *, add_anomalies: str | Path | None = None,
         split = split.rerooted(root)
     missing = split.missing(split.train_normal + split.train_anomalous + split.val)
     if missing:  # said before any work, with what to do where the data set moved
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: not found{more}; it is one of {parent}'s training or held-out images: "
-                        f"if the data set ({split.root}) has moved, prn fit --from {shlex.quote(str(parent))} "
+        raise DataError(f"{split.not_found(missing)}; it is one of {parent}'s training or held-out images: "
+                        f"if the data set ({split.root}) has moved, prn fit --from {shell_word(parent)} "
                         f"--root NEW_FOLDER ...")
     anomalies = added_images(add_anomalies, normals=False) if add_anomalies is not None else []
     normals = added_images(add_normals, normals=True) if add_normals is not None else []

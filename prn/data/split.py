@@ -131,6 +131,12 @@ class Split:
         """The image files of ``samples`` that are gone (a data set moved, or files deleted)."""
         return [s.image_path for s in samples if not Path(s.image_path).is_file()]
 
+    @staticmethod
+    def not_found(missing: list[Path]) -> str:
+        """The start of a message on ``missing`` (non-empty): the first file and how many more."""
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"{missing[0]}: not found{more}"
+
     @classmethod
     def from_dict(cls, d: dict) -> Split:
         """The inverse of ``to_dict`` (KeyError, TypeError or ValueError on a malformed dict)."""

@@ -497,8 +497,7 @@ def check_fold_files(split, run: str | Path) -> None:
     thresholds are the fold's, so scoring a smaller fold unasked would move them silently."""
     missing = split.missing(split.val_normal)
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: not found{more}; it is one of the run's held-out good images "
+        raise DataError(f"{split.not_found(missing)}; it is one of the run's held-out good images "
                         f"(split.json val_normal), on which its thresholds are set: put it back, or set "
                         f"them without it: prn calibrate {shell_word(run)} --not-good {shell_word(missing[0])}; "
                         f"or, if the data set ({split.root}) has moved: prn calibrate {shell_word(run)} "
